@@ -1,0 +1,33 @@
+# The two commands: `make demo` runs the loop on the embedded default, `make test` runs every test.
+# Both bootstrap uv and the locked environment on a machine that has only Python and make.
+SHELL := /bin/bash
+PYTHON ?= python3
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: env demo test test-fast lint bench clean
+
+env:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	@$(UV) sync --frozen --quiet
+
+demo: env
+	$(RUN) flywheel demo
+
+test: env
+	$(RUN) ruff check .
+	$(RUN) pytest -q
+
+test-fast: env
+	$(RUN) pytest -q -m "not integration and not slow and not production" -x
+
+lint: env
+	$(RUN) ruff check . && $(RUN) ruff format --check .
+
+bench: env
+	$(RUN) python -m tests.benchmarks.bench_training
+
+clean:
+	rm -rf data mlruns .pytest_cache

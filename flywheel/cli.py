@@ -1,0 +1,199 @@
+"""The `flywheel` command line. Heavy libraries are imported inside each command, never at start."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flywheel.errors import FlywheelError
+
+app = typer.Typer(help="Flywheel: a continuous-training loop on Prefect, MLflow, Feast and Great Expectations.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Demo data.", no_args_is_help=True)
+feature_app = typer.Typer(help="The Feast feature repository.", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(feature_app, name="feature")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="local | ci | production")]
+ConfigDirOpt = Annotated[Path | None, typer.Option("--config-dir", help="folder holding base.yaml")]
+DatasetOpt = Annotated[Path | None, typer.Option("--dataset", "-d", help="dataset definition YAML")]
+
+
+def _settings(profile: str | None, config_dir: Path | None):
+    from flywheel.settings import apply_runtime_environment, load_settings
+
+    settings = load_settings(profile=profile, config_dir=config_dir)
+    apply_runtime_environment(settings)
+    return settings
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@config_app.command("show")
+def config_show(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                schema: Annotated[bool, typer.Option(help="print the JSON schema instead")] = False) -> None:
+    """Print the merged settings (or their JSON schema)."""
+    from flywheel.settings import Settings
+
+    if schema:
+        print(json.dumps(Settings.model_json_schema(by_alias=True), indent=2))
+        return
+    try:
+        settings = _settings(profile, config_dir)
+    except FlywheelError as exc:
+        _fail(exc)
+    print(settings.model_dump_json(indent=2, by_alias=True))
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the dataset's source folder)")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650)] = 28,
+    rows_per_day: Annotated[int, typer.Option(min=1)] = 1000,
+    seed: int = 42,
+    start: Annotated[str, typer.Option(help="first day, YYYY-MM-DD")] = "2026-01-01",
+    fmt: Annotated[str, typer.Option("--format", help="parquet | csv")] = "parquet",
+    covariate_drift: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    concept_drift: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    drift_from_day: Annotated[int, typer.Option(min=0)] = 0,
+    missing: Annotated[list[str] | None, typer.Option(help="COLUMN=SHARE set to null")] = None,
+    out_of_range: Annotated[list[str] | None, typer.Option(help="COLUMN=SHARE pushed out of range")] = None,
+    rename: Annotated[list[str] | None, typer.Option(help="OLD=NEW column rename")] = None,
+    retype: Annotated[list[str] | None, typer.Option(help="COLUMN=string")] = None,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Write seeded synthetic churn batches, one file per day."""
+    from datetime import date
+
+    from flywheel.datagen import DriftSpec, FaultSpec, GeneratorSpec, write_batches
+
+    try:
+        faults = FaultSpec(
+            missing={k: float(v) for k, v in _pairs(missing, "--missing").items()},
+            out_of_range={k: float(v) for k, v in _pairs(out_of_range, "--out-of-range").items()},
+            rename=_pairs(rename, "--rename"),
+            retype=_pairs(retype, "--retype"),
+        )
+        spec = GeneratorSpec(seed=seed, days=days, rows_per_day=rows_per_day, start=date.fromisoformat(start),
+                             drift=DriftSpec(covariate=covariate_drift, concept=concept_drift),
+                             faults=faults, drift_from_day=drift_from_day)
+        if out is None:
+            from flywheel.schemas import load_dataset
+
+            settings = _settings(profile, config_dir)
+            out = settings.resolve(load_dataset(settings.resolve(settings.dataset)).source)
+        paths = write_batches(spec, out, fmt)
+    except (ValueError, FlywheelError) as exc:
+        _fail(exc)
+    console.print(f"wrote {len(paths)} batch(es) of {rows_per_day} rows to {out}")
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+@feature_app.command("apply")
+def feature_apply(dataset: DatasetOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """Render the Feast repo for this profile and apply the dataset's (versioned) feature service."""
+    from flywheel.featurestore import apply_definitions, open_store, render_repo
+    from flywheel.schemas import load_dataset
+
+    try:
+        settings = _settings(profile, config_dir)
+        ds = load_dataset(settings.resolve(dataset or settings.dataset))
+        repo = render_repo(settings.stores, settings.paths.home)
+        service = apply_definitions(open_store(repo), ds, settings.features.ttl_days,
+                                    settings.resolve(settings.paths.offline_dir))
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"feature service [bold]{service}[/] applied in {repo}")
+
+
+@feature_app.command("materialize")
+def feature_materialize(dataset: DatasetOpt = None, profile: ProfileOpt = None,
+                        config_dir: ConfigDirOpt = None) -> None:
+    """Load the offline store into the online store (full range first, incremental afterwards)."""
+    from datetime import UTC, datetime
+
+    from flywheel.featurestore import materialize_online, open_store, render_repo
+    from flywheel.schemas import load_dataset
+
+    try:
+        settings = _settings(profile, config_dir)
+        ds = load_dataset(settings.resolve(dataset or settings.dataset))
+        repo = render_repo(settings.stores, settings.paths.home)
+        report = materialize_online(open_store(repo), ds, settings.resolve(settings.paths.offline_dir),
+                                    datetime.now(UTC))
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"materialized: {report}")
+
+
+@app.command("train")
+def train(
+    dataset: DatasetOpt = None,
+    batch: Annotated[Path | None, typer.Option(help="one batch file to validate and ingest first")] = None,
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Run the training pipeline: validate -> features -> train -> evaluate -> register."""
+    from flows.training import TrainingParams, training_pipeline
+
+    params = TrainingParams(dataset=str(dataset) if dataset else None, batch=str(batch) if batch else None,
+                            seed=seed, profile=profile, config_dir=str(config_dir) if config_dir else None)
+    try:
+        result = training_pipeline(params)
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(result)
+
+
+@app.command("reproduce")
+def reproduce(model: str, version: str, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """Re-train a registered version from its recorded lineage and compare the metrics."""
+    from flywheel.reproduce import reproduce_version
+
+    try:
+        settings = _settings(profile, config_dir)
+        report = reproduce_version(settings, model, version)
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(report.summary())
+    if not report.matches:
+        raise typer.Exit(code=1)
+
+
+@app.command("demo")
+def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+         days: Annotated[int, typer.Option(min=14)] = 28,
+         rows_per_day: Annotated[int, typer.Option(min=100)] = 1000) -> None:
+    """Generate data, then run the training pipeline twice so the second run meets a champion."""
+    from flows.demo import run_demo
+
+    try:
+        run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day, console=console)
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

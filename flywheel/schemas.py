@@ -1,0 +1,230 @@
+"""Typed contracts that cross module lines: dataset definitions, gate rules, results of each stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flywheel.settings import Section, load_yaml_model
+
+# ------------------------------------------------------------------------------ dataset definition
+
+FeatureType = Literal["float", "int", "category", "bool"]
+
+
+class FeatureSpec(Section):
+    name: str
+    type: FeatureType
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str] | None = None  # categorical domain
+    nullable: bool = True
+    description: str = ""
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type in ("float", "int", "bool")
+
+
+class SplitPolicy(Section):
+    """Time-based split: the most recent `holdout_days` are the holdout; the rest splits by time."""
+
+    holdout_days: int = Field(7, ge=1)
+    validation_share: float = Field(0.2, gt=0.0, lt=0.9)
+
+
+class BehavioralTest(Section):
+    name: str
+    kind: Literal["minimum_functionality", "invariance", "directional"]
+    feature: str | None = None
+    # invariance: swap `feature` through `values`; directional: add `delta` to `feature`
+    values: list[Any] = []
+    delta: float | None = None
+    direction: Literal["increase", "decrease"] = "increase"
+    max_delta: float = Field(0.05, ge=0)  # invariance tolerance on the probability
+    min_share: float = Field(0.9, ge=0, le=1)  # directional: share of rows that must move the right way
+    rows: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> BehavioralTest:
+        if self.kind in ("invariance", "directional") and not self.feature:
+            raise ValueError(f"{self.kind} test {self.name!r} needs `feature`")
+        if self.kind == "invariance" and not self.values:
+            raise ValueError(f"invariance test {self.name!r} needs `values`")
+        if self.kind == "directional" and self.delta is None:
+            raise ValueError(f"directional test {self.name!r} needs `delta`")
+        return self
+
+
+class BehavioralSuite(Section):
+    version: str = "1"
+    tests: list[BehavioralTest] = []
+
+
+class DatasetDefinition(Section):
+    """One YAML file describes a dataset; everything downstream (GX suite, Feast repo, slices, gates
+    on slices and fairness, behavioral tests) is derived from it."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    description: str = ""
+    source: Path  # a parquet/CSV file, or a folder of them (one file per batch)
+    format: Literal["parquet", "csv"] = "parquet"
+    entity: str
+    entity_type: Literal["int", "string"] = "int"
+    timestamp: str
+    created_timestamp: str | None = None  # when the row arrived; defaults to the event time
+    label: str
+    positive_label: str | int | bool = 1
+    label_timestamp: str | None = None  # when the label became known
+    features: list[FeatureSpec] = Field(min_length=1)
+    slices: list[str] = []
+    protected_attribute: str | None = None
+    split: SplitPolicy = SplitPolicy()
+    behavioral: BehavioralSuite = BehavioralSuite()
+    owner: str = "flywheel"
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DatasetDefinition:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {dupes}")
+        reserved = {self.entity, self.timestamp, self.label}
+        clash = sorted(reserved & set(names))
+        if clash:
+            raise ValueError(f"features may not reuse the entity/timestamp/label column: {clash}")
+        for t in self.behavioral.tests:
+            if t.feature and t.feature not in names:
+                raise ValueError(f"behavioral test {t.name!r} names unknown feature {t.feature!r}")
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        return [f.name for f in self.features if f.is_numeric]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [f.name for f in self.features if not f.is_numeric]
+
+    @property
+    def context_columns(self) -> list[str]:
+        """Columns carried with the label (entity rows), not served as features: slices, protected."""
+        cols = [c for c in self.slices if c not in self.feature_names]
+        if self.protected_attribute and self.protected_attribute not in self.feature_names + cols:
+            cols.append(self.protected_attribute)
+        return cols
+
+    @property
+    def required_columns(self) -> list[str]:
+        cols = [self.entity, self.timestamp, self.label, *self.feature_names, *self.context_columns]
+        for c in (self.created_timestamp, self.label_timestamp):
+            if c:
+                cols.append(c)
+        return list(dict.fromkeys(cols))
+
+
+def load_dataset(path: Path | str) -> DatasetDefinition:
+    return load_yaml_model(DatasetDefinition, Path(path))
+
+
+# ------------------------------------------------------------------------------------ gate rules
+
+
+class BootstrapRule(Section):
+    samples: int = Field(300, ge=10, le=10_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class PrimaryRule(Section):
+    metric: Literal["roc_auc", "average_precision"] = "roc_auc"
+    min_value: float = Field(0.6, ge=0, le=1)  # absolute floor
+    max_drop_vs_champion: float = Field(0.01, ge=0, le=1)  # epsilon
+    bootstrap: BootstrapRule = BootstrapRule()
+
+
+class SliceRule(Section):
+    max_relative_drop: float = Field(0.05, ge=0, le=1)
+    min_rows: int = Field(200, ge=1)
+
+
+class CalibrationRule(Section):
+    max_ece: float = Field(0.1, ge=0, le=1)
+    bins: int = Field(10, ge=2, le=100)
+
+
+class LatencyRule(Section):
+    service_budget_ms: float = Field(10.0, gt=0)  # the online service's p99 budget
+    share_of_budget: float = Field(0.8, gt=0, le=1)  # what the model itself may spend of it
+    rows: int = Field(300, ge=20)
+
+    @property
+    def p99_max_ms(self) -> float:
+        return self.service_budget_ms * self.share_of_budget
+
+
+class FairnessRule(Section):
+    metric: Literal["demographic_parity_difference", "equal_opportunity_difference"] = (
+        "demographic_parity_difference"
+    )
+    max_difference: float = Field(0.1, ge=0, le=1)
+    decision_threshold: float = Field(0.5, gt=0, lt=1)
+    min_group_rows: int = Field(50, ge=1)
+
+
+class BaselineRule(Section):
+    min_margin: float = Field(0.05, ge=0, le=1)
+
+
+class OverfittingRule(Section):
+    max_gap: float = Field(0.05, ge=0, le=1)
+
+
+class GatesConfig(Section):
+    primary: PrimaryRule = PrimaryRule()
+    slices: SliceRule = SliceRule()
+    calibration: CalibrationRule = CalibrationRule()
+    latency: LatencyRule = LatencyRule()
+    fairness: FairnessRule = FairnessRule()
+    baseline: BaselineRule = BaselineRule()
+    overfitting: OverfittingRule = OverfittingRule()
+    behavioral_required: bool = True
+
+
+def load_gates(path: Path | str) -> GatesConfig:
+    return load_yaml_model(GatesConfig, Path(path))
+
+
+# -------------------------------------------------------------------------------- stage results
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class GateResult(Result):
+    rule: str
+    value: float | None
+    threshold: str
+    passed: bool
+    gated: bool = True  # False: reported only (e.g. a slice under the minimum row count)
+    detail: str = ""
+
+
+class GateReport(Result):
+    candidate_version: str | None = None
+    champion_version: str | None = None
+    results: list[GateResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results if r.gated)
+
+    @property
+    def failed_rules(self) -> list[str]:
+        return [r.rule for r in self.results if r.gated and not r.passed]

@@ -1,0 +1,337 @@
+"""The one settings tree: `configs/base.yaml` + `configs/<profile>.yaml` + `FLYWHEEL_*` variables.
+
+Each layer is parsed and checked on its own so that an error names the file (or variable) that
+set the offending key; pydantic-settings' YAML source neither reports missing files nor names them.
+Nothing here runs at import time: entry points call `load_settings()` once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from flywheel.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+PROFILES = ("local", "ci", "production")
+ENV_PREFIX = "FLYWHEEL_"
+
+
+class Section(BaseModel):
+    """Strict, frozen config section: an unknown key or a wrong type fails at load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    home: Path = Path(".")
+    data_dir: Path = Path("data")
+    incoming_dir: Path = Path("data/incoming")
+    quarantine_dir: Path = Path("data/quarantine")
+    offline_dir: Path = Path("data/offline")
+    reports_dir: Path = Path("data/reports")
+
+
+class FeastOnlineConfig(Section):
+    type: Literal["sqlite", "redis"] = "sqlite"
+    path: Path = Path("data/online_store.db")
+    connection_string: str = "127.0.0.1:6379"
+
+
+class StoresConfig(Section):
+    prefect_api_url: str | None = None
+    mlflow_tracking_uri: str = "sqlite:///{home}/data/mlflow.db"
+    mlflow_artifact_location: str = "{home}/data/mlartifacts"
+    audit_db_url: str = "sqlite:///{home}/data/flywheel.db"
+    feast_repo: Path = Path("data/feature_repo")
+    feast_registry: Path = Path("data/feast_registry.db")
+    feast_offline: Literal["duckdb", "file"] = "duckdb"
+    feast_online: FeastOnlineConfig = FeastOnlineConfig()
+
+
+class MissingValuesConfig(Section):
+    max_share: float = Field(0.30, ge=0.0, le=1.0)
+    impute_excess: bool = False
+
+
+class RowCountConfig(Section):
+    min: int = Field(1, ge=0)
+    max: int = Field(50_000_000, ge=1)
+
+
+class ExtraExpectation(Section):
+    """A Great Expectations expectation by class name, e.g. ExpectColumnValuesToBeUnique."""
+
+    type: str
+    kwargs: dict[str, Any] = {}
+
+
+class ValidateConfig(Section):
+    missing: MissingValuesConfig = MissingValuesConfig()
+    row_count: RowCountConfig = RowCountConfig()
+    extra_expectations: list[ExtraExpectation] = []
+    sample_values: int = Field(5, ge=0, le=50)
+
+
+class FeaturesConfig(Section):
+    ttl_days: int = Field(90, ge=1)
+    max_dropped_share: float = Field(0.01, ge=0.0, le=1.0)
+    max_all_null_share: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class ImputationConfig(Section):
+    numeric: Literal["mean", "median", "knn"] = "median"
+    categorical: Literal["most_frequent", "missing_category"] = "most_frequent"
+
+
+class SearchConfig(Section):
+    method: Literal["grid", "random", "bayesian"] = "random"
+    trials: int = Field(6, ge=1, le=500)
+    metric: Literal["roc_auc", "average_precision", "log_loss", "f1"] = "roc_auc"
+
+
+class SplitConfig(Section):
+    holdout_days: int = Field(7, ge=1)
+    validation_share: float = Field(0.2, gt=0.0, lt=0.9)
+
+
+Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest"]
+
+
+class TrainConfig(Section):
+    seed: int = 42
+    families: list[Family] = ["logistic_regression", "hist_gradient_boosting"]
+    search: SearchConfig = SearchConfig()
+    # family -> param name -> list of candidate values (grid/random) or [low, high] range (bayesian)
+    search_space: dict[Family, dict[str, list[Any]]] = {}
+    split: SplitConfig = SplitConfig()
+    imputation: ImputationConfig = ImputationConfig()
+    experiment: str = "flywheel"
+
+    @model_validator(mode="after")
+    def _space_only_for_known_families(self) -> TrainConfig:
+        extra = set(self.search_space) - set(self.families)
+        if extra:
+            raise ValueError(f"search_space names families not in families: {sorted(extra)}")
+        return self
+
+
+class EvaluateConfig(Section):
+    gates_file: Path = Path("configs/gates.yaml")
+
+
+class RegisterConfig(Section):
+    model_name: str | None = None  # defaults to the dataset's name
+
+
+class TelemetryConfig(Section):
+    enabled: bool = False
+
+
+class Settings(BaseSettings):
+    """The root of every setting. Loaded once per entry point by `load_settings()`."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    profile: Literal["local", "ci", "production"] = "local"
+    dataset: Path = Path("configs/datasets/churn.yaml")
+    paths: PathsConfig = PathsConfig()
+    stores: StoresConfig = StoresConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    telemetry: TelemetryConfig = TelemetryConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The layers are merged (with provenance) by load_settings; only the merged dict is read here.
+        return (init_settings,)
+
+    def resolve(self, path: Path | str) -> Path:
+        """An absolute path: relative ones are taken from `paths.home`."""
+        p = Path(path)
+        return p if p.is_absolute() else (self.paths.home / p).resolve()
+
+    def store_url(self, template: str) -> str:
+        return template.replace("{home}", str(self.paths.home.resolve()))
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.store_url(self.stores.mlflow_tracking_uri)
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return self.store_url(self.stores.mlflow_artifact_location)
+
+    @property
+    def audit_db_url(self) -> str:
+        return self.store_url(self.stores.audit_db_url)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _read_layer(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([(str(path), "", "file not found")])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([(str(path), "", f"not valid YAML: {exc}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([(str(path), "", f"top level must be a mapping, got {type(data).__name__}")])
+    return data
+
+
+def _env_layer(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """FLYWHEEL_TRAIN__SEED=7 -> {'train': {'seed': 7}}; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR"):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError([(name, ".".join(keys), "conflicts with another FLYWHEEL_ variable")])
+        node[keys[-1]] = value
+        names[".".join(keys)] = name
+    return out, names
+
+
+def _merge(
+    base: dict[str, Any], layer: dict[str, Any], source: str, prov: dict[str, str], prefix: str = ""
+) -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, source, prov, dotted + ".")
+        else:
+            base[key] = value
+            prov[dotted] = source
+            # a whole sub-mapping set here: every key under it comes from this source too
+            for k in [p for p in prov if p.startswith(dotted + ".")]:
+                prov[k] = source
+
+
+def _source_of(dotted: str, prov: dict[str, str]) -> str:
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        hit = prov.get(".".join(parts[:n]))
+        if hit:
+            return hit
+    return "defaults"
+
+
+def load_settings(
+    profile: str | None = None,
+    config_dir: Path | str | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Load, merge and validate base + profile + environment (+ explicit overrides)."""
+    environ = dict(os.environ if environ is None else environ)
+    profile = profile or environ.get("FLYWHEEL_PROFILE", "local")
+    if profile not in PROFILES:
+        raise ConfigError([("FLYWHEEL_PROFILE", "profile", f"unknown profile {profile!r}; one of {PROFILES}")])
+    cdir = Path(config_dir or environ.get("FLYWHEEL_CONFIG_DIR", "configs")).resolve()
+
+    merged: dict[str, Any] = {}
+    prov: dict[str, str] = {}
+    base_file, profile_file = cdir / "base.yaml", cdir / f"{profile}.yaml"
+    _merge(merged, _read_layer(base_file), str(base_file), prov)
+    _merge(merged, _read_layer(profile_file), str(profile_file), prov)
+    env_layer, env_names = _env_layer(environ)
+    for dotted, var in env_names.items():
+        _merge(merged, _nest(dotted, _dig(env_layer, dotted)), var, prov)
+    if overrides:
+        _merge(merged, overrides, "overrides", prov)
+    merged["profile"] = profile
+    prov["profile"] = str(profile_file)
+    # relative `home` is relative to the project root, i.e. the folder holding configs/
+    home = Path(merged.get("paths", {}).get("home", "."))
+    merged.setdefault("paths", {})["home"] = str(home if home.is_absolute() else (cdir.parent / home).resolve())
+
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            problems.append((_source_of(dotted, prov), dotted, err["msg"]))
+        raise ConfigError(problems) from None
+    _check_paths(settings, prov)
+    return settings
+
+
+def _dig(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for k in dotted.split("."):
+        node = node[k]
+    return node
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for k in reversed(dotted.split(".")):
+        out = {k: out}
+    return out
+
+
+def _check_paths(settings: Settings, prov: dict[str, str]) -> None:
+    problems = []
+    for key, path in (("dataset", settings.dataset), ("evaluate.gates_file", settings.evaluate.gates_file)):
+        if not settings.resolve(path).is_file():
+            problems.append((_source_of(key, prov), key, f"file not found: {settings.resolve(path)}"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def load_yaml_model(model: type[M], path: Path) -> M:
+    """Load one YAML file into a strict model; errors name the file and the key."""
+    data = _read_layer(path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [(str(path), ".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
+        ) from None
+
+
+def apply_runtime_environment(settings: Settings) -> None:
+    """Entry-point start step: telemetry off unless asked for, stores pointed at the settings."""
+    if not settings.telemetry.enabled:
+        for var, value in {
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "GX_ANALYTICS_ENABLED": "false",
+            "FEAST_USAGE": "False",
+        }.items():
+            os.environ.setdefault(var, value)
+    if settings.stores.prefect_api_url:
+        os.environ.setdefault("PREFECT_API_URL", settings.stores.prefect_api_url)
+    for d in (settings.paths.data_dir, settings.paths.incoming_dir, settings.paths.quarantine_dir,
+              settings.paths.offline_dir, settings.paths.reports_dir):
+        settings.resolve(d).mkdir(parents=True, exist_ok=True)
+

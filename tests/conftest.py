@@ -1,0 +1,76 @@
+"""Shared fixtures. Every store lives in a temp folder; nothing is written to the working tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# Telemetry off for everything the tests start (the entry points do the same via apply_runtime_environment).
+for _var, _val in {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "FEAST_USAGE": "False",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}.items():
+    os.environ.setdefault(_var, _val)
+
+
+def make_home(tmp: Path) -> Path:
+    """A project home in `tmp`: a copy of configs/ and feature_repo/, data/ empty."""
+    shutil.copytree(PROJECT / "configs", tmp / "configs")
+    if (PROJECT / "feature_repo").exists():
+        shutil.copytree(PROJECT / "feature_repo", tmp / "feature_repo")
+    (tmp / "data").mkdir()
+    return tmp
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return make_home(tmp_path)
+
+
+@pytest.fixture
+def settings(home: Path):
+    """Settings for a fresh home (profile ci), with the runtime environment applied."""
+    from flywheel.settings import apply_runtime_environment, load_settings
+
+    s = load_settings(profile="ci", config_dir=home / "configs", environ={})
+    apply_runtime_environment(s)
+    return s
+
+
+@pytest.fixture
+def dataset(settings):
+    from flywheel.schemas import load_dataset
+
+    return load_dataset(settings.resolve(settings.dataset))
+
+
+@pytest.fixture(scope="session")
+def small_batches() -> list[pd.DataFrame]:
+    """14 daily churn batches of 300 rows (seed 7): small enough for unit tests."""
+    from flywheel.datagen import GeneratorSpec, generate
+
+    return [df for _, df in generate(GeneratorSpec(seed=7, days=14, rows_per_day=300, customers=2000))]
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real MLflow tracking store (SQLite) in a temp folder, artifacts beside it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
