@@ -36,7 +36,8 @@ def _settings(profile: str | None, config_dir: Path | None):
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print("[bold red]error:[/]", end=" ")
+    console.print(str(exc), markup=False, soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 

@@ -1,0 +1,105 @@
+"""The start step of every entry point: settings loaded once, the environment applied, paths resolved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from flywheel.schemas import DatasetDefinition, GatesConfig, load_dataset, load_gates
+from flywheel.settings import Settings, TrainConfig, apply_runtime_environment, load_settings
+
+
+@dataclass(frozen=True)
+class RunContext:
+    settings: Settings
+    dataset: DatasetDefinition
+    dataset_path: Path
+    gates: GatesConfig
+    train: TrainConfig
+
+    @property
+    def source(self) -> Path:
+        return self.settings.resolve(self.dataset.source)
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.settings.resolve(self.settings.paths.offline_dir)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.settings.resolve(self.settings.paths.quarantine_dir)
+
+    @property
+    def feature_repo(self) -> Path:
+        return self.settings.resolve(self.settings.stores.feast_repo)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.settings.mlflow_tracking_uri
+
+    @property
+    def artifact_location(self) -> str:
+        return self.settings.mlflow_artifact_location
+
+    @property
+    def audit_db_url(self) -> str:
+        return self.settings.audit_db_url
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.register_.model_name or self.dataset.name
+
+    def actor(self) -> str:
+        """Who moves aliases: the Prefect flow run when there is one, else the local user."""
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+        if run_id:
+            return f"prefect-flow-run:{run_id}"
+        import getpass
+
+        return f"user:{getpass.getuser()}"
+
+    def lineage(self, feature_service: str, frame: pd.DataFrame, as_of: datetime) -> dict[str, str]:
+        """Everything needed to rebuild this training run: code, data, features, config, seed, time."""
+        from flywheel.lineage import frame_hash, git_sha
+
+        return {
+            "flywheel.git_sha": git_sha(),
+            "flywheel.data_hash": frame_hash(frame),
+            "flywheel.feature_service": feature_service,
+            "flywheel.dataset": self.dataset.name,
+            "flywheel.dataset_path": str(self.dataset_path),
+            "flywheel.dataset_definition_sha256": hashlib.sha256(self.dataset_path.read_bytes()).hexdigest(),
+            "flywheel.train_config": json.dumps(self.train.model_dump(mode="json"), sort_keys=True),
+            "flywheel.seed": str(self.train.seed),
+            "flywheel.as_of": as_of.isoformat(),
+            "flywheel.training_rows": str(len(frame)),
+            "flywheel.profile": self.settings.profile,
+        }
+
+
+def start_run_context(
+    profile: str | None = None,
+    config_dir: str | Path | None = None,
+    dataset: str | Path | None = None,
+    seed: int | None = None,
+) -> RunContext:
+    settings = load_settings(profile=profile, config_dir=config_dir)
+    apply_runtime_environment(settings)
+    # a --dataset given on the command line is relative to the working directory, config paths to home
+    given = Path(dataset) if dataset else None
+    dataset_path = (given if given and given.is_file() else settings.resolve(given or settings.dataset)).resolve()
+    train = settings.train if seed is None else settings.train.model_copy(update={"seed": seed})
+    return RunContext(
+        settings=settings,
+        dataset=load_dataset(dataset_path),
+        dataset_path=dataset_path,
+        gates=load_gates(settings.resolve(settings.evaluate.gates_file)),
+        train=train,
+    )
