@@ -35,6 +35,8 @@ class DataValidationError(FlywheelError):
 class FeatureJoinError(FlywheelError):
     """The point-in-time join lost more rows (or features) than the configured tolerance."""
 
+    report: Any = None  # the JoinReport with the counts, set by flywheel.featurestore
+
 
 class ModelIntegrityError(FlywheelError):
     """A model artifact does not match the digests recorded at registration, or holds untrusted types."""

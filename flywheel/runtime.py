@@ -74,11 +74,11 @@ class RunContext:
             "flywheel.data_hash": frame_hash(frame),
             "flywheel.feature_service": feature_service,
             "flywheel.dataset": self.dataset.name,
+            "flywheel.as_of": as_of.isoformat(),
             "flywheel.dataset_path": str(self.dataset_path),
             "flywheel.dataset_definition_sha256": hashlib.sha256(self.dataset_path.read_bytes()).hexdigest(),
             "flywheel.train_config": json.dumps(self.train.model_dump(mode="json"), sort_keys=True),
             "flywheel.seed": str(self.train.seed),
-            "flywheel.as_of": as_of.isoformat(),
             "flywheel.training_rows": str(len(frame)),
             "flywheel.profile": self.settings.profile,
         }
@@ -100,6 +100,6 @@ def start_run_context(
         settings=settings,
         dataset=load_dataset(dataset_path),
         dataset_path=dataset_path,
-        gates=load_gates(settings.resolve(settings.evaluate.gates_file)),
+        gates=load_gates(settings.resolve(settings.evaluate.gates_file), settings.evaluate.gate_overrides),
         train=train,
     )

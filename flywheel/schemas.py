@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flywheel.errors import ConfigError
 from flywheel.settings import Section, load_yaml_model
 
 # ------------------------------------------------------------------------------ dataset definition
@@ -196,8 +197,21 @@ class GatesConfig(Section):
     behavioral_required: bool = True
 
 
-def load_gates(path: Path | str) -> GatesConfig:
-    return load_yaml_model(GatesConfig, Path(path))
+def load_gates(path: Path | str, overrides: dict[str, dict[str, Any]] | None = None) -> GatesConfig:
+    """The gate rules from `path`, with a profile's `evaluate.gate_overrides` laid over each section."""
+    gates = load_yaml_model(GatesConfig, Path(path))
+    if not overrides:
+        return gates
+    data = gates.model_dump()
+    for section, values in overrides.items():
+        if section not in data or not isinstance(data[section], dict):
+            raise ConfigError([("settings", f"evaluate.gate_overrides.{section}", "not a section of the gates file")])
+        data[section] = {**data[section], **values}
+    try:
+        return GatesConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([("settings", "evaluate.gate_overrides." + ".".join(str(p) for p in e["loc"]), e["msg"])
+                           for e in exc.errors()]) from None
 
 
 # -------------------------------------------------------------------------------- stage results

@@ -82,6 +82,9 @@ class FeaturesConfig(Section):
     ttl_days: int = Field(90, ge=1)
     max_dropped_share: float = Field(0.01, ge=0.0, le=1.0)
     max_all_null_share: float = Field(0.01, ge=0.0, le=1.0)
+    # the time of a training prediction: the label row's event time, or its arrival (created) time;
+    # features count only if they had arrived by then either way (see flywheel/featurestore.py)
+    prediction_time: Literal["event", "arrival"] = "event"
 
 
 class ImputationConfig(Section):
@@ -95,11 +98,6 @@ class SearchConfig(Section):
     metric: Literal["roc_auc", "average_precision", "log_loss", "f1"] = "roc_auc"
 
 
-class SplitConfig(Section):
-    holdout_days: int = Field(7, ge=1)
-    validation_share: float = Field(0.2, gt=0.0, lt=0.9)
-
-
 Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest"]
 
 
@@ -107,9 +105,8 @@ class TrainConfig(Section):
     seed: int = 42
     families: list[Family] = ["logistic_regression", "hist_gradient_boosting"]
     search: SearchConfig = SearchConfig()
-    # family -> param name -> list of candidate values (grid/random) or [low, high] range (bayesian)
+    # family -> param name -> candidate values (grid: all combinations; random and bayesian: choices)
     search_space: dict[Family, dict[str, list[Any]]] = {}
-    split: SplitConfig = SplitConfig()
     imputation: ImputationConfig = ImputationConfig()
     experiment: str = "flywheel"
 
@@ -123,6 +120,8 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     gates_file: Path = Path("configs/gates.yaml")
+    # laid over the gates file, section by section (e.g. a profile relaxing the latency budget)
+    gate_overrides: dict[str, dict[str, Any]] = {}
 
 
 class RegisterConfig(Section):
@@ -327,6 +326,7 @@ def apply_runtime_environment(settings: Settings) -> None:
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "GX_ANALYTICS_ENABLED": "false",
             "FEAST_USAGE": "False",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }.items():
             os.environ.setdefault(var, value)
     if settings.stores.prefect_api_url:

@@ -1,0 +1,105 @@
+"""The training pipeline: validate -> features -> train -> evaluate -> register, as one Prefect flow.
+
+It reads as a story; every step is a task in tasks/. A candidate that fails its gates ends the run in
+a named `Rejected` state (visible in the Prefect UI), still registered with its gate report.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, State
+from pydantic import BaseModel, Field
+
+from tasks.evaluate import evaluate_candidate
+from tasks.features import (
+    apply_feature_repo,
+    build_training_set,
+    find_new_batches,
+    ingest_batch,
+    materialize_features,
+    render_feature_repo,
+)
+from tasks.register import load_champion, register_model, write_model_card
+from tasks.train import split_training_set, train_model
+from tasks.validate import validate_batch
+
+
+class TrainingParams(BaseModel):
+    """What the Prefect UI shows as the run form."""
+
+    dataset: str | None = Field(None, description="Dataset definition YAML (default: the settings' dataset)")
+    batch: str | None = Field(None, description="One batch file to validate and ingest (default: every new file)")
+    seed: int | None = Field(None, ge=0, description="Override train.seed")
+    as_of: datetime | None = Field(None, description="Use labels known at this time (default: now)")
+    profile: Literal["local", "ci", "production"] | None = Field(None, description="Settings profile")
+    config_dir: str | None = Field(None, description="Folder holding base.yaml (default: ./configs)")
+    shuffle_labels: bool = Field(
+        False, description="Fault injection for demos and tests: train on permuted labels (the gates must reject it)"
+    )
+
+
+class TrainingResult(BaseModel):
+    model_name: str
+    version: str
+    outcome: Literal["champion", "challenger", "rejected"]
+    alias: str | None
+    feature_service: str
+    run_id: str
+    failed_rules: list[str] = []
+    batches_ingested: int = 0
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | State[Any]:
+    """Validated batches -> point-in-time training set -> best model -> gates vs champion -> registry."""
+    from flywheel.runtime import start_run_context
+
+    params = params or TrainingParams()
+    ctx = start_run_context(params.profile, params.config_dir, params.dataset, params.seed)
+    settings, dataset, gates = ctx.settings, ctx.dataset, ctx.gates
+    logger = get_run_logger()
+    as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
+
+    batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
+    for batch in batches:
+        validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir)
+    for batch in batches:
+        ingest_batch(batch, dataset, ctx.offline_dir)
+    logger.info("ingested %d new batch(es)", len(batches))
+
+    repo = render_feature_repo(settings.stores, settings.paths.home)
+    service = apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
+    materialize_features(repo, dataset, ctx.offline_dir, as_of)
+    frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
+    split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
+
+    lineage = ctx.lineage(service, frame, as_of)
+    trained = train_model(split, dataset, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
+    champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
+    report = evaluate_candidate(
+        trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, dataset,
+        gates, trained.train_metric, trained.validation_metric, trained.run_id, ctx.tracking_uri, ctx.train.seed,
+        "candidate", champion.version if champion else None,
+    )
+    card = write_model_card(ctx.model_name, dataset, service, trained, report, lineage)
+    registered = register_model(
+        trained.pipeline, split.holdout[dataset.feature_names].head(5), trained.run_id, ctx.model_name,
+        report, card, {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, ctx.actor(),
+    )
+
+    result = TrainingResult(
+        model_name=ctx.model_name, version=registered.version, outcome=registered.outcome,
+        alias=registered.alias, feature_service=service, run_id=trained.run_id,
+        failed_rules=report.failed_rules, batches_ingested=len(batches),
+    )
+    if registered.outcome == "rejected":
+        return Completed(
+            name="Rejected",
+            message=f"{ctx.model_name} v{registered.version} rejected: failed {', '.join(report.failed_rules)}",
+            data=result,
+        )
+    return result

@@ -1,0 +1,167 @@
+"""Append-only audit log of model-alias moves (MLflow keeps no alias history).
+
+One table, `flywheel_alias_audit`, on SQLAlchemy 2.0 Core; the same code runs on SQLite and Postgres.
+Append-only twice over: this module has no update/delete API, and the database itself refuses
+UPDATE and DELETE (SQLite: BEFORE triggers raising ABORT; Postgres: a plpgsql trigger function,
+plus a TRUNCATE trigger), so a stray script or a manual `psql` session cannot rewrite history.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+
+from flywheel.errors import FlywheelError
+
+TABLE = "flywheel_alias_audit"
+APPEND_ONLY_MESSAGE = f"{TABLE} is append-only"
+
+
+class AuditEntry(BaseModel):
+    """One alias move: `alias` went from `from_version` to `to_version` (None = unset)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    at: datetime
+    model: str
+    alias: str
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    actor: str
+    evidence: dict[str, Any]
+
+
+def _table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        TABLE,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("model", sa.String(256), nullable=False, index=True),
+        sa.Column("alias", sa.String(256), nullable=False),
+        sa.Column("from_version", sa.String(64), nullable=True),
+        sa.Column("to_version", sa.String(64), nullable=True),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("actor", sa.String(256), nullable=False),
+        sa.Column("evidence", sa.Text, nullable=False),  # JSON text: portable across both databases
+    )
+
+
+def _sqlite_guards() -> list[str]:
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {TABLE}_no_{op.lower()} BEFORE {op} ON {TABLE} "
+        f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}: {op} refused'); END"
+        for op in ("UPDATE", "DELETE")
+    ]
+
+
+def _postgres_guards(schema: str | None) -> list[str]:
+    q = f'"{schema}".' if schema else ""
+    fn = f"{q}{TABLE}_refuse"
+    table = f"{q}{TABLE}"
+    return [
+        # a transaction-scoped lock: two processes creating the guards at once do not race
+        f"SELECT pg_advisory_xact_lock(hashtext('{table}'))",
+        f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+END
+$$""",
+        f"DROP TRIGGER IF EXISTS {TABLE}_no_update_delete ON {table}",
+        f"CREATE TRIGGER {TABLE}_no_update_delete BEFORE UPDATE OR DELETE ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
+        f"DROP TRIGGER IF EXISTS {TABLE}_no_truncate ON {table}",
+        f"CREATE TRIGGER {TABLE}_no_truncate BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
+    ]
+
+
+class AuditLog:
+    """The alias audit log in the database at `url` (created idempotently on first use)."""
+
+    def __init__(self, url: str, schema: str | None = None) -> None:
+        self.url = url
+        self.schema = schema
+        backend = sa.engine.make_url(url).get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise FlywheelError(f"audit log: unsupported database {backend!r}; use SQLite or PostgreSQL")
+        self._engine = sa.create_engine(url)
+        self._metadata = sa.MetaData(schema=schema)
+        self._table = _table(self._metadata)
+        self._create()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+    def _create(self) -> None:
+        dialect = self._engine.dialect.name
+        if dialect == "sqlite":
+            db = self._engine.url.database
+            if db and db != ":memory:" and not db.startswith("file:"):
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            guards = _sqlite_guards()
+        else:
+            guards = _postgres_guards(self.schema)
+        with self._engine.begin() as conn:
+            if self.schema and dialect == "postgresql":
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            self._metadata.create_all(conn, checkfirst=True)
+            for stmt in guards:
+                conn.execute(sa.text(stmt))
+
+    def append(
+        self,
+        model: str,
+        alias: str,
+        from_version: str | None,
+        to_version: str | None,
+        reason: str,
+        actor: str,
+        evidence: dict[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> AuditEntry:
+        """Record one alias move and return it as stored."""
+        row = {
+            "at": (at or datetime.now(UTC)).astimezone(UTC),
+            "model": model,
+            "alias": alias,
+            "from_version": None if from_version is None else str(from_version),
+            "to_version": None if to_version is None else str(to_version),
+            "reason": reason,
+            "actor": actor,
+            "evidence": json.dumps(evidence or {}, sort_keys=True, default=str),
+        }
+        with self._engine.begin() as conn:
+            new_id = conn.execute(sa.insert(self._table).values(**row).returning(self._table.c.id)).scalar_one()
+        return self._entry({**row, "id": new_id})
+
+    def entries(self, model: str | None = None, alias: str | None = None) -> list[AuditEntry]:
+        """Every recorded move (optionally for one model / alias), oldest first."""
+        q = sa.select(self._table).order_by(self._table.c.id)
+        if model is not None:
+            q = q.where(self._table.c.model == model)
+        if alias is not None:
+            q = q.where(self._table.c.alias == alias)
+        with self._engine.connect() as conn:
+            return [self._entry(dict(r._mapping)) for r in conn.execute(q)]
+
+    @staticmethod
+    def _entry(row: dict[str, Any]) -> AuditEntry:
+        at: datetime = row["at"]
+        # SQLite stores no offset: every timestamp written here is UTC
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+        evidence = row["evidence"]
+        return AuditEntry(**{**row, "at": at, "evidence": json.loads(evidence) if evidence else {}})
+
+    def dispose(self) -> None:
+        self._engine.dispose()

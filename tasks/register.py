@@ -1,0 +1,281 @@
+"""Registry tasks: load the champion, render the model card, register a candidate and move its alias."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import pandas as pd
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_logger
+from prefect.states import State
+from pydantic import BaseModel
+
+from flywheel.errors import FlywheelError
+from flywheel.schemas import DatasetDefinition, GateReport
+
+logger = get_logger("flywheel.register")
+
+Outcome = Literal["champion", "challenger", "rejected"]
+FIRST_CHAMPION_REASON = "first model passed absolute gates"
+CHALLENGER_REASON = "passed gates against the champion"
+
+
+class RegistrationOutcome(BaseModel):
+    model_name: str
+    version: str
+    outcome: Outcome
+    alias: str | None
+    previous_champion: str | None
+    model_uri: str
+    event: str | None = None  # the Prefect event emitted, if any
+
+
+def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry I/O hiccups, not our own verdicts (integrity, missing alias): those will not heal."""
+    try:
+        state.result(raise_on_failure=True)
+    except FlywheelError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _in_prefect() -> bool:
+    """True when an event has somewhere to go: inside a run, or with an API configured. Outside both
+    (unit tests calling `.fn`), emitting would start a throwaway ephemeral server (about 30 s)."""
+    return bool(TaskRunContext.get() or FlowRunContext.get() or os.environ.get("PREFECT_API_URL"))
+
+
+def emit_model_event(
+    event: str, name: str, version: str, payload: dict[str, Any], related_run_id: str | None = None
+) -> str | None:
+    """Emit `event` about model `name` v`version`; never fails the caller. Returns the event name if sent."""
+    if not _in_prefect():
+        logger.debug("no Prefect run or API: event %s not emitted", event)
+        return None
+    from prefect.events import emit_event
+
+    related = (
+        [{"prefect.resource.id": f"mlflow.run.{related_run_id}", "prefect.resource.role": "mlflow-run"}]
+        if related_run_id
+        else None
+    )
+    try:
+        sent = emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"flywheel.model.{name}.{version}",
+                "prefect.resource.name": f"{name} v{version}",
+                "flywheel.model": name,
+                "flywheel.version": str(version),
+            },
+            related=related,
+            payload=payload,
+        )
+    except Exception as exc:  # an event is a notification, not part of the registration
+        logger.warning("could not emit %s for %s v%s: %s", event, name, version, exc)
+        return None
+    return event if sent is not None else None
+
+
+def gate_summary(report: GateReport) -> dict[str, Any]:
+    return {
+        "passed": report.passed,
+        "failed_rules": report.failed_rules,
+        "champion_version": report.champion_version,
+        "values": {r.rule: r.value for r in report.results if r.gated},
+    }
+
+
+# ------------------------------------------------------------------------------------- tasks
+
+
+@task(
+    name="load_champion",
+    task_run_name="load-champion-{model_name}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_transient,
+)
+def load_champion(tracking_uri: str, audit_db_url: str, model_name: str) -> Any | None:
+    """The verified champion (LoadedModel), or None when the model has no champion yet."""
+    from flywheel.audit import AuditLog
+    from flywheel.registry import CHAMPION, Registry
+
+    registry = Registry(tracking_uri, AuditLog(audit_db_url))
+    if registry.alias_version(model_name, CHAMPION) is None:
+        return None
+    return registry.load(model_name, alias=CHAMPION)
+
+
+def _first(obj: Any, names: tuple[str, ...], default: Any) -> Any:
+    for n in names:
+        value = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
+        if value is not None:
+            return value
+    return default
+
+
+@task(name="write_model_card", task_run_name="model-card-{model_name}", cache_policy=NO_CACHE)
+def write_model_card(
+    model_name: str,
+    dataset: DatasetDefinition,
+    feature_service: str,
+    trained: Any,
+    report: GateReport,
+    lineage: dict[str, str],
+    limitations: list[str] | None = None,
+) -> str:
+    """The model card markdown, with a version placeholder that register_model fills in."""
+    from flywheel.gates import render_gate_report
+    from flywheel.modelcard import render_model_card
+
+    # `trained` is the training task's result; read by attribute name so the card does not pin its class
+    params = dict(_first(trained, ("params", "best_params"), {}))
+    family = _first(trained, ("family",), None)
+    if family:
+        params = {"family": family, **params}
+    for key, attr in (("search_metric", "metric"), ("search_trials", "trials")):
+        value = _first(trained, (attr,), None)
+        if value is not None:
+            params[key] = value
+    metrics = dict(_first(trained, ("holdout_metrics", "metrics"), {}))
+    importance = _first(trained, ("feature_importance",), None)
+    slices = dict(_first(trained, ("slice_metrics", "holdout_slice_metrics"), {}))
+    default_limits = [
+        f"Trained on data up to {lineage.get('flywheel.as_of', 'the recorded as-of time')}; "
+        "performance drifts as customer behaviour changes (drift monitoring triggers retraining).",
+        f"The protected attribute `{dataset.protected_attribute}` is not a feature, but correlated features "
+        "can carry it: see the fairness gate."
+        if dataset.protected_attribute
+        else "No protected attribute is declared: fairness was not checked.",
+        "Slices under the gate's minimum row count are reported, not gated.",
+    ]
+    return render_model_card(
+        model_name,
+        None,
+        dataset,
+        feature_service,
+        params,
+        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        {s: {k: (float("nan") if v is None else float(v)) for k, v in m.items()} for s, m in slices.items()},
+        render_gate_report(report, f"Gate report: {model_name}"),
+        lineage,
+        limitations if limitations is not None else default_limits,
+        feature_importance={k: float(v) for k, v in importance.items()} if importance else None,
+    )
+
+
+def _existing_version(registry: Any, model_name: str, run_id: str) -> str | None:
+    """A version of `model_name` already registered from this run with its digests (a retry)."""
+    from flywheel.registry import TAG_DIGESTS, TAG_DIGESTS_ARTIFACT
+
+    try:
+        versions = registry.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except Exception:
+        return None
+    done = [v for v in versions if TAG_DIGESTS in (v.tags or {}) or TAG_DIGESTS_ARTIFACT in (v.tags or {})]
+    return str(max(int(v.version) for v in done)) if done else None
+
+
+@task(
+    name="register_model",
+    task_run_name="register-{model_name}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_transient,
+)
+def register_model(
+    pipeline: Any,
+    input_example: pd.DataFrame,
+    mlflow_run_id: str,
+    model_name: str,
+    gate_report: GateReport,
+    model_card_md: str | None,
+    lineage: dict[str, str],
+    tracking_uri: str,
+    audit_db_url: str,
+    actor: str,
+    gate_markdown: str | None = None,
+) -> RegistrationOutcome:
+    """Log, register and verify the candidate; champion, challenger or rejected by its gate report."""
+    import mlflow
+
+    from flywheel.audit import AuditLog
+    from flywheel.gates import render_gate_report
+    from flywheel.modelcard import fill_version
+    from flywheel.registry import CHALLENGER, CHAMPION, Registry, log_model
+
+    registry = Registry(tracking_uri, AuditLog(audit_db_url))
+    gate_markdown = gate_markdown or render_gate_report(gate_report, f"Gate report: {model_name}")
+
+    version = _existing_version(registry, model_name, mlflow_run_id)  # set on a retry after registration
+    if version is None:
+        if mlflow.get_tracking_uri() != tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == mlflow_run_id:
+            model_uri = log_model(pipeline, input_example)
+        else:
+            with mlflow.start_run(run_id=mlflow_run_id, nested=active is not None):
+                model_uri = log_model(pipeline, input_example)
+        version = registry.register(model_uri, model_name, mlflow_run_id, lineage)
+    else:
+        model_uri = registry.model_version(model_name, version).source
+        logger.info("%s v%s was already registered from run %s: resuming", model_name, version, mlflow_run_id)
+
+    if model_card_md:
+        registry.set_model_card(model_name, version, fill_version(model_card_md, version))
+
+    aliases = registry.aliases(model_name)
+    held = [a for a, v in aliases.items() if v == version]
+    champion = aliases.get(CHAMPION)
+    evidence = {"gates": gate_summary(gate_report), "mlflow_run_id": mlflow_run_id, "model_uri": model_uri}
+
+    outcome: Outcome
+    if not gate_report.passed:
+        reason = "failed gates: " + ", ".join(gate_report.failed_rules)
+        registry.mark_rejected(model_name, version, reason, gate_markdown, actor=actor)
+        outcome, alias, previous = "rejected", None, champion
+    elif CHAMPION in held:  # a retry that already promoted this version
+        outcome, alias = "champion", CHAMPION
+        moves = [e for e in registry.audit.entries(model_name, CHAMPION) if e.to_version == version]
+        previous = moves[-1].from_version if moves else None
+    elif CHALLENGER in held:
+        outcome, alias, previous = "challenger", CHALLENGER, champion
+    elif champion is None:
+        registry.move_alias(model_name, CHAMPION, version, FIRST_CHAMPION_REASON, actor, evidence)
+        outcome, alias, previous = "champion", CHAMPION, None
+    else:
+        registry.move_alias(model_name, CHALLENGER, version, f"{CHALLENGER_REASON} v{champion}", actor, evidence)
+        outcome, alias, previous = "challenger", CHALLENGER, champion
+
+    event_name = {
+        "champion": "flywheel.model.champion-registered",
+        "challenger": "flywheel.model.challenger-registered",
+        "rejected": "flywheel.model.rejected",
+    }[outcome]
+    sent = emit_model_event(
+        event_name,
+        model_name,
+        version,
+        {"version": version, "outcome": outcome, "previous_champion": previous, "gates": gate_summary(gate_report)},
+        related_run_id=mlflow_run_id,
+    )
+    logger.info("%s v%s registered: %s", model_name, version, outcome)
+    return RegistrationOutcome(
+        model_name=model_name,
+        version=version,
+        outcome=outcome,
+        alias=alias,
+        previous_champion=previous,
+        model_uri=model_uri,
+        event=sent,
+    )

@@ -1,0 +1,79 @@
+"""Prefect task: validate one incoming batch, quarantine it when it fails."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+
+from flywheel.errors import DataValidationError
+from flywheel.schemas import DatasetDefinition
+from flywheel.settings import ValidateConfig
+from flywheel.validation import ValidationOutcome, quarantine_batch, read_batch, validate_frame
+
+
+def artifact_key(dataset: DatasetDefinition) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return "validation-" + re.sub(r"[^a-z0-9]+", "-", dataset.name.lower()).strip("-")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:  # `.fn()` outside a run
+        return logging.getLogger("flywheel.validate")
+
+
+def _in_run() -> bool:
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+# No retries: a failed validation is deterministic, and a failed batch has been moved to quarantine.
+@task(name="validate_batch", task_run_name="validate-{batch_path.name}", cache_policy=NO_CACHE)
+def validate_batch(
+    batch_path: Path, dataset: DatasetDefinition, cfg: ValidateConfig, quarantine_dir: Path
+) -> ValidationOutcome:
+    """Validate one batch file; on failure quarantine it and raise DataValidationError."""
+    batch_path = Path(batch_path)
+    logger = _logger()
+    try:
+        df = read_batch(batch_path, dataset)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # an unreadable file is a failed batch too: quarantine it, do not crash
+        outcome = ValidationOutcome(
+            batch=batch_path.name, success=False, row_count=0,
+            failures=[{"expectation": "ReadBatch", "column": None, "observed_value": None,
+                       "error": f"{type(exc).__name__}: {exc}"}],
+        )  # fmt: skip
+    else:
+        outcome = validate_frame(df, dataset, cfg, batch_name=batch_path.name)
+
+    for alert in outcome.alerts:
+        action = "imputed" if alert["column"] in outcome.imputed else "batch fails"
+        logger.warning(
+            "data-quality alert on %s: %s is %.1f%% missing (threshold %.1f%%), %s",
+            outcome.batch, alert["column"], 100 * alert["missing_share"], 100 * alert["threshold"], action,
+        )
+    # outside a run the artifact call would start a temporary Prefect server (about 15 s): skip it
+    if _in_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            key=artifact_key(dataset),
+            markdown=outcome.summary_markdown(),
+            description=f"Data validation of {outcome.batch} ({dataset.name})",
+        )
+    if not outcome.success:
+        moved = quarantine_batch(batch_path, quarantine_dir, outcome)
+        logger.error("batch %s failed validation; quarantined to %s", outcome.batch, moved)
+        raise DataValidationError(outcome.batch, outcome.failures, str(moved))
+    logger.info("batch %s passed validation (%d rows)", outcome.batch, outcome.row_count)
+    return outcome
