@@ -49,9 +49,9 @@ def run_demo(
 
     runs: list[dict[str, Any]] = []
     steps = [
-        ("1. first weeks arrive: train the first model", first, False),
+        ("1. three weeks arrive: the first model", first, False),
         ("2. a new week arrives: candidate vs champion", second, False),
-        ("3. a sabotaged candidate (shuffled labels): the gates must reject it", [], True),
+        ("3. sabotaged candidate (shuffled labels)", [], True),
     ]
     base = TrainingParams(profile=profile, config_dir=str(config_dir) if config_dir else None)
     for title, batch_files, sabotage in steps:
