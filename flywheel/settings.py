@@ -128,6 +128,29 @@ class RegisterConfig(Section):
     model_name: str | None = None  # defaults to the dataset's name
 
 
+class ServeConfig(Section):
+    """The online prediction service (`flywheel serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    model_name: str | None = None  # default: register.model_name, else the dataset's name
+    admin_token_env: str = "FLYWHEEL_ADMIN_TOKEN"  # the variable holding the admin token; never in files
+    registry_poll_seconds: float = Field(5.0, gt=0)
+    max_batch: int = Field(1000, ge=1, le=100_000)
+    prediction_log_url: str = "sqlite:///{home}/data/predictions.db"
+    log_flush_seconds: float = Field(0.5, gt=0)
+    latency_budget_ms: float = Field(10.0, gt=0)
+
+
+class BatchConfig(Section):
+    """Offline (batch) scoring and the training-serving skew check."""
+
+    output_dir: Path = Path("data/predictions")
+    cron: str = "0 2 * * *"
+    skew_sample: int = Field(100, ge=1)
+    skew_tolerance: float = Field(1e-6, ge=0)
+
+
 class TelemetryConfig(Section):
     enabled: bool = False
 
@@ -146,6 +169,8 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
+    batch: BatchConfig = BatchConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
