@@ -1,0 +1,214 @@
+"""Training-flow benchmark: the work itself vs Prefect's orchestration overhead, at ~100k rows.
+
+    make bench                      # or: uv run python -m tests.benchmarks.bench_training --rows 100000
+
+1. A Prefect server (SQLite, its own PREFECT_HOME in a temp folder) is started and timed to healthy;
+   it is stopped by pid at the end. Start-up is reported apart from the run.
+2. The same generated data (the demo churn dataset, 28 daily batches) is put in two fresh project
+   homes. Every library is imported before timing, so neither side pays import costs.
+3. "direct": the pipeline's task functions called in the flow's order as plain Python (`task.fn`).
+   "prefect": `training_pipeline` against the running server (task runs, states, artifacts, logs,
+   heartbeats as in production). Each side runs `--repeats` times on fresh homes; the best run counts.
+4. Printed side by side: seconds, the overhead and its share of the work (target <= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir}/prefect.db",
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=(workdir / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = started + 180
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited early, see {workdir / 'server.log'}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return proc, api, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError("prefect server did not become healthy in 180 s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and everything it started (its own process group), by pid."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def make_home(root: Path, batches: list[Path]) -> Path:
+    shutil.copytree(PROJECT / "configs", root / "configs")
+    incoming = root / "data" / "incoming" / "churn"
+    incoming.mkdir(parents=True)
+    for f in batches:
+        shutil.copy2(f, incoming / f.name)
+    return root
+
+
+def run_direct(config_dir: Path) -> str:
+    """The flow's story with every task called as a plain function (no Prefect)."""
+    from flywheel.runtime import start_run_context
+    from tasks.evaluate import evaluate_candidate
+    from tasks.features import (
+        apply_feature_repo,
+        build_training_set,
+        find_new_batches,
+        ingest_batch,
+        materialize_features,
+        render_feature_repo,
+    )  # fmt: skip
+    from tasks.register import load_champion, register_model, write_model_card
+    from tasks.train import split_training_set, train_model
+    from tasks.validate import validate_batch
+
+    ctx = start_run_context("local", config_dir)
+    s, ds = ctx.settings, ctx.dataset
+    as_of = datetime.now(UTC)
+    batches = find_new_batches.fn(ds, ctx.source, ctx.offline_dir)
+    for b in batches:
+        validate_batch.fn(b, ds, s.validate_, ctx.quarantine_dir)
+    for b in batches:
+        ingest_batch.fn(b, ds, ctx.offline_dir)
+    repo = render_feature_repo.fn(s.stores, s.paths.home)
+    service = apply_feature_repo.fn(repo, ds, s.features, ctx.offline_dir)
+    materialize_features.fn(repo, ds, ctx.offline_dir, as_of)
+    frame = build_training_set.fn(repo, ds, service, s.features, ctx.offline_dir, as_of)
+    split = split_training_set.fn(frame, ds, False, ctx.train.seed)
+    lineage = ctx.lineage(service, frame, as_of)
+    trained = train_model.fn(split, ds, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
+    champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
+    report = evaluate_candidate.fn(
+        trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, ds, ctx.gates,
+        trained.train_metric, trained.validation_metric, trained.run_id, ctx.tracking_uri, ctx.train.seed,
+        "candidate", champion.version if champion else None,
+    )  # fmt: skip
+    card = write_model_card.fn(ctx.model_name, ds, service, trained, report, lineage)
+    outcome = register_model.fn(
+        trained.pipeline, split.holdout[ds.feature_names].head(5), trained.run_id, ctx.model_name, report, card,
+        {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, "benchmark",
+    )  # fmt: skip
+    return outcome.outcome
+
+
+def run_prefect(config_dir: Path) -> str:
+    from flows.training import TrainingParams, training_pipeline
+
+    state = training_pipeline(TrainingParams(profile="local", config_dir=str(config_dir)), return_state=True)
+    return state.result().outcome
+
+
+def warm_imports() -> None:
+    import feast  # noqa: F401
+    import great_expectations  # noqa: F401
+    import mlflow  # noqa: F401
+    import sklearn  # noqa: F401
+
+    import flows.training  # noqa: F401
+    from flywheel import featurestore, gates, registry, training, validation  # noqa: F401
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000, help="total rows (28 daily batches)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side (order alternates); the best counts")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from flywheel.datagen import GeneratorSpec, write_batches
+
+    console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    server = None
+    try:
+        for var, val in {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
+                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FEAST_USAGE": "False"}.items():
+            os.environ.setdefault(var, val)
+        days = 28
+        spec = GeneratorSpec(days=days, rows_per_day=max(1, args.rows // days), customers=max(20_000, args.rows // 4))
+        console.print(f"generating {spec.days} x {spec.rows_per_day} rows ...")
+        batches = write_batches(spec, workdir / "source")
+        console.print("starting a Prefect server ...")
+        server, api, startup = start_prefect_server(workdir)
+        console.print(f"server healthy after {startup:.1f} s at {api}")
+        os.environ["PREFECT_API_URL"] = api
+        warm_imports()
+
+        results: dict[str, list[float]] = {"direct": [], "prefect": []}
+        for i in range(args.repeats):
+            sides = [("direct", run_direct), ("prefect", run_prefect)]
+            for side, fn in sides if i % 2 == 0 else sides[::-1]:
+                home = make_home(workdir / f"{side}-{i}", batches)
+                started = time.perf_counter()
+                outcome = fn(home / "configs")
+                results[side].append(time.perf_counter() - started)
+                console.print(f"{side} run {i + 1}: {results[side][-1]:.1f} s ({outcome})")
+
+        direct, prefect = min(results["direct"]), min(results["prefect"])
+        overhead = prefect - direct
+        table = Table(title=f"Training flow at {spec.days * spec.rows_per_day:,} rows (best of {args.repeats})")
+        for col in ("measure", "seconds", "vs direct"):
+            table.add_column(col, justify="right" if col != "measure" else "left")
+        table.add_row("work: task functions called directly", f"{direct:.2f}", "1.00x")
+        table.add_row("same tasks through Prefect (running server)", f"{prefect:.2f}", f"{prefect / direct:.3f}x")
+        table.add_row("orchestration overhead", f"{overhead:.2f}", f"{100 * overhead / direct:+.1f}%")
+        table.add_row("Prefect server start-up (reported apart)", f"{startup:.2f}", "-")
+        console.print(table)
+        verdict = "MET" if overhead / direct <= 0.05 else "MISSED"
+        console.print(f"target: overhead <= 5% of the work -> {verdict}")
+    finally:
+        if server is not None:
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()  # ship the last run logs while the server is still up
+            stop(server)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
