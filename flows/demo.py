@@ -75,8 +75,9 @@ def _summary(console: Console, runs: list[dict[str, Any]], ctx: Any) -> None:
     for col in ("step", "state", "version", "outcome", "failed rules", "seconds"):
         table.add_column(col)
     for r in runs:
-        table.add_row(r["step"], r["state"], r["version"], r["outcome"], ", ".join(r["failed_rules"]) or "-",
-                      str(r["seconds"]))
+        failed = r["failed_rules"]
+        shown = ", ".join(failed[:3]) + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else "")
+        table.add_row(r["step"], r["state"], r["version"], r["outcome"], shown or "-", str(r["seconds"]))
     console.print(table)
     audit = Table(title="Alias audit log (append-only)")
     for col in ("at", "alias", "from", "to", "reason", "actor"):

@@ -65,8 +65,7 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
-    for batch in batches:
-        validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir)
+    quality = [validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir) for batch in batches]
     for batch in batches:
         ingest_batch(batch, dataset, ctx.offline_dir)
     logger.info("ingested %d new batch(es)", len(batches))
@@ -77,7 +76,7 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
     split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
 
-    lineage = ctx.lineage(service, frame, as_of)
+    lineage = ctx.lineage(service, frame, as_of, quality)
     trained = train_model(split, dataset, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
     champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate(

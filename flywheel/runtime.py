@@ -7,11 +7,15 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from flywheel.schemas import DatasetDefinition, GatesConfig, load_dataset, load_gates
 from flywheel.settings import Settings, TrainConfig, apply_runtime_environment, load_settings
+
+if TYPE_CHECKING:
+    from flywheel.validation import ValidationOutcome
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,15 @@ class RunContext:
 
         return f"user:{getpass.getuser()}"
 
-    def lineage(self, feature_service: str, frame: pd.DataFrame, as_of: datetime) -> dict[str, str]:
-        """Everything needed to rebuild this training run: code, data, features, config, seed, time."""
+    def lineage(
+        self, feature_service: str, frame: pd.DataFrame, as_of: datetime, quality: list[ValidationOutcome] | None = None
+    ) -> dict[str, str]:
+        """Everything needed to rebuild this training run: code, data, features, config, seed, time; and
+        the data-quality alerts of the batches it ingested, with the features imputed because of them."""
         from flywheel.lineage import frame_hash, git_sha
 
+        alerts = [{"batch": o.batch, **a} for o in quality or [] for a in o.alerts]
+        imputed = sorted({f for o in quality or [] for f in o.imputed})
         return {
             "flywheel.git_sha": git_sha(),
             "flywheel.data_hash": frame_hash(frame),
@@ -81,6 +90,8 @@ class RunContext:
             "flywheel.seed": str(self.train.seed),
             "flywheel.training_rows": str(len(frame)),
             "flywheel.profile": self.settings.profile,
+            "flywheel.dq_alerts": json.dumps(alerts, default=str)[:4000],
+            "flywheel.imputed_features": ",".join(imputed) or "-",
         }
 
 

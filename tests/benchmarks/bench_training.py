@@ -109,8 +109,7 @@ def run_direct(config_dir: Path) -> str:
     s, ds = ctx.settings, ctx.dataset
     as_of = datetime.now(UTC)
     batches = find_new_batches.fn(ds, ctx.source, ctx.offline_dir)
-    for b in batches:
-        validate_batch.fn(b, ds, s.validate_, ctx.quarantine_dir)
+    quality = [validate_batch.fn(b, ds, s.validate_, ctx.quarantine_dir) for b in batches]
     for b in batches:
         ingest_batch.fn(b, ds, ctx.offline_dir)
     repo = render_feature_repo.fn(s.stores, s.paths.home)
@@ -118,7 +117,7 @@ def run_direct(config_dir: Path) -> str:
     materialize_features.fn(repo, ds, ctx.offline_dir, as_of)
     frame = build_training_set.fn(repo, ds, service, s.features, ctx.offline_dir, as_of)
     split = split_training_set.fn(frame, ds, False, ctx.train.seed)
-    lineage = ctx.lineage(service, frame, as_of)
+    lineage = ctx.lineage(service, frame, as_of, quality)
     trained = train_model.fn(split, ds, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
     champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate.fn(
