@@ -157,15 +157,31 @@ def train(
     config_dir: ConfigDirOpt = None,
 ) -> None:
     """Run the training pipeline: validate -> features -> train -> evaluate -> register."""
+    from flywheel.runtime import start_run_context
+
+    try:  # fail fast on bad input, before any Prefect server starts
+        ctx = start_run_context(profile, config_dir, dataset, seed)
+        if batch and not batch.is_file():
+            raise FlywheelError(f"batch file not found: {batch}")
+        if not batch and not ctx.source.exists():
+            raise FlywheelError(
+                f"dataset {ctx.dataset.name!r}: source {ctx.source} does not exist "
+                "(run `flywheel data generate`, or point `source:` in the dataset YAML at your data)"
+            )
+    except FlywheelError as exc:
+        _fail(exc)
+
     from flows.training import TrainingParams, training_pipeline
 
-    params = TrainingParams(dataset=str(dataset) if dataset else None, batch=str(batch) if batch else None,
+    params = TrainingParams(dataset=str(ctx.dataset_path), batch=str(batch) if batch else None,
                             seed=seed, profile=profile, config_dir=str(config_dir) if config_dir else None)
     try:
         result = training_pipeline(params)
     except FlywheelError as exc:
         _fail(exc)
-    console.print(result)
+    verdict = {"champion": "green", "challenger": "cyan", "rejected": "red"}[result.outcome]
+    console.print(f"{result.model_name} v{result.version}: [bold {verdict}]{result.outcome}[/]"
+                  + (f" (failed: {', '.join(result.failed_rules)})" if result.failed_rules else ""))
 
 
 @app.command("reproduce")
