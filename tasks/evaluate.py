@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
 
 from flywheel.gates import evaluate_gates, render_gate_report
 from flywheel.schemas import DatasetDefinition, GateReport, GatesConfig
+from tasks._prefect import in_run
 
 
 def gate_metric_name(rule: str) -> str:
@@ -79,7 +79,7 @@ def evaluate_candidate(
     verdict = "PASSED" if report.passed else f"REJECTED ({', '.join(report.failed_rules)})"
     # Outside a flow/task run (unit tests call `.fn`) there is no run to attach an artifact to, and
     # creating one would start an ephemeral Prefect server.
-    if TaskRunContext.get() or FlowRunContext.get():
+    if in_run():
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(

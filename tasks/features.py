@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
 
 from flywheel import featurestore
 from flywheel.errors import FeatureJoinError, FlywheelError
@@ -18,13 +16,7 @@ from flywheel.featurestore import IngestReport, JoinReport, MaterializeReport
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import FeaturesConfig, StoresConfig
 from flywheel.validation import read_batch
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The run logger inside a Prefect run, a plain logger under `.fn` in tests."""
-    if TaskRunContext.get() or FlowRunContext.get():
-        return get_run_logger()
-    return logging.getLogger(__name__)
+from tasks._prefect import in_run, run_logger
 
 
 @task(name="render_feature_repo", task_run_name="render-feature-repo", retries=2, retry_delay_seconds=2)
@@ -43,7 +35,7 @@ def apply_feature_repo(repo: Path, dataset: DatasetDefinition, cfg: FeaturesConf
     """Apply the dataset's versioned feature service (no-op when unchanged); returns the service name."""
     store = featurestore.open_store(repo)
     service = featurestore.apply_definitions(store, dataset, cfg.ttl_days, offline_dir)
-    _logger().info("feature service %s applied in %s", service, repo)
+    run_logger("flywheel.features").info("feature service %s applied in %s", service, repo)
     return service
 
 
@@ -62,7 +54,7 @@ def batch_id(path: Path) -> str:
 def ingest_batch(batch: Path, dataset: DatasetDefinition, offline_dir: Path) -> IngestReport:
     """Append one validated batch file to the offline store (idempotent per file name)."""
     report = featurestore.ingest_batch(read_batch(batch, dataset), dataset, offline_dir, batch_id(batch))
-    _logger().info(
+    run_logger("flywheel.features").info(
         "%s %s: %d feature rows, %d label rows",
         "skipped (already ingested)" if report.skipped else "ingested", report.batch_id,
         report.feature_rows, report.label_rows,
@@ -82,7 +74,7 @@ def materialize_features(
     """Load the online store up to `end` (default now): the full range first, incrementally afterwards."""
     store = featurestore.open_store(repo)
     report = featurestore.materialize_online(store, dataset, offline_dir, end or datetime.now(UTC))
-    _logger().info("materialized %s in %.2f s", report.modes, report.seconds)
+    run_logger("flywheel.features").info("materialized %s in %.2f s", report.modes, report.seconds)
     return report
 
 
@@ -109,7 +101,7 @@ def build_training_set(
         if exc.report is not None:  # people see the counts of a failed join too
             _publish(exc.report, dataset, service, failed=True)
         raise
-    _logger().info(
+    run_logger("flywheel.features").info(
         "training set: %d rows (%d entity rows, %d dropped, %d all-null)",
         report.training_rows, report.entity_rows, report.dropped_rows, report.all_null_rows,
     )
@@ -119,7 +111,7 @@ def build_training_set(
 
 def _publish(report: JoinReport, dataset: DatasetDefinition, service: str, failed: bool) -> None:
     # Outside a flow/task run (unit tests call `.fn`) there is no run to attach an artifact to.
-    if not (TaskRunContext.get() or FlowRunContext.get()):
+    if not in_run():
         return
     from prefect.artifacts import create_markdown_artifact
 
@@ -142,5 +134,5 @@ def find_new_batches(dataset: DatasetDefinition, source: Path, offline_dir: Path
         raise FlywheelError(f"dataset {dataset.name!r}: source {source} does not exist")
     done = featurestore.ingested_batches(dataset, offline_dir)
     new = [p for p in files if batch_id(p) not in done]
-    _logger().info("%d batch file(s) in %s, %d new", len(files), source, len(new))
+    run_logger("flywheel.features").info("%d batch file(s) in %s, %d new", len(files), source, len(new))
     return new

@@ -6,16 +6,13 @@ import os
 from typing import Any, Literal
 
 import pandas as pd
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_logger
-from prefect.states import State
 from pydantic import BaseModel
 
-from flywheel.errors import FlywheelError
 from flywheel.schemas import DatasetDefinition, GateReport
+from tasks._prefect import in_run, retry_transient
 
 logger = get_logger("flywheel.register")
 
@@ -34,21 +31,10 @@ class RegistrationOutcome(BaseModel):
     event: str | None = None  # the Prefect event emitted, if any
 
 
-def _retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry I/O hiccups, not our own verdicts (integrity, missing alias): those will not heal."""
-    try:
-        state.result(raise_on_failure=True)
-    except FlywheelError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 def _in_prefect() -> bool:
     """True when an event has somewhere to go: inside a run, or with an API configured. Outside both
     (unit tests calling `.fn`), emitting would start a throwaway ephemeral server (about 30 s)."""
-    return bool(TaskRunContext.get() or FlowRunContext.get() or os.environ.get("PREFECT_API_URL"))
+    return in_run() or bool(os.environ.get("PREFECT_API_URL"))
 
 
 def emit_model_event(
@@ -101,7 +87,7 @@ def gate_summary(report: GateReport) -> dict[str, Any]:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_transient,
 )
 def load_champion(tracking_uri: str, audit_db_url: str, model_name: str) -> Any | None:
     """The verified champion (LoadedModel), or None when the model has no champion yet."""
@@ -190,7 +176,7 @@ def _existing_version(registry: Any, model_name: str, run_id: str) -> str | None
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=10,
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_transient,
 )
 def register_model(
     pipeline: Any,

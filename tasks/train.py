@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import re
 from typing import Any
 
@@ -22,6 +21,7 @@ from flywheel.lineage import StageTimer, frame_hash, git_sha, hardware
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import TrainConfig
 from flywheel.training import Split, Trial
+from tasks._prefect import run_logger
 
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow log_batch limits per call
 _UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric names
@@ -53,16 +53,6 @@ class TrainOutcome(BaseModel):
     def lineage(self) -> dict[str, str]:
         """What, beyond the data lineage, a reproduction needs: the chosen family and its params."""
         return {"flywheel.family": self.family, "flywheel.params": json.dumps(self.params, sort_keys=True)}
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called via .fn outside a flow/task run
-        return logging.getLogger("flywheel.train")
 
 
 def _experiment_id(client: Any, name: str, artifact_location: str, log: Any) -> str:
@@ -169,7 +159,7 @@ def train_model(
     """Search model configurations, refit the best, score it on the holdout and track it all in MLflow."""
     from mlflow import MlflowClient
 
-    log = _logger()
+    log = run_logger("flywheel.train")
     timer = StageTimer()
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment_id = _experiment_id(client, cfg.experiment, artifact_location, log)
@@ -351,7 +341,7 @@ def split_training_set(frame: pd.DataFrame, dataset: DatasetDefinition, shuffle_
         return split
     # Fault injection for demos and tests: only train+validation labels are permuted, the holdout stays
     # true, so the gates see the damage exactly as they would see a real bad model.
-    _logger().warning("shuffle_labels=true: training on permuted labels (this candidate should be rejected)")
+    run_logger("flywheel.train").warning("shuffle_labels=true: training on permuted labels (expect a rejection)")
     rng = np.random.default_rng(seed)
     shuffled = [part.assign(**{dataset.label: rng.permutation(part[dataset.label].to_numpy())})
                 for part in (split.train, split.validation)]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
 
 from flywheel.errors import DataValidationError
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import ValidateConfig
 from flywheel.validation import ValidationOutcome, quarantine_batch, read_batch, validate_frame
+from tasks._prefect import in_run, run_logger
 
 
 def artifact_key(dataset: DatasetDefinition) -> str:
@@ -21,28 +20,13 @@ def artifact_key(dataset: DatasetDefinition) -> str:
     return "validation-" + re.sub(r"[^a-z0-9]+", "-", dataset.name.lower()).strip("-")
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:  # `.fn()` outside a run
-        return logging.getLogger("flywheel.validate")
-
-
-def _in_run() -> bool:
-    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
-
-
-# No retries: a failed validation is deterministic, and a failed batch has been moved to quarantine.
 @task(name="validate_batch", task_run_name="validate-{batch_path.name}", cache_policy=NO_CACHE)
 def validate_batch(
     batch_path: Path, dataset: DatasetDefinition, cfg: ValidateConfig, quarantine_dir: Path
 ) -> ValidationOutcome:
     """Validate one batch file; on failure quarantine it and raise DataValidationError."""
     batch_path = Path(batch_path)
-    logger = _logger()
+    logger = run_logger("flywheel.validate")
     try:
         df = read_batch(batch_path, dataset)
     except FileNotFoundError:
@@ -63,7 +47,7 @@ def validate_batch(
             outcome.batch, alert["column"], 100 * alert["missing_share"], 100 * alert["threshold"], action,
         )
     # outside a run the artifact call would start a temporary Prefect server (about 15 s): skip it
-    if _in_run():
+    if in_run():
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(

@@ -429,8 +429,8 @@ def test_load_champion_task(env: dict[str, Any], lr_pipeline: Pipeline, xy: Any)
 def test_retries_only_transient_failures() -> None:
     from prefect.states import Failed
 
-    from tasks.register import _retry_transient
+    from tasks._prefect import retry_transient
 
-    assert _retry_transient(None, None, Failed(data=ModelIntegrityError("tampered"))) is False  # type: ignore[arg-type]
-    assert _retry_transient(None, None, Failed(data=RegistryError("no alias"))) is False  # type: ignore[arg-type]
-    assert _retry_transient(None, None, Failed(data=ConnectionError("mlflow down"))) is True  # type: ignore[arg-type]
+    assert retry_transient(None, None, Failed(data=ModelIntegrityError("tampered"))) is False  # type: ignore[arg-type]
+    assert retry_transient(None, None, Failed(data=RegistryError("no alias"))) is False  # type: ignore[arg-type]
+    assert retry_transient(None, None, Failed(data=ConnectionError("mlflow down"))) is True  # type: ignore[arg-type]
