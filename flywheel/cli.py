@@ -199,6 +199,22 @@ def reproduce(model: str, version: str, profile: ProfileOpt = None, config_dir: 
         raise typer.Exit(code=1)
 
 
+@app.command("serve")
+def serve(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+          port: Annotated[int | None, typer.Option(min=1, max=65535, help="default: serve.port")] = None,
+          host: Annotated[str | None, typer.Option(help="default: serve.host")] = None) -> None:
+    """Start the online prediction service (FastAPI on uvicorn): /predict, /health, /metrics, /docs."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads: single-threaded inference
+    from flywheel.service import run
+
+    try:
+        run(profile=profile, config_dir=config_dir, port=port, host=host)
+    except FlywheelError as exc:
+        _fail(exc)
+
+
 @app.command("demo")
 def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
          days: Annotated[int, typer.Option(min=14)] = 28,
@@ -208,6 +224,195 @@ def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
 
     try:
         run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day, console=console)
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+@app.command("score")
+def score(
+    entities: Annotated[Path | None, typer.Option(help="parquet/CSV of entity ids (default: every entity)")] = None,
+    at: Annotated[str | None, typer.Option(help="feature time, ISO 8601 with timezone (default: now)")] = None,
+    alias: Annotated[str, typer.Option(help="registry alias of the model")] = "champion",
+    skew_check: Annotated[bool, typer.Option("--skew-check", help="also compare online and offline features")] = False,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Batch-score entities with the aliased model (offline features at --at); writes one parquet file."""
+    from pydantic import ValidationError
+
+    from flows.batch_scoring import BatchScoringParams
+    from flywheel.runtime import start_run_context
+    from flywheel.scoring import read_entities
+
+    try:  # fail fast on bad input, before any Prefect server starts
+        ctx = start_run_context(profile, config_dir, dataset)
+        if entities:
+            read_entities(entities, ctx.dataset)
+        params = BatchScoringParams(entities=str(entities) if entities else None, at=at, alias=alias,
+                                    skew_check=skew_check, dataset=str(ctx.dataset_path), profile=profile,
+                                    config_dir=str(config_dir) if config_dir else None)
+    except ValidationError as exc:
+        _fail(ValueError("; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+    except FlywheelError as exc:
+        _fail(exc)
+
+    from flows.batch_scoring import batch_scoring
+
+    try:
+        result = batch_scoring(params)
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"{result.model_name} v{result.model_version}: scored {result.scored_rows} of {result.rows} "
+                  f"entities at {result.feature_time.isoformat()} ({result.no_feature_rows} without features) "
+                  f"-> {result.path}" + ("; no skew" if result.skew_passed else ""))
+
+
+@app.command("up")
+def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+       mlflow_ui: Annotated[bool | None, typer.Option("--mlflow-ui/--no-mlflow-ui",
+                                                      help="also start `mlflow ui` (default: stack.mlflow_ui)")] = None,
+       ) -> None:
+    """Start the local stack: Prefect server, served deployments, online service (idempotent)."""
+    from flywheel import stack
+
+    try:
+        settings = _settings(profile, config_dir)
+        report = stack.up(settings, profile, config_dir, mlflow_ui=mlflow_ui, echo=console.print)
+    except FlywheelError as exc:
+        _fail(exc)
+    api = report.urls["api"]
+    if report.started:
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items() if k != "total")
+        console.print(f"[bold green]stack up[/] in {report.seconds.get('total', 0):.0f} s ({took})")
+    else:
+        console.print("[bold]stack already running[/]")
+    if "prefect" in report.urls:
+        console.print(f"  Prefect UI   {report.urls['prefect']}")
+    console.print(f"  Prefect API  {api}")
+    if "service" in report.urls:
+        console.print(f"  service      {report.urls['service']}  (/docs, /health, /metrics)")
+    if "mlflow-ui" in report.urls:
+        console.print(f"  MLflow UI    {report.urls['mlflow-ui']}")
+    else:
+        console.print("  MLflow UI    flywheel up --mlflow-ui, or: " + " ".join(stack.mlflow_ui_command(settings)),
+                      markup=False, soft_wrap=True)
+    console.print(f"  logs         {stack.pid_dir(settings)}/<name>.log")
+    console.print(f"`flywheel train` / `flywheel demo` use this server while it runs; other Prefect clients: "
+                  f"export PREFECT_API_URL={api}", markup=False, soft_wrap=True)
+    console.print("stop it with: flywheel down" + (f" --config-dir {config_dir}" if config_dir else ""), markup=False)
+
+
+@app.command("down")
+def down(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """Stop exactly the processes `flywheel up` started (by pid) and remove their pid files."""
+    from flywheel import stack
+
+    try:
+        stack.down(_settings(profile, config_dir), echo=console.print)
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+@app.command("status")
+def status(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """What `flywheel up` started: pid, URL, running, healthy. Exit 1 if any recorded process is down."""
+    from flywheel import stack
+
+    try:
+        rows = stack.status(_settings(profile, config_dir))
+    except FlywheelError as exc:
+        _fail(exc)
+    if not rows:
+        console.print("stack not running (`flywheel up` starts it)")
+        raise typer.Exit(code=1)
+    for row in rows:
+        state = ("[green]healthy[/]" if row.healthy else "[yellow]not ready[/]") if row.running else "[red]gone[/]"
+        console.print(f"{row.name:<12} pid {row.pid:<8} {state:<22} {row.url or '':<26} {row.detail}",
+                      soft_wrap=True)
+    if not all(r.running for r in rows):
+        raise typer.Exit(code=1)
+
+
+# ------------------------------------------------------------------------------------------ rollout
+rollout_app = typer.Typer(help="Staged rollouts of the challenger (canary, shadow, blue/green, A/B).",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+ModelOpt = Annotated[str | None, typer.Option("--model", help="registered model (default: serve/register name)")]
+
+
+def _rollout_model(settings, model: str | None) -> str:
+    from flywheel.schemas import load_dataset
+
+    return model or settings.serve.model_name or settings.register_.model_name or load_dataset(
+        settings.resolve(settings.dataset)).name
+
+
+def _user() -> str:
+    import getpass
+
+    return f"user:{getpass.getuser()}"
+
+
+@rollout_app.command("status")
+def rollout_status_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                       entries: Annotated[int, typer.Option(min=1, help="audit entries shown")] = 5) -> None:
+    """Aliases, the service's routing, the rollout lock and the last audit entries."""
+    from tasks.rollout import rollout_status
+
+    try:
+        settings = _settings(profile, config_dir)
+        status = rollout_status(settings, _rollout_model(settings, model), entries)
+    except FlywheelError as exc:
+        _fail(exc)
+    print(json.dumps(status, indent=2, default=str))
+
+
+@rollout_app.command("start")
+def rollout_start_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                      strategy: Annotated[str | None, typer.Option(help="plan name in rollout.plan_file")] = None,
+                      version: Annotated[str | None, typer.Option(help="challenger version")] = None) -> None:
+    """Run the rollout flow (the service must be running with its admin token set)."""
+    from flows.rollout import RolloutParams, rollout
+
+    params = RolloutParams(model_name=model, challenger_version=version, strategy=strategy, profile=profile,
+                           config_dir=str(config_dir) if config_dir else None)
+    try:
+        state = rollout(params, return_state=True)
+        decision = state.result()
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"{state.name}: {decision.reason}")
+
+
+@rollout_app.command("promote")
+def rollout_promote_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                        version: Annotated[str | None, typer.Option(help="default: the challenger")] = None,
+                        reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "manual promotion",
+                        ) -> None:
+    """Promote now (instant, audited with you as the actor), then reload the service."""
+    from tasks.rollout import manual_promote
+
+    try:
+        settings = _settings(profile, config_dir)
+        console.print(manual_promote(settings, _rollout_model(settings, model), version, _user(), reason))
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                         to_previous: Annotated[bool, typer.Option(
+                             "--to-previous", help="revert the last promotion instead of dropping the challenger")
+                         ] = False,
+                         reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "manual rollback",
+                         ) -> None:
+    """Instant rollback (audited): routing single, challenger dropped (or champion back to the previous)."""
+    from tasks.rollout import manual_rollback
+
+    try:
+        settings = _settings(profile, config_dir)
+        console.print(manual_rollback(settings, _rollout_model(settings, model), _user(), reason, to_previous))
     except FlywheelError as exc:
         _fail(exc)
 

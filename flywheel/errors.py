@@ -44,3 +44,11 @@ class ModelIntegrityError(FlywheelError):
 
 class RegistryError(FlywheelError):
     """The model registry is missing something the caller needs (a version, an alias, lineage)."""
+
+
+class SkewError(FlywheelError):
+    """Online and offline feature vectors (or the model's predictions on them) disagree beyond tolerance."""
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        self.report = report  # the SkewReport listing every mismatch (flywheel.scoring)
+        super().__init__(message)
