@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ def run_demo(
     incoming.mkdir(parents=True, exist_ok=True)
     if not any(staging.glob("batch_*")):
         console.rule("generating demo data")
-        write_batches(GeneratorSpec(seed=seed, days=days, rows_per_day=rows_per_day), staging)
+        # recent enough that features are inside the 90-day TTL (online serving, batch scoring), old
+        # enough that every 30-day label has arrived by today
+        start = date.today() - timedelta(days=days + 32)
+        write_batches(GeneratorSpec(seed=seed, days=days, rows_per_day=rows_per_day, start=start), staging)
     files = sorted(staging.glob("batch_*"))
     first, second = files[: len(files) - 7], files[len(files) - 7 :]
 
