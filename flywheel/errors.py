@@ -52,3 +52,7 @@ class SkewError(FlywheelError):
     def __init__(self, message: str, report: Any = None) -> None:
         self.report = report  # the SkewReport listing every mismatch (flywheel.scoring)
         super().__init__(message)
+
+
+class StackError(FlywheelError):
+    """The local stack (`flywheel up` / `down`) could not start, stop or read one of its processes."""

@@ -20,6 +20,8 @@ from flywheel.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 PROFILES = ("local", "ci", "production")
 ENV_PREFIX = "FLYWHEEL_"
+# FLYWHEEL_* variables that are not settings keys (the admin token is a secret: never in the settings tree)
+NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_ADMIN_TOKEN"})
 
 
 class Section(BaseModel):
@@ -151,6 +153,29 @@ class BatchConfig(Section):
     skew_tolerance: float = Field(1e-6, ge=0)
 
 
+class RolloutConfig(Section):
+    """Staged rollouts of a challenger (flows/rollout.py); the strategies live in `plan_file`."""
+
+    plan_file: Path = Path("configs/rollout.yaml")
+    approval_required: bool = False  # a human approves in the Prefect UI before full promotion
+    approval_timeout_s: float = Field(3600.0, gt=0)  # no answer by then counts as a rejection
+    lock_lease_s: float = Field(900.0, gt=0)  # a crashed rollout's lock is taken over after this
+
+
+class StackConfig(Section):
+    """The persistent local stack (`flywheel up` / `flywheel down`): Prefect server, served deployments,
+    the online service and, on request, the MLflow UI; every process bound to `host`."""
+
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    prefect_home: Path = Path("data/prefect")  # PREFECT_HOME of the stack; its SQLite database lives here
+    pid_dir: Path = Path("data/run")  # <name>.pid, <name>.log and prefect.url
+    mlflow_ui: bool = False  # also start `mlflow ui` (about 30 s to answer on 2 cores)
+    mlflow_ui_port: int = Field(5000, ge=1, le=65535)
+    start_timeout_seconds: float = Field(120.0, gt=0)
+    stop_timeout_seconds: float = Field(30.0, gt=0)
+
+
 class TelemetryConfig(Section):
     enabled: bool = False
 
@@ -171,6 +196,8 @@ class Settings(BaseSettings):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     serve: ServeConfig = ServeConfig()
     batch: BatchConfig = BatchConfig()
+    stack: StackConfig = StackConfig()
+    rollout: RolloutConfig = RolloutConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
@@ -226,7 +253,7 @@ def _env_layer(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]
     out: dict[str, Any] = {}
     names: dict[str, str] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR"):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         try:

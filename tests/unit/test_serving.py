@@ -1,0 +1,254 @@
+"""Serving logic without HTTP: routing, input checks, the one-row frame, explanations, the prediction log."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from flywheel.predictionlog import PredictionLog
+from flywheel.serving import (
+    Explainer,
+    ModelSlot,
+    RoutingPolicy,
+    ServingState,
+    Slots,
+    _feature_owner,
+    bucket,
+    check_rows,
+    routing_key,
+)
+from flywheel.settings import ImputationConfig
+from flywheel.training import build_baseline, build_pipeline, fit, predict_scores
+from tests.conftest import PROJECT
+
+GOOD = {
+    "tenure_months": 12, "monthly_charges": 70.5, "support_tickets_30d": 2, "avg_session_minutes": 45.0,
+    "payment_delay_days": 3, "num_products": 2, "contract_type": "monthly", "payment_method": "card",
+    "region": "north", "segment": "consumer",
+}
+
+
+@pytest.fixture(scope="module")
+def frame(small_batches: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(small_batches[:4], ignore_index=True)
+
+
+def _slot(pipeline: Any, dataset: Any, arm: str = "champion", version: str = "1") -> ModelSlot:
+    return ModelSlot(
+        arm=arm, name="churn", version=version, pipeline=pipeline, feature_service="churn_x",
+        features=tuple(dataset.feature_names), numeric=frozenset(dataset.numeric_features),
+        positive_index=list(pipeline.classes_).index(1), loaded_at=datetime.now(UTC),
+    )
+
+
+@pytest.fixture(scope="module")
+def churn() -> Any:
+    from flywheel.schemas import load_dataset
+
+    return load_dataset(PROJECT / "configs" / "datasets" / "churn.yaml")
+
+
+@pytest.fixture(scope="module")
+def fitted(churn: Any, frame: pd.DataFrame) -> dict[str, Any]:
+    """Fitted once per module: the tests only read them."""
+    out = {}
+    for family in ("logistic_regression", "hist_gradient_boosting"):
+        params = {"max_iter": 30} if family == "hist_gradient_boosting" else {}
+        out[family] = fit(build_pipeline(family, params, churn, ImputationConfig(), 7), frame, churn)
+    out["baseline"] = fit(build_baseline(churn), frame, churn)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- routing
+
+
+def test_bucket_is_stable_and_spreads_evenly() -> None:
+    assert bucket("id:17") == bucket("id:17")
+    values = [bucket(routing_key(i, None)) for i in range(20_000)]
+    assert all(0 <= v < 1 for v in values)
+    assert abs(np.mean([v < 0.3 for v in values]) - 0.3) < 0.02
+    # rows without an id hash their content, key order aside
+    assert routing_key(None, {"a": 1, "b": "x"}) == routing_key(None, {"b": "x", "a": 1})
+
+
+def test_routing_policy_is_strict() -> None:
+    assert RoutingPolicy().mode == "single"
+    for bad in ({"mode": "canary", "share": 1.5}, {"mode": "split"}, {"mode": "single", "extra": 1},
+                {"mode": "blue_green", "active": "blue"}):
+        with pytest.raises(ValidationError):
+            RoutingPolicy.model_validate(bad)
+
+
+def test_route_per_mode(fitted: dict[str, Any], dataset: Any, settings: Any) -> None:
+    state = ServingState(settings, dataset)
+    champ = _slot(fitted["logistic_regression"], dataset)
+    chall = _slot(fitted["hist_gradient_boosting"], dataset, "challenger", "2")
+    both, alone = Slots(champ, chall), Slots(champ, None)
+    keys = [routing_key(i, None) for i in range(2000)]
+    assert {state._route(both, RoutingPolicy(), k) for k in keys} == {("champion", False)}
+    canary = [state._route(both, RoutingPolicy(mode="canary", share=0.25), k)[0] for k in keys]
+    assert abs(canary.count("challenger") / len(keys) - 0.25) < 0.04
+    assert canary == [state._route(both, RoutingPolicy(mode="canary", share=0.25), k)[0] for k in keys]
+    assert {state._route(both, RoutingPolicy(mode="blue_green", active="challenger"), k) for k in keys} == {
+        ("challenger", False)}
+    shadow = [state._route(both, RoutingPolicy(mode="shadow", share=0.5), k) for k in keys]
+    assert {a for a, _ in shadow} == {"champion"} and 0.4 < np.mean([s for _, s in shadow]) < 0.6
+    # without a challenger every mode falls back to the champion
+    assert {state._route(alone, RoutingPolicy(mode="canary", share=1.0), k) for k in keys} == {("champion", False)}
+    state.log.close()
+
+
+# ---------------------------------------------------------------------------------------- input checks
+
+
+def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: Any) -> None:
+    assert check_rows([GOOD, {**GOOD, "avg_session_minutes": None, "customer_id": 5}], dataset) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"region": "__drop__"}, "missing feature(s) ['region']"),
+        ({"shoe_size": 44}, "unknown feature(s) ['shoe_size']"),
+        ({"tenure_months": "ten"}, "tenure_months: expected a number"),
+        ({"tenure_months": True}, "tenure_months: expected a number"),
+        ({"tenure_months": 2.5}, "tenure_months: expected an integer"),
+        ({"monthly_charges": math.nan}, "monthly_charges: must be a finite number"),
+        ({"monthly_charges": math.inf}, "monthly_charges: must be a finite number"),
+        ({"monthly_charges": -3}, "below the minimum"),
+        ({"contract_type": 3}, "contract_type: expected a string"),
+        ({"contract_type": "weekly"}, "'weekly' is not one of"),
+        ({"region": None}, "region: may not be null"),
+        ({"customer_id": "abc"}, "customer_id: expected an integer id"),
+    ],
+)
+def test_check_rows_names_what_is_wrong(dataset: Any, change: dict[str, Any], needle: str) -> None:
+    row = {**GOOD, **change}
+    row = {k: v for k, v in row.items() if v != "__drop__"}
+    problems = check_rows([GOOD, row], dataset)
+    assert len(problems) == 1 and problems[0].startswith("rows[1]") and needle in problems[0], problems
+
+
+# ----------------------------------------------------------------------------------- frame and predict
+
+
+def test_slot_frame_matches_the_training_frame_predictions(
+    fitted: dict[str, Any], dataset: Any, frame: pd.DataFrame
+) -> None:
+    pipe = fitted["hist_gradient_boosting"]
+    slot = _slot(pipe, dataset)
+    sample = frame.head(50)
+    records = sample[dataset.feature_names].to_dict("records")
+    rows = [{f: (None if pd.isna(v) else v) for f, v in r.items()} for r in records]
+    built = slot.frame(rows)
+    assert list(built.columns) == dataset.feature_names
+    assert built["tenure_months"].dtype == np.float64 and built["contract_type"].dtype == object
+    np.testing.assert_allclose(slot.probabilities(rows), predict_scores(pipe, sample, dataset), rtol=0, atol=1e-12)
+    # a row with every feature missing is still scored (the pipeline imputes)
+    assert 0 <= slot.probabilities([{}])[0] <= 1
+
+
+def test_feature_owner_folds_one_hot_columns_back(fitted: dict[str, Any], dataset: Any) -> None:
+    pre = fitted["logistic_regression"].steps[0][1]
+    owner = _feature_owner(pre, dataset.feature_names)
+    assert owner is not None and len(owner) == pre.transform(_slot(fitted["logistic_regression"], dataset).frame(
+        [GOOD])).shape[1]
+    names = np.array(dataset.feature_names)[owner]
+    assert set(names) == set(dataset.feature_names)
+    assert (names == "contract_type").sum() == 3  # monthly, annual, two_year
+
+
+# -------------------------------------------------------------------------------------- explanations
+
+
+def test_linear_explanations_are_shap_additive_on_raw_features(fitted: dict[str, Any], dataset: Any) -> None:
+    slot = _slot(fitted["logistic_regression"], dataset)
+    ex = Explainer(slot)
+    assert (ex.method, ex.unit) == ("shap_linear", "log_odds")
+    rows = [GOOD, {**GOOD, "support_tickets_30d": 9, "payment_method": None}]
+    proba = slot.probabilities(rows)
+    for row, p, out in zip(rows, proba, ex.explain(rows, proba), strict=True):
+        names = [c["feature"] for c in out["contributions"]]
+        assert sorted(names) == sorted(dataset.feature_names)
+        total = out["base_value"] + sum(c["contribution"] for c in out["contributions"])
+        assert total == pytest.approx(math.log(p / (1 - p)), abs=1e-6)
+        assert out["contributions"][0]["value"] == row[names[0]]
+
+
+def test_tree_explanations_use_tree_shap(fitted: dict[str, Any], dataset: Any) -> None:
+    slot = _slot(fitted["hist_gradient_boosting"], dataset)
+    ex = Explainer(slot)
+    assert ex.method == "shap_tree"
+    proba = slot.probabilities([GOOD])
+    (out,) = ex.explain([GOOD], proba)
+    assert {c["feature"] for c in out["contributions"]} <= set(dataset.feature_names)
+    total = out["base_value"] + sum(c["contribution"] for c in out["contributions"])
+    assert total == pytest.approx(math.log(proba[0] / (1 - proba[0])), abs=1e-4)
+
+
+def test_other_models_fall_back_to_occlusion(fitted: dict[str, Any], dataset: Any) -> None:
+    slot = _slot(fitted["baseline"], dataset)
+    ex = Explainer(slot)
+    assert (ex.method, ex.unit) == ("occlusion", "probability")
+    (out,) = ex.explain([GOOD], slot.probabilities([GOOD]))
+    # a prior-only model: no feature changes the probability
+    assert all(c["contribution"] == 0 for c in out["contributions"])
+
+
+# ------------------------------------------------------------------------------------- prediction log
+
+
+def _record(i: int, **kw: Any) -> dict[str, Any]:
+    return {"at": datetime.now(UTC), "request_id": f"r{i}", "entity": i, "model": "churn", "version": "1",
+            "arm": "champion", "prediction": False, "probability": 0.25, "latency_ms": 1.5,
+            "features": {"x": np.float64(1.5), "c": None}, "imputed": ["c"], "explanation": None, **kw}
+
+
+def test_prediction_log_writes_in_background_and_flushes_on_close(tmp_path: Path) -> None:
+    log = PredictionLog(f"sqlite:///{tmp_path}/p.db", flush_seconds=60)
+    log.start()
+    for i in range(25):
+        log.append(_record(i, shadow=i % 5 == 0, explanation={"method": "occlusion"} if i == 3 else None))
+    assert log.rows() == [], "nothing written before the flush interval"
+    log.close()
+    again = PredictionLog(f"sqlite:///{tmp_path}/p.db")
+    rows = again.rows()
+    assert len(rows) == 25 and [r["entity"] for r in rows] == [str(i) for i in range(25)]
+    assert rows[0]["features"] == {"x": 1.5, "c": None} and rows[0]["imputed"] == ["c"]
+    assert rows[3]["explanation"] == {"method": "occlusion"} and sum(r["shadow"] for r in rows) == 5
+    again.close()
+
+
+def test_routing_policy_round_trips_through_the_log_database(tmp_path: Path) -> None:
+    log = PredictionLog(f"sqlite:///{tmp_path}/p.db")
+    assert log.load_policy("churn") is None
+    log.save_policy("churn", {"mode": "canary", "share": 0.1, "active": "champion"}, "admin")
+    log.save_policy("churn", {"mode": "blue_green", "share": 0.0, "active": "challenger"}, "admin")
+    assert RoutingPolicy.model_validate(log.load_policy("churn")).active == "challenger"
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------- fast path
+
+
+def test_fast_path_replays_the_pipeline_exactly(fitted: dict[str, Any], dataset: Any, frame: pd.DataFrame) -> None:
+    from flywheel.serving import FastPath, probe_rows
+
+    records = frame[dataset.feature_names].head(200).to_dict("records")
+    rows = [{f: (None if pd.isna(v) else v) for f, v in r.items()} for r in records]
+    rows += probe_rows(dataset, dataset.feature_names)
+    for family in ("logistic_regression", "hist_gradient_boosting"):
+        slot = _slot(fitted[family], dataset)
+        fast = FastPath.build(slot, dataset)
+        assert fast is not None, family
+        want = fitted[family].predict_proba(slot.frame(rows))
+        np.testing.assert_allclose(fast.predict_proba(rows), want, rtol=0, atol=1e-12)
+    # a layout it does not know (the passthrough baseline) gets no fast path: the pipeline serves
+    assert FastPath.build(_slot(fitted["baseline"], dataset), dataset) is None
