@@ -28,12 +28,16 @@ def run_demo(
     seed: int = 42,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    from flows.training import TrainingParams, training_pipeline
     from flywheel.datagen import GeneratorSpec, write_batches
     from flywheel.runtime import start_run_context
 
     console = console or Console(stderr=True)
     ctx = start_run_context(profile, config_dir)
+    from flywheel.stack import use_active_stack
+
+    api = use_active_stack(ctx.settings)  # `flywheel up` running: runs land in its Prefect server and stay
+    console.print(f"Prefect API: {api}" if api else "Prefect: no stack running (`flywheel up`); an ephemeral "
+                  "server is used and its run pages vanish when the demo ends")
     staging = ctx.settings.resolve(ctx.settings.paths.data_dir) / "demo_source"
     incoming = ctx.source
     incoming.mkdir(parents=True, exist_ok=True)
@@ -50,6 +54,8 @@ def run_demo(
         for f in batch_files:
             if not (incoming / f.name).exists():
                 shutil.copy2(f, incoming / f.name)
+
+    from flows.training import TrainingParams, training_pipeline
 
     runs: list[dict[str, Any]] = []
     steps = [

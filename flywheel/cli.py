@@ -170,6 +170,10 @@ def train(
             )
     except FlywheelError as exc:
         _fail(exc)
+    from flywheel.stack import use_active_stack
+
+    if url := use_active_stack(ctx.settings):  # before Prefect is imported: it reads the env at import
+        console.print(f"using the running stack at {url}")
 
     from flows.training import TrainingParams, training_pipeline
 
@@ -298,6 +302,9 @@ def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
         console.print("  MLflow UI    flywheel up --mlflow-ui, or: " + " ".join(stack.mlflow_ui_command(settings)),
                       markup=False, soft_wrap=True)
     console.print(f"  logs         {stack.pid_dir(settings)}/<name>.log")
+    if (stack.pid_dir(settings) / stack.TOKEN_FILE).is_file():
+        console.print(f"  admin token  export {settings.serve.admin_token_env}="
+                      f"$(cat {stack.pid_dir(settings) / stack.TOKEN_FILE})", markup=False, soft_wrap=True)
     console.print(f"`flywheel train` / `flywheel demo` use this server while it runs; other Prefect clients: "
                   f"export PREFECT_API_URL={api}", markup=False, soft_wrap=True)
     console.print("stop it with: flywheel down" + (f" --config-dir {config_dir}" if config_dir else ""), markup=False)
@@ -327,8 +334,9 @@ def status(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
         console.print("stack not running (`flywheel up` starts it)")
         raise typer.Exit(code=1)
     for row in rows:
-        state = ("[green]healthy[/]" if row.healthy else "[yellow]not ready[/]") if row.running else "[red]gone[/]"
-        console.print(f"{row.name:<12} pid {row.pid:<8} {state:<22} {row.url or '':<26} {row.detail}",
+        word, color = ("healthy", "green") if row.healthy else ("not ready", "yellow")
+        word, color = (word, color) if row.running else ("gone", "red")
+        console.print(f"{row.name:<12} pid {row.pid:<8} [{color}]{word:<10}[/] {row.url or '':<26} {row.detail}",
                       soft_wrap=True)
     if not all(r.running for r in rows):
         raise typer.Exit(code=1)

@@ -202,9 +202,9 @@ def main() -> None:
         console.print(f"target: overhead <= 5% of the work -> {verdict}")
     finally:
         if server is not None:
-            from prefect.logging.handlers import APILogHandler
+            from prefect.logging.handlers import APILogWorker
 
-            APILogHandler.flush()  # ship the last run logs while the server is still up
+            APILogWorker.drain_all()  # ship the last run logs while the server is still up
             stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
 

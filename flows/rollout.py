@@ -1,0 +1,281 @@
+"""The staged rollout of a challenger: lock -> route -> observe & judge -> (approve) -> promote or roll back.
+
+It reads as a story; every step is a task in tasks/rollout.py, every rule in flywheel/rollout.py.
+The run ends in a named state: `Promoted`, `RolledBack`, `Held` or `Rejected` (approval refused or timed
+out), each with a markdown artifact explaining the decision. A second rollout of the same model while
+one runs fails at once with the holder's name (RolloutLocked).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.input import RunInput
+from prefect.states import Completed, State
+from pydantic import BaseModel, Field
+
+from flywheel.rollout import (
+    ABTestPlan,
+    BlueGreenPlan,
+    CanaryPlan,
+    RolloutDecision,
+    ShadowPlan,
+    StepReadout,
+    ab_next,
+    canary_next,
+    failure_reason,
+    gradual_shares,
+    judge_step,
+)
+from tasks.rollout import (
+    RolloutTarget,
+    SelectedPlan,
+    acquire_rollout_lock,
+    load_rollout_plan,
+    observe_traffic,
+    prepare_service,
+    promote_challenger,
+    publish_decision,
+    read_ab_outcome,
+    release_rollout_lock,
+    reload_service,
+    renew_rollout_lock,
+    resolve_rollout_target,
+    rollback_challenger,
+    route_traffic,
+)
+
+STATE_NAMES = {"promoted": "Promoted", "rolled_back": "RolledBack", "held": "Held", "rejected": "Rejected"}
+
+
+class RolloutParams(BaseModel):
+    """What the Prefect UI shows as the run form."""
+
+    model_name: str | None = Field(None, description="Registered model (default: serve/register model name)")
+    challenger_version: str | None = Field(None, description="Version to roll out (default: the `challenger` alias)")
+    strategy: str | None = Field(None, description="Plan name in the rollout plan file (default: its `default`)")
+    service_url: str | None = Field(None, description="Prediction service (default: http://serve.host:serve.port)")
+    approval_required: bool | None = Field(None, description="Override rollout.approval_required")
+    approval_timeout_s: float | None = Field(None, gt=0, description="Override rollout.approval_timeout_s")
+    profile: Literal["local", "ci", "production"] | None = Field(None, description="Settings profile")
+    config_dir: str | None = Field(None, description="Folder holding base.yaml (default: ./configs)")
+
+
+class ApprovalInput(RunInput):
+    """The form a person answers in the Prefect UI before full promotion."""
+
+    approve: bool = Field(False, description="Promote the challenger to champion")
+    comment: str = Field("", description="Why (recorded in the audit log)")
+
+
+class _Run:
+    """What every step of one rollout needs (built once from the settings)."""
+
+    def __init__(self, params: RolloutParams) -> None:
+        from flywheel.featurestore import LABELS_FILE, dataset_dir
+        from flywheel.runtime import start_run_context
+
+        ctx = start_run_context(params.profile, params.config_dir)
+        s = ctx.settings
+        self.params, self.ctx = params, ctx
+        self.model = params.model_name or s.serve.model_name or ctx.model_name
+        self.url = params.service_url or f"http://{s.serve.host}:{s.serve.port}"
+        self.token_env = s.serve.admin_token_env
+        self.log_url = s.store_url(s.serve.prediction_log_url)
+        self.labels_file = dataset_dir(ctx.offline_dir, ctx.dataset) / LABELS_FILE
+        self.cfg = s.rollout
+        self.approval = self.cfg.approval_required if params.approval_required is None else params.approval_required
+        self.approval_timeout = params.approval_timeout_s or self.cfg.approval_timeout_s
+        self.actor = ctx.actor()
+        self.started = datetime.now(UTC)
+
+    def route(self, mode: Any, share: float = 0.0, active: Any = "champion") -> dict[str, Any]:
+        return route_traffic(self.url, self.token_env, mode, share, active)
+
+    def observe(self, step: str, policy: dict[str, Any], hold_s: float, target: RolloutTarget, plan: Any,
+                shadow: ShadowPlan | None = None) -> StepReadout:
+        """Hold and judge; a step with too little traffic to judge is held again (up to max_extensions)."""
+        readout: StepReadout | None = None
+        for extension in range(plan.guards.max_extensions + 1):
+            renew_rollout_lock(self.ctx.audit_db_url, self.model, self.actor, self.cfg.lock_lease_s + hold_s)
+            readout = observe_traffic(
+                step if extension == 0 else f"{step} (extended x{extension})", policy, hold_s, self.url,
+                self.token_env, self.log_url, self.labels_file, self.ctx.dataset, target, plan.guards, self.started,
+                shadow, readout.started_at if readout else None)
+            if judge_step(readout, plan.guards, extension) != "extend":
+                break
+        assert readout is not None
+        return readout
+
+
+@flow(name="rollout", log_prints=True)
+def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]:
+    """Roll the challenger out by the configured plan; promote it, or roll it back with the evidence."""
+    params = params or RolloutParams()
+    run = _Run(params)
+    selected = _load_plan(run)
+    # the lock first: a refused rollout must not touch the aliases of the one in progress
+    acquire_rollout_lock(run.ctx.audit_db_url, run.model, run.actor, run.cfg.lock_lease_s)
+    target: RolloutTarget | None = None
+    try:
+        target = resolve_rollout_target(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model,
+                                        params.challenger_version, run.actor)
+        prepare_service(run.url, run.token_env, target)
+        plan = selected.plan
+        if isinstance(plan, CanaryPlan):
+            decision = _canary(run, selected.name, plan, target)
+        elif isinstance(plan, BlueGreenPlan):
+            decision = _blue_green(run, selected.name, plan, target)
+        elif isinstance(plan, ShadowPlan):
+            decision = _shadow(run, selected.name, plan, target)
+        else:
+            decision = _ab_test(run, selected.name, plan, target)
+    except BaseException:
+        # a crash mid-rollout must not leave the challenger answering: back to the champion alone
+        if target is not None:
+            get_run_logger().error("rollout failed; routing all traffic back to champion v%s", target.champion)
+            try:
+                route_traffic.fn(run.url, run.token_env, "single")
+            except Exception as exc:
+                get_run_logger().error("could not reset the routing: %s", exc)
+        raise
+    finally:
+        release_rollout_lock(run.ctx.audit_db_url, run.model, run.actor)
+    publish_decision(decision)
+    return Completed(name=STATE_NAMES[decision.outcome], message=f"{decision.outcome}: {decision.reason}",
+                     data=decision)
+
+
+def _load_plan(run: _Run) -> SelectedPlan:
+    return load_rollout_plan(run.ctx.settings.resolve(run.cfg.plan_file), run.params.strategy)
+
+
+# ------------------------------------------------------------------------------------- strategies
+
+
+def _canary(run: _Run, name: str, plan: CanaryPlan, target: RolloutTarget) -> RolloutDecision:
+    steps: list[StepReadout] = []
+    for i, step in enumerate(plan.steps):
+        run.route("canary", step.share)
+        readout = run.observe(f"step {i + 1}/{len(plan.steps)}: canary {step.share:.0%}",
+                              {"mode": "canary", "share": step.share}, step.hold_s, target, plan)
+        steps.append(readout)
+        if canary_next(plan, i, readout, plan.guards.max_extensions) == "rollback":
+            if plan.rollback == "gradual":
+                for share in gradual_shares(step.share, plan):
+                    run.route("canary", share)
+                    time.sleep(plan.rollback_hold_s if share > 0 else 0)
+            return _roll_back(run, name, plan, target, steps, _breach_reason(readout))
+    return _promote(run, name, plan, target, steps, f"passed {len(steps)} canary step(s) without a guard breach")
+
+
+def _blue_green(run: _Run, name: str, plan: BlueGreenPlan, target: RolloutTarget) -> RolloutDecision:
+    run.route("blue_green", active="challenger")  # instant switch; the champion slot stays loaded
+    readout = run.observe("green: challenger answers all traffic", {"mode": "blue_green", "active": "challenger"},
+                          plan.hold_s, target, plan)
+    if judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach":
+        run.route("blue_green", active="champion")  # the warm slot takes the traffic back at once
+        return _roll_back(run, name, plan, target, [readout], _breach_reason(readout))
+    return _promote(run, name, plan, target, [readout], "green slot held without a guard breach")
+
+
+def _shadow(run: _Run, name: str, plan: ShadowPlan, target: RolloutTarget) -> RolloutDecision:
+    run.route("shadow", plan.sample)
+    readout = run.observe(f"shadow {plan.sample:.0%}", {"mode": "shadow", "share": plan.sample}, plan.duration_s,
+                          target, plan, shadow=plan)
+    if judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach":
+        return _roll_back(run, name, plan, target, [readout], _breach_reason(readout))
+    if plan.on_pass == "promote":
+        return _promote(run, name, plan, target, [readout], "shadow comparison passed")
+    run.route("single")
+    return _decide(run, name, plan, target, "held", "shadow comparison passed; promotion left to a person",
+                   [readout])
+
+
+def _ab_test(run: _Run, name: str, plan: ABTestPlan, target: RolloutTarget) -> RolloutDecision:
+    run.route("canary", plan.share)  # a fixed, sticky split for the whole test
+    readout = run.observe(f"A/B split {plan.share:.0%}", {"mode": "canary", "share": plan.share}, plan.duration_s,
+                          target, plan)
+    ab = read_ab_outcome(run.log_url, run.labels_file, run.ctx.dataset, target, plan, run.started)
+    action = ab_next(plan, ab, judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach")
+    if action == "promote":
+        return _promote(run, name, plan, target, [readout], ab.detail, ab=ab)
+    if action == "rollback":
+        return _roll_back(run, name, plan, target, [readout],
+                          _breach_reason(readout) if readout.breaches else ab.detail, ab=ab)
+    run.route("single")
+    return _decide(run, name, plan, target, "held", f"inconclusive: {ab.detail}", [readout], ab=ab)
+
+
+# --------------------------------------------------------------------------------------- endings
+
+
+def _breach_reason(readout: StepReadout) -> str:
+    return failure_reason(readout)
+
+
+def _decide(run: _Run, name: str, plan: Any, target: RolloutTarget, outcome: Any, reason: str,
+            steps: list[StepReadout], **extra: Any) -> RolloutDecision:
+    return RolloutDecision(model=run.model, plan=name, strategy=plan.strategy, champion=target.champion,
+                           challenger=target.challenger, outcome=outcome, reason=reason, steps=steps, **extra)
+
+
+def _roll_back(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list[StepReadout], reason: str,
+               outcome: Literal["rolled_back", "rejected"] = "rolled_back", **extra: Any) -> RolloutDecision:
+    decision = _decide(run, name, plan, target, outcome, reason, steps, **extra)
+    run.route("single")  # instant: the champion answers everything before anything else happens
+    rollback_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"rollout {outcome}: {reason}",
+                        run.actor, decision.evidence())
+    reload_service(run.url, run.token_env)
+    return decision
+
+
+def _promote(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list[StepReadout], reason: str,
+             **extra: Any) -> RolloutDecision:
+    approval = _ask_approval(run, target, steps, reason) if run.approval else None
+    if approval is not None and not approval["approve"]:
+        return _roll_back(run, name, plan, target, steps, f"approval {approval['verdict']}: {approval['comment']}",
+                          outcome="rejected", approval=approval, **extra)
+    decision = _decide(run, name, plan, target, "promoted", reason, steps, approval=approval, **extra)
+    promote_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"staged rollout ({name}): {reason}",
+                       run.actor, decision.evidence())
+    reload_service(run.url, run.token_env)
+    run.route("single")
+    return decision
+
+
+def _ask_approval(run: _Run, target: RolloutTarget, steps: list[StepReadout], reason: str) -> dict[str, Any]:
+    """Pause for a person's answer in the Prefect UI; no answer before the timeout is a rejection."""
+    from prefect import pause_flow_run
+    from prefect.exceptions import FlowPauseTimeout
+
+    logger = get_run_logger()
+    summary = "\n".join(f"- {s.step}: " + ", ".join(f"{g.name} {g.status} ({g.value})" for g in s.guards)
+                        for s in steps)
+    description = (f"Promote **{run.model} v{target.challenger}** over champion v{target.champion}?\n\n"
+                   f"{reason}\n\n{summary}")
+    logger.info("waiting up to %ss for approval in the Prefect UI", run.approval_timeout)
+    # the lock must outlive the wait
+    renew_rollout_lock(run.ctx.audit_db_url, run.model, run.actor, run.cfg.lock_lease_s + run.approval_timeout)
+    timeout = int(max(1, round(run.approval_timeout)))
+    try:
+        answer = pause_flow_run(wait_for_input=ApprovalInput.with_initial_data(description=description),
+                                timeout=timeout, poll_interval=max(1, min(10, timeout // 10)))
+    except FlowPauseTimeout:
+        _resume_after_timeout()
+        return {"approve": False, "verdict": "timed out", "comment": f"no answer within {timeout}s"}
+    return {"approve": bool(answer.approve), "verdict": "approved" if answer.approve else "rejected",
+            "comment": answer.comment}
+
+
+def _resume_after_timeout() -> None:
+    """The run stays Paused after a pause times out: set it Running so the rollback tasks can run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(), force=True)

@@ -1,0 +1,596 @@
+"""Staged rollout policy: the plan (configs/rollout.yaml), guard evaluation, the A/B readout, decisions.
+
+Pure logic plus two read-only store adapters (the prediction log and the offline labels); no Prefect
+and no HTTP here (tasks/rollout.py talks to the service, flows/rollout.py tells the story).
+
+Strategies (a plan is discriminated by `strategy`):
+- shadow: the challenger scores a sample of requests in the background; its predictions are compared
+  with the champion's on the same requests (agreement, latency). Ends in `hold` or `promote`.
+- canary: a sticky share of entities goes to the challenger, ramping through `steps`; each step is
+  held for `hold_s`, then the guards are judged on that step's traffic. A breach rolls back.
+- blue_green: an instant switch of all traffic to the challenger slot; the champion stays loaded
+  (warm) for `hold_s`, so rollback is one routing call. Then promotion.
+- ab_test: a fixed split for `duration_s`; per-arm outcome metrics from delayed labels and a readout
+  with a bootstrap confidence interval on the difference: promote only a significantly better arm.
+
+Guards compare the challenger's traffic of a step with the champion's traffic of the whole rollout
+(at 100% the champion serves nothing in that step): error rate of /predict (5xx, service-wide, from
+/metrics), challenger p99 latency, prediction-distribution shift (PSI on the two arms' probabilities,
+mean-probability difference), and ROC AUC per arm when enough delayed labels exist (a drop counts only
+when it is larger than the threshold AND the bootstrap interval of the drop excludes zero: small
+arms must not roll back a good model on noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flywheel.errors import ConfigError, FlywheelError
+
+Strategy = Literal["shadow", "canary", "blue_green", "ab_test"]
+Outcome = Literal["promoted", "rolled_back", "held", "rejected"]
+GuardStatus = Literal["pass", "breach", "skipped"]
+TOO_FEW = "too few"
+
+
+class RolloutError(FlywheelError):
+    """A rollout cannot start or continue (no challenger, the service refused it, ...)."""
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Guards(Strict):
+    """Thresholds judged at every step; `null` switches a guard off."""
+
+    max_error_rate: float | None = Field(0.02, ge=0, le=1, description="5xx share of /predict requests")
+    max_p99_latency_ms: float | None = Field(250.0, gt=0, description="challenger p99 request latency")
+    max_psi: float | None = Field(0.25, gt=0, description="PSI of challenger vs champion probabilities")
+    max_mean_probability_diff: float | None = Field(0.15, gt=0, le=1)
+    max_auc_drop: float | None = Field(0.05, ge=0, le=1, description="champion AUC - challenger AUC (labels)")
+    min_predictions: int = Field(20, ge=1, description="distinct entities per arm before distributions are judged")
+    min_labelled: int = Field(200, ge=10, description="labelled entities per arm before AUC is judged")
+    max_extensions: int = Field(3, ge=0, le=100, description="extra holds of a step with too little traffic; "
+                                "then the rollout rolls back (a challenger is never promoted unjudged)")
+    psi_bins: int = Field(10, ge=2, le=50)
+    bootstrap_samples: int = Field(200, ge=50, le=10_000)
+    seed: int = 0
+
+
+class CanaryStep(Strict):
+    share: float = Field(gt=0, le=1, description="share of entities answered by the challenger")
+    hold_s: float = Field(gt=0, description="seconds of traffic observed before the guards are judged")
+
+
+class ShadowPlan(Strict):
+    strategy: Literal["shadow"]
+    sample: float = Field(1.0, gt=0, le=1, description="share of requests the challenger also scores")
+    duration_s: float = Field(gt=0)
+    min_agreement: float = Field(0.9, ge=0, le=1, description="share of shadowed rows with the same label")
+    on_pass: Literal["hold", "promote"] = "hold"
+    guards: Guards = Guards()
+
+
+class CanaryPlan(Strict):
+    strategy: Literal["canary"]
+    steps: list[CanaryStep] = Field(
+        default_factory=lambda: [CanaryStep(share=s, hold_s=300) for s in (0.05, 0.5, 1.0)], min_length=1
+    )
+    rollback: Literal["instant", "gradual"] = "instant"
+    rollback_hold_s: float = Field(5.0, ge=0, description="gradual rollback: seconds at each lower share")
+    guards: Guards = Guards()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[CanaryStep]) -> list[CanaryStep]:
+        shares = [s.share for s in steps]
+        if any(b <= a for a, b in itertools.pairwise(shares)):
+            raise ValueError(f"canary step shares must strictly increase, got {shares}")
+        return steps
+
+
+class BlueGreenPlan(Strict):
+    strategy: Literal["blue_green"]
+    hold_s: float = Field(gt=0, description="seconds on the new slot, the old one warm, before promotion")
+    guards: Guards = Guards()
+
+
+class ABTestPlan(Strict):
+    strategy: Literal["ab_test"]
+    share: float = Field(0.5, gt=0, lt=1, description="share of entities in the challenger arm")
+    duration_s: float = Field(gt=0)
+    metric: Literal["roc_auc", "accuracy", "log_loss", "brier"] = "roc_auc"
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100, le=20_000)
+    min_labelled: int = Field(100, ge=10, description="labelled entities per arm for a readout")
+    on_inconclusive: Literal["hold", "rollback"] = "hold"
+    seed: int = 0
+    guards: Guards = Guards()
+
+
+Plan = Annotated[ShadowPlan | CanaryPlan | BlueGreenPlan | ABTestPlan, Field(discriminator="strategy")]
+
+
+class RolloutPlans(Strict):
+    """configs/rollout.yaml: named plans; `guards` at the top is the default every plan starts from."""
+
+    default: str
+    guards: Guards = Guards()
+    plans: dict[str, Plan] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_guards(cls, data: Any) -> Any:
+        # a plan's own `guards:` overrides the shared ones key by key
+        if isinstance(data, dict) and isinstance(data.get("plans"), dict):
+            shared = data.get("guards") or {}
+            if isinstance(shared, dict):
+                data = {**data, "plans": {
+                    name: ({**plan, "guards": {**shared, **(plan.get("guards") or {})}}
+                           if isinstance(plan, dict) else plan)
+                    for name, plan in data["plans"].items()
+                }}
+        return data
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> RolloutPlans:
+        if self.default not in self.plans:
+            raise ValueError(f"default plan {self.default!r} is not among plans {sorted(self.plans)}")
+        return self
+
+    def select(self, name: str | None = None) -> Plan:
+        """A plan by name (or its strategy when no plan has that name); the default when None."""
+        name = name or self.default
+        if name in self.plans:
+            return self.plans[name]
+        by_strategy = [p for p in self.plans.values() if p.strategy == name]
+        if len(by_strategy) == 1:
+            return by_strategy[0]
+        raise ConfigError([("rollout plan", name, f"no such plan; configured: {sorted(self.plans)}")])
+
+
+def load_plans(path: Path) -> RolloutPlans:
+    """Parse and check configs/rollout.yaml; errors name the file and the key."""
+    from flywheel.settings import load_yaml_model
+
+    return load_yaml_model(RolloutPlans, Path(path))
+
+
+# ------------------------------------------------------------------------------------ observations
+
+PREDICTION_COLUMNS = ["at", "request_id", "entity", "version", "arm", "probability", "prediction", "latency_ms",
+                      "shadow"]
+
+
+def read_predictions(url: str, model: str, versions: list[str], since: datetime,
+                     until: datetime | None = None) -> pd.DataFrame:
+    """Logged predictions of `model` (the given versions) in [since, until), oldest first."""
+    import sqlalchemy as sa
+
+    from flywheel.predictionlog import PREDICTIONS_TABLE
+
+    engine = sa.create_engine(url)
+    try:
+        table = sa.Table(PREDICTIONS_TABLE, sa.MetaData(), autoload_with=engine)
+        q = (sa.select(*[table.c[c] for c in PREDICTION_COLUMNS])
+             .where(table.c.model == model, table.c.version.in_([str(v) for v in versions]),
+                    table.c.at >= _db_time(since, engine))
+             .order_by(table.c.id))
+        if until is not None:
+            q = q.where(table.c.at < _db_time(until, engine))
+        with engine.connect() as conn:
+            frame = pd.DataFrame([dict(r._mapping) for r in conn.execute(q)], columns=PREDICTION_COLUMNS)
+    except sa.exc.NoSuchTableError:
+        frame = pd.DataFrame(columns=PREDICTION_COLUMNS)
+    finally:
+        engine.dispose()
+    frame["shadow"] = frame["shadow"].astype(bool)
+    frame["probability"] = frame["probability"].astype(float)
+    frame["latency_ms"] = frame["latency_ms"].astype(float)
+    frame["version"] = frame["version"].astype(str)
+    return frame
+
+
+def _db_time(dt: datetime, engine: Any) -> datetime:
+    # SQLite stores the writer's UTC times without an offset: compare naive UTC there
+    dt = dt.astimezone(UTC)
+    return dt.replace(tzinfo=None) if engine.dialect.name == "sqlite" else dt
+
+
+def latest_labels(labels_file: Path, entity: str, label: str, positive_label: Any,
+                  label_timestamp: str | None, timestamp: str, now: datetime | None = None) -> pd.DataFrame:
+    """One outcome per entity (`entity` as str, `y` 0/1): its newest snapshot whose label has arrived."""
+    if not Path(labels_file).is_file():
+        return pd.DataFrame({"entity": pd.Series(dtype=str), "y": pd.Series(dtype=int)})
+    cols = [entity, timestamp, label] + ([label_timestamp] if label_timestamp else [])
+    df = pd.read_parquet(labels_file, columns=cols)
+    if label_timestamp:
+        df = df[pd.to_datetime(df[label_timestamp], utc=True) <= pd.Timestamp(now or datetime.now(UTC))]
+    df = df.sort_values(timestamp, kind="stable").groupby(entity).tail(1)
+    return pd.DataFrame({"entity": df[entity].astype(str).to_numpy(),
+                         "y": (df[label] == positive_label).astype(int).to_numpy()})
+
+
+def split_arms(rows: pd.DataFrame, champion: str, challenger: str, shadow: bool = False
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(champion rows, challenger rows) by version; `shadow` picks the challenger's background rows."""
+    champ = rows[(rows["version"] == str(champion)) & ~rows["shadow"]]
+    chall = rows[(rows["version"] == str(challenger)) & (rows["shadow"] == shadow)]
+    return champ, chall
+
+
+def per_entity(rows: pd.DataFrame) -> pd.DataFrame:
+    """The newest prediction of each entity (repeated requests must not weigh an entity more)."""
+    rows = rows[rows["entity"].notna()]
+    return rows.groupby("entity", sort=False).tail(1)
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of `current` against `reference` (quantile bins of the reference)."""
+    ref, cur = np.asarray(reference, float), np.asarray(current, float)
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # a constant reference: one bin holding it, one for everything else
+        edges = np.array([ref[0] - 1e-9, ref[0] + 1e-9])
+    edges[0], edges[-1] = -np.inf, np.inf
+    eps = 1e-4
+    e = np.histogram(ref, edges)[0] / len(ref) + eps
+    a = np.histogram(cur, edges)[0] / len(cur) + eps
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """ROC AUC by the rank-sum (Mann-Whitney) identity; None when only one class is present."""
+    y = np.asarray(y, int)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    ranks = pd.Series(np.asarray(p, float)).rank(method="average").to_numpy()
+    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def metric_value(metric: str, y: np.ndarray, p: np.ndarray) -> float | None:
+    y, p = np.asarray(y, int), np.asarray(p, float)
+    if metric == "roc_auc":
+        return roc_auc(y, p)
+    if metric == "accuracy":
+        return float(np.mean((p >= 0.5) == (y == 1)))
+    if metric == "brier":
+        return float(np.mean((p - y) ** 2))
+    if metric == "log_loss":
+        q = np.clip(p, 1e-15, 1 - 1e-15)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+HIGHER_IS_BETTER = {"roc_auc": True, "accuracy": True, "brier": False, "log_loss": False}
+
+
+def bootstrap_diff(metric: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                   samples: int, confidence: float, seed: int) -> tuple[float, float]:
+    """Percentile interval of metric(b) - metric(a), resampling each arm independently."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(samples):
+        ia = rng.integers(0, len(a[0]), len(a[0]))
+        ib = rng.integers(0, len(b[0]), len(b[0]))
+        va, vb = metric_value(metric, a[0][ia], a[1][ia]), metric_value(metric, b[0][ib], b[1][ib])
+        if va is not None and vb is not None:
+            diffs.append(vb - va)
+    if not diffs:
+        return float("nan"), float("nan")
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def p99(values: pd.Series) -> float:
+    return float(np.percentile(values.to_numpy(float), 99))
+
+
+def predict_request_counts(metrics_text: str) -> tuple[float, float]:
+    """(all /predict requests, 5xx ones) from the service's Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = errors = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "flywheel_http_requests":
+            continue
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels.get("path") == "/predict":
+                total += s.value
+                if s.labels.get("status", "").startswith("5"):
+                    errors += s.value
+    return total, errors
+
+
+def error_rate(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """5xx share of the /predict requests between two scrapes; None when there were none."""
+    total, errors = after[0] - before[0], after[1] - before[1]
+    return None if total <= 0 else errors / total
+
+
+# ------------------------------------------------------------------------------------------ guards
+
+
+class GuardResult(Strict):
+    name: str
+    status: GuardStatus
+    value: float | None = None
+    threshold: float | None = None
+    detail: str = ""
+
+
+class StepReadout(Strict):
+    """What one step (or observation window) saw and how its guards came out."""
+
+    step: str
+    policy: dict[str, Any]
+    started_at: datetime
+    ended_at: datetime
+    champion_entities: int
+    challenger_entities: int
+    guards: list[GuardResult]
+
+    @property
+    def breaches(self) -> list[GuardResult]:
+        return [g for g in self.guards if g.status == "breach"]
+
+    @property
+    def breached(self) -> bool:
+        return bool(self.breaches)
+
+    @property
+    def insufficient(self) -> bool:
+        """Too little traffic for the distribution guards: the step cannot be judged yet."""
+        return any(g.status == "skipped" and g.detail.startswith(TOO_FEW) for g in self.guards)
+
+    def evidence(self) -> dict[str, Any]:
+        return {"step": self.step, "policy": self.policy,
+                "entities": {"champion": self.champion_entities, "challenger": self.challenger_entities},
+                "guards": {g.name: {"status": g.status, "value": g.value, "threshold": g.threshold}
+                           for g in self.guards}}
+
+
+def _judge(name: str, value: float | None, threshold: float | None, worse_if_above: bool = True,
+           skip: str = "") -> GuardResult:
+    if threshold is None:
+        return GuardResult(name=name, status="skipped", value=value, detail="guard off")
+    if value is None or skip:
+        return GuardResult(name=name, status="skipped", value=value, threshold=threshold, detail=skip or "no data")
+    bad = value > threshold if worse_if_above else value < threshold
+    return GuardResult(name=name, status="breach" if bad else "pass", value=round(value, 6), threshold=threshold)
+
+
+def evaluate_guards(
+    champion: pd.DataFrame,
+    challenger: pd.DataFrame,
+    guards: Guards,
+    labels: pd.DataFrame | None = None,
+    error_rate_value: float | None = None,
+) -> list[GuardResult]:
+    """Every guard of `guards` on the two arms' logged predictions (see the module docstring)."""
+    ch_e, cp_e = per_entity(challenger), per_entity(champion)
+    out = [_judge("error_rate", error_rate_value, guards.max_error_rate)]
+    lat = p99(challenger.drop_duplicates("request_id")["latency_ms"]) if len(challenger) else None
+    out.append(_judge("p99_latency_ms", lat, guards.max_p99_latency_ms))
+    few = ""
+    if len(ch_e) < guards.min_predictions or len(cp_e) < guards.min_predictions:
+        few = (f"{TOO_FEW} entities (champion {len(cp_e)}, challenger {len(ch_e)}; "
+               f"need {guards.min_predictions} each)")
+    shift = psi(cp_e["probability"].to_numpy(), ch_e["probability"].to_numpy(), guards.psi_bins) if not few else None
+    out.append(_judge("psi", shift, guards.max_psi, skip=few))
+    diff = abs(float(ch_e["probability"].mean() - cp_e["probability"].mean())) if not few else None
+    out.append(_judge("mean_probability_diff", diff, guards.max_mean_probability_diff, skip=few))
+    out.append(_auc_guard(cp_e, ch_e, guards, labels))
+    return out
+
+
+def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: pd.DataFrame | None) -> GuardResult:
+    if guards.max_auc_drop is None:
+        return GuardResult(name="auc_drop", status="skipped", detail="guard off")
+    if labels is None or labels.empty:
+        return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
+                           detail="no delayed labels yet")
+    arms = []
+    for rows in (cp_e, ch_e):
+        j = rows.assign(entity=rows["entity"].astype(str)).merge(labels, on="entity", how="inner")
+        arms.append((j["y"].to_numpy(int), j["probability"].to_numpy(float)))
+    n = (len(arms[0][0]), len(arms[1][0]))
+    if min(n) < guards.min_labelled:
+        return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
+                           detail=f"labelled entities champion {n[0]}, challenger {n[1]}; need {guards.min_labelled}")
+    a_c, a_h = roc_auc(*arms[0]), roc_auc(*arms[1])
+    if a_c is None or a_h is None:
+        return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
+                           detail="one arm's labels hold a single class")
+    drop = a_c - a_h
+    # interval of challenger - champion: a drop is significant when its upper bound is below zero
+    lo, hi = bootstrap_diff("roc_auc", arms[0], arms[1], guards.bootstrap_samples, 0.95, guards.seed)
+    significant = hi < 0
+    status: GuardStatus = "breach" if drop > guards.max_auc_drop and significant else "pass"
+    return GuardResult(name="auc_drop", status=status, value=round(drop, 6), threshold=guards.max_auc_drop,
+                       detail=f"AUC champion {a_c:.4f} (n={n[0]}), challenger {a_h:.4f} (n={n[1]}); "
+                              f"95% CI of challenger-champion [{lo:.4f}, {hi:.4f}]"
+                              + ("" if significant else " (not significant)"))
+
+
+def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: ShadowPlan,
+                  labels: pd.DataFrame | None = None, error_rate_value: float | None = None) -> list[GuardResult]:
+    """Shadow readout: agreement of the two models on the same requests, plus the usual guards."""
+    champ, chall = split_arms(rows, champion, challenger, shadow=True)
+    pairs = champ.merge(chall, on=["request_id", "entity"], suffixes=("_champion", "_challenger"))
+    agreement = float((pairs["prediction_champion"] == pairs["prediction_challenger"]).mean()) if len(pairs) else None
+    need = plan.guards.min_predictions
+    few = "" if len(pairs) >= need else f"{TOO_FEW} shadowed rows ({len(pairs)}; need {need})"
+    out = [_judge("agreement", agreement, plan.min_agreement, worse_if_above=False, skip=few)]
+    if len(champ) and len(chall):
+        ratio = p99(chall.drop_duplicates("request_id")["latency_ms"]) / max(
+            p99(champ.drop_duplicates("request_id")["latency_ms"]), 1e-9)
+        out.append(GuardResult(name="latency_p99_ratio", status="pass", value=round(ratio, 4),
+                               detail="challenger shadow p99 / champion p99 (informational)"))
+    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value)
+
+
+# ------------------------------------------------------------------------------------- A/B readout
+
+
+class ABReadout(Strict):
+    metric: str
+    champion_value: float | None
+    challenger_value: float | None
+    difference: float | None  # challenger - champion
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    n_champion: int
+    n_challenger: int
+    significant: bool
+    winner: Literal["challenger", "champion", "none"]
+    detail: str = ""
+
+
+def ab_readout(champion: pd.DataFrame, challenger: pd.DataFrame, labels: pd.DataFrame, plan: ABTestPlan
+               ) -> ABReadout:
+    """Per-arm outcome metric and a bootstrap interval on the difference; significant if it excludes 0."""
+    arms = []
+    for rows in (per_entity(champion), per_entity(challenger)):
+        j = rows.assign(entity=rows["entity"].astype(str)).merge(labels, on="entity", how="inner")
+        arms.append((j["y"].to_numpy(int), j["probability"].to_numpy(float)))
+    n = (len(arms[0][0]), len(arms[1][0]))
+    base = {"metric": plan.metric, "confidence": plan.confidence, "n_champion": n[0], "n_challenger": n[1]}
+    if min(n) < plan.min_labelled:
+        return ABReadout(**base, champion_value=None, challenger_value=None, difference=None, ci_low=None,
+                         ci_high=None, significant=False, winner="none",
+                         detail=f"too few labelled entities (need {plan.min_labelled} per arm)")
+    vc, vh = metric_value(plan.metric, *arms[0]), metric_value(plan.metric, *arms[1])
+    if vc is None or vh is None:
+        return ABReadout(**base, champion_value=vc, challenger_value=vh, difference=None, ci_low=None,
+                         ci_high=None, significant=False, winner="none", detail="an arm's labels hold one class")
+    lo, hi = bootstrap_diff(plan.metric, arms[0], arms[1], plan.bootstrap_samples, plan.confidence, plan.seed)
+    significant = bool(lo > 0 or hi < 0)
+    better_up = HIGHER_IS_BETTER[plan.metric]
+    winner: Literal["challenger", "champion", "none"] = "none"
+    if significant:
+        winner = "challenger" if (lo > 0) == better_up else "champion"
+    return ABReadout(**base, champion_value=vc, challenger_value=vh, difference=vh - vc, ci_low=lo, ci_high=hi,
+                     significant=significant, winner=winner,
+                     detail=f"{plan.metric}: challenger - champion = {vh - vc:+.4f}, "
+                            f"{plan.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]"
+                            + (f"; {winner} is significantly better" if significant else "; not significant"))
+
+
+# ---------------------------------------------------------------------------------------- decisions
+
+Action = Literal["advance", "promote", "rollback", "hold", "extend"]
+
+
+def judge_step(readout: StepReadout, guards: Guards, extensions: int) -> Literal["breach", "extend", "ok"]:
+    """A breach; or too little traffic to judge (hold longer, up to `max_extensions`, then a breach:
+    a challenger is never promoted on guards that were never judged); or ok."""
+    if readout.breached:
+        return "breach"
+    if readout.insufficient:
+        return "extend" if extensions < guards.max_extensions else "breach"
+    return "ok"
+
+
+def canary_next(plan: CanaryPlan, step_index: int, readout: StepReadout, extensions: int = 0) -> Action:
+    """After step `step_index`: roll back on a breach, hold longer when unjudgeable, promote after the
+    last step, else advance."""
+    verdict = judge_step(readout, plan.guards, extensions)
+    if verdict == "breach":
+        return "rollback"
+    if verdict == "extend":
+        return "extend"
+    return "promote" if step_index >= len(plan.steps) - 1 else "advance"
+
+
+def failure_reason(readout: StepReadout) -> str:
+    if readout.breached:
+        return f"{readout.step}: guard breach " + ", ".join(
+            f"{g.name}={g.value} (threshold {g.threshold})" for g in readout.breaches)
+    return f"{readout.step}: not enough traffic to judge the guards after every extension (" + "; ".join(
+        g.detail for g in readout.guards if g.detail.startswith(TOO_FEW)) + ")"
+
+
+def ab_next(plan: ABTestPlan, readout: ABReadout, guards_breached: bool) -> Action:
+    if guards_breached or readout.winner == "champion":
+        return "rollback"
+    if readout.winner == "challenger":
+        return "promote"
+    return "hold" if plan.on_inconclusive == "hold" else "rollback"
+
+
+def gradual_shares(current: float, plan: CanaryPlan) -> list[float]:
+    """The shares a gradual rollback passes through: the plan's lower steps, descending, then 0."""
+    return [s.share for s in reversed(plan.steps) if s.share < current] + [0.0]
+
+
+class RolloutDecision(Strict):
+    """The end of a rollout, with everything that led to it (audit evidence and the run artifact)."""
+
+    model: str
+    plan: str
+    strategy: Strategy
+    champion: str
+    challenger: str
+    outcome: Outcome
+    reason: str
+    steps: list[StepReadout] = []
+    ab: ABReadout | None = None
+    approval: dict[str, Any] | None = None
+    decided_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def evidence(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"plan": self.plan, "strategy": self.strategy, "champion": self.champion,
+                               "challenger": self.challenger, "outcome": self.outcome,
+                               "steps": [s.evidence() for s in self.steps]}
+        if self.ab is not None:
+            out["ab_readout"] = self.ab.model_dump()
+        if self.approval is not None:
+            out["approval"] = self.approval
+        return out
+
+    def markdown(self) -> str:
+        verdict = {"promoted": "promoted to champion", "rolled_back": "rolled back (champion kept)",
+                   "held": "held (no alias moved)", "rejected": "rejected at approval (champion kept)"}[self.outcome]
+        lines = [f"# Rollout of {self.model} v{self.challenger}: {verdict}", "",
+                 f"- plan **{self.plan}** (strategy `{self.strategy}`), champion v{self.champion}",
+                 f"- decision: **{self.outcome}** — {self.reason}",
+                 f"- decided at {self.decided_at.isoformat()}", ""]
+        for s in self.steps:
+            lines += [f"## {s.step} — {'BREACH' if s.breached else 'ok'}", "",
+                      f"policy `{s.policy}`; entities: champion {s.champion_entities}, "
+                      f"challenger {s.challenger_entities}; {s.started_at:%H:%M:%S}–{s.ended_at:%H:%M:%S} UTC", "",
+                      "| guard | status | value | threshold | detail |", "|---|---|---|---|---|"]
+            lines += [f"| {g.name} | {g.status} | {_fmt(g.value)} | {_fmt(g.threshold)} | {g.detail} |"
+                      for g in s.guards]
+            lines.append("")
+        if self.ab is not None:
+            a = self.ab
+            lines += ["## A/B readout", "", f"| arm | {a.metric} | labelled entities |", "|---|---|---|",
+                      f"| champion v{self.champion} | {_fmt(a.champion_value)} | {a.n_champion} |",
+                      f"| challenger v{self.challenger} | {_fmt(a.challenger_value)} | {a.n_challenger} |", "",
+                      f"{a.detail}", ""]
+        if self.approval is not None:
+            lines += ["## Approval", "", f"`{self.approval}`", ""]
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4g}"

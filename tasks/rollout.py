@@ -1,0 +1,394 @@
+"""Rollout tasks: the plan, the target versions, the per-model lock, the service's routing, observation,
+and the audited alias moves that end a rollout (promotion or rollback)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flywheel.locks import LockInfo, RolloutLocks
+from flywheel.rollout import (
+    ABReadout,
+    ABTestPlan,
+    Guards,
+    Plan,
+    RolloutDecision,
+    RolloutError,
+    ShadowPlan,
+    StepReadout,
+    ab_readout,
+    error_rate,
+    evaluate_guards,
+    latest_labels,
+    load_plans,
+    predict_request_counts,
+    read_predictions,
+    shadow_guards,
+    split_arms,
+)
+from flywheel.schemas import DatasetDefinition
+from tasks._prefect import retry_transient, run_logger
+
+STATUS_ROLLED_BACK = "rolled_back"
+SETTLE_S = 1.0  # the service flushes its prediction log every serve.log_flush_seconds (0.5 s default)
+
+
+class SelectedPlan(BaseModel):
+    name: str
+    plan: Plan
+
+
+class RolloutTarget(BaseModel):
+    model: str
+    champion: str
+    challenger: str
+
+
+class ServiceClient:
+    """The service's routing and admin endpoints (bearer token from the variable named in settings)."""
+
+    def __init__(self, url: str, token_env: str, timeout: float = 30, need_token: bool = True) -> None:
+        token = os.environ.get(token_env)
+        if not token and need_token:
+            raise RolloutError(f"the rollout needs the service's admin token: set the environment variable {token_env}")
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = self.http.request(method, path, json=body)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"prediction service at {self.http.base_url} unreachable: {exc}") from exc
+        if r.status_code in (401, 403):
+            raise RolloutError(f"service refused {method} {path} ({r.status_code}): {r.text[:300]}")
+        r.raise_for_status()
+        return r.json() if "json" in r.headers.get("content-type", "") else r.text
+
+    def routing(self) -> dict[str, Any]:
+        return self._call("GET", "/routing")
+
+    def set_routing(self, mode: str, share: float = 0.0, active: str = "champion") -> dict[str, Any]:
+        return self._call("POST", "/admin/routing", {"mode": mode, "share": share, "active": active})
+
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/admin/reload")
+
+    def metrics(self) -> str:
+        return self._call("GET", "/metrics")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _registry(tracking_uri: str, audit_db_url: str) -> Any:
+    from flywheel.audit import AuditLog
+    from flywheel.registry import Registry
+
+    return Registry(tracking_uri, AuditLog(audit_db_url))
+
+
+# ------------------------------------------------------------------------------------ plan, target
+
+
+@task(task_run_name="load-rollout-plan-{name}", cache_policy=NO_CACHE)
+def load_rollout_plan(plan_file: Path, name: str | None = None) -> SelectedPlan:
+    """Read configs/rollout.yaml and pick the named plan (the default when none is named)."""
+    plans = load_plans(plan_file)
+    plan = plans.select(name)
+    chosen = name if name in plans.plans else next(k for k, v in plans.plans.items() if v == plan)
+    return SelectedPlan(name=chosen, plan=plan)
+
+
+@task(task_run_name="resolve-rollout-target-{model}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_transient)
+def resolve_rollout_target(tracking_uri: str, audit_db_url: str, model: str, challenger_version: str | None,
+                           actor: str) -> RolloutTarget:
+    """The champion and the challenger to roll out (a given version becomes the challenger, audited)."""
+    registry = _registry(tracking_uri, audit_db_url)
+    champion = registry.alias_version(model, "champion")
+    if champion is None:
+        raise RolloutError(f"model {model!r} has no champion: nothing to roll out against")
+    if challenger_version is not None and registry.alias_version(model, "challenger") != str(challenger_version):
+        registry.move_alias(model, "challenger", str(challenger_version), "chosen for a staged rollout", actor)
+    challenger = registry.alias_version(model, "challenger")
+    if challenger is None:
+        raise RolloutError(f"model {model!r} has no challenger: train one, or pass challenger_version")
+    return RolloutTarget(model=model, champion=champion, challenger=challenger)
+
+
+# -------------------------------------------------------------------------------------------- lock
+
+
+@task(task_run_name="acquire-rollout-lock-{model}", cache_policy=NO_CACHE)
+def acquire_rollout_lock(audit_db_url: str, model: str, holder: str, lease_s: float) -> LockInfo:
+    """Take the per-model rollout lock (RolloutLocked names the holder when it is taken)."""
+    info = RolloutLocks(audit_db_url).acquire(model, holder, lease_s)
+    if info.took_over_from:
+        run_logger("flywheel.rollout").warning("took over the expired rollout lock of %s", info.took_over_from)
+    return info
+
+
+@task(task_run_name="renew-rollout-lock-{model}", cache_policy=NO_CACHE)
+def renew_rollout_lock(audit_db_url: str, model: str, holder: str, lease_s: float) -> LockInfo:
+    """Extend the lease before a step (LockLost if it expired and was taken over)."""
+    return RolloutLocks(audit_db_url).renew(model, holder, lease_s)
+
+
+@task(task_run_name="release-rollout-lock-{model}", cache_policy=NO_CACHE)
+def release_rollout_lock(audit_db_url: str, model: str, holder: str) -> bool:
+    """Drop the lock at the end of the rollout, whatever its outcome."""
+    return RolloutLocks(audit_db_url).release(model, holder)
+
+
+# ----------------------------------------------------------------------------------------- service
+
+
+@task(task_run_name="prepare-service", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_transient)
+def prepare_service(service_url: str, token_env: str, target: RolloutTarget) -> dict[str, Any]:
+    """Reload the service's slots and check it serves exactly the target's champion and challenger."""
+    client = ServiceClient(service_url, token_env)
+    try:
+        out = client.reload()
+    finally:
+        client.close()
+    serving = out.get("serving") or {}
+    refused = (out.get("refused") or {}).get("challenger")
+    if serving.get("challenger") != target.challenger:
+        why = f"; it refused it: {refused.get('reason')}" if refused else ""
+        raise RolloutError(f"the service at {service_url} does not serve challenger v{target.challenger} "
+                           f"(serving {serving}){why}")
+    if serving.get("champion") != target.champion:
+        raise RolloutError(f"the service serves champion v{serving.get('champion')}, the registry says "
+                           f"v{target.champion}")
+    return out
+
+
+@task(task_run_name="route-traffic-{mode}-{share}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_transient)
+def route_traffic(service_url: str, token_env: str, mode: Literal["single", "canary", "shadow", "blue_green"],
+                  share: float = 0.0, active: Literal["champion", "challenger"] = "champion") -> dict[str, Any]:
+    """Set the service's routing policy."""
+    client = ServiceClient(service_url, token_env)
+    try:
+        return client.set_routing(mode, share, active)
+    finally:
+        client.close()
+
+
+@task(task_run_name="reload-service", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_transient)
+def reload_service(service_url: str, token_env: str) -> dict[str, Any]:
+    """Make the service re-read the aliases now (it would at its next registry poll anyway)."""
+    client = ServiceClient(service_url, token_env)
+    try:
+        return client.reload()
+    finally:
+        client.close()
+
+
+@task(task_run_name="observe-traffic-{step}", cache_policy=NO_CACHE)
+def observe_traffic(
+    step: str,
+    policy: dict[str, Any],
+    hold_s: float,
+    service_url: str,
+    token_env: str,
+    log_url: str,
+    labels_file: Path,
+    dataset: DatasetDefinition,
+    target: RolloutTarget,
+    guards: Guards,
+    rollout_started: datetime,
+    shadow: ShadowPlan | None = None,
+    window_start: datetime | None = None,
+) -> StepReadout:
+    """Hold the traffic for `hold_s`, then judge the guards on what the prediction log recorded
+    (since `window_start` when a step is extended, else since this hold began)."""
+    client = ServiceClient(service_url, token_env)
+    try:
+        before = predict_request_counts(client.metrics())
+        started = datetime.now(UTC)
+        time.sleep(hold_s)
+        ended = datetime.now(UTC)
+        after = predict_request_counts(client.metrics())
+    finally:
+        client.close()
+    time.sleep(SETTLE_S)  # let the service's log writer flush the window's last rows
+    versions = [target.champion, target.challenger]
+    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
+                           dataset.label_timestamp, dataset.timestamp)
+    rate = error_rate(before, after)
+    started = window_start or started
+    window = read_predictions(log_url, target.model, versions, started, ended)
+    if shadow is not None:
+        results = shadow_guards(window, target.champion, target.challenger, shadow, labels, rate)
+        champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
+    else:
+        # the champion's reference is its traffic over the whole rollout (at 100% it gets none in a step)
+        history = read_predictions(log_url, target.model, [target.champion], rollout_started - timedelta(seconds=1),
+                                   ended)
+        champ, _ = split_arms(history, target.champion, target.challenger)
+        _, chall = split_arms(window, target.champion, target.challenger)
+        results = evaluate_guards(champ, chall, guards, labels, rate)
+    readout = StepReadout(step=step, policy=policy, started_at=started, ended_at=ended,
+                          champion_entities=int(champ["entity"].nunique()),
+                          challenger_entities=int(chall["entity"].nunique()), guards=results)
+    log = run_logger("flywheel.rollout")
+    log.info("%s: %s", step, ", ".join(f"{g.name}={g.status}({g.value})" for g in results))
+    return readout
+
+
+@task(task_run_name="read-ab-outcome", cache_policy=NO_CACHE)
+def read_ab_outcome(log_url: str, labels_file: Path, dataset: DatasetDefinition, target: RolloutTarget,
+                    plan: ABTestPlan, since: datetime) -> ABReadout:
+    """Per-arm outcome metric from delayed labels, with a confidence interval on the difference."""
+    rows = read_predictions(log_url, target.model, [target.champion, target.challenger], since)
+    champ, chall = split_arms(rows, target.champion, target.challenger)
+    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
+                           dataset.label_timestamp, dataset.timestamp)
+    return ab_readout(champ, chall, labels, plan)
+
+
+# ------------------------------------------------------------------------------------- alias moves
+
+
+@task(task_run_name="promote-challenger-{target.challenger}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_transient)
+def promote_challenger(tracking_uri: str, audit_db_url: str, target: RolloutTarget, reason: str, actor: str,
+                       evidence: dict[str, Any]) -> int:
+    """Challenger -> champion (the old champion is archived, the challenger alias cleared; all audited)."""
+    registry = _registry(tracking_uri, audit_db_url)
+    if registry.alias_version(target.model, "champion") == target.challenger:
+        return -1  # a retry after the move went through
+    if registry.alias_version(target.model, "challenger") != target.challenger:
+        raise RolloutError(f"the challenger alias of {target.model!r} no longer points at v{target.challenger} "
+                           "(rollout aborted by hand?); not promoting")
+    entry = registry.move_alias(target.model, "champion", target.challenger, reason, actor, evidence)
+    return entry.id
+
+
+@task(task_run_name="roll-back-challenger-{target.challenger}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_transient)
+def rollback_challenger(tracking_uri: str, audit_db_url: str, target: RolloutTarget, reason: str, actor: str,
+                        evidence: dict[str, Any]) -> int | None:
+    """Keep the champion: drop the challenger alias (audited with the evidence) and tag it rolled back."""
+    from flywheel.registry import TAG_STATUS
+
+    registry = _registry(tracking_uri, audit_db_url)
+    entry = None
+    if registry.alias_version(target.model, "challenger") == target.challenger:
+        entry = registry.remove_alias(target.model, "challenger", reason, actor, evidence)
+    if registry.alias_version(target.model, "champion") != target.challenger:
+        registry.client.set_model_version_tag(target.model, target.challenger, TAG_STATUS, STATUS_ROLLED_BACK)
+    return entry.id if entry else None
+
+
+@task(task_run_name="publish-rollout-decision", cache_policy=NO_CACHE)
+def publish_decision(decision: RolloutDecision) -> str | None:
+    """The decision, its steps and guard values as a markdown artifact on the flow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    key = f"rollout-{decision.model}".lower().replace("_", "-")
+    key = "".join(c for c in key if c.isalnum() or c == "-")
+    artifact = create_markdown_artifact(markdown=decision.markdown(), key=key,
+                                        description=f"{decision.outcome}: {decision.reason}"[:500])
+    return str(artifact) if artifact else None
+
+
+# ------------------------------------------------------------------------ operator actions (the CLI)
+
+
+def rollout_status(settings: Any, model: str, entries: int = 5) -> dict[str, Any]:
+    """Aliases, the service's routing (if it answers), the rollout lock, the last audit entries."""
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    url = f"http://{settings.serve.host}:{settings.serve.port}"
+    try:
+        client = ServiceClient(url, settings.serve.admin_token_env, timeout=5, need_token=False)
+        try:
+            routing: Any = client.routing()
+        finally:
+            client.close()
+    except (ConnectionError, httpx.HTTPError) as exc:
+        routing = f"service not reachable at {url}: {exc}"
+    lock = RolloutLocks(settings.audit_db_url).current(model)
+    return {
+        "model": model,
+        "aliases": registry.aliases(model),
+        "routing": routing,
+        "lock": lock.model_dump(mode="json") if lock else None,
+        "audit": [e.model_dump(mode="json") for e in registry.audit.entries(model)[-entries:]],
+    }
+
+
+def _tell_service(settings: Any, calls: list[tuple[str, dict[str, Any] | None]]) -> str:
+    url = f"http://{settings.serve.host}:{settings.serve.port}"
+    try:
+        client = ServiceClient(url, settings.serve.admin_token_env, timeout=10)
+    except RolloutError as exc:
+        return f"service not told ({exc}); it picks the aliases up at its next registry poll"
+    try:
+        for path, body in calls:
+            client._call("POST", path, body)
+    except (ConnectionError, httpx.HTTPError, RolloutError) as exc:
+        return f"service not told ({exc}); it picks the aliases up at its next registry poll"
+    finally:
+        client.close()
+    return f"service at {url} reloaded, routing single"
+
+
+def manual_promote(settings: Any, model: str, version: str | None, actor: str, reason: str) -> str:
+    """Instant promotion (audited), under the rollout lock so it cannot cut into a running rollout."""
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    version = version or registry.alias_version(model, "challenger")
+    if version is None:
+        raise RolloutError(f"model {model!r} has no challenger; pass --version")
+    locks = RolloutLocks(settings.audit_db_url)
+    locks.acquire(model, actor, lease_s=60)
+    try:
+        previous = registry.alias_version(model, "champion")
+        registry.move_alias(model, "champion", str(version), reason, actor,
+                            {"via": "flywheel rollout promote", "previous_champion": previous})
+    finally:
+        locks.release(model, actor)
+    told = _tell_service(settings, [("/admin/reload", None),
+                                    ("/admin/routing", {"mode": "single", "share": 0.0, "active": "champion"})])
+    return f"{model} v{version} is champion (was v{previous}); {told}"
+
+
+def manual_rollback(settings: Any, model: str, actor: str, reason: str, to_previous: bool = False) -> str:
+    """Instant rollback: drop the challenger (abort a rollout) or, with `to_previous`, revert the last
+    promotion (the champion alias goes back to the version it came from). Both audited."""
+    from flywheel.registry import TAG_STATUS
+
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    # traffic first: the champion answers everything before the aliases move
+    told = _tell_service(settings, [("/admin/routing", {"mode": "single", "share": 0.0, "active": "champion"})])
+    evidence = {"via": "flywheel rollout rollback", "aliases_before": registry.aliases(model)}
+    if to_previous:
+        moves = [e for e in registry.audit.entries(model, alias="champion") if e.to_version is not None]
+        current = registry.alias_version(model, "champion")
+        if not moves or moves[-1].to_version != current or moves[-1].from_version is None:
+            raise RolloutError(f"no earlier champion of {model!r} to go back to (audit: {len(moves)} champion moves)")
+        previous = moves[-1].from_version
+        registry.move_alias(model, "champion", previous, reason, actor, evidence)
+        registry.client.set_model_version_tag(model, str(current), TAG_STATUS, STATUS_ROLLED_BACK)
+        result = f"champion back to v{previous} (v{current} rolled back)"
+    else:
+        challenger = registry.alias_version(model, "challenger")
+        if challenger is None:
+            raise RolloutError(f"model {model!r} has no challenger to roll back; use --to-previous to revert "
+                               "the last promotion")
+        registry.remove_alias(model, "challenger", reason, actor, evidence)
+        registry.client.set_model_version_tag(model, challenger, TAG_STATUS, STATUS_ROLLED_BACK)
+        result = f"challenger v{challenger} rolled back; champion v{registry.alias_version(model, 'champion')} kept"
+    told = _tell_service(settings, [("/admin/reload", None)]) if "not told" not in told else told
+    return f"{result}; {told}"

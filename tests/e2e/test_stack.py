@@ -1,0 +1,206 @@
+"""`flywheel up` / `status` / `down` for real, on free ports in a temp project home.
+
+The event trigger is tested against the real server with the deployments served: the event that
+training emits for a passing challenger (`flywheel.model.challenger-registered`, emitted by the same
+function tasks/register.py uses) must create a run of the rollout deployment, with the model name and
+version of the event as parameters, and the serve process must pick it up. The rollout itself may
+fail here (no trained model in this home): the test asserts creation, parameters and pickup only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import PROJECT, make_home
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
+PICKED_UP = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    api: str
+    up_output: str
+    records: list[dict]  # the pid files as `up` wrote them, kept for teardown and the `down` test
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FLYWHEEL, *args, "--profile", "ci", "--config-dir", str(self.home / "configs")],
+                              env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
+
+
+def _read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("*.pid"))]
+
+
+def _ours(rec: dict) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(rec["pid"])
+        if abs(proc.create_time() - rec["create_time"]) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except psutil.Error:
+        pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = make_home(tmp_path_factory.mktemp("stack"))
+    prefect_port, service_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLYWHEEL_"))}
+    env.update({"FLYWHEEL_STACK__PREFECT_PORT": str(prefect_port), "FLYWHEEL_SERVE__PORT": str(service_port)})
+    run_dir = home / "data" / "run"
+    st = Stack(home, env, f"http://127.0.0.1:{prefect_port}/api", "", [])
+    try:
+        result = st.cli("up")
+        st.up_output = result.stdout + result.stderr
+        st.records = _read_records(run_dir)
+        assert result.returncode == 0, st.up_output
+        print("\n" + st.up_output)
+        yield st
+    finally:
+        st.records = st.records or _read_records(run_dir)
+        st.cli("down", timeout=120)
+        # whatever `down` missed (a failed test, a broken down): stop it by pid, only if it is still ours
+        for rec in st.records:
+            proc = _ours(rec)
+            if proc is not None:
+                os.killpg(rec["pid"], signal.SIGKILL)
+
+
+def test_up_starts_every_process_and_says_where(stack: Stack) -> None:
+    names = {r["name"] for r in stack.records}
+    assert names == {"prefect", "deployments", "service"}
+    assert all(_ours(r) is not None for r in stack.records)
+    out = stack.up_output
+    assert stack.api.removesuffix("/api") in out, out  # the UI URL
+    assert f"export PREFECT_API_URL={stack.api}" in out
+    assert "flywheel down" in out and "mlflow" in out.lower()
+    assert httpx.get(f"{stack.api}/health", timeout=5).json() is True
+    assert (stack.home / "data" / "run" / "prefect.url").read_text().strip() == stack.api
+    assert (stack.home / "data" / "prefect" / "prefect.db").is_file()  # the stack's own SQLite database
+    for rec in stack.records:
+        assert (stack.home / "data" / "run" / f"{rec['name']}.log").is_file()
+
+
+def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
+    again = stack.cli("up", timeout=120)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text
+    for name in ("prefect", "deployments", "service"):
+        assert f"{name}: already running" in text
+    assert _read_records(stack.home / "data" / "run") == stack.records  # nothing restarted
+
+    status = stack.cli("status", timeout=60)
+    text = status.stdout + status.stderr
+    assert status.returncode == 0, text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "healthy" in lines["prefect"]
+    assert "healthy" in lines["deployments"] and "batch-scoring" in lines["deployments"]
+    assert "503" in lines["service"]  # up, but no model trained in this home
+
+
+def test_batch_scoring_is_served_with_the_settings_cron(stack: Stack) -> None:
+    from flywheel.settings import load_settings
+
+    cron = load_settings("ci", stack.home / "configs", environ={}).batch.cron
+    deps = httpx.post(f"{stack.api}/deployments/filter", json={}, timeout=10).json()
+    by_name = {d["name"]: d for d in deps}
+    assert {"training", "batch-scoring"} <= set(by_name)
+    batch = by_name["batch-scoring"]
+    assert not batch["paused"]
+    assert [s["schedule"]["cron"] for s in batch["schedules"]] == [cron]
+    assert batch["parameters"]["params"]["profile"] == "ci"
+    assert batch["parameters"]["params"]["config_dir"] == str(stack.home / "configs")
+
+
+def test_challenger_event_starts_a_rollout_run_picked_up_by_serve(stack: Stack) -> None:
+    deps = httpx.post(f"{stack.api}/deployments/filter", json={"deployments": {"name": {"any_": ["rollout"]}}},
+                      timeout=10).json()
+    if not (PROJECT / "flows" / "rollout.py").is_file():
+        pytest.skip("flows/rollout.py does not exist yet: the rollout deployment is not served")
+    assert len(deps) == 1, deps
+    rollout_id = deps[0]["id"]
+
+    emit = ("from tasks.register import emit_model_event\n"
+            "assert emit_model_event('flywheel.model.challenger-registered', 'churn', '2', "
+            "{'version': '2', 'outcome': 'challenger'}) is not None\n")
+    env = {**stack.env, "PREFECT_API_URL": stack.api, "PYTHONPATH": str(PROJECT)}
+    sent = subprocess.run([sys.executable, "-c", emit], env=env, cwd=PROJECT, capture_output=True, text=True,
+                          timeout=120)
+    assert sent.returncode == 0, sent.stderr
+
+    # the automation creates a Scheduled run within seconds; the serve process polls every 10 s
+    sent_at = time.monotonic()
+    deadline = sent_at + 90
+    run, created = None, None
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{stack.api}/flow_runs/filter",
+                          json={"flow_runs": {"deployment_id": {"any_": [rollout_id]}}}, timeout=10).json()
+        if runs:
+            run = runs[0]
+            created = created or time.monotonic() - sent_at
+            if run["state"] and run["state"]["type"] in PICKED_UP:
+                break
+        time.sleep(0.5)
+    # measurements for the record (`pytest -s`), not assertions
+    print(f"\nevent -> run created {created:.1f} s, -> picked up {time.monotonic() - sent_at:.1f} s" if created else "")
+    assert run is not None, "the event created no run of the rollout deployment"
+    assert run["state"]["type"] in PICKED_UP, f"run {run['id']} was not picked up: {run['state']['type']}"
+    assert run["parameters"]["params"] == {
+        "model_name": "churn", "challenger_version": "2", "profile": "ci", "config_dir": str(stack.home / "configs"),
+    }
+    # picked up by OUR serve process: its log names the run it submitted
+    deadline = time.monotonic() + 30
+    log = stack.home / "data" / "run" / "deployments.log"
+    while run["id"] not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run["id"] in log.read_text()
+
+
+def test_active_api_url_finds_the_running_stack(stack: Stack) -> None:
+    from flywheel.settings import load_settings
+    from flywheel.stack import active_api_url
+
+    settings = load_settings("ci", stack.home / "configs", environ={})
+    assert active_api_url(settings, environ={}) == stack.api
+    assert active_api_url(settings, environ={"PREFECT_API_URL": "http://elsewhere/api"}) is None
+
+
+def test_down_stops_every_process_it_started(stack: Stack) -> None:
+    assert stack.records
+    result = stack.cli("down", timeout=120)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    for rec in stack.records:
+        assert f"{rec['name']}: stopped (pid {rec['pid']})" in text
+        assert _ours(rec) is None, f"{rec['name']} (pid {rec['pid']}) still running"
+    run_dir = stack.home / "data" / "run"
+    assert not list(run_dir.glob("*.pid"))
+    assert not (run_dir / "prefect.url").exists()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{stack.api}/health", timeout=2)
+    status = stack.cli("status", timeout=60)
+    assert status.returncode == 1 and "not running" in status.stdout + status.stderr

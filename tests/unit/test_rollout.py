@@ -1,0 +1,282 @@
+"""Rollout policy: plan parsing, guards, canary progression, the A/B readout (pure logic, no service)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from flywheel.errors import ConfigError
+from flywheel.rollout import (
+    ABTestPlan,
+    CanaryPlan,
+    Guards,
+    RolloutDecision,
+    ShadowPlan,
+    StepReadout,
+    ab_next,
+    ab_readout,
+    canary_next,
+    error_rate,
+    evaluate_guards,
+    failure_reason,
+    gradual_shares,
+    load_plans,
+    predict_request_counts,
+    psi,
+    roc_auc,
+    shadow_guards,
+)
+from tests.conftest import PROJECT
+
+NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "rollout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _rows(version: str, probs: np.ndarray, start: int = 0, latency: float = 5.0, shadow: bool = False,
+          request_ids: list[str] | None = None) -> pd.DataFrame:
+    n = len(probs)
+    return pd.DataFrame({
+        "at": [NOW] * n,
+        "request_id": request_ids or [f"r{start + i}" for i in range(n)],
+        "entity": [str(start + i) for i in range(n)],
+        "version": [version] * n,
+        "arm": ["champion" if version == "1" else "challenger"] * n,
+        "probability": probs,
+        "prediction": probs >= 0.5,
+        "latency_ms": [latency] * n,
+        "shadow": [shadow] * n,
+    })
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+
+def test_project_plan_file_parses_with_default_canary_ramp() -> None:
+    plans = load_plans(PROJECT / "configs" / "rollout.yaml")
+    canary = plans.select()
+    assert isinstance(canary, CanaryPlan)
+    assert [s.share for s in canary.steps] == [0.05, 0.5, 1.0]
+    assert {p.strategy for p in plans.plans.values()} == {"shadow", "canary", "blue_green", "ab_test"}
+    assert plans.select("ab_test").strategy == "ab_test"
+
+
+def test_shared_guards_are_overridden_key_by_key(tmp_path: Path) -> None:
+    plans = load_plans(_write(tmp_path, {
+        "default": "c",
+        "guards": {"max_psi": 0.3, "max_error_rate": 0.05},
+        "plans": {"c": {"strategy": "canary", "steps": [{"share": 0.5, "hold_s": 1}],
+                        "guards": {"max_psi": 0.9}}},
+    }))
+    g = plans.select().guards
+    assert (g.max_psi, g.max_error_rate) == (0.9, 0.05)
+
+
+@pytest.mark.parametrize(("data", "key", "message"), [
+    ({"default": "c", "plans": {"c": {"strategy": "rainbow"}}}, "plans.c", "does not match any of the expected tags"),
+    ({"default": "c", "plans": {"c": {"strategy": "canary", "steps": [{"share": 0.5, "hold_s": 1},
+                                                                       {"share": 0.2, "hold_s": 1}]}}},
+     "plans.c.canary.steps", "strictly increase"),
+    ({"default": "c", "plans": {"c": {"strategy": "canary", "steps": [{"share": 1.5, "hold_s": 1}]}}},
+     "plans.c.canary.steps.0.share", "less than or equal to 1"),
+    ({"default": "c", "plans": {"c": {"strategy": "blue_green", "hold_s": 1, "colour": "teal"}}},
+     "plans.c.blue_green.colour", "Extra inputs are not permitted"),
+    ({"default": "x", "plans": {"c": {"strategy": "blue_green", "hold_s": 1}}}, "", "default plan 'x'"),
+])
+def test_invalid_plans_fail_naming_file_and_key(tmp_path: Path, data: dict, key: str, message: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_plans(path)
+    text = str(err.value)
+    assert str(path) in text and message in text, text
+    if key:
+        assert key in text, text
+
+
+def test_unknown_plan_name_is_refused(tmp_path: Path) -> None:
+    plans = load_plans(PROJECT / "configs" / "rollout.yaml")
+    with pytest.raises(ConfigError, match="no such plan"):
+        plans.select("yolo")
+
+
+# ------------------------------------------------------------------------------------------ guards
+
+
+def test_similar_arms_pass_every_guard() -> None:
+    rng = np.random.default_rng(0)
+    champ = _rows("1", rng.beta(2, 5, 400))
+    chall = _rows("2", rng.beta(2, 5, 300), start=1000)
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None, error_rate_value=0.0)}
+    assert {n: g.status for n, g in results.items()} == {
+        "error_rate": "pass", "p99_latency_ms": "pass", "psi": "pass", "mean_probability_diff": "pass",
+        "auc_drop": "skipped"}
+    assert results["psi"].value < 0.2
+
+
+def test_constant_challenger_breaches_distribution_guards() -> None:
+    rng = np.random.default_rng(1)
+    champ = _rows("1", rng.beta(2, 5, 400))
+    chall = _rows("2", np.full(300, 0.27), start=1000)
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None)}
+    assert results["psi"].status == "breach" and results["psi"].value > 1
+    assert results["error_rate"].status == "skipped"  # no requests counted: not judged
+
+
+def test_latency_and_error_rate_breaches() -> None:
+    rng = np.random.default_rng(2)
+    champ = _rows("1", rng.beta(2, 5, 100))
+    chall = _rows("2", rng.beta(2, 5, 100), start=1000, latency=900.0)
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(max_p99_latency_ms=100), None,
+                                                  error_rate_value=0.2)}
+    assert results["p99_latency_ms"].status == "breach" and results["p99_latency_ms"].value == 900.0
+    assert results["error_rate"].status == "breach"
+
+
+def test_too_few_entities_are_not_judged() -> None:
+    champ = _rows("1", np.full(5, 0.2))
+    chall = _rows("2", np.full(5, 0.9), start=100)
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(min_predictions=20), None)}
+    assert results["psi"].status == "skipped" and "too few" in results["psi"].detail
+
+
+def _labelled(n: int, skill: float, start: int, version: str, rng: np.random.Generator
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.5 + skill * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    rows = _rows(version, p, start=start)
+    return rows, pd.DataFrame({"entity": rows["entity"], "y": y})
+
+
+def test_auc_drop_breaches_only_when_large_and_significant() -> None:
+    rng = np.random.default_rng(3)
+    champ, lc = _labelled(600, 0.6, 0, "1", rng)
+    bad, lb = _labelled(600, 0.0, 10_000, "2", rng)
+    labels = pd.concat([lc, lb])
+    g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
+    (auc,) = [r for r in evaluate_guards(champ, bad, g, labels) if r.name == "auc_drop"]
+    assert auc.status == "breach" and auc.value > 0.3, auc
+    # the same model on both arms: no breach
+    good, lg = _labelled(600, 0.6, 20_000, "2", rng)
+    (auc,) = [r for r in evaluate_guards(champ, good, g, pd.concat([lc, lg])) if r.name == "auc_drop"]
+    assert auc.status == "pass", auc
+
+
+def test_shadow_agreement_on_the_same_requests() -> None:
+    rng = np.random.default_rng(4)
+    p = rng.beta(2, 5, 200)
+    champ = _rows("1", p)
+    same = _rows("2", p + 0.01, shadow=True, request_ids=list(champ["request_id"]))
+    flipped = _rows("2", 1 - p, shadow=True, request_ids=list(champ["request_id"]))
+    plan = ShadowPlan(strategy="shadow", duration_s=1, min_agreement=0.9)
+    ok = {g.name: g for g in shadow_guards(pd.concat([champ, same]), "1", "2", plan)}
+    bad = {g.name: g for g in shadow_guards(pd.concat([champ, flipped]), "1", "2", plan)}
+    assert ok["agreement"].status == "pass" and ok["agreement"].value > 0.95
+    assert bad["agreement"].status == "breach"
+
+
+def test_psi_and_auc_helpers() -> None:
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=2000)
+    assert psi(a, rng.normal(size=2000)) < 0.05
+    assert psi(a, rng.normal(1.5, 1, size=2000)) > 0.5
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert roc_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+
+
+def test_error_rate_from_prometheus_scrapes() -> None:
+    text = (
+        '# HELP flywheel_http_requests_total HTTP requests\n# TYPE flywheel_http_requests_total counter\n'
+        'flywheel_http_requests_total{method="POST",path="/predict",status="200"} 90.0\n'
+        'flywheel_http_requests_total{method="POST",path="/predict",status="503"} 10.0\n'
+        'flywheel_http_requests_total{method="GET",path="/health",status="503"} 7.0\n'
+    )
+    after = predict_request_counts(text)
+    assert after == (100.0, 10.0)
+    assert error_rate((50.0, 0.0), after) == pytest.approx(0.2)
+    assert error_rate(after, after) is None
+
+
+# --------------------------------------------------------------------------------- canary decisions
+
+
+def _readout(breach: bool) -> StepReadout:
+    from flywheel.rollout import GuardResult
+
+    g = GuardResult(name="psi", status="breach" if breach else "pass", value=2.0 if breach else 0.01, threshold=0.25)
+    return StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=10,
+                       challenger_entities=10, guards=[g])
+
+
+def test_canary_advances_step_by_step_then_promotes_and_rolls_back_on_breach() -> None:
+    plan = CanaryPlan(strategy="canary")
+    actions = [canary_next(plan, i, _readout(False)) for i in range(len(plan.steps))]
+    assert actions == ["advance", "advance", "promote"]
+    assert canary_next(plan, 1, _readout(True)) == "rollback"
+    assert gradual_shares(0.5, plan) == [0.05, 0.0]
+    assert gradual_shares(1.0, plan) == [0.5, 0.05, 0.0]
+
+
+def test_a_step_with_too_little_traffic_is_extended_then_rolled_back() -> None:
+    champ = _rows("1", np.full(5, 0.2))
+    chall = _rows("2", np.full(5, 0.9), start=100)
+    plan = CanaryPlan(strategy="canary", guards=Guards(min_predictions=20, max_extensions=2))
+    guards = evaluate_guards(champ, chall, plan.guards, None)
+    readout = StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=5,
+                          challenger_entities=5, guards=guards)
+    assert readout.insufficient and not readout.breached
+    assert [canary_next(plan, 0, readout, k) for k in range(3)] == ["extend", "extend", "rollback"]
+    assert "not enough traffic" in failure_reason(readout)
+
+
+def test_decision_markdown_and_evidence_carry_guard_values() -> None:
+    d = RolloutDecision(model="churn", plan="canary", strategy="canary", champion="1", challenger="2",
+                        outcome="rolled_back", reason="psi breach", steps=[_readout(True)])
+    md = d.markdown()
+    assert "rolled back" in md and "| psi | breach | 2 | 0.25 |" in md
+    assert d.evidence()["steps"][0]["guards"]["psi"] == {"status": "breach", "value": 2.0, "threshold": 0.25}
+
+
+# ------------------------------------------------------------------------------------------ A/B test
+
+
+def test_ab_readout_detects_a_significantly_better_challenger() -> None:
+    rng = np.random.default_rng(6)
+    champ, lc = _labelled(800, 0.2, 0, "1", rng)
+    chall, lh = _labelled(800, 0.6, 10_000, "2", rng)
+    plan = ABTestPlan(strategy="ab_test", duration_s=1, bootstrap_samples=300)
+    r = ab_readout(champ, chall, pd.concat([lc, lh]), plan)
+    assert r.significant and r.winner == "challenger" and r.ci_low > 0, r
+    assert r.challenger_value > r.champion_value
+    assert ab_next(plan, r, guards_breached=False) == "promote"
+    # lower-is-better metric: the worse arm is still the champion here
+    r = ab_readout(champ, chall, pd.concat([lc, lh]), plan.model_copy(update={"metric": "brier"}))
+    assert r.winner == "challenger" and r.ci_high < 0
+
+
+def test_ab_readout_on_equal_arms_is_not_significant() -> None:
+    rng = np.random.default_rng(7)
+    champ, lc = _labelled(400, 0.4, 0, "1", rng)
+    chall, lh = _labelled(400, 0.4, 10_000, "2", rng)
+    plan = ABTestPlan(strategy="ab_test", duration_s=1, bootstrap_samples=300)
+    r = ab_readout(champ, chall, pd.concat([lc, lh]), plan)
+    assert not r.significant and r.winner == "none" and r.ci_low < 0 < r.ci_high, r
+    assert ab_next(plan, r, guards_breached=False) == "hold"
+    assert ab_next(plan.model_copy(update={"on_inconclusive": "rollback"}), r, False) == "rollback"
+    assert ab_next(plan, r, guards_breached=True) == "rollback"
+
+
+def test_ab_readout_needs_enough_labels() -> None:
+    rng = np.random.default_rng(8)
+    champ, lc = _labelled(30, 0.4, 0, "1", rng)
+    chall, lh = _labelled(30, 0.4, 10_000, "2", rng)
+    r = ab_readout(champ, chall, pd.concat([lc, lh]), ABTestPlan(strategy="ab_test", duration_s=1))
+    assert r.winner == "none" and "too few" in r.detail
