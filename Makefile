@@ -13,7 +13,10 @@ env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet
 
+# The demo runs on the persistent local stack (left running: `flywheel down` stops it), with the
+# rollout plan `demo` (the canary in seconds) for the rollouts this stack starts.
 demo: env
+	FLYWHEEL_ROLLOUT__STRATEGY=demo $(RUN) flywheel up
 	$(RUN) flywheel demo
 
 test: env

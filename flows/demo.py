@@ -74,8 +74,67 @@ def run_demo(
                      **result.model_dump()})
         console.print(f"-> {state.name}: {result.model_name} v{result.version} is {result.outcome}"
                       + (f" (failed: {', '.join(result.failed_rules)})" if result.failed_rules else ""))
+        if result.outcome == "challenger":
+            if api:
+                console.rule("the challenger-registered event started a rollout: sending traffic")
+                runs[-1]["rollout"] = watch_rollout(ctx, console, result.version)
+            else:
+                console.print("(no stack running: `flywheel up` would now roll the challenger out as a canary)")
     _summary(console, runs, ctx)
     return runs
+
+
+def watch_rollout(ctx: Any, console: Console, version: str, timeout_s: float = 180.0) -> str:
+    """Send /predict traffic to the stack's service until the triggered rollout promotes or rolls back
+    the challenger (read from the audit log), or the timeout passes."""
+    import random
+    import threading
+
+    import httpx
+    import pandas as pd
+
+    from flywheel.audit import AuditLog
+    from flywheel.featurestore import LABELS_FILE, dataset_dir
+
+    ids = pd.read_parquet(dataset_dir(ctx.offline_dir, ctx.dataset) / LABELS_FILE, columns=[ctx.dataset.entity])
+    ids = sorted(ids[ctx.dataset.entity].unique().tolist())
+    url = f"http://{ctx.settings.serve.host}:{ctx.settings.serve.port}/predict"
+    stop = threading.Event()
+    sent = {"requests": 0, "errors": 0}
+
+    def traffic() -> None:
+        rng = random.Random(0)
+        with httpx.Client(timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    ok = client.post(url, json={"entities": rng.sample(ids, min(50, len(ids)))}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                sent["requests"] += 1
+                sent["errors"] += not ok
+                stop.wait(0.05)
+
+    audit = AuditLog(ctx.audit_db_url)
+    seen = len(audit.entries(ctx.model_name))
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    outcome = "still running (see the rollout run in the Prefect UI)"
+    try:
+        while time.monotonic() < deadline:
+            for e in audit.entries(ctx.model_name)[seen:]:
+                if e.alias == "champion" and e.to_version == version:
+                    outcome = f"promoted v{version} to champion: {e.reason}"
+                elif e.alias == "challenger" and e.from_version == version and e.to_version is None:
+                    outcome = f"rolled back v{version}: {e.reason}"
+            if not outcome.startswith("still"):
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    console.print(f"-> rollout: {outcome} ({sent['requests']} requests sent, {sent['errors']} not 200)")
+    return outcome
 
 
 def _summary(console: Console, runs: list[dict[str, Any]], ctx: Any) -> None:
@@ -89,6 +148,9 @@ def _summary(console: Console, runs: list[dict[str, Any]], ctx: Any) -> None:
         shown = ", ".join(failed[:3]) + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else "")
         table.add_row(r["step"], r["state"], r["version"], r["outcome"], shown or "-", str(r["seconds"]))
     console.print(table)
+    for r in runs:
+        if r.get("rollout"):
+            console.print(f"rollout after step {r['step'][:2]} {r['rollout']}")
     audit = Table(title="Alias audit log (append-only)")
     for col in ("at", "alias", "from", "to", "reason", "actor"):
         audit.add_column(col)

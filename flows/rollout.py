@@ -150,7 +150,7 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
 
 
 def _load_plan(run: _Run) -> SelectedPlan:
-    return load_rollout_plan(run.ctx.settings.resolve(run.cfg.plan_file), run.params.strategy)
+    return load_rollout_plan(run.ctx.settings.resolve(run.cfg.plan_file), run.params.strategy or run.cfg.strategy)
 
 
 # ------------------------------------------------------------------------------------- strategies

@@ -157,6 +157,7 @@ class RolloutConfig(Section):
     """Staged rollouts of a challenger (flows/rollout.py); the strategies live in `plan_file`."""
 
     plan_file: Path = Path("configs/rollout.yaml")
+    strategy: str | None = None  # the plan a run uses when it names none (None: the plan file's `default`)
     approval_required: bool = False  # a human approves in the Prefect UI before full promotion
     approval_timeout_s: float = Field(3600.0, gt=0)  # no answer by then counts as a rejection
     lock_lease_s: float = Field(900.0, gt=0)  # a crashed rollout's lock is taken over after this
