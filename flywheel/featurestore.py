@@ -504,8 +504,12 @@ def materialize_online(
     fpath = dataset_dir(offline_dir, dataset) / FEATURES_FILE
     if not fpath.exists():
         raise FlywheelError(f"no offline feature rows for {dataset.name!r} at {fpath}: ingest a batch first")
-    first = pc.min(pq.read_table(fpath, columns=[dataset.timestamp]).column(dataset.timestamp)).as_py()
-    start = pd.Timestamp(first).tz_convert("UTC").to_pydatetime()
+    stamps = pq.read_table(fpath, columns=[dataset.timestamp]).column(dataset.timestamp)
+    start = pd.Timestamp(pc.min(stamps).as_py()).tz_convert("UTC").to_pydatetime()
+    # Load up to the newest event in the data, not past it: materialize_incremental starts at the previous
+    # end, so a batch whose (past) event times fall before an end of "now" would never reach the online store.
+    newest = pd.Timestamp(pc.max(stamps).as_py()).tz_convert("UTC").to_pydatetime() + timedelta(seconds=1)
+    end = min(end, newest)
     fresh = [v.name for v in views if not v.materialization_intervals]
     known = [v.name for v in views if v.materialization_intervals]
     loads: list[ViewLoad] = []

@@ -170,6 +170,23 @@ def test_first_materialize_loads_the_full_range_then_incremental(store, offline)
     assert fs.get_online_features(store, service, [1])["x"].tolist() == [2.5]
 
 
+def test_a_batch_of_past_events_after_a_load_to_now_still_reaches_the_online_store(store, offline):
+    # given a first load "up to now" (the training flow's as_of), then a batch whose events are older
+    # than that now but newer than the first batch (replayed or delayed data)
+    ds = tiny_dataset()
+    service = fs.apply_definitions(store, ds, 30, offline)
+    fs.ingest_batch(tiny_rows((1, T - timedelta(days=3), T - timedelta(days=3), 1.0)), ds, offline, "b1")
+    now = T + timedelta(days=20)
+    first = fs.materialize_online(store, ds, offline, now)
+    assert first.end < now, "the load stops at the newest event, not at `now`"
+    fs.ingest_batch(tiny_rows((2, T - timedelta(days=1), T - timedelta(days=1), 2.0)), ds, offline, "b2")
+    # when the online store is loaded again (incrementally)
+    second = fs.materialize_online(store, ds, offline, now)
+    # then the new entity is online: an incremental load from `now` would have skipped it
+    assert [load.mode for load in second.loads] == ["incremental"]
+    assert fs.get_online_features(store, service, [1, 2])["x"].tolist() == [1.0, 2.0]
+
+
 # ----------------------------------------------------------------------------------------- leakage
 
 
