@@ -33,4 +33,5 @@ bench: env
 	$(RUN) python -m tests.benchmarks.bench_training
 
 clean:
+	-$(RUN) flywheel down 2>/dev/null
 	rm -rf data mlruns .pytest_cache
