@@ -7,7 +7,7 @@ export UV_PYTHON := $(PYTHON)
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: env demo test test-fast lint bench clean
+.PHONY: env demo test test-fast lint bench bench-serving clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -31,6 +31,10 @@ lint: env
 
 bench: env
 	$(RUN) python -m tests.benchmarks.bench_training
+
+# Flywheel's service vs feast serve + mlflow models serve, side by side (about 3 minutes; --quick: 2)
+bench-serving: env
+	$(RUN) python -m tests.benchmarks.bench_serving
 
 clean:
 	-$(RUN) flywheel down 2>/dev/null

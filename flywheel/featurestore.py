@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -74,8 +73,10 @@ class IngestReport(Result):
 
 class ViewLoad(Result):
     view: str
-    mode: Literal["full", "incremental"]  # full: materialize(start, end); incremental: from the last load
-    start: datetime | None  # None for incremental (Feast starts at the previous load's end)
+    # full: the whole history; incremental: the event-time window of rows that arrived since the last
+    # load; up-to-date: nothing arrived since
+    mode: Literal["full", "incremental", "up-to-date"]
+    start: datetime | None  # None when up to date
     end: datetime
 
 
@@ -492,8 +493,9 @@ def materialize_online(
     """Load the online store up to `end`, for every registered view version of the dataset.
 
     A view never loaded before gets `materialize(start, end)` from the data's first event time, because
-    `materialize_incremental`'s first run only looks back one TTL. Later loads are incremental. Whether
-    a view was loaded is read from the registry's materialization intervals, so there is no extra state.
+    `materialize_incremental`'s first run only looks back one TTL. Later loads cover the event-time window
+    of the rows that arrived since the previous load. Whether (and until when) a view was loaded is read
+    from the registry's materialization intervals, so there is no extra state.
     """
     if end.tzinfo is None:
         raise FlywheelError("materialize_online needs a tz-aware end time")
@@ -504,21 +506,31 @@ def materialize_online(
     fpath = dataset_dir(offline_dir, dataset) / FEATURES_FILE
     if not fpath.exists():
         raise FlywheelError(f"no offline feature rows for {dataset.name!r} at {fpath}: ingest a batch first")
-    stamps = pq.read_table(fpath, columns=[dataset.timestamp]).column(dataset.timestamp)
-    start = pd.Timestamp(pc.min(stamps).as_py()).tz_convert("UTC").to_pydatetime()
-    # Load up to the newest event in the data, not past it: materialize_incremental starts at the previous
-    # end, so a batch whose (past) event times fall before an end of "now" would never reach the online store.
-    newest = pd.Timestamp(pc.max(stamps).as_py()).tz_convert("UTC").to_pydatetime() + timedelta(seconds=1)
-    end = min(end, newest)
-    fresh = [v.name for v in views if not v.materialization_intervals]
-    known = [v.name for v in views if v.materialization_intervals]
+    created = created_column(dataset)
+    rows = pq.read_table(fpath, columns=list(dict.fromkeys([dataset.timestamp, created]))).to_pandas()
+    event, arrived = _utc(rows[dataset.timestamp], dataset.timestamp), _utc(rows[created], created)
+    start = event.min().to_pydatetime()
+    # Load up to the newest arrival, not past it: offline reads filter by arrival time, so online and
+    # offline then agree at `end` (the skew check compares them there).
+    end = min(end, (arrived.max() + pd.Timedelta(seconds=1)).to_pydatetime())
+    fresh = [v for v in views if not v.materialization_intervals]
+    known = [v for v in views if v.materialization_intervals]
     loads: list[ViewLoad] = []
     if fresh:
-        store.materialize(start_date=start, end_date=end, feature_views=fresh)
-        loads += [ViewLoad(view=n, mode="full", start=start, end=end) for n in fresh]
+        store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in fresh])
+        loads += [ViewLoad(view=v.name, mode="full", start=start, end=end) for v in fresh]
     if known:
-        store.materialize_incremental(end_date=end, feature_views=known)
-        loads += [ViewLoad(view=n, mode="incremental", start=None, end=end) for n in known]
+        # Later loads cover the event-time window of the rows that arrived since the previous load.
+        # (materialize_incremental would start at the previous end: batches of past events, replayed or
+        # late, would never reach the online store.)
+        previous = max(interval[1] for v in known for interval in v.materialization_intervals)
+        new = event[(arrived > pd.Timestamp(previous).tz_convert("UTC")) & (event <= pd.Timestamp(end))]
+        if len(new):
+            since = new.min().to_pydatetime()
+            store.materialize(start_date=since, end_date=end, feature_views=[v.name for v in known])
+            loads += [ViewLoad(view=v.name, mode="incremental", start=since, end=end) for v in known]
+        else:
+            loads += [ViewLoad(view=v.name, mode="up-to-date", start=None, end=end) for v in known]
     return MaterializeReport(dataset=dataset.name, end=end, loads=loads, seconds=time.perf_counter() - t0)
 
 

@@ -161,7 +161,8 @@ def test_skew_check_passes_on_a_clean_store(trained: dict[str, Any]) -> None:
     ctx = _ctx(trained)
     report = check_skew.fn(trained["repo"], trained["model"], ctx.dataset, ctx.settings.batch, ctx.offline_dir,
                            seed=0)
-    assert report.passed and report.offline_time == T, report.summary()
+    # the online store is loaded up to the newest arrival (not past it), and the check compares there
+    assert report.passed and report.offline_time <= T, report.summary()
     assert len(report.entities) == ctx.settings.batch.skew_sample
     assert report.max_prediction_difference <= ctx.settings.batch.skew_tolerance
 
