@@ -479,6 +479,19 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
         )
 
 
+def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
+    """Record in the ledger that these batches are in the online store."""
+    if not batch_ids:
+        return
+    with _locked(folder):
+        path = folder / LEDGER_FILE
+        ledger = json.loads(path.read_text()) if path.exists() else {}
+        now = datetime.now(UTC).isoformat()
+        for b in batch_ids & set(ledger):
+            ledger[b]["materialized_at"] = now
+        _atomic_write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+
+
 def ingested_batches(dataset: DatasetDefinition, offline_dir: Path) -> dict[str, dict[str, Any]]:
     path = dataset_dir(offline_dir, dataset) / LEDGER_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -494,8 +507,8 @@ def materialize_online(
 
     A view never loaded before gets `materialize(start, end)` from the data's first event time, because
     `materialize_incremental`'s first run only looks back one TTL. Later loads cover the event-time window
-    of the rows that arrived since the previous load. Whether (and until when) a view was loaded is read
-    from the registry's materialization intervals, so there is no extra state.
+    of the batches the ledger does not mark as loaded yet; whether a view was ever loaded is read from the
+    registry's materialization intervals.
     """
     if end.tzinfo is None:
         raise FlywheelError("materialize_online needs a tz-aware end time")
@@ -507,12 +520,17 @@ def materialize_online(
     if not fpath.exists():
         raise FlywheelError(f"no offline feature rows for {dataset.name!r} at {fpath}: ingest a batch first")
     created = created_column(dataset)
-    rows = pq.read_table(fpath, columns=list(dict.fromkeys([dataset.timestamp, created]))).to_pandas()
+    rows = pq.read_table(fpath, columns=list(dict.fromkeys([dataset.timestamp, created, BATCH_COLUMN]))).to_pandas()
     event, arrived = _utc(rows[dataset.timestamp], dataset.timestamp), _utc(rows[created], created)
     start = event.min().to_pydatetime()
     # Load up to the newest arrival, not past it: offline reads filter by arrival time, so online and
     # offline then agree at `end` (the skew check compares them there).
     end = min(end, (arrived.max() + pd.Timedelta(seconds=1)).to_pydatetime())
+    # Batches not loaded online yet, from the ingest ledger. (materialize_incremental would start at the
+    # previous end: batches of past events, replayed or late, would never reach the online store.)
+    folder = dataset_dir(offline_dir, dataset)
+    pending = {b for b, info in ingested_batches(dataset, offline_dir).items() if "materialized_at" not in info}
+    in_pending = rows[BATCH_COLUMN].isin(pending) & (arrived < pd.Timestamp(end))
     fresh = [v for v in views if not v.materialization_intervals]
     known = [v for v in views if v.materialization_intervals]
     loads: list[ViewLoad] = []
@@ -520,17 +538,15 @@ def materialize_online(
         store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in fresh])
         loads += [ViewLoad(view=v.name, mode="full", start=start, end=end) for v in fresh]
     if known:
-        # Later loads cover the event-time window of the rows that arrived since the previous load.
-        # (materialize_incremental would start at the previous end: batches of past events, replayed or
-        # late, would never reach the online store.)
-        previous = max(interval[1] for v in known for interval in v.materialization_intervals)
-        new = event[(arrived > pd.Timestamp(previous).tz_convert("UTC")) & (event <= pd.Timestamp(end))]
-        if len(new):
-            since = new.min().to_pydatetime()
+        if in_pending.any():  # the event-time window of the rows that arrived since the last load
+            since = event[in_pending].min().to_pydatetime()
             store.materialize(start_date=since, end_date=end, feature_views=[v.name for v in known])
             loads += [ViewLoad(view=v.name, mode="incremental", start=since, end=end) for v in known]
         else:
             loads += [ViewLoad(view=v.name, mode="up-to-date", start=None, end=end) for v in known]
+    loaded = set(rows.loc[in_pending, BATCH_COLUMN]) - set(rows.loc[~in_pending & rows[BATCH_COLUMN].isin(pending),
+                                                                     BATCH_COLUMN])
+    _mark_materialized(folder, loaded)
     return MaterializeReport(dataset=dataset.name, end=end, loads=loads, seconds=time.perf_counter() - t0)
 
 

@@ -187,6 +187,20 @@ def test_a_batch_of_past_events_after_a_load_to_now_still_reaches_the_online_sto
     assert fs.get_online_features(store, service, [1, 2])["x"].tolist() == [1.0, 2.0]
 
 
+def test_a_late_row_in_one_batch_does_not_hide_the_next_batch_from_the_online_store(store, offline):
+    # given a first batch with a row that arrived days late, loaded online
+    ds = tiny_dataset()
+    service = fs.apply_definitions(store, ds, 30, offline)
+    d = timedelta(days=1)
+    fs.ingest_batch(tiny_rows((1, T - 5 * d, T - 5 * d, 1.0), (3, T - 5 * d, T, 3.0)), ds, offline, "b1")
+    fs.materialize_online(store, ds, offline, T + 20 * d)
+    # when a batch whose events lie between the first batch's events and that late arrival comes in
+    fs.ingest_batch(tiny_rows((2, T - 2 * d, T - 2 * d, 2.0)), ds, offline, "b2")
+    fs.materialize_online(store, ds, offline, T + 20 * d)
+    # then it is online too
+    assert fs.get_online_features(store, service, [1, 2, 3])["x"].tolist() == [1.0, 2.0, 3.0]
+
+
 # ----------------------------------------------------------------------------------------- leakage
 
 
