@@ -149,8 +149,7 @@ def single_row_latency_ms(
     The one-row frames are built before timing: the service pays its own request parsing, and we
     measure what the model adds. BLAS/OpenMP pools are limited to one thread, as a serving worker
     sharing cores with others would be (threads compete for the cores and blow up the tail).
-    Wall time is what the gate judges (a model that waits on anything is slow); the thread's CPU
-    time is returned beside it so a reader can tell a costly model from a busy machine."""
+    The gate judges wall time, corrected for preemption with the thread's CPU time (see `_latency`)."""
     base = frame[list(columns)].reset_index(drop=True)
     if base.empty:
         raise FlywheelError("latency gate needs at least one holdout row")
@@ -355,17 +354,21 @@ def _latency(cfg: GatesConfig, model: Any, holdout: pd.DataFrame, dataset: Datas
         )
     p50, p99 = np.percentile(times, [50, 99])
     cpu99 = float(np.percentile(cpu, 99))
+    # Judged: the wall p99, unless preemption inflated it (a busy machine): then the larger of the
+    # thread-CPU p99 and the wall median, which preemption barely moves. A model that waits (sleep, I/O)
+    # still fails through its median; a costly one (a 100-tree forest) through its CPU time.
+    judged = float(min(p99, max(cpu99, p50)))
     waited = "; CPU far below wall: the calls waited (sleep/IO or a busy machine)" if cpu99 < 0.5 * p99 else ""
     return GateResult(
         rule="latency",
-        value=float(p99),
+        value=judged,
         threshold=threshold,
-        passed=bool(p99 <= rule.p99_max_ms),
+        passed=bool(judged <= rule.p99_max_ms),
         detail=(
             f"single-row predict_proba x{rule.rows} after {_LATENCY_WARMUP} warm-up calls, "
             f"threadpool_limits(1), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: "
             f"wall p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {times.max():.2f} ms; "
-            f"thread CPU p99 {cpu99:.2f} ms{waited}"
+            f"thread CPU p99 {cpu99:.2f} ms{waited}; judged min(wall p99, max(CPU p99, wall p50)) = {judged:.2f} ms"
         ),
     )
 
