@@ -34,6 +34,22 @@ def make_home(tmp: Path) -> Path:
     return tmp
 
 
+def train_champion_and_challenger(home: Path, spec) -> None:
+    """Run the training pipeline (ci profile) on the first 21 days of `spec`, then again after the rest
+    arrive: the registry ends with champion v1 and challenger v2, the online store materialized."""
+    from flows.training import TrainingParams, training_pipeline
+    from flywheel.datagen import write_batches
+
+    files = write_batches(spec, home / "data" / "staging")
+    incoming = home / "data" / "incoming" / "churn"
+    incoming.mkdir(parents=True, exist_ok=True)
+    for batch, expected in ((files[:21], "champion"), (files[21:], "challenger")):
+        for f in batch:
+            shutil.copy2(f, incoming / f.name)
+        result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
+        assert result.alias == expected, f"expected a {expected}, got {result}"
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return make_home(tmp_path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +27,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from flywheel.datagen import GeneratorSpec, write_batches
-from tests.conftest import make_home
-from tests.integration.test_service import TOKEN, Service, _train, start_service, stop_service
+from flywheel.datagen import GeneratorSpec
+from tests.conftest import make_home, train_champion_and_challenger
+from tests.integration.test_service import TOKEN, Service, start_service, stop_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,15 +61,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Pat
     """Champion v1 and challenger v2 from the training pipeline; a fast rollout plan file."""
     home = make_home(tmp_path_factory.mktemp("rollout-home"))
     (home / "configs" / "rollout.yaml").write_text(yaml.safe_dump(PLANS))
-    files = write_batches(SPEC, home / "data" / "staging")
-    incoming = home / "data" / "incoming" / "churn"
-    incoming.mkdir(parents=True)
-    for f in files[:21]:
-        shutil.copy2(f, incoming / f.name)
-    assert _train(home).alias == "champion"
-    for f in files[21:]:
-        shutil.copy2(f, incoming / f.name)
-    assert _train(home).alias == "challenger"
+    train_champion_and_challenger(home, SPEC)
     return home
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +25,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from flywheel.datagen import GeneratorSpec, write_batches
-from tests.conftest import PROJECT, make_home
+from flywheel.datagen import GeneratorSpec
+from tests.conftest import PROJECT, make_home, train_champion_and_challenger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,25 +39,11 @@ UNKNOWN_ID = 987_654_321
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-def _train(home: Path) -> Any:
-    from flows.training import TrainingParams, training_pipeline
-
-    return training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
-
-
 @pytest.fixture(scope="module")
 def trained_home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Path:
     """A home whose registry holds champion v1 and challenger v2, with the online store materialized."""
     home = make_home(tmp_path_factory.mktemp("serve-home"))
-    files = write_batches(SPEC, home / "data" / "staging")
-    incoming = home / "data" / "incoming" / "churn"
-    incoming.mkdir(parents=True)
-    for f in files[:21]:
-        shutil.copy2(f, incoming / f.name)
-    assert _train(home).alias == "champion"
-    for f in files[21:]:
-        shutil.copy2(f, incoming / f.name)
-    assert _train(home).alias == "challenger"
+    train_champion_and_challenger(home, SPEC)
     return home
 
 
