@@ -202,10 +202,12 @@ def main() -> None:
         console.print(f"target: overhead <= 5% of the work -> {verdict}")
     finally:
         if server is not None:
-            from prefect.logging.handlers import APILogWorker
+            try:
+                from prefect.logging.handlers import APILogWorker
 
-            APILogWorker.drain_all()  # ship the last run logs while the server is still up
-            stop(server)
+                APILogWorker.drain_all()  # ship the last run logs while the server is still up
+            finally:
+                stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
