@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from flywheel.errors import FlywheelError
+from flywheel.db import project_engine
 
 TABLE = "flywheel_alias_audit"
 APPEND_ONLY_MESSAGE = f"{TABLE} is append-only"
@@ -88,10 +87,7 @@ class AuditLog:
     def __init__(self, url: str, schema: str | None = None) -> None:
         self.url = url
         self.schema = schema
-        backend = sa.engine.make_url(url).get_backend_name()
-        if backend not in ("sqlite", "postgresql"):
-            raise FlywheelError(f"audit log: unsupported database {backend!r}; use SQLite or PostgreSQL")
-        self._engine = sa.create_engine(url)
+        self._engine = project_engine(url, "audit log")
         self._metadata = sa.MetaData(schema=schema)
         self._table = _table(self._metadata)
         self._create()
@@ -105,13 +101,7 @@ class AuditLog:
 
     def _create(self) -> None:
         dialect = self._engine.dialect.name
-        if dialect == "sqlite":
-            db = self._engine.url.database
-            if db and db != ":memory:" and not db.startswith("file:"):
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-            guards = _sqlite_guards()
-        else:
-            guards = _postgres_guards(self.schema)
+        guards = _sqlite_guards() if dialect == "sqlite" else _postgres_guards(self.schema)
         with self._engine.begin() as conn:
             if self.schema and dialect == "postgresql":
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))

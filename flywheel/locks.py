@@ -14,11 +14,11 @@ code runs on SQLite and Postgres.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
+from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 
 LOCKS_TABLE = "flywheel_rollout_locks"
@@ -74,14 +74,7 @@ class RolloutLocks:
     """Per-model rollout locks in the database at `url` (tables created idempotently)."""
 
     def __init__(self, url: str) -> None:
-        backend = sa.engine.make_url(url).get_backend_name()
-        if backend not in ("sqlite", "postgresql"):
-            raise FlywheelError(f"rollout locks: unsupported database {backend!r}; use SQLite or PostgreSQL")
-        if backend == "sqlite":
-            db = sa.engine.make_url(url).database
-            if db and db != ":memory:" and not db.startswith("file:"):
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = sa.create_engine(url, connect_args={"timeout": 15} if backend == "sqlite" else {})
+        self._engine = project_engine(url, "rollout locks")
         md = sa.MetaData()
         self.locks = sa.Table(
             LOCKS_TABLE, md,

@@ -17,12 +17,11 @@ import queue
 import threading
 from collections import deque
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from flywheel.errors import FlywheelError
+from flywheel.db import project_engine
 
 PREDICTIONS_TABLE = "flywheel_predictions"
 ROUTING_TABLE = "flywheel_routing"
@@ -59,19 +58,6 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     return predictions, routing
 
 
-def _engine(url: str) -> sa.Engine:
-    backend = sa.engine.make_url(url).get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise FlywheelError(f"prediction log: unsupported database {backend!r}; use SQLite or PostgreSQL")
-    if backend == "sqlite":
-        db = sa.engine.make_url(url).database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        # readers (tests, dashboards) and the writer thread share the file: wait instead of failing
-        return sa.create_engine(url, connect_args={"timeout": 15})
-    return sa.create_engine(url, pool_pre_ping=True)
-
-
 class PredictionLog:
     """Queue + background writer for `flywheel_predictions`; also reads/writes the routing policy."""
 
@@ -79,7 +65,7 @@ class PredictionLog:
         self.url = url
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
-        self._engine = _engine(url)
+        self._engine = project_engine(url, "prediction log")
         self._metadata = sa.MetaData()
         self.predictions, self.routing = _tables(self._metadata)
         self._metadata.create_all(self._engine, checkfirst=True)
