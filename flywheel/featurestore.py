@@ -662,3 +662,59 @@ def get_online_features(store: FeatureStore, service_name: str, entity_ids: Sequ
     key = view.entity_columns[0].name
     rows = [{key: e} for e in entity_ids]
     return store.get_online_features(features=service, entity_rows=rows).to_df()
+
+
+_SCALAR_VALUES = frozenset({"double_val", "float_val", "int64_val", "int32_val", "string_val", "bool_val"})
+
+
+class OnlineReader:
+    """One feature service's online values, read through the online store's own `online_read`.
+
+    Why not `FeatureStore.get_online_features`: for 100 entities it spends ~45% of its time building
+    and converting its protobuf response (measured: 5.3 ms a read, 2.9 ms of it `online_read`). This
+    reads each of the service's views with the provider's `online_read` (the online store plug-in API:
+    SQLite, Redis, PostgreSQL alike) and converts values with Feast's own `feast_value_type_to_python_type`.
+    Same semantics as `get_online_features` on a plain service (tested side by side): an entity with no
+    row reads None for each feature, an empty value is None, no TTL filtering online.
+    """
+
+    def __init__(self, store: FeatureStore, service: FeatureService) -> None:
+        self._config = store.config
+        self._provider = store._get_provider()  # the provider of the store's online store (no public accessor)
+        self.views: list[tuple[Any, list[str]]] = []
+        keys = set()
+        for proj in service.feature_view_projections:
+            if proj.name_alias:
+                raise FlywheelError(f"feature service {service.name!r}: aliased view {proj.name!r} is not supported")
+            view = store.get_feature_view(proj.name)
+            self.views.append((view, [f.name for f in proj.features]))
+            keys.add(tuple((c.name, c.dtype.to_value_type()) for c in view.entity_columns))
+        if len(keys) != 1 or len(next(iter(keys))) != 1:
+            raise FlywheelError(f"feature service {service.name!r}: its views must share one single-column entity key")
+        (self.key, self._value_type), = next(iter(keys))
+        self.features = [n for _, names in self.views for n in names]
+
+    def read(self, ids: Sequence[Any]) -> list[dict[str, Any]]:
+        """Each entity's feature values (None where missing), in the order of `ids` (duplicates allowed)."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+
+        unique = list(dict.fromkeys(ids))
+        keys = [
+            EntityKey(join_keys=[self.key], entity_values=[v])
+            for v in python_values_to_proto_values(unique, self._value_type)
+        ]
+        found: dict[Any, dict[str, Any]] = {e: {} for e in unique}
+        for view, names in self.views:
+            rows = self._provider.online_read(config=self._config, table=view, entity_keys=keys,
+                                              requested_features=names)
+            for entity, (_, data) in zip(unique, rows, strict=True):
+                if data:
+                    got = found[entity]
+                    for name in names:
+                        value = data.get(name)
+                        kind = None if value is None else value.WhichOneof("val")
+                        # scalars directly (a fifth of the cost); anything else through Feast's converter
+                        got[name] = (None if kind is None else getattr(value, kind) if kind in _SCALAR_VALUES
+                                     else feast_value_type_to_python_type(value))
+        return [{n: found[e].get(n) for n in self.features} for e in ids]

@@ -1,9 +1,17 @@
-"""The prediction log: every online prediction, appended off the request path.
+"""The prediction log: every online prediction, written by a separate writer process.
 
-Requests put records on an in-memory queue; one background thread writes them in batches every
-`flush_seconds` (SQLAlchemy Core, SQLite or Postgres). `close()` stops the thread after a last flush,
-so a clean stop loses nothing. A failed write is retried at the next flush (the batch stays queued,
-bounded by `max_pending`; past that the oldest records are dropped and counted).
+Why a process: a writer thread in the service turns 100-row requests into ~2,000 rows a second of
+JSON encoding and SQLAlchemy parameter processing, all under the service's GIL. Measured in-process
+on a batch-100 request: p99 15 ms and max 108 ms with the thread, p99 7 ms without it. The service
+now only puts each request's records on a queue; a sender thread pickles them to the writer's stdin,
+and the writer (`python -m flywheel.predictionlog`, SQLAlchemy only) stores them in batches every
+`flush_seconds` (SQLite or PostgreSQL).
+
+Nothing lost: a failed database write keeps the batch in the writer and retries it at the next flush
+(bounded by `max_pending`; past that the oldest rows are dropped and counted); `close()` sends a stop,
+the writer flushes everything and exits, and the service waits for it. If the service dies the writer
+reads end-of-file, flushes and exits. If the writer dies it is restarted at the next send; rows it held
+unflushed (at most `flush_seconds` of traffic) are lost and the restart is counted on /health.
 
 The same database holds `flywheel_routing`: the service's routing policy (one row per model name),
 so a restart keeps the canary share or the active blue/green slot.
@@ -11,13 +19,22 @@ so a restart keeps the canary share or the active blue/green slot.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import itertools
 import json
 import logging
+import os
+import pickle
 import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 import sqlalchemy as sa
 
@@ -26,6 +43,7 @@ from flywheel.db import project_engine
 PREDICTIONS_TABLE = "flywheel_predictions"
 ROUTING_TABLE = "flywheel_routing"
 log = logging.getLogger("flywheel.predictionlog")
+_STOP = object()
 
 
 def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
@@ -58,8 +76,114 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     return predictions, routing
 
 
+# ------------------------------------------------------------------------------------ the writer side
+
+
+class Writer:
+    """Pending rows and their batched insert (runs in the writer process; also usable in-process)."""
+
+    def __init__(self, url: str, max_pending: int = 200_000) -> None:
+        self.engine = project_engine(url, "prediction log")
+        metadata = sa.MetaData()
+        self.predictions, _ = _tables(metadata)
+        metadata.create_all(self.engine, checkfirst=True)
+        self.max_pending = max_pending
+        self.pending: deque[dict[str, Any]] = deque()
+        self.written = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.pending.extend(records)
+        for _ in range(max(len(self.pending) - self.max_pending, 0)):
+            self.pending.popleft()
+            self.dropped += 1
+
+    def flush(self) -> int:
+        """Insert everything pending in one transaction; on failure keep it for the next flush."""
+        if not self.pending:
+            return 0
+        rows = [_row(r) for r in self.pending]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.predictions.insert(), rows)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("prediction log write failed (%d rows kept for retry): %s", len(rows), exc)
+            return 0
+        self.pending.clear()
+        self.last_error = None
+        self.written += len(rows)
+        return len(rows)
+
+    def status(self, ack: int | None = None) -> dict[str, Any]:
+        return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending),
+                "last_error": self.last_error, "ack": ack}
+
+
+def writer_main(argv: list[str] | None = None) -> None:
+    """The writer process: pickled messages on stdin, one JSON status line per flush on stdout."""
+    parser = argparse.ArgumentParser(description="Flywheel prediction log writer (started by the service)")
+    parser.add_argument("url")
+    parser.add_argument("--flush-seconds", type=float, default=0.5)
+    parser.add_argument("--max-pending", type=int, default=200_000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C or a TERM to the service's process group must not kill the writer before the service has
+    # shipped its last rows: the writer stops on the service's "stop" message or on end-of-file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    writer = Writer(args.url, args.max_pending)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stdin, stdout = sys.stdin.buffer, sys.stdout
+
+    def read() -> None:
+        while True:
+            try:
+                inbox.put(pickle.load(stdin))
+            except (EOFError, OSError, pickle.UnpicklingError):
+                inbox.put(("stop", None))  # the service is gone: flush what we hold and exit
+                return
+
+    def report(ack: int | None = None) -> None:
+        try:
+            stdout.write(json.dumps(writer.status(ack)) + "\n")
+            stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the service is gone; the rows still go to the database
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    report()  # ready
+    deadline = time.monotonic() + args.flush_seconds
+    while True:
+        try:
+            kind, payload = inbox.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            writer.flush()
+            report()
+            deadline = time.monotonic() + args.flush_seconds
+            continue
+        if kind == "rows":
+            writer.add(payload)
+        elif kind == "flush":
+            writer.flush()
+            report(payload)
+        elif kind == "stop":
+            give_up = time.monotonic() + 30
+            while writer.pending and writer.flush() == 0 and time.monotonic() < give_up:
+                time.sleep(0.5)  # a clean stop must not lose rows: retry a failing database a while
+            report(payload)
+            writer.engine.dispose()
+            # everything is committed; exit now rather than wait in interpreter shutdown for the stdin
+            # reader thread, which may hold the buffered reader's lock (CPython aborts on that)
+            os._exit(0)
+
+
+# ------------------------------------------------------------------------------------ the service side
+
+
 class PredictionLog:
-    """Queue + background writer for `flywheel_predictions`; also reads/writes the routing policy."""
+    """The service's handle: queue records, ship them to the writer process; routing policy reads/writes."""
 
     def __init__(self, url: str, flush_seconds: float = 0.5, max_pending: int = 200_000) -> None:
         self.url = url
@@ -69,70 +193,142 @@ class PredictionLog:
         self._metadata = sa.MetaData()
         self.predictions, self.routing = _tables(self._metadata)
         self._metadata.create_all(self._engine, checkfirst=True)
-        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self._pending: deque[dict[str, Any]] = deque()
-        self._stop = threading.Event()
-        self._flush_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sender: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._acks = itertools.count(1)
+        self._acked = threading.Condition()
+        self._last_ack = 0
+        self._closing = False
+        self._base = (0, 0)  # written, dropped by earlier writer processes (restarts)
         self.written = 0
         self.dropped = 0
+        self.restarts = 0
         self.last_error: str | None = None
 
     @property
     def engine(self) -> sa.Engine:
         return self._engine
 
+    @property
+    def writer_pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
     # ------------------------------------------------------------------------------ writing
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
-            self._thread.start()
+        if self._sender is None:
+            self._spawn()
+            self._sender = threading.Thread(target=self._send_loop, name="prediction-log-sender", daemon=True)
+            self._sender.start()
 
     def append(self, record: dict[str, Any]) -> None:
-        """Queue one record (non-blocking; the writer thread stores it at its next flush)."""
-        self._queue.put(record)
+        self._queue.put([record])
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_seconds):
-            self.flush()
-        self.flush()
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Queue one request's records (non-blocking: the sender thread ships them)."""
+        if records:
+            self._queue.put(records)
 
-    def flush(self) -> int:
-        """Write everything queued so far; returns the number of rows written."""
-        with self._flush_lock:
-            while True:
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Ship everything queued so far and wait until the writer has stored it (or failed to)."""
+        ack = next(self._acks)
+        self._queue.put(("flush", ack))
+        with self._acked:
+            return self._acked.wait_for(lambda: self._last_ack >= ack, timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Ship what is queued, let the writer store it and exit, and wait for it (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._sender is not None:
+            self._queue.put(_STOP)
+            self._sender.join(timeout)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("prediction log writer (pid %d) did not stop in %.0f s; killed", self._proc.pid, timeout)
+                self._proc.kill()
+                self._proc.wait()
+        self._engine.dispose()
+
+    def _spawn(self) -> None:
+        self._base = (self.written, self.dropped)
+        cmd = [sys.executable, "-m", "flywheel.predictionlog", self.url,
+               "--flush-seconds", str(self.flush_seconds), "--max-pending", str(self.max_pending)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        threading.Thread(target=self._status_loop, args=(proc, proc.stdout), name="prediction-log-status",
+                         daemon=True).start()
+        self._proc = proc
+
+    def _status_loop(self, proc: subprocess.Popen[bytes], out: IO[bytes]) -> None:
+        for line in out:
+            try:
+                status = json.loads(line)
+            except ValueError:
+                continue
+            self.written = self._base[0] + int(status["written"])
+            self.dropped = self._base[1] + int(status["dropped"])
+            self.last_error = status.get("last_error")
+            if status.get("ack"):
+                with self._acked:
+                    self._last_ack = max(self._last_ack, int(status["ack"]))
+                    self._acked.notify_all()
+        code = proc.wait()
+        if not self._closing or code != 0:
+            self.last_error = f"prediction log writer (pid {proc.pid}) exited with code {code}"
+            log.error(self.last_error)
+
+
+    def _send(self, message: tuple[str, Any]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for attempt in range(3):
+            proc = self._proc
+            try:
+                assert proc is not None and proc.stdin is not None
+                proc.stdin.write(data)
+                proc.stdin.flush()
+                return
+            except (OSError, ValueError, AssertionError) as exc:  # the writer died: restart it, resend
+                if attempt == 2:
+                    self.last_error = f"prediction log writer unavailable: {type(exc).__name__}: {exc}"
+                    log.error("%s; one %s message lost", self.last_error, message[0])
+                    return
+                log.error("prediction log writer is gone (%s); restarting it", exc)
+                self.restarts += 1
+                self._spawn()
+
+    def _send_loop(self) -> None:
+        stop = False
+        while not stop:
+            items = [self._queue.get()]
+            while len(items) < 1000:
                 try:
-                    self._pending.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            overflow = len(self._pending) - self.max_pending
-            for _ in range(max(overflow, 0)):
-                self._pending.popleft()
-                self.dropped += 1
-            if not self._pending:
-                return 0
-            rows = [_row(r) for r in self._pending]
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(self.predictions.insert(), rows)
-            except Exception as exc:  # kept queued; the next flush retries
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("prediction log write failed (%d rows kept for retry): %s", len(rows), exc)
-                return 0
-            self._pending.clear()
-            self.last_error = None
-            self.written += len(rows)
-            return len(rows)
-
-    def close(self) -> None:
-        """Stop the writer after a final flush (idempotent)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        self.flush()
-        self._engine.dispose()
+            rows: list[dict[str, Any]] = []
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, tuple):  # ("flush", ack): rows queued before it go first
+                    if rows:
+                        self._send(("rows", rows))
+                        rows = []
+                    self._send(item)
+                else:
+                    rows.extend(item)
+            if rows:
+                self._send(("rows", rows))
+        self._send(("stop", None))
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
 
     # ------------------------------------------------------------------------------ routing
 
@@ -190,3 +386,7 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
+
+
+if __name__ == "__main__":
+    writer_main()

@@ -43,6 +43,7 @@ from flywheel.errors import FlywheelError
 from flywheel.predictionlog import PredictionLog
 
 if TYPE_CHECKING:
+    from flywheel.featurestore import OnlineReader
     from flywheel.registry import LoadedModel, Registry
     from flywheel.schemas import DatasetDefinition, FeatureSpec
     from flywheel.settings import Settings
@@ -617,7 +618,7 @@ class ServingState:
         self._store: Any = None
         self._store_error: str | None = None
         self._store_lock = threading.Lock()
-        self._services: dict[str, tuple[Any, str, list[str]]] = {}  # name -> (FeatureService, key, features)
+        self._services: dict[str, OnlineReader] = {}  # feature service name -> its reader
         self._slots = Slots()
         self._policy = RoutingPolicy()
         self._reload_lock = threading.Lock()
@@ -691,16 +692,14 @@ class ServingState:
             self._store, self._services = store, {}
         self._store_error = None
 
-    def _service(self, name: str) -> tuple[Any, str, list[str]]:
-        from flywheel.featurestore import service_features
+    def _service(self, name: str) -> OnlineReader:
+        from flywheel.featurestore import OnlineReader
 
         hit = self._services.get(name)
         if hit is None:
             if self._store is None:
                 raise Unavailable(self._store_error or "feature store not loaded")
-            service = self._store.get_feature_service(name, allow_cache=False)
-            view = self._store.get_feature_view(service.feature_view_projections[0].name)
-            hit = (service, view.entity_columns[0].name, service_features(service))
+            hit = OnlineReader(self._store, self._store.get_feature_service(name, allow_cache=False))
             self._services[name] = hit
         return hit
 
@@ -717,10 +716,7 @@ class ServingState:
         """Online feature values (None where missing) of each entity, through one feature service."""
         try:
             with self._store_lock:
-                service, key, _ = self._service(service_name)
-                data = self._store.get_online_features(
-                    features=service, entity_rows=[{key: e} for e in ids]
-                ).to_dict()
+                rows = self._service(service_name).read(ids)
         except ServingError:
             raise
         except Exception as exc:
@@ -729,8 +725,7 @@ class ServingState:
             raise Unavailable(self._store_error) from exc
         if self._store_error:
             self._store_error = None  # recovered
-        cols = [c for c in data if c != key]
-        return [{c: _clean(data[c][i]) for c in cols} for i in range(len(ids))]
+        return [{c: _clean(v) for c, v in row.items()} for row in rows]
 
     # ------------------------------------------------------------------ models
 
@@ -817,7 +812,7 @@ class ServingState:
             return  # checked when the store comes back (the first request or probe resolves it)
         try:
             with self._store_lock:
-                _, _, provided = self._service(slot.feature_service)
+                provided = self._service(slot.feature_service).features
         except ServingError:
             return
         except Exception as exc:
@@ -863,7 +858,8 @@ class ServingState:
             "routing": self._policy.model_dump(),
             "last_registry_poll": self.last_reload.isoformat() if self.last_reload else None,
             "prediction_log": {"written": self.log.written, "dropped": self.log.dropped,
-                               "last_error": self.log.last_error},
+                               "last_error": self.log.last_error, "writer_pid": self.log.writer_pid,
+                               "writer_restarts": self.log.restarts},
         }
         return not reasons, detail
 
@@ -945,9 +941,12 @@ class ServingState:
         request_id = uuid.uuid4().hex
         now = datetime.now(UTC)
         final = [r for r in results if r is not None]
-        for i, r in enumerate(final):
-            self.log.append(_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False))
-            if self.on_prediction:
+        self.log.append_many(
+            [_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False)
+             for i, r in enumerate(final)]
+        )
+        if self.on_prediction:
+            for r in final:
                 self.on_prediction(r, latency, False)
         shadow_idx = [i for i, (_, s) in enumerate(routes) if s]
         if shadow_idx and slots.challenger is not None:
@@ -986,14 +985,16 @@ class ServingState:
             proba = slot.probabilities(rows)
             latency = (time.perf_counter() - t0) * 1000
             now = datetime.now(UTC)
+            records = []
             for k, entity in enumerate(ids):
                 p = float(proba[k])
                 r = RowResult(entity=entity, prediction=p >= 0.5, probability=p, model=slot.name,
                               version=slot.version, arm="challenger",
                               imputed=[f for f in slot.features if _missing(rows[k].get(f))])
-                self.log.append(_record(r, rows[k], slot, request_id, now, latency, shadow=True))
+                records.append(_record(r, rows[k], slot, request_id, now, latency, shadow=True))
                 if self.on_prediction:
                     self.on_prediction(r, latency, True)
+            self.log.append_many(records)
         except Exception:
             log.exception("shadow scoring failed")
         finally:

@@ -13,8 +13,9 @@
 4. Measured with persistent httpx clients, after a warm-up: one entity per request paced at 100/s,
    batches of 100 entities back to back, and throughput at saturation (a few client threads, ~10 s).
    Both systems' probabilities are compared on the same entities (they must agree).
-5. Memory (RSS) of the Flywheel service with the champion only, then champion + challenger (a second
-   version registered, alias set, POST /admin/reload); RSS of the baseline processes.
+5. Memory (RSS) of the Flywheel service (and its prediction-log writer process) with the champion only,
+   then champion + challenger (a second version registered, alias set, POST /admin/reload);
+   RSS of the baseline processes.
 
 Everything listens on 127.0.0.1; every process started here is stopped by pid / process group at the end.
 The client runs on the same machine as the servers: on 2 cores it competes with them for CPU.
@@ -526,7 +527,8 @@ def main() -> None:
             "",
         )
         table.add_row("  errors at saturation", str(fw["errors"]), str(bl["errors"]), "", "", "")
-        table.add_row("RSS MiB, champion only", f"{fw_one[1]:.1f}", "", "", "", "")
+        table.add_row("RSS MiB, champion only (service + log writer)",
+                      f"{fw_one[1]:.1f} ({fw_one[0]:.0f} + {fw_one[1] - fw_one[0]:.0f})", "", "", "", "")
         table.add_row(
             "RSS MiB, champion + challenger", f"{fw_two[1]:.1f} ({fw_two[1] - fw_one[1]:+.1f})", "", "", "", ""
         )

@@ -73,6 +73,19 @@ def x_at(frame: pd.DataFrame, uid: int, ts: datetime) -> float:
 # ------------------------------------------------------------------------------ the whole stage
 
 
+def assert_reader_matches_feast(store, service_name: str, ids: list) -> None:
+    """The service's OnlineReader returns exactly what FeatureStore.get_online_features returns."""
+    service = store.get_feature_service(service_name)
+    reader = fs.OnlineReader(store, service)
+    want = store.get_online_features(features=service, entity_rows=[{reader.key: e} for e in ids]).to_dict()
+    got = reader.read(ids)
+    assert len(got) == len(ids)
+    for i, row in enumerate(got):
+        expected = {f: want[f][i] for f in reader.features}
+        assert row == expected, f"entity {ids[i]!r}: reader {row} != feast {expected}"
+        assert [type(v) for v in row.values()] == [type(v) for v in expected.values()], f"entity {ids[i]!r}"
+
+
 def test_render_apply_ingest_materialize_online_read(settings, dataset, store, offline, small_batches):
     repo = Path(store.repo_path)
     text = (repo / "feature_store.yaml").read_text()
@@ -94,6 +107,7 @@ def test_render_apply_ingest_materialize_online_read(settings, dataset, store, o
         assert online.loc[cid, "tenure_months"] == latest.loc[cid, "tenure_months"], f"customer {cid}"
         assert online.loc[cid, "region"] == latest.loc[cid, "region"], f"customer {cid}"
     assert online.loc[10**9, dataset.feature_names].isna().all(), "an unknown entity reads as all-null"
+    assert_reader_matches_feast(store, service, [*latest.index[:60].tolist(), 10**9, ids[0], ids[0]])
 
     as_of = datetime(2026, 3, 1, tzinfo=UTC)
     frame, join = fs.build_training_set(store, dataset, service, LENIENT, offline, as_of=as_of)
@@ -322,6 +336,7 @@ def test_every_feature_type_and_a_string_entity_round_trip(store, offline):
     fs.materialize_online(store, ds, offline, T + timedelta(hours=1))
     online = fs.get_online_features(store, service, ["a-1"]).iloc[0]
     assert (online["f"], online["i"], online["c"], online["b"]) == (0.5, 3, "x", True)
+    assert_reader_matches_feast(store, service, ["a-2", "a-1", "nobody", "a-1"])
     frame, join = fs.build_training_set(store, ds, service, LENIENT, offline, as_of=T + timedelta(days=1))
     assert (join.entity_rows, join.all_null_rows, len(frame)) == (2, 1, 1), "a-2 has no feature values at all"
     assert frame["account"].tolist() == ["a-1"]

@@ -226,6 +226,75 @@ def test_prediction_log_writes_in_background_and_flushes_on_close(tmp_path: Path
     again.close()
 
 
+def test_prediction_log_survives_its_writer_dying_and_flush_waits_for_the_database(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    log = PredictionLog(f"sqlite:///{tmp_path}/p.db", flush_seconds=60)
+    log.start()
+    first = log.writer_pid
+    log.append_many([_record(i) for i in range(10)])
+    assert log.flush() and len(log.rows()) == 10 and log.written == 10, "flush() returns once rows are stored"
+    assert first is not None and first != os.getpid(), "rows are written by a separate process"
+    os.kill(first, signal.SIGKILL)
+    deadline = __import__("time").monotonic() + 10
+    while log.last_error is None and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert log.last_error and str(first) in log.last_error, "a dead writer is reported"
+    log.append_many([_record(i) for i in range(10, 15)])
+    assert log.flush(), "the next send restarts the writer"
+    assert log.restarts == 1 and log.writer_pid != first
+    assert [r["entity"] for r in log.rows()] == [str(i) for i in range(15)] and log.written == 15
+    log.close()
+
+
+def test_prediction_log_writer_stores_what_it_holds_when_the_service_dies(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # a "service" that queues rows and dies without close(): the writer reads end-of-file and flushes
+    script = (
+        "import os, time; from datetime import UTC, datetime\n"
+        "from flywheel.predictionlog import PredictionLog\n"
+        f"log = PredictionLog('sqlite:///{tmp_path}/p.db', flush_seconds=60); log.start()\n"
+        "log.append_many([{'at': datetime.now(UTC), 'request_id': 'r', 'entity': i, 'model': 'm', 'version': '1',"
+        " 'arm': 'champion', 'prediction': True, 'probability': 0.9, 'latency_ms': 1.0, 'features': {},"
+        " 'imputed': []} for i in range(7)])\n"
+        "time.sleep(1.0); print(log.writer_pid, flush=True); os._exit(9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=PROJECT)
+    assert done.returncode == 9, done.stderr
+    writer = int(done.stdout.split()[0])
+    deadline = __import__("time").monotonic() + 20
+    while Path(f"/proc/{writer}").exists() and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.1)
+    assert not Path(f"/proc/{writer}").exists(), "the orphaned writer exits by itself"
+    again = PredictionLog(f"sqlite:///{tmp_path}/p.db")
+    assert len(again.rows()) == 7, "rows queued before the service died are stored"
+    again.close()
+
+
+def test_prediction_log_writer_keeps_failed_batches_and_bounds_what_it_holds(tmp_path: Path) -> None:
+    from flywheel.predictionlog import Writer
+
+    writer = Writer(f"sqlite:///{tmp_path}/p.db", max_pending=5)
+    writer.add([_record(i) for i in range(8)])
+    assert writer.dropped == 3 and len(writer.pending) == 5, "the oldest rows beyond max_pending are dropped"
+    import sqlite3
+
+    def rename(a: str, b: str) -> None:  # a table that is gone makes the insert fail (root ignores chmod)
+        with sqlite3.connect(tmp_path / "p.db") as db:
+            db.execute(f"ALTER TABLE {a} RENAME TO {b}")
+
+    writer.engine.dispose()
+    rename("flywheel_predictions", "elsewhere")
+    assert writer.flush() == 0 and writer.last_error and len(writer.pending) == 5, "kept for the next flush"
+    writer.engine.dispose()
+    rename("elsewhere", "flywheel_predictions")
+    assert writer.flush() == 5 and writer.last_error is None and writer.written == 5
+    writer.engine.dispose()
+
+
 def test_routing_policy_round_trips_through_the_log_database(tmp_path: Path) -> None:
     log = PredictionLog(f"sqlite:///{tmp_path}/p.db")
     assert log.load_policy("churn") is None
