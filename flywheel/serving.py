@@ -14,8 +14,12 @@
 - Routing (`RoutingPolicy`): single | canary (sticky share of entities to the challenger, by a stable
   hash of the entity id, or of the row when there is no id) | shadow (the challenger scores a share
   in the background; logged, never returned) | blue_green (one active slot, the other kept loaded).
-- Registry outage: /health turns unready, the loaded (verified) models keep serving; with no model
-  loaded predictions fail fast (503). The poll loop reconnects by itself.
+- Outages fail fast: with the registry unreachable /health turns unready and predictions are refused
+  with 503 (`serve.on_registry_outage: refuse`, the default; `serve_loaded` keeps answering with the
+  verified models in memory). With the feature store unreachable, entity predictions are refused with
+  503 at once, without touching the store, until the background poll's probe read succeeds again
+  (every `serve.registry_poll_seconds`); raw-row predictions need no store and go on. Both recover by
+  themselves.
 """
 
 from __future__ import annotations
@@ -669,8 +673,8 @@ class ServingState:
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.registry_poll_seconds):
             try:
-                if self._store is None or self._store_error:
-                    self._open_store() if self._store is None else self._probe_store()
+                # a probe read every tick: /health notices an outage (and a recovery) without traffic
+                self._open_store() if self._store is None else self._probe_store()
                 self.reload()
             except Exception:  # the loop must survive anything; the next tick retries
                 log.exception("registry poll failed")
@@ -708,12 +712,17 @@ class ServingState:
         if slot is None:
             return
         try:
-            self.fetch(slot.feature_service, [_probe_id(self.dataset)])
+            self.fetch(slot.feature_service, [_probe_id(self.dataset)], probe=True)
         except Unavailable:
             return
 
-    def fetch(self, service_name: str, ids: Sequence[Any]) -> list[dict[str, Any]]:
-        """Online feature values (None where missing) of each entity, through one feature service."""
+    def fetch(self, service_name: str, ids: Sequence[Any], probe: bool = False) -> list[dict[str, Any]]:
+        """Online feature values (None where missing) of each entity, through one feature service.
+
+        While the store is known to be unreachable, requests fail at once (no connection attempt, no
+        timeout on the request path); only the poll loop's probe tries it."""
+        if self._store_error and not probe:
+            raise Unavailable(f"{self._store_error}; retried every {self.cfg.registry_poll_seconds:g} s")
         try:
             with self._store_lock:
                 rows = self._service(service_name).read(ids)
@@ -885,6 +894,9 @@ class ServingState:
             raise BatchTooLarge(f"batch of {n} rows exceeds serve.max_batch={self.cfg.max_batch}")
         if slots.champion is None:
             raise Unavailable("no model loaded: " + "; ".join(self.health()[1]["reasons"]))
+        if self._registry_error and self.cfg.on_registry_outage == "refuse":
+            raise Unavailable(f"{self._registry_error}; predictions are refused until it is back "
+                              "(serve.on_registry_outage=refuse)")
         if entities is not None:
             problems = [f"entities[{i}]: {m}" for i, e in enumerate(entities) if (m := _check_entity(e, self.dataset))]
             if problems:

@@ -137,7 +137,10 @@ class ServeConfig(Section):
     port: int = Field(8080, ge=1, le=65535)
     model_name: str | None = None  # default: register.model_name, else the dataset's name
     admin_token_env: str = "FLYWHEEL_ADMIN_TOKEN"  # the variable holding the admin token; never in files
-    registry_poll_seconds: float = Field(5.0, gt=0)
+    registry_poll_seconds: float = Field(5.0, gt=0)  # also how often an unreachable feature store is re-tried
+    # registry unreachable: "refuse" answers 503 until it returns (nobody can tell which version should
+    # serve); "serve_loaded" keeps answering with the verified models in memory
+    on_registry_outage: Literal["refuse", "serve_loaded"] = "refuse"
     max_batch: int = Field(1000, ge=1, le=100_000)
     prediction_log_url: str = "sqlite:///{home}/data/predictions.db"
     log_flush_seconds: float = Field(0.5, gt=0)

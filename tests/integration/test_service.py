@@ -93,7 +93,8 @@ class Service:
 
 
 def start_service(
-    home: Path, env_extra: dict[str, str] | None = None, timeout: float = 120, via_cli: bool = False
+    home: Path, env_extra: dict[str, str] | None = None, timeout: float = 120, via_cli: bool = False,
+    profile: str = "ci",
 ) -> Service:
     port = _free_port()
     log_path = home / f"service-{port}.log"
@@ -111,7 +112,7 @@ def start_service(
         entry = [str(Path(sys.executable).parent / "flywheel"), "serve"] if via_cli else [
             sys.executable, "-m", "flywheel.service"]
         proc = subprocess.Popen(
-            [*entry, "--config-dir", str(home / "configs"), "--profile", "ci", "--port", str(port)],
+            [*entry, "--config-dir", str(home / "configs"), "--profile", profile, "--port", str(port)],
             cwd=str(PROJECT), env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     svc = Service(home, port, proc, log_path)
@@ -473,12 +474,14 @@ def test_registry_outage_turns_health_unready_and_recovers(
         h = _wait(lambda: (r := service.http.get("/health")).status_code == 503 and r)
         assert h, "health stays ready with the registry gone"
         assert any("registry unreachable" in reason for reason in h.json()["reasons"]), h.json()
-        # the verified models in memory keep answering
-        assert service.predict(entities=ids).status_code == 200
+        # fail fast: nobody can tell which version should answer (serve.on_registry_outage=refuse)
+        r = service.predict(entities=ids)
+        assert r.status_code == 503 and "registry unreachable" in r.json()["detail"], r.text
     finally:
         db.rmdir()
         os.replace(away, db)
     assert _wait(lambda: service.http.get("/health").status_code == 200), "did not recover"
+    assert service.predict(entities=ids).status_code == 200
 
 
 def test_stores_unreachable_at_start_fail_fast_then_recover_and_log_flushes_on_stop(

@@ -7,75 +7,10 @@ Each test run gets its own databases (created and dropped here) and its own Redi
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-
-from tests.conftest import make_home
 
 pytestmark = [pytest.mark.production, pytest.mark.integration, pytest.mark.slow,
               pytest.mark.usefixtures("prefect_harness")]  # fmt: skip
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-REDIS_DB = 11
-
-
-def _postgres_or_skip() -> None:
-    import psycopg
-
-    try:
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc}); the production profile needs it")
-
-
-def _redis_or_skip():
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"Redis is not reachable on 127.0.0.1:6379 ({exc}); the production profile needs it")
-    return client
-
-
-@pytest.fixture
-def production_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    import psycopg
-
-    _postgres_or_skip()
-    redis_client = _redis_or_skip()
-    suffix = uuid.uuid4().hex[:10]
-    dbs = {"mlflow": f"flywheel_mlflow_t{suffix}", "flywheel": f"flywheel_t{suffix}"}
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        for db in dbs.values():
-            conn.execute(f'CREATE DATABASE "{db}"')
-    home = make_home(tmp_path / "home")
-    env = {
-        "FLYWHEEL_STORES__MLFLOW_TRACKING_URI": f"{PG}/{dbs['mlflow']}",
-        "FLYWHEEL_STORES__AUDIT_DB_URL": f"{PG}/{dbs['flywheel']}",
-        "FLYWHEEL_STORES__FEAST_ONLINE__CONNECTION_STRING": f"127.0.0.1:6379,db={REDIS_DB}",
-        "FLYWHEEL_STORES__PREFECT_API_URL": "null",  # the test harness is the Prefect API here
-        "FLYWHEEL_TRAIN__SEARCH__TRIALS": "1",
-        "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 60}}",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        yield {"home": home, "dbs": dbs, "redis": redis_client}
-    finally:
-        redis_client.flushdb()
-        from sqlalchemy import create_engine
-
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            for db in dbs.values():
-                create_engine(f"{PG}/{db}").dispose()
-                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_training_pipeline_on_postgres_and_redis(production_env: dict) -> None:

@@ -105,6 +105,29 @@ def test_route_per_mode(fitted: dict[str, Any], dataset: Any, settings: Any) -> 
     state.log.close()
 
 
+@pytest.mark.parametrize("mode", ["refuse", "serve_loaded"])
+def test_registry_outage_refuses_predictions_unless_configured_to_serve_loaded(
+    fitted: dict[str, Any], dataset: Any, settings: Any, mode: str
+) -> None:
+    from flywheel.serving import Unavailable
+
+    def unreachable() -> Any:
+        raise ConnectionError("connection refused by 127.0.0.1:5432")
+
+    cfg = settings.model_copy(update={"serve": settings.serve.model_copy(update={"on_registry_outage": mode})})
+    state = ServingState(cfg, dataset, registry_factory=unreachable)
+    state._slots = Slots(_slot(fitted["logistic_regression"], dataset), None)  # verified earlier, in memory
+    assert state.reload()["error"].startswith("model registry unreachable: ConnectionError")
+    assert not state.health()[0]
+    if mode == "refuse":
+        with pytest.raises(Unavailable, match=r"registry unreachable.*refused until it is back") as err:
+            state.predict(None, [GOOD])
+        assert err.value.status == 503
+    else:
+        assert state.predict(None, [GOOD]).results[0].version == "1"
+    state.log.close()
+
+
 # ---------------------------------------------------------------------------------------- input checks
 
 
