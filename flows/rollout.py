@@ -164,11 +164,11 @@ def _canary(run: _Run, name: str, plan: CanaryPlan, target: RolloutTarget) -> Ro
                               {"mode": "canary", "share": step.share}, step.hold_s, target, plan)
         steps.append(readout)
         if canary_next(plan, i, readout, plan.guards.max_extensions) == "rollback":
-            if plan.rollback == "gradual":
-                for share in gradual_shares(step.share, plan):
-                    run.route("canary", share)
-                    time.sleep(plan.rollback_hold_s if share > 0 else 0)
-            return _roll_back(run, name, plan, target, steps, _breach_reason(readout))
+            path = gradual_shares(step.share, plan) if plan.rollback == "gradual" else []
+            for share in path:  # ramp down through the lower steps, holding each
+                run.route("canary", share)
+                time.sleep(plan.rollback_hold_s if share > 0 else 0)
+            return _roll_back(run, name, plan, target, steps, _breach_reason(readout), rollback_path=path)
     return _promote(run, name, plan, target, steps, f"passed {len(steps)} canary step(s) without a guard breach")
 
 

@@ -13,6 +13,9 @@ the writer flushes everything and exits, and the service waits for it. If the se
 reads end-of-file, flushes and exits. If the writer dies it is restarted at the next send; rows it held
 unflushed (at most `flush_seconds` of traffic) are lost and the restart is counted on /health.
 
+Rows a model failed to score go to `flywheel_prediction_errors` (a failed challenger's rows are
+answered by the champion; the rollout's error-rate guard reads these per arm).
+
 The same database holds `flywheel_routing`: the service's routing policy (one row per model name),
 so a restart keeps the canary share or the active blue/green slot.
 """
@@ -41,12 +44,13 @@ import sqlalchemy as sa
 from flywheel.db import project_engine
 
 PREDICTIONS_TABLE = "flywheel_predictions"
+ERRORS_TABLE = "flywheel_prediction_errors"  # rows a model failed to score (the rollout's error-rate guard)
 ROUTING_TABLE = "flywheel_routing"
 log = logging.getLogger("flywheel.predictionlog")
 _STOP = object()
 
 
-def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table]:
     predictions = sa.Table(
         PREDICTIONS_TABLE,
         metadata,
@@ -65,6 +69,19 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("explanation", sa.Text, nullable=True),  # JSON, only when asked for
         sa.Column("shadow", sa.Boolean, nullable=False, default=False),
     )
+    errors = sa.Table(
+        ERRORS_TABLE,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("entity", sa.String(256), nullable=True),
+        sa.Column("model", sa.String(256), nullable=False),
+        sa.Column("version", sa.String(64), nullable=False),
+        sa.Column("arm", sa.String(32), nullable=False),
+        sa.Column("shadow", sa.Boolean, nullable=False, default=False),
+        sa.Column("error", sa.Text, nullable=False),
+    )
     routing = sa.Table(
         ROUTING_TABLE,
         metadata,
@@ -73,7 +90,7 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_by", sa.String(256), nullable=False),
     )
-    return predictions, routing
+    return predictions, errors, routing
 
 
 # ------------------------------------------------------------------------------------ the writer side
@@ -85,7 +102,7 @@ class Writer:
     def __init__(self, url: str, max_pending: int = 200_000) -> None:
         self.engine = project_engine(url, "prediction log")
         metadata = sa.MetaData()
-        self.predictions, _ = _tables(metadata)
+        self.predictions, self.errors, _ = _tables(metadata)
         metadata.create_all(self.engine, checkfirst=True)
         self.max_pending = max_pending
         self.pending: deque[dict[str, Any]] = deque()
@@ -103,18 +120,22 @@ class Writer:
         """Insert everything pending in one transaction; on failure keep it for the next flush."""
         if not self.pending:
             return 0
-        rows = [_row(r) for r in self.pending]
+        rows = [_row(r) for r in self.pending if "error" not in r]
+        errors = [_error_row(r) for r in self.pending if "error" in r]
         try:
             with self.engine.begin() as conn:
-                conn.execute(self.predictions.insert(), rows)
+                if rows:
+                    conn.execute(self.predictions.insert(), rows)
+                if errors:
+                    conn.execute(self.errors.insert(), errors)
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("prediction log write failed (%d rows kept for retry): %s", len(rows), exc)
             return 0
         self.pending.clear()
         self.last_error = None
-        self.written += len(rows)
-        return len(rows)
+        self.written += len(rows) + len(errors)
+        return len(rows) + len(errors)
 
     def status(self, ack: int | None = None) -> dict[str, Any]:
         return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending),
@@ -191,7 +212,7 @@ class PredictionLog:
         self.max_pending = max_pending
         self._engine = project_engine(url, "prediction log")
         self._metadata = sa.MetaData()
-        self.predictions, self.routing = _tables(self._metadata)
+        self.predictions, self.errors, self.routing = _tables(self._metadata)
         self._metadata.create_all(self._engine, checkfirst=True)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -359,6 +380,12 @@ class PredictionLog:
             r["explanation"] = json.loads(r["explanation"]) if r["explanation"] else None
         return out[::-1]
 
+    def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest rows a model failed to score, oldest first."""
+        q = sa.select(self.errors).order_by(self.errors.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)][::-1]
+
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
     explanation = record.get("explanation")
@@ -376,6 +403,19 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "imputed": json.dumps(record.get("imputed", [])),
         "explanation": None if explanation is None else json.dumps(explanation, default=_json_default),
         "shadow": bool(record.get("shadow", False)),
+    }
+
+
+def _error_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "at": record["at"],
+        "request_id": record["request_id"],
+        "entity": None if record.get("entity") is None else str(record["entity"]),
+        "model": record["model"],
+        "version": str(record["version"]),
+        "arm": record["arm"],
+        "shadow": bool(record.get("shadow", False)),
+        "error": str(record["error"])[:2000],
     }
 
 

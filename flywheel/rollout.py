@@ -14,7 +14,8 @@ Strategies (a plan is discriminated by `strategy`):
   with a bootstrap confidence interval on the difference: promote only a significantly better arm.
 
 Guards compare the challenger's traffic of a step with the champion's traffic of the whole rollout
-(at 100% the champion serves nothing in that step): error rate of /predict (5xx, service-wide, from
+(at 100% the champion serves nothing in that step): error rate (the worse of the challenger's failed
+share of its rows, from the service's error table, and the service-wide 5xx share of /predict from
 /metrics), challenger p99 latency, prediction-distribution shift (PSI on the two arms' probabilities,
 mean-probability difference), and ROC AUC per arm when enough delayed labels exist (a drop counts only
 when it is larger than the threshold AND the bootstrap interval of the drop excludes zero: small
@@ -54,7 +55,8 @@ class Strict(BaseModel):
 class Guards(Strict):
     """Thresholds judged at every step; `null` switches a guard off."""
 
-    max_error_rate: float | None = Field(0.02, ge=0, le=1, description="5xx share of /predict requests")
+    max_error_rate: float | None = Field(0.02, ge=0, le=1, description="challenger's failed share of its rows, "
+                                         "or the service's 5xx share of /predict requests")
     max_p99_latency_ms: float | None = Field(250.0, gt=0, description="challenger p99 request latency")
     max_psi: float | None = Field(0.25, gt=0, description="PSI of challenger vs champion probabilities")
     max_mean_probability_diff: float | None = Field(0.15, gt=0, le=1)
@@ -200,6 +202,29 @@ def read_predictions(url: str, model: str, versions: list[str], since: datetime,
     frame["latency_ms"] = frame["latency_ms"].astype(float)
     frame["version"] = frame["version"].astype(str)
     return frame
+
+
+def count_failures(url: str, model: str, version: str, since: datetime, until: datetime | None = None,
+                   shadow: bool = False) -> int:
+    """Rows `model` v`version` failed to score in [since, until) (the service's error table)."""
+    import sqlalchemy as sa
+
+    from flywheel.predictionlog import ERRORS_TABLE
+
+    engine = sa.create_engine(url)
+    try:
+        table = sa.Table(ERRORS_TABLE, sa.MetaData(), autoload_with=engine)
+        q = (sa.select(sa.func.count()).select_from(table)
+             .where(table.c.model == model, table.c.version == str(version), table.c.shadow == shadow,
+                    table.c.at >= _db_time(since, engine)))
+        if until is not None:
+            q = q.where(table.c.at < _db_time(until, engine))
+        with engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+    except sa.exc.NoSuchTableError:
+        return 0
+    finally:
+        engine.dispose()
 
 
 def _db_time(dt: datetime, engine: Any) -> datetime:
@@ -382,10 +407,11 @@ def evaluate_guards(
     guards: Guards,
     labels: pd.DataFrame | None = None,
     error_rate_value: float | None = None,
+    challenger_failures: int | None = None,
 ) -> list[GuardResult]:
     """Every guard of `guards` on the two arms' logged predictions (see the module docstring)."""
     ch_e, cp_e = per_entity(challenger), per_entity(champion)
-    out = [_judge("error_rate", error_rate_value, guards.max_error_rate)]
+    out = [_error_guard(len(challenger), challenger_failures, error_rate_value, guards.max_error_rate)]
     lat = p99(challenger.drop_duplicates("request_id")["latency_ms"]) if len(challenger) else None
     out.append(_judge("p99_latency_ms", lat, guards.max_p99_latency_ms))
     few = ""
@@ -398,6 +424,18 @@ def evaluate_guards(
     out.append(_judge("mean_probability_diff", diff, guards.max_mean_probability_diff, skip=few))
     out.append(_auc_guard(cp_e, ch_e, guards, labels))
     return out
+
+
+def _error_guard(answered: int, failed: int | None, http_rate: float | None, threshold: float | None) -> GuardResult:
+    """The worse of: the challenger's failed share of its rows (its failures are answered by the champion,
+    so they never show as 5xx) and the service-wide 5xx share of /predict requests."""
+    tried = answered + (failed or 0)
+    arm_rate = (failed or 0) / tried if failed is not None and tried else None
+    values = [v for v in (arm_rate, http_rate) if v is not None]
+    result = _judge("error_rate", max(values) if values else None, threshold)
+    detail = (f"challenger failed {failed} of {tried} rows; " if failed is not None else "") + (
+        f"service 5xx share {http_rate:.4f}" if http_rate is not None else "no /predict requests counted")
+    return result.model_copy(update={"detail": f"{result.detail}; {detail}" if result.detail else detail})
 
 
 def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: pd.DataFrame | None) -> GuardResult:
@@ -430,7 +468,8 @@ def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: p
 
 
 def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: ShadowPlan,
-                  labels: pd.DataFrame | None = None, error_rate_value: float | None = None) -> list[GuardResult]:
+                  labels: pd.DataFrame | None = None, error_rate_value: float | None = None,
+                  challenger_failures: int | None = None) -> list[GuardResult]:
     """Shadow readout: agreement of the two models on the same requests, plus the usual guards."""
     champ, chall = split_arms(rows, champion, challenger, shadow=True)
     pairs = champ.merge(chall, on=["request_id", "entity"], suffixes=("_champion", "_challenger"))
@@ -443,7 +482,7 @@ def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: Shad
             p99(champ.drop_duplicates("request_id")["latency_ms"]), 1e-9)
         out.append(GuardResult(name="latency_p99_ratio", status="pass", value=round(ratio, 4),
                                detail="challenger shadow p99 / champion p99 (informational)"))
-    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value)
+    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value, challenger_failures)
 
 
 # ------------------------------------------------------------------------------------- A/B readout
@@ -554,6 +593,8 @@ class RolloutDecision(Strict):
     steps: list[StepReadout] = []
     ab: ABReadout | None = None
     approval: dict[str, Any] | None = None
+    rollback_path: list[float] = Field(default_factory=list, description="gradual rollback: challenger shares "
+                                       "held on the way down, ending at 0")
     decided_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def evidence(self) -> dict[str, Any]:
@@ -564,6 +605,8 @@ class RolloutDecision(Strict):
             out["ab_readout"] = self.ab.model_dump()
         if self.approval is not None:
             out["approval"] = self.approval
+        if self.rollback_path:
+            out["rollback_path"] = self.rollback_path
         return out
 
     def markdown(self) -> str:
@@ -573,6 +616,9 @@ class RolloutDecision(Strict):
                  f"- plan **{self.plan}** (strategy `{self.strategy}`), champion v{self.champion}",
                  f"- decision: **{self.outcome}** — {self.reason}",
                  f"- decided at {self.decided_at.isoformat()}", ""]
+        if self.rollback_path:
+            lines[-1:-1] = ["- gradual rollback, challenger share: "
+                            + " → ".join(f"{s:.0%}" for s in self.rollback_path)]
         for s in self.steps:
             lines += [f"## {s.step} — {'BREACH' if s.breached else 'ok'}", "",
                       f"policy `{s.policy}`; entities: champion {s.champion_entities}, "

@@ -145,6 +145,8 @@ class Metrics:
                                   ["arm", "version"], registry=r)
         self.model_refused = Counter("flywheel_model_refused", "model versions refused at load (integrity)",
                                      ["arm", "version"], registry=r)
+        self.model_failures = Counter("flywheel_model_failures", "requests a model failed to score (a failed "
+                                      "challenger's rows are answered by the champion)", ["arm", "version"], registry=r)
         self.ready = Gauge("flywheel_ready", "1 when /health is ready", registry=r)
 
     def observe_rows(self, results: list[RowResult], latency_ms: float) -> None:
@@ -226,6 +228,8 @@ def create_app(
     def _on_model(event: str, arm: str, version: str) -> None:
         if event == "refused":
             metrics.model_refused.labels(arm, version).inc()
+        elif event == "failed":
+            metrics.model_failures.labels(arm, version).inc()
 
     state.on_model_event = _on_model
 
@@ -283,7 +287,7 @@ def create_app(
         return "admin"
 
     errors = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-              422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+              422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
     @app.post("/predict", response_model=PredictResponse, responses=errors)  # type: ignore[arg-type]
     def predict(req: PredictRequest) -> PredictResponse:

@@ -95,6 +95,12 @@ class Unavailable(ServingError):
     status = 503
 
 
+class ModelFailure(ServingError):
+    """The champion raised (or returned non-finite probabilities) on valid input: a server fault."""
+
+    status = 500
+
+
 # ----------------------------------------------------------------------------------------- routing
 
 
@@ -931,16 +937,42 @@ class ServingState:
         else:
             values = {arm: [raw[i] for i in idx] for arm, idx in groups.items()}  # type: ignore[misc]
 
+        request_id = uuid.uuid4().hex
         row_values: list[dict[str, Any]] = [{}] * n
         for arm, idx in groups.items():
             for k, i in enumerate(idx):
                 row_values[i] = values[arm][k]
-        results: list[RowResult | None] = [None] * n
+        scored = np.full(n, np.nan)
+        answered: dict[Arm, list[int]] = {}
+        failures: list[dict[str, Any]] = []
+        takeover: list[int] = []  # rows of a failed challenger, answered by the champion instead
         for arm, idx in groups.items():
             slot = slots.get(arm)
+            try:
+                scored[idx] = _score(slot, [row_values[i] for i in idx])
+                answered.setdefault(arm, []).extend(idx)
+            except Exception as exc:
+                self._model_failed(slot, [ids[i] for i in idx], request_id, exc, failures)
+                takeover += idx
+        if takeover:
+            # the logged failures feed the rollout's error-rate guard, which rolls the challenger back
+            champion, challenger = slots.champion, slots.challenger
+            assert challenger is not None
+            if entities is not None and champion.feature_service != challenger.feature_service:
+                got = self.fetch(champion.feature_service, [ids[i] for i in takeover])
+                for i, v in zip(takeover, got, strict=True):
+                    row_values[i] = v
+            try:
+                scored[takeover] = _score(champion, [row_values[i] for i in takeover])
+            except Exception as exc:
+                self._model_failed(champion, [ids[i] for i in takeover], request_id, exc, failures)
+            answered.setdefault("champion", []).extend(takeover)
+        results: list[RowResult | None] = [None] * n
+        for arm, idx in answered.items():
+            slot = slots.get(arm)
             assert slot is not None
-            vals = values[arm]
-            proba = slot.probabilities(vals)
+            vals = [row_values[i] for i in idx]
+            proba = scored[idx]
             explanations = explainer_for(slot).explain(vals, proba) if explain else [None] * len(idx)
             for k, i in enumerate(idx):
                 p = float(proba[k])
@@ -950,12 +982,11 @@ class ServingState:
                     explanation=explanations[k],
                 )
         latency = (time.perf_counter() - t0) * 1000
-        request_id = uuid.uuid4().hex
         now = datetime.now(UTC)
         final = [r for r in results if r is not None]
         self.log.append_many(
             [_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False)
-             for i, r in enumerate(final)]
+             for i, r in enumerate(final)] + failures
         )
         if self.on_prediction:
             for r in final:
@@ -967,6 +998,21 @@ class ServingState:
                 request_id,
             )
         return PredictOutcome(request_id=request_id, results=final, latency_ms=latency)
+
+    def _model_failed(self, slot: ModelSlot | None, entities: list[Any], request_id: str, exc: Exception,
+                      failures: list[dict[str, Any]]) -> None:
+        """Count a model's failure on valid rows and add them to `failures`. A failed challenger's rows go
+        to the champion; a failed champion ends the request with 500 (the failures are logged first)."""
+        assert slot is not None
+        failures += [_failure(slot, e, request_id, exc) for e in entities]
+        if self.on_model_event:
+            self.on_model_event("failed", slot.arm, slot.version)
+        if slot.arm == "champion":
+            self.log.append_many(failures)
+            raise ModelFailure(f"model {slot.name} v{slot.version} failed to score: {type(exc).__name__}: "
+                               f"{_short(exc)}") from exc
+        log.error("challenger %s v%s failed on %d row(s) (%s); the champion answers them", slot.name, slot.version,
+                  len(entities), _short(exc))
 
     # ------------------------------------------------------------------ shadow
 
@@ -1007,8 +1053,12 @@ class ServingState:
                 if self.on_prediction:
                     self.on_prediction(r, latency, True)
             self.log.append_many(records)
-        except Exception:
+        except Exception as exc:
             log.exception("shadow scoring failed")
+            if slots.challenger is not None:  # counted by the shadow rollout's error-rate guard
+                self.log.append_many([{**_failure(slots.challenger, e, request_id, exc), "shadow": True} for e in ids])
+                if self.on_model_event:
+                    self.on_model_event("failed", "challenger", slots.challenger.version)
         finally:
             with self._shadow_lock:
                 self._shadow_pending -= 1
@@ -1027,6 +1077,23 @@ def _record(
         "arm": r.arm, "prediction": r.prediction, "probability": r.probability, "latency_ms": latency,
         "features": features, "imputed": r.imputed, "explanation": r.explanation, "shadow": shadow,
     }
+
+
+def _score(slot: ModelSlot | None, rows: list[dict[str, Any]]) -> np.ndarray:
+    """Probabilities of the positive class; a model returning anything but finite values in [0, 1] fails."""
+    assert slot is not None
+    proba = np.asarray(slot.probabilities(rows), dtype=float)
+    if proba.shape != (len(rows),) or not np.all((proba >= 0) & (proba <= 1)):
+        raise FlywheelError(f"returned {proba.shape[0] if proba.ndim else 0} probabilities for {len(rows)} rows, "
+                            "or values outside [0, 1] / NaN")
+    return proba
+
+
+def _failure(slot: ModelSlot | None, entity: Any, request_id: str, exc: Exception) -> dict[str, Any]:
+    """A prediction-log error record (the log keeps them in their own table)."""
+    return {"at": datetime.now(UTC), "request_id": request_id, "entity": entity,
+            "model": slot.name if slot else "?", "version": slot.version if slot else "?",
+            "arm": slot.arm if slot else "?", "error": f"{type(exc).__name__}: {_short(exc)}", "shadow": False}
 
 
 def _missing(value: Any) -> bool:

@@ -25,6 +25,7 @@ from flywheel.rollout import (
     ShadowPlan,
     StepReadout,
     ab_readout,
+    count_failures,
     error_rate,
     evaluate_guards,
     latest_labels,
@@ -229,8 +230,9 @@ def observe_traffic(
     rate = error_rate(before, after)
     started = window_start or started
     window = read_predictions(log_url, target.model, versions, started, ended)
+    failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
     if shadow is not None:
-        results = shadow_guards(window, target.champion, target.challenger, shadow, labels, rate)
+        results = shadow_guards(window, target.champion, target.challenger, shadow, labels, rate, failed)
         champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
     else:
         # the champion's reference is its traffic over the whole rollout (at 100% it gets none in a step)
@@ -238,7 +240,7 @@ def observe_traffic(
                                    ended)
         champ, _ = split_arms(history, target.champion, target.challenger)
         _, chall = split_arms(window, target.champion, target.challenger)
-        results = evaluate_guards(champ, chall, guards, labels, rate)
+        results = evaluate_guards(champ, chall, guards, labels, rate, failed)
     readout = StepReadout(step=step, policy=policy, started_at=started, ended_at=ended,
                           champion_entities=int(champ["entity"].nunique()),
                           challenger_entities=int(chall["entity"].nunique()), guards=results)

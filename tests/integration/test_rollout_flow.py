@@ -4,7 +4,9 @@ One trained home for the module (champion v1, challenger v2 from two training ru
 started on a free port (stopped by pid), and a background thread sending /predict traffic with many
 entity ids. Scenarios run in file order on that home:
 1. a good challenger (v2) is promoted through a short canary, while a second rollout is refused;
-2. a planted constant-prediction challenger (v3) is rolled back automatically at the first step;
+2. a planted constant-prediction challenger (v3) is rolled back automatically at the first step; a
+   challenger that raises is rolled back by the error guard while the champion answers every request;
+   a no-skill challenger passes the 5% step and breaches AUC at 100%: a gradual rollback ramps it down;
 3. a lock left by a crashed rollout is taken over (expiry recorded); approval times out -> rejected;
 4. an approved shadow rollout (resumed from a thread, as a person would from the UI) promotes;
 5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome.
@@ -47,6 +49,10 @@ PLANS = {
         "blue_green_fast": {"strategy": "blue_green", "hold_s": 1.5},
         "shadow_promote": {"strategy": "shadow", "sample": 1.0, "duration_s": 1.5, "min_agreement": 0.6,
                            "on_pass": "promote"},
+        # step 1 holds 5% of ~1,900 entities: never the 150 labelled ones AUC needs; step 2 (100%) has them
+        "canary_gradual": {"strategy": "canary", "rollback": "gradual", "rollback_hold_s": 0.5,
+                           "steps": [{"share": 0.05, "hold_s": 1.5}, {"share": 1.0, "hold_s": 2.5}],
+                           "guards": {"max_psi": None, "max_mean_probability_diff": None}},
         "ab_fast": {"strategy": "ab_test", "share": 0.5, "duration_s": 2, "min_labelled": 100,
                     "bootstrap_samples": 200, "on_inconclusive": "hold"},
     },
@@ -225,17 +231,29 @@ def test_good_challenger_promoted_through_canary_and_a_second_rollout_is_refused
     assert traffic.status.get(200, 0) > 0 and set(traffic.status) == {200}, traffic.status
 
 
-def _plant_constant_challenger(registry, ctx) -> str:
-    """A prior-only model (every entity gets the same probability), registered and made challenger."""
+def _plant_challenger(registry, ctx, kind: str) -> str:
+    """A bad model registered and made challenger: `constant` (prior only: every entity gets the same
+    probability), `failing` (trained on one region with unknown categories an error: it raises on
+    entities of the others) or `shuffled` (trained on shuffled labels: no skill)."""
     import mlflow
 
     from flywheel.registry import log_model
-    from flywheel.training import build_baseline, fit
+    from flywheel.settings import ImputationConfig
+    from flywheel.training import build_baseline, build_pipeline, fit
 
     ds = ctx.dataset
-    frame = pd.read_parquet(ctx.offline_dir / "churn" / "features.parquet").head(300)
-    frame[ds.label] = np.where(np.random.default_rng(0).random(len(frame)) < 0.3, ds.positive_label, "no")
-    pipeline = fit(build_baseline(ds), frame, ds)
+    frame = pd.read_parquet(ctx.offline_dir / "churn" / "features.parquet").head(300 if kind != "failing" else 3000)
+    if kind == "failing":
+        frame = frame[frame["region"] == frame["region"].iloc[0]].head(300)
+    rng = np.random.default_rng(0)
+    frame[ds.label] = np.where(rng.random(len(frame)) < 0.3, ds.positive_label, "no")
+    if kind == "constant":
+        pipeline = fit(build_baseline(ds), frame, ds)
+    else:
+        pipeline = build_pipeline("logistic_regression", {}, ds, ImputationConfig(), 7)
+        if kind == "failing":  # a category unseen at fit time raises instead of being ignored
+            pipeline.set_params(**{k: "error" for k in pipeline.get_params() if k.endswith("handle_unknown")})
+        pipeline = fit(pipeline, frame, ds)
     champion = registry.load("churn", alias="champion")
     # as tasks/register.py does: the fluent API (and the registry's logged-model lookup) use the global URI
     mlflow.set_tracking_uri(ctx.tracking_uri)
@@ -244,12 +262,12 @@ def _plant_constant_challenger(registry, ctx) -> str:
         uri = log_model(pipeline, frame[ds.feature_names].head(5))
     version = registry.register(uri, "churn", run.info.run_id,
                                 {"flywheel.feature_service": champion.tags["flywheel.feature_service"]})
-    registry.move_alias("churn", "challenger", version, "planted bad challenger (test)", "test")
+    registry.move_alias("churn", "challenger", version, f"planted {kind} challenger (test)", "test")
     return version
 
 
 def test_bad_challenger_is_rolled_back_automatically(service: Service, traffic: Traffic, registry, ctx) -> None:
-    bad = _plant_constant_challenger(registry, ctx)
+    bad = _plant_challenger(registry, ctx, "constant")
     state = _run(service, ctx.settings.paths.home)
     assert state.name == "RolledBack", (state, state.message)
     decision = state.result()
@@ -265,6 +283,46 @@ def test_bad_challenger_is_rolled_back_automatically(service: Service, traffic: 
     assert _routing(service)["policy"]["mode"] == "single"
     assert _routing(service)["challenger"] is None
     assert "rolled back" in _artifact("rollout-churn")
+
+
+def test_failing_challenger_is_rolled_back_while_every_request_succeeds(
+    service: Service, traffic: Traffic, registry, ctx
+) -> None:
+    bad = _plant_challenger(registry, ctx, "failing")
+    before = dict(traffic.status)
+    state = _run(service, ctx.settings.paths.home)
+    assert state.name == "RolledBack", (state, state.message)
+    (step,) = state.result().steps
+    (error,) = [g for g in step.guards if g.name == "error_rate"]
+    assert error.status == "breach" and error.value > 0.5, error
+    assert "challenger failed" in error.detail and "service 5xx share 0.0000" in error.detail, error.detail
+    # the champion answered the challenger's share: users never saw an error
+    assert set(traffic.status) == {200} and traffic.status[200] > before.get(200, 0), traffic.status
+    assert registry.aliases("churn") == {"champion": "2"}
+    assert registry.version_tags("churn", bad)["flywheel.status"] == "rolled_back"
+    metrics = service.http.get("/metrics").text
+    assert f'flywheel_model_failures_total{{arm="challenger",version="{bad}"}}' in metrics
+    assert "error_rate" in registry.audit.entries("churn")[-1].reason
+
+
+def test_gradual_rollback_ramps_down_through_the_lower_steps(service: Service, traffic: Traffic, registry, ctx
+                                                            ) -> None:
+    bad = _plant_challenger(registry, ctx, "shuffled")
+    state = _run(service, ctx.settings.paths.home, strategy="canary_gradual")
+    assert state.name == "RolledBack", (state, state.message)
+    decision = state.result()
+    # step 1 could not judge AUC (too few labelled entities at 5%) and passed; step 2 breached on it
+    assert [s.policy["share"] for s in decision.steps] == [0.05, 1.0]
+    assert not decision.steps[0].breached and [g.name for g in decision.steps[1].breaches] == ["auc_drop"]
+    assert decision.rollback_path == [0.05, 0.0], "back through the 5% step, then out"
+    last = registry.audit.entries("churn")[-1]
+    assert (last.alias, last.from_version, last.to_version) == ("challenger", bad, None)
+    assert last.evidence["rollback_path"] == [0.05, 0.0]
+    shares = [line.split("'share': ")[1].split(",")[0] for line in service.output().splitlines()
+              if "routing policy set by" in line][-4:]
+    assert shares == ["1.0", "0.05", "0.0", "0.0"], shares  # ..., ramp down, then single (share 0)
+    assert registry.aliases("churn") == {"champion": "2"} and _routing(service)["policy"]["mode"] == "single"
+    assert "gradual rollback, challenger share: 5% → 0%" in _artifact("rollout-churn")
 
 
 def test_expired_lock_is_taken_over_and_an_approval_timeout_rolls_back(

@@ -141,6 +141,21 @@ def test_latency_and_error_rate_breaches() -> None:
     assert results["error_rate"].status == "breach"
 
 
+def test_challenger_failures_breach_the_error_guard_without_any_5xx() -> None:
+    rng = np.random.default_rng(3)
+    champ = _rows("1", rng.beta(2, 5, 200))
+    chall = _rows("2", rng.beta(2, 5, 97), start=1000)
+    g = Guards(max_error_rate=0.02)
+    # 3 failed rows of 100 the challenger was asked for: 3% > 2%, though the service answered every request
+    (bad,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=3) if r.name == "error_rate"]
+    assert (bad.status, bad.value) == ("breach", 0.03) and "challenger failed 3 of 100 rows" in bad.detail
+    (ok,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=1) if r.name == "error_rate"]
+    assert (ok.status, ok.value) == ("pass", round(1 / 98, 6))
+    # the service-wide 5xx share still counts when it is the worse of the two
+    (http,) = [r for r in evaluate_guards(champ, chall, g, None, 0.5, challenger_failures=0) if r.name == "error_rate"]
+    assert (http.status, http.value) == ("breach", 0.5) and "service 5xx share 0.5000" in http.detail
+
+
 def test_too_few_entities_are_not_judged() -> None:
     champ = _rows("1", np.full(5, 0.2))
     chall = _rows("2", np.full(5, 0.9), start=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,6 +126,50 @@ def test_registry_outage_refuses_predictions_unless_configured_to_serve_loaded(
         assert err.value.status == 503
     else:
         assert state.predict(None, [GOOD]).results[0].version == "1"
+    state.log.close()
+
+
+class _Broken:
+    """A model that raises on every call (a bad challenger, or a champion gone wrong)."""
+
+    classes_ = np.array([0, 1])
+    feature_names_in_ = None
+
+    def predict_proba(self, frame: Any) -> np.ndarray:
+        raise ValueError("matmul: shapes (1,10) and (3,) not aligned")
+
+
+def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logged(
+    fitted: dict[str, Any], dataset: Any, settings: Any, tmp_path: Path
+) -> None:
+    from flywheel.serving import ModelFailure
+
+    cfg = settings.model_copy(update={"serve": settings.serve.model_copy(
+        update={"prediction_log_url": f"sqlite:///{tmp_path}/p.db"})})
+    state = ServingState(cfg, dataset)
+    events: list[tuple[str, str, str]] = []
+    state.on_model_event = lambda *e: events.append(e)
+    state.log.start()
+    champ = _slot(fitted["logistic_regression"], dataset)
+    broken = dataclasses.replace(_slot(fitted["logistic_regression"], dataset, "challenger", "2"), pipeline=_Broken())
+    state._slots, state._policy = Slots(champ, broken), RoutingPolicy(mode="canary", share=0.5)
+    rows = [{**GOOD, "customer_id": i} for i in range(40)]
+    out = state.predict(None, rows)
+    assert {r.version for r in out.results} == {"1"}, "every row answered, by the champion"
+    assert [r.probability for r in out.results] == [r.probability for r in state.predict(None, rows).results]
+    assert state.log.flush()
+    failed = state.log.failures()
+    n_challenger = sum(bucket(routing_key(i, None)) < 0.5 for i in range(40))
+    assert 0 < len(failed) == 2 * n_challenger, "each challenger row of both requests is logged as failed"
+    assert {(f["version"], f["arm"]) for f in failed} == {("2", "challenger")}
+    assert "ValueError: matmul" in failed[0]["error"] and events[0] == ("failed", "challenger", "2")
+    assert len(state.log.rows(limit=100)) == 80, "the answered rows are logged as usual"
+    # a champion that fails cannot be covered for: 500 naming the model, failures logged
+    state._slots = Slots(dataclasses.replace(champ, pipeline=_Broken()), None)
+    with pytest.raises(ModelFailure, match=r"model churn v1 failed to score: ValueError") as err:
+        state.predict(None, rows[:3])
+    assert err.value.status == 500
+    assert state.log.flush() and len(state.log.failures()) == 2 * n_challenger + 3
     state.log.close()
 
 
