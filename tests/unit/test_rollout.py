@@ -14,6 +14,7 @@ from flywheel.errors import ConfigError
 from flywheel.rollout import (
     ABTestPlan,
     CanaryPlan,
+    GuardResult,
     Guards,
     RolloutDecision,
     ShadowPlan,
@@ -154,6 +155,33 @@ def test_challenger_failures_breach_the_error_guard_without_any_5xx() -> None:
     # the service-wide 5xx share still counts when it is the worse of the two
     (http,) = [r for r in evaluate_guards(champ, chall, g, None, 0.5, challenger_failures=0) if r.name == "error_rate"]
     assert (http.status, http.value) == ("breach", 0.5) and "service 5xx share 0.5000" in http.detail
+
+
+def _guard(champ: pd.DataFrame, chall: pd.DataFrame, guards: Guards, name: str) -> GuardResult:
+    return next(r for r in evaluate_guards(champ, chall, guards, None) if r.name == name)
+
+
+def test_psi_breaches_only_when_the_shift_is_significant() -> None:
+    rng = np.random.default_rng(4)
+    g = Guards(min_predictions=20, max_mean_probability_diff=None)
+    # a real shift on a few entities is significant (same-distribution arms: the next test)
+    shifted = _guard(_rows("1", rng.beta(2, 5, 25)), _rows("2", rng.beta(6, 2, 25), start=1000), g, "psi")
+    assert shifted.status == "breach" and "not significant" not in shifted.detail, shifted
+    # with plenty of traffic the permutation floor is small and the usual threshold governs
+    big = _guard(_rows("1", rng.beta(2, 5, 2000)), _rows("2", rng.beta(3, 5, 2000), start=5000), g, "psi")
+    floor = float(big.detail.split(": ")[1].split(" ")[0])
+    assert floor < 0.05 and big.status == ("breach" if big.value > g.max_psi else "pass"), big
+
+
+def test_good_challengers_on_small_traffic_are_rarely_rolled_back_on_psi() -> None:
+    rng = np.random.default_rng(5)
+    g = Guards(min_predictions=20)
+    guards = [_guard(_rows("1", rng.beta(2, 5, 30)), _rows("2", rng.beta(2, 5, 30), start=1000), g, "psi")
+              for _ in range(40)]
+    # PSI alone would roll back nearly all of them: on 30 + 30 entities it is far above 0.25 by chance
+    assert sum(r.value > g.max_psi for r in guards) >= 36
+    breaches = sum(r.status == "breach" for r in guards)
+    assert breaches <= 4, f"{breaches}/40 same-distribution canaries rolled back (a 5% test expects ~2)"
 
 
 def test_too_few_entities_are_not_judged() -> None:
