@@ -414,8 +414,7 @@ def evaluate_guards(
     """Every guard of `guards` on the two arms' logged predictions (see the module docstring)."""
     ch_e, cp_e = per_entity(challenger), per_entity(champion)
     out = [_error_guard(len(challenger), challenger_failures, error_rate_value, guards.max_error_rate)]
-    lat = p99(challenger.drop_duplicates("request_id")["latency_ms"]) if len(challenger) else None
-    out.append(_judge("p99_latency_ms", lat, guards.max_p99_latency_ms))
+    out.append(_latency_guard(champion, challenger, guards))
     few = ""
     if len(ch_e) < guards.min_predictions or len(cp_e) < guards.min_predictions:
         few = (f"{TOO_FEW} entities (champion {len(cp_e)}, challenger {len(ch_e)}; "
@@ -437,6 +436,19 @@ def _error_guard(answered: int, failed: int | None, http_rate: float | None, thr
     detail = (f"challenger failed {failed} of {tried} rows; " if failed is not None else "") + (
         f"service 5xx share {http_rate:.4f}" if http_rate is not None else "no /predict requests counted")
     return result.model_copy(update={"detail": f"{result.detail}; {detail}" if result.detail else detail})
+
+
+def _latency_guard(champion: pd.DataFrame, challenger: pd.DataFrame, guards: Guards) -> GuardResult:
+    """p99 of the challenger's request latency. A request whose rows went to both arms (a batch) was
+    timed as a whole: the guard uses the requests the challenger answered alone when there are enough."""
+    if not len(challenger):
+        return _judge("p99_latency_ms", None, guards.max_p99_latency_ms)
+    requests = challenger.drop_duplicates("request_id")
+    alone = requests[~requests["request_id"].isin(champion["request_id"])]
+    basis, what = ((alone, "requests answered by the challenger alone") if len(alone) >= guards.min_predictions
+                   else (requests, "all its requests (too few answered by the challenger alone)"))
+    result = _judge("p99_latency_ms", p99(basis["latency_ms"]), guards.max_p99_latency_ms)
+    return result.model_copy(update={"detail": f"{what}: {len(basis)}"})
 
 
 def _psi_guard(reference: np.ndarray, current: np.ndarray, guards: Guards, few: str) -> GuardResult:

@@ -157,6 +157,21 @@ def test_challenger_failures_breach_the_error_guard_without_any_5xx() -> None:
     assert (http.status, http.value) == ("breach", 0.5) and "service 5xx share 0.5000" in http.detail
 
 
+def test_latency_guard_prefers_requests_the_challenger_answered_alone() -> None:
+    rng = np.random.default_rng(6)
+    champ = _rows("1", rng.beta(2, 5, 100), latency=5.0)
+    # 30 single-entity requests on the challenger (fast) and 10 batch requests shared with the champion,
+    # slow because of the champion's share of the batch
+    alone = _rows("2", rng.beta(2, 5, 30), start=1000, latency=6.0)
+    mixed = _rows("2", rng.beta(2, 5, 10), start=2000, latency=400.0, request_ids=[f"r{i}" for i in range(10)])
+    g = Guards(max_p99_latency_ms=100, min_predictions=20)
+    lat = _guard(champ, pd.concat([alone, mixed]), g, "p99_latency_ms")
+    assert (lat.status, lat.value) == ("pass", 6.0) and "answered by the challenger alone: 30" in lat.detail
+    # too few pure requests: every request counts (conservative)
+    lat = _guard(champ, pd.concat([alone.head(5), mixed]), g, "p99_latency_ms")
+    assert lat.status == "breach" and "too few answered by the challenger alone" in lat.detail
+
+
 def _guard(champ: pd.DataFrame, chall: pd.DataFrame, guards: Guards, name: str) -> GuardResult:
     return next(r for r in evaluate_guards(champ, chall, guards, None) if r.name == name)
 
