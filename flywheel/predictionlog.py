@@ -387,8 +387,8 @@ class PredictionLog:
             return [dict(r._mapping) for r in conn.execute(q)][::-1]
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
-    explanation = record.get("explanation")
+def _common(record: dict[str, Any]) -> dict[str, Any]:
+    """The columns a prediction row and an error row share."""
     return {
         "at": record["at"],
         "request_id": record["request_id"],
@@ -396,27 +396,25 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "model": record["model"],
         "version": str(record["version"]),
         "arm": record["arm"],
+        "shadow": bool(record.get("shadow", False)),
+    }
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    explanation = record.get("explanation")
+    return {
+        **_common(record),
         "prediction": bool(record["prediction"]),
         "probability": float(record["probability"]),
         "latency_ms": float(record["latency_ms"]),
         "features": json.dumps(record["features"], default=_json_default),
         "imputed": json.dumps(record.get("imputed", [])),
         "explanation": None if explanation is None else json.dumps(explanation, default=_json_default),
-        "shadow": bool(record.get("shadow", False)),
     }
 
 
 def _error_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "at": record["at"],
-        "request_id": record["request_id"],
-        "entity": None if record.get("entity") is None else str(record["entity"]),
-        "model": record["model"],
-        "version": str(record["version"]),
-        "arm": record["arm"],
-        "shadow": bool(record.get("shadow", False)),
-        "error": str(record["error"])[:2000],
-    }
+    return {**_common(record), "error": str(record["error"])[:2000]}
 
 
 def _json_default(value: Any) -> Any:
