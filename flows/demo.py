@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ def run_demo(
     return runs
 
 
+def _known_online(url: str, ids: list[Any]) -> list[Any]:
+    """The ids the service knows (a 404 names the unknown ones)."""
+    import httpx
+
+    unknown: set[Any] = set()
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(ids), 500):
+            r = client.post(url, json={"entities": ids[start:start + 500]})
+            if r.status_code == 404:
+                unknown |= set(r.json().get("unknown_ids") or [])
+    return [i for i in ids if i not in unknown] or ids
+
+
 def watch_rollout(ctx: Any, console: Console, version: str, timeout_s: float = 180.0) -> str:
     """Send /predict traffic to the stack's service until the triggered rollout promotes or rolls back
     the challenger (read from the audit log), or the timeout passes."""
@@ -97,21 +111,20 @@ def watch_rollout(ctx: Any, console: Console, version: str, timeout_s: float = 1
     from flywheel.featurestore import LABELS_FILE, dataset_dir
 
     ids = pd.read_parquet(dataset_dir(ctx.offline_dir, ctx.dataset) / LABELS_FILE, columns=[ctx.dataset.entity])
-    ids = sorted(ids[ctx.dataset.entity].unique().tolist())
+    ids = sorted(ids[ctx.dataset.entity].unique().tolist())[:5000]
     url = f"http://{ctx.settings.serve.host}:{ctx.settings.serve.port}/predict"
+    ids = _known_online(url, ids)  # entities whose features all fell out of the TTL are unknown (404)
     stop = threading.Event()
-    sent = {"requests": 0, "errors": 0}
+    codes: Counter[str] = Counter()
 
     def traffic() -> None:
         rng = random.Random(0)
         with httpx.Client(timeout=5) as client:
             while not stop.is_set():
                 try:
-                    ok = client.post(url, json={"entities": rng.sample(ids, min(50, len(ids)))}).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                sent["requests"] += 1
-                sent["errors"] += not ok
+                    codes[str(client.post(url, json={"entities": rng.sample(ids, min(50, len(ids)))}).status_code)] += 1
+                except httpx.HTTPError as exc:
+                    codes[type(exc).__name__] += 1
                 stop.wait(0.05)
 
     audit = AuditLog(ctx.audit_db_url)
@@ -133,7 +146,8 @@ def watch_rollout(ctx: Any, console: Console, version: str, timeout_s: float = 1
     finally:
         stop.set()
         worker.join(timeout=10)
-    console.print(f"-> rollout: {outcome} ({sent['requests']} requests sent, {sent['errors']} not 200)")
+    answers = ", ".join(f"{n} x {code}" for code, n in codes.most_common())
+    console.print(f"-> rollout: {outcome} ({sum(codes.values())} requests of 50 entities sent: {answers})")
     return outcome
 
 
