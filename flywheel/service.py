@@ -20,6 +20,11 @@ import os
 # Single-threaded inference: set before numpy/scikit-learn load their OpenMP/BLAS runtimes (on 2 cores,
 # competing OpenMP threads multiply the p99 of a one-row predict).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `import feast` points PROMETHEUS_MULTIPROC_DIR at a temp folder that the importing process deletes at
+# exit, and child processes inherit it: a service started by such a process (`flywheel up`, a test)
+# would keep its metric values in files there and warn on every scrape. Its metrics live in memory.
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+os.environ.pop("prometheus_multiproc_dir", None)
 
 import argparse
 import hmac
@@ -148,6 +153,7 @@ class Metrics:
         self.model_failures = Counter("flywheel_model_failures", "requests a model failed to score (a failed "
                                       "challenger's rows are answered by the champion)", ["arm", "version"], registry=r)
         self.ready = Gauge("flywheel_ready", "1 when /health is ready", registry=r)
+        self.shown_loaded: set[tuple[str, str]] = set()  # (arm, version) label sets of model_loaded
 
     def observe_rows(self, results: list[RowResult], latency_ms: float) -> None:
         seen: set[tuple[str, str, str]] = set()
@@ -313,10 +319,15 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        metrics.model_loaded.clear()  # read at scrape time: always the slots serving now
-        for arm, slot in (("champion", state.slots.champion), ("challenger", state.slots.challenger)):
-            if slot is not None:
-                metrics.model_loaded.labels(arm, slot.version).set(1)
+        # read at scrape time: always the slots serving now (remove(), not clear(): once the store is
+        # open, Feast has set PROMETHEUS_MULTIPROC_DIR in this process again and clear() warns on it)
+        loaded = {(arm, slot.version) for arm, slot in (("champion", state.slots.champion),
+                                                        ("challenger", state.slots.challenger)) if slot is not None}
+        for stale in metrics.shown_loaded - loaded:
+            metrics.model_loaded.remove(*stale)
+        for labels in loaded:
+            metrics.model_loaded.labels(*labels).set(1)
+        metrics.shown_loaded = loaded
         metrics.ready.set(1 if state.health()[0] else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -389,6 +389,11 @@ def test_metrics_count_requests_per_version_and_arm(service: Service) -> None:
     assert "flywheel_predict_seconds_bucket" in text
     assert 'flywheel_model_loaded{arm="challenger",version="2"} 1.0' in text
     assert 'flywheel_http_requests_total{method="POST",path="/predict",status="404"}' in text
+    # this test process imported Feast, which set PROMETHEUS_MULTIPROC_DIR for its children: the service
+    # keeps its metrics in memory all the same (no files in Feast's temp folder, no warning per scrape)
+    assert os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "precondition: Feast set it in this process"
+    assert service.http.get("/metrics").status_code == 200
+    assert "multi-process mode" not in service.output()
 
 
 def test_hot_swap_under_load_drops_nothing(service: Service, registry: Any, latest_features: pd.DataFrame) -> None:
