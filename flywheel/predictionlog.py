@@ -154,6 +154,9 @@ def writer_main(argv: list[str] | None = None) -> None:
     # shipped its last rows: the writer stops on the service's "stop" message or on end-of-file.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # background work: on a busy machine the requests it logs go first (it catches up when they idle)
+    with contextlib.suppress(OSError):
+        os.nice(10)
     writer = Writer(args.url, args.max_pending)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     stdin, stdout = sys.stdin.buffer, sys.stdout

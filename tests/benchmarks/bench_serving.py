@@ -66,7 +66,7 @@ class Plan:
 
 
 FULL = Plan(
-    single=1000, rate=100.0, batch=200, batch_size=100, saturation_s=10.0, threads=4, warmup=200, rows_per_day=1000
+    single=1000, rate=100.0, batch=1000, batch_size=100, saturation_s=10.0, threads=4, warmup=200, rows_per_day=1000
 )
 QUICK = Plan(single=100, rate=100.0, batch=20, batch_size=100, saturation_s=2.0, threads=2, warmup=30, rows_per_day=300)
 
