@@ -170,6 +170,13 @@ def latest_features(trained_home: Path) -> pd.DataFrame:
     return df.groupby("customer_id").tail(1).set_index("customer_id")
 
 
+def _restore_aliases(service: Service, registry: Any) -> None:
+    """Back to the module's starting point: champion v1, challenger v2, both loaded."""
+    registry.move_alias("churn", "champion", "1", "restore", "test")
+    registry.move_alias("churn", "challenger", "2", "restore", "test")
+    assert service.admin("/admin/reload").json()["serving"] == {"champion": "1", "challenger": "2"}
+
+
 def _wait(predicate: Any, timeout: float = 20, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -431,9 +438,7 @@ def test_hot_swap_under_load_drops_nothing(service: Service, registry: Any, late
         versions = [v for _, v in seen]
         assert "1" in versions[:mark] and set(versions[mark + 8:]) == {"2"}, Counter(versions)
     finally:
-        registry.move_alias("churn", "champion", "1", "restore", "test")
-        registry.move_alias("churn", "challenger", "2", "restore", "test")
-        assert service.admin("/admin/reload").json()["serving"] == {"champion": "1", "challenger": "2"}
+        _restore_aliases(service, registry)
 
 
 def test_tampered_artifact_is_refused_and_previous_model_serves(
@@ -462,9 +467,7 @@ def test_tampered_artifact_is_refused_and_previous_model_serves(
         assert "refused churn v2" in service.output()
     finally:
         skops_file.write_bytes(original)
-        registry.move_alias("churn", "champion", "1", "restore", "test")
-        registry.move_alias("churn", "challenger", "2", "restore", "test")
-        assert service.admin("/admin/reload").json()["serving"] == {"champion": "1", "challenger": "2"}
+        _restore_aliases(service, registry)
 
 
 def test_registry_outage_turns_health_unready_and_recovers(

@@ -4,7 +4,6 @@ test can take the feature store away while the service runs and bring it back.""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -50,10 +49,9 @@ def test_service_on_redis_fails_fast_while_the_store_is_down_and_recovers(
         private_redis.stop()  # the feature store goes away while the service runs
         health = _wait(lambda: (r := svc.http.get("/health")).status_code == 503 and r, timeout=30)
         assert health and any("feature store unavailable" in x for x in health.json()["reasons"]), health
-        t0 = time.perf_counter()
         down = svc.predict(entities=ids[:1])
         assert down.status_code == 503 and "feature store unavailable" in down.json()["detail"], down.text
-        assert time.perf_counter() - t0 < 5, "refused without waiting on the store"  # a hang, not a benchmark
+        assert "retried every" in down.json()["detail"], "refused from the known outage, not by trying the store"
         raw = svc.predict(rows=[GOOD_ROW])
         assert raw.status_code == 200, "raw rows need no feature store"
         request_ids.append(raw.json()["request_id"])
