@@ -247,9 +247,6 @@ class PredictionLog:
             self._sender = threading.Thread(target=self._send_loop, name="prediction-log-sender", daemon=True)
             self._sender.start()
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._queue.put([record])
-
     def append_many(self, records: list[dict[str, Any]]) -> None:
         """Queue one request's records (non-blocking: the sender thread ships them)."""
         if records:

@@ -26,6 +26,7 @@ roll back a good model on noise.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -177,6 +178,26 @@ PREDICTION_COLUMNS = ["at", "request_id", "entity", "version", "arm", "probabili
                       "shadow"]
 
 
+def _read_log(url: str, table_name: str, model: str, since: datetime, until: datetime | None,
+              select: Callable[[Any], Any], fetch: Callable[[Any, Any], Any], missing: Any) -> Any:
+    """One windowed read of a service log table: `select(table)` narrowed to `model` and [since, until),
+    run by `fetch(conn, query)`; `missing` when the service has not created the table yet."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        table = sa.Table(table_name, sa.MetaData(), autoload_with=engine)
+        q = select(table).where(table.c.model == model, table.c.at >= _db_time(since, engine))
+        if until is not None:
+            q = q.where(table.c.at < _db_time(until, engine))
+        with engine.connect() as conn:
+            return fetch(conn, q)
+    except sa.exc.NoSuchTableError:
+        return missing
+    finally:
+        engine.dispose()
+
+
 def read_predictions(url: str, model: str, versions: list[str], since: datetime,
                      until: datetime | None = None) -> pd.DataFrame:
     """Logged predictions of `model` (the given versions) in [since, until), oldest first."""
@@ -184,21 +205,13 @@ def read_predictions(url: str, model: str, versions: list[str], since: datetime,
 
     from flywheel.predictionlog import PREDICTIONS_TABLE
 
-    engine = sa.create_engine(url)
-    try:
-        table = sa.Table(PREDICTIONS_TABLE, sa.MetaData(), autoload_with=engine)
-        q = (sa.select(*[table.c[c] for c in PREDICTION_COLUMNS])
-             .where(table.c.model == model, table.c.version.in_([str(v) for v in versions]),
-                    table.c.at >= _db_time(since, engine))
-             .order_by(table.c.id))
-        if until is not None:
-            q = q.where(table.c.at < _db_time(until, engine))
-        with engine.connect() as conn:
-            frame = pd.DataFrame([dict(r._mapping) for r in conn.execute(q)], columns=PREDICTION_COLUMNS)
-    except sa.exc.NoSuchTableError:
-        frame = pd.DataFrame(columns=PREDICTION_COLUMNS)
-    finally:
-        engine.dispose()
+    frame = _read_log(
+        url, PREDICTIONS_TABLE, model, since, until,
+        lambda t: (sa.select(*[t.c[c] for c in PREDICTION_COLUMNS])
+                   .where(t.c.version.in_([str(v) for v in versions])).order_by(t.c.id)),
+        lambda conn, q: pd.DataFrame([dict(r._mapping) for r in conn.execute(q)], columns=PREDICTION_COLUMNS),
+        pd.DataFrame(columns=PREDICTION_COLUMNS),
+    )
     frame["shadow"] = frame["shadow"].astype(bool)
     frame["probability"] = frame["probability"].astype(float)
     frame["latency_ms"] = frame["latency_ms"].astype(float)
@@ -213,20 +226,12 @@ def count_failures(url: str, model: str, version: str, since: datetime, until: d
 
     from flywheel.predictionlog import ERRORS_TABLE
 
-    engine = sa.create_engine(url)
-    try:
-        table = sa.Table(ERRORS_TABLE, sa.MetaData(), autoload_with=engine)
-        q = (sa.select(sa.func.count()).select_from(table)
-             .where(table.c.model == model, table.c.version == str(version), table.c.shadow == shadow,
-                    table.c.at >= _db_time(since, engine)))
-        if until is not None:
-            q = q.where(table.c.at < _db_time(until, engine))
-        with engine.connect() as conn:
-            return int(conn.execute(q).scalar_one())
-    except sa.exc.NoSuchTableError:
-        return 0
-    finally:
-        engine.dispose()
+    return int(_read_log(
+        url, ERRORS_TABLE, model, since, until,
+        lambda t: sa.select(sa.func.count()).select_from(t).where(t.c.version == str(version), t.c.shadow == shadow),
+        lambda conn, q: conn.execute(q).scalar_one(),
+        0,
+    ))
 
 
 def _db_time(dt: datetime, engine: Any) -> datetime:

@@ -1089,11 +1089,11 @@ def _score(slot: ModelSlot | None, rows: list[dict[str, Any]]) -> np.ndarray:
     return proba
 
 
-def _failure(slot: ModelSlot | None, entity: Any, request_id: str, exc: Exception) -> dict[str, Any]:
+def _failure(slot: ModelSlot, entity: Any, request_id: str, exc: Exception) -> dict[str, Any]:
     """A prediction-log error record (the log keeps them in their own table)."""
-    return {"at": datetime.now(UTC), "request_id": request_id, "entity": entity,
-            "model": slot.name if slot else "?", "version": slot.version if slot else "?",
-            "arm": slot.arm if slot else "?", "error": f"{type(exc).__name__}: {_short(exc)}", "shadow": False}
+    return {"at": datetime.now(UTC), "request_id": request_id, "entity": entity, "model": slot.name,
+            "version": slot.version, "arm": slot.arm, "error": f"{type(exc).__name__}: {_short(exc)}",
+            "shadow": False}
 
 
 def _missing(value: Any) -> bool:

@@ -487,37 +487,22 @@ def main() -> None:
         )
         for col in ("measure", "flywheel", "baseline", "baseline / flywheel", "target (flywheel)", "met"):
             table.add_column(col, justify="left" if col == "measure" else "right")
-        s_f, s_b = fw["single"], bl["single"]
-        for q in ("p50", "p95", "p99", "max"):
-            target, met = "", ""
-            if q == "p99":
-                target = f"<= {TARGET_SINGLE_P99_MS:g} ms; >= {TARGET_RATIO:g}x lower"
-                ok = s_f["p99"] <= TARGET_SINGLE_P99_MS and s_b["p99"] / s_f["p99"] >= TARGET_RATIO
-                met = "[green]yes[/]" if ok else "[red]no[/]"
-            table.add_row(
-                f"single entity @ {plan.rate:g}/s, {q} ms (n={int(s_f['n'])})",
-                ms(s_f[q]),
-                ms(s_b[q]),
-                f"{s_b[q] / s_f[q]:.1f}x",
-                target,
-                met,
-            )
+        def latency_rows(label: str, f: dict[str, float], b: dict[str, float], quantiles: tuple[str, ...],
+                         target_ms: float) -> None:
+            for q in quantiles:
+                target, met = "", ""
+                if q == "p99":
+                    target = f"<= {target_ms:g} ms; >= {TARGET_RATIO:g}x lower"
+                    ok = f["p99"] <= target_ms and b["p99"] / f["p99"] >= TARGET_RATIO
+                    met = "[green]yes[/]" if ok else "[red]no[/]"
+                table.add_row(f"{label}, {q} ms (n={int(f['n'])})", ms(f[q]), ms(b[q]), f"{b[q] / f[q]:.1f}x",
+                              target, met)
+
+        latency_rows(f"single entity @ {plan.rate:g}/s", fw["single"], bl["single"], ("p50", "p95", "p99", "max"),
+                     TARGET_SINGLE_P99_MS)
         table.add_row("  achieved rate, req/s", f"{fw['rate']:.0f}", f"{bl['rate']:.0f}", "", "", "")
-        b_f, b_b = fw["batch"], bl["batch"]
-        for q in ("p50", "p99", "max"):
-            target, met = "", ""
-            if q == "p99":
-                target = f"<= {TARGET_BATCH_P99_MS:g} ms; >= {TARGET_RATIO:g}x lower"
-                ok = b_f["p99"] <= TARGET_BATCH_P99_MS and b_b["p99"] / b_f["p99"] >= TARGET_RATIO
-                met = "[green]yes[/]" if ok else "[red]no[/]"
-            table.add_row(
-                f"batch of {plan.batch_size}, {q} ms (n={int(b_f['n'])})",
-                ms(b_f[q]),
-                ms(b_b[q]),
-                f"{b_b[q] / b_f[q]:.1f}x",
-                target,
-                met,
-            )
+        latency_rows(f"batch of {plan.batch_size}", fw["batch"], bl["batch"], ("p50", "p99", "max"),
+                     TARGET_BATCH_P99_MS)
         table.add_row(
             f"throughput, req/s ({plan.threads} client threads, {plan.saturation_s:g} s, 1 entity)",
             f"{fw['throughput']:.0f}",

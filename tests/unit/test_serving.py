@@ -283,7 +283,7 @@ def test_prediction_log_writes_in_background_and_flushes_on_close(tmp_path: Path
     log = PredictionLog(f"sqlite:///{tmp_path}/p.db", flush_seconds=60)
     log.start()
     for i in range(25):
-        log.append(_record(i, shadow=i % 5 == 0, explanation={"method": "occlusion"} if i == 3 else None))
+        log.append_many([_record(i, shadow=i % 5 == 0, explanation={"method": "occlusion"} if i == 3 else None)])
     assert log.rows() == [], "nothing written before the flush interval"
     log.close()
     again = PredictionLog(f"sqlite:///{tmp_path}/p.db")
