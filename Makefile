@@ -7,7 +7,7 @@ export UV_PYTHON := $(PYTHON)
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: env demo test test-fast lint bench bench-serving clean
+.PHONY: env demo test test-fast lint bench bench-serving bench-inference clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -35,6 +35,10 @@ bench: env
 # Flywheel's service vs feast serve + mlflow models serve, side by side (about 3 minutes; --quick: 2)
 bench-serving: env
 	$(RUN) python -m tests.benchmarks.bench_serving
+
+# Inference paths per model family: sklearn pipeline vs numpy replay vs ONNX Runtime (about 2 minutes)
+bench-inference: env
+	$(RUN) python -m tests.benchmarks.bench_inference
 
 clean:
 	-$(RUN) flywheel down 2>/dev/null

@@ -22,6 +22,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from flywheel.errors import FlywheelError
+from flywheel.predictor import Predictor, build_predictor
 from flywheel.schemas import BehavioralTest, DatasetDefinition, GateReport, GateResult, GatesConfig
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -81,7 +82,13 @@ def _positive_index(model: Any, dataset: DatasetDefinition) -> int:
 
 
 def positive_proba(model: Any, frame: pd.DataFrame, dataset: DatasetDefinition) -> np.ndarray:
-    """P(positive) for every row of `frame`, using only the columns the model was fitted on."""
+    """P(positive) for every row of `frame`: through the served predictor for a `Predictor`, else
+    `predict_proba` on the columns the model was fitted on (the baseline, which never serves)."""
+    if isinstance(model, Predictor):
+        try:
+            return model.predict_frame(frame)
+        except Exception as exc:
+            raise _Unscorable(f"{model.kind} predictor failed: {type(exc).__name__}: {exc}") from exc
     cols = model_columns(model, dataset)
     missing = [c for c in cols if c not in frame.columns]
     if missing:
@@ -91,6 +98,27 @@ def positive_proba(model: Any, frame: pd.DataFrame, dataset: DatasetDefinition) 
     except Exception as exc:  # any model failure is reported, never swallowed silently
         raise _Unscorable(f"predict_proba failed: {type(exc).__name__}: {exc}") from exc
     return proba[:, _positive_index(model, dataset)]
+
+
+def served_predictor(model: Any, holdout: pd.DataFrame, dataset: DatasetDefinition) -> Predictor:
+    """The predictor that will serve `model` (built and verified on the whole holdout), or `model`
+    itself when it already is one."""
+    if isinstance(model, Predictor):
+        return model
+    cols = model_columns(model, dataset)
+    missing = [c for c in cols if c not in holdout.columns]
+    if missing:
+        raise _Unscorable(f"holdout lacks column(s) the model was fitted on: {missing}")
+    try:
+        return build_predictor(model, dataset, verify=holdout)
+    except Exception as exc:
+        raise _Unscorable(f"no served predictor: {type(exc).__name__}: {exc}") from exc
+
+
+def request_rows(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Holdout rows as a request carries them: plain Python values, None for missing."""
+    sub = frame[list(columns)].astype(object)
+    return [{c: (None if pd.isna(v) else v) for c, v in row.items()} for row in sub.to_dict("records")]
 
 
 def _metric(name: str, y: np.ndarray, p: np.ndarray) -> float:
@@ -141,26 +169,25 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int) -> float
     return float(ece)
 
 
-def single_row_latency_ms(
-    model: Any, frame: pd.DataFrame, columns: Sequence[str], rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(wall, cpu) milliseconds per single-row predict_proba call (one-row DataFrame per call), single-threaded.
+def single_row_latency_ms(predictor: Predictor, frame: pd.DataFrame, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(wall, cpu) milliseconds per single-row call of the served predictor, single-threaded.
 
-    The one-row frames are built before timing: the service pays its own request parsing, and we
-    measure what the model adds. BLAS/OpenMP pools are limited to one thread, as a serving worker
-    sharing cores with others would be (threads compete for the cores and blow up the tail).
-    The gate judges wall time, corrected for preemption with the thread's CPU time (see `_latency`)."""
-    base = frame[list(columns)].reset_index(drop=True)
-    if base.empty:
+    Each call is what a request executes for the model: one raw feature dict in, P(positive) out
+    (`Predictor.predict_rows`), on the path the service will use. The dicts are built before timing:
+    the service pays its own request parsing, counted in the rest of the budget. BLAS/OpenMP pools are
+    limited to one thread, as a serving worker sharing cores with others would be. The gate judges
+    wall time, corrected for preemption with the thread's CPU time (see `_latency`)."""
+    base = request_rows(frame.reset_index(drop=True), predictor.features)
+    if not base:
         raise FlywheelError("latency gate needs at least one holdout row")
-    singles = [base.iloc[[i % len(base)]] for i in range(rows + _LATENCY_WARMUP)]
+    singles = [[base[i % len(base)]] for i in range(rows + _LATENCY_WARMUP)]
     wall, cpu = np.empty(rows), np.empty(rows)
     with threadpool_limits(limits=1):
         for one in singles[:_LATENCY_WARMUP]:
-            model.predict_proba(one)
+            predictor.predict_rows(one)
         for i, one in enumerate(singles[_LATENCY_WARMUP:]):
             t0, c0 = time.perf_counter(), time.thread_time()
-            model.predict_proba(one)
+            predictor.predict_rows(one)
             wall[i] = (time.perf_counter() - t0) * 1000.0
             cpu[i] = (time.thread_time() - c0) * 1000.0
     return wall, cpu
@@ -337,39 +364,55 @@ def _calibration(cfg: GatesConfig, y: np.ndarray, p: np.ndarray) -> GateResult:
     )
 
 
-def _latency(cfg: GatesConfig, model: Any, holdout: pd.DataFrame, dataset: DatasetDefinition) -> GateResult:
+def _latency(cfg: GatesConfig, predictor: Predictor, holdout: pd.DataFrame) -> GateResult:
     rule = cfg.latency
     threshold = (
-        f"p99 <= {rule.p99_max_ms:g} ms ({rule.share_of_budget:.0%} of the {rule.service_budget_ms:g} ms budget)"
+        f"p99 <= {rule.model_share_ms:g} ms (the model's share of the service's {rule.service_budget_ms:g} ms p99)"
     )
     try:
-        times, cpu = single_row_latency_ms(model, holdout, model_columns(model, dataset), rule.rows)
+        times, cpu = single_row_latency_ms(predictor, holdout, rule.rows)
     except Exception as exc:
         return GateResult(
             rule="latency",
             value=None,
             threshold=threshold,
             passed=False,
-            detail=f"single-row predict_proba failed: {type(exc).__name__}: {exc}",
+            detail=f"single-row prediction through the {predictor.kind} path failed: {type(exc).__name__}: {exc}",
         )
     p50, p99 = np.percentile(times, [50, 99])
     cpu99 = float(np.percentile(cpu, 99))
     # Judged: the wall p99, unless preemption inflated it (a busy machine): then the larger of the
     # thread-CPU p99 and the wall median, which preemption barely moves. A model that waits (sleep, I/O)
-    # still fails through its median; a costly one (a 100-tree forest) through its CPU time.
+    # still fails through its median; a costly one (a big forest on the pipeline path) through its CPU time.
     judged = float(min(p99, max(cpu99, p50)))
     waited = "; CPU far below wall: the calls waited (sleep/IO or a busy machine)" if cpu99 < 0.5 * p99 else ""
     return GateResult(
         rule="latency",
         value=judged,
         threshold=threshold,
-        passed=bool(judged <= rule.p99_max_ms),
+        passed=bool(judged <= rule.model_share_ms),
         detail=(
-            f"single-row predict_proba x{rule.rows} after {_LATENCY_WARMUP} warm-up calls, "
-            f"threadpool_limits(1), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: "
-            f"wall p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {times.max():.2f} ms; "
-            f"thread CPU p99 {cpu99:.2f} ms{waited}; judged min(wall p99, max(CPU p99, wall p50)) = {judged:.2f} ms"
+            f"timed path: {predictor.kind} (what the service runs for this model: one raw feature dict in, "
+            f"P(positive) out) x{rule.rows} after {_LATENCY_WARMUP} warm-up calls, threadpool_limits(1), "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: "
+            f"wall p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {times.max():.3f} ms; thread CPU p99 {cpu99:.3f} ms"
+            f"{waited}; judged min(wall p99, max(CPU p99, wall p50)) = {judged:.3f} ms"
         ),
+    )
+
+
+def _inference(predictor: Predictor) -> GateResult:
+    """Reported only: which path serves and how close it is to predict_proba (a path that was not
+    within its tolerance on the whole holdout was never chosen; `fallbacks` says why)."""
+    from flywheel.predictor import tolerance
+
+    return GateResult(
+        rule="inference",
+        value=predictor.max_abs_diff,
+        threshold=f"max |dp| vs predict_proba <= {tolerance(predictor.kind):g}",
+        passed=True,
+        gated=False,
+        detail=f"served through {predictor.summary()}",
     )
 
 
@@ -471,14 +514,6 @@ def _overfitting(cfg: GatesConfig, train_metric: float, validation_metric: float
 # -------------------------------------------------------------------------------------- behavioral
 
 
-def _all_missing_row(columns: Sequence[str], dataset: DatasetDefinition) -> pd.DataFrame:
-    """One row with every feature missing: NaN in numeric columns, None in categorical ones."""
-    numeric = set(dataset.numeric_features)
-    return pd.DataFrame(
-        {c: pd.Series([np.nan], dtype=float) if c in numeric else pd.Series([None], dtype=object) for c in columns}
-    )
-
-
 def _behavioral_rows(holdout: pd.DataFrame, test: BehavioralTest, seed: int, dropna: str | None) -> pd.DataFrame:
     frame = holdout.dropna(subset=[dropna]) if dropna else holdout
     if frame.empty:
@@ -488,13 +523,13 @@ def _behavioral_rows(holdout: pd.DataFrame, test: BehavioralTest, seed: int, dro
 
 
 def _run_behavioral(
-    test: BehavioralTest, model: Any, holdout: pd.DataFrame, dataset: DatasetDefinition, seed: int
+    test: BehavioralTest, model: Predictor, holdout: pd.DataFrame, seed: int
 ) -> tuple[float, str, bool, str]:
-    """(value, threshold, passed, detail) for one test; exceptions propagate to the caller."""
-    cols = model_columns(model, dataset)
-    pos = _positive_index(model, dataset)
+    """(value, threshold, passed, detail) for one test, through the served predictor; exceptions
+    propagate to the caller."""
+    cols = list(model.features)
     if test.kind == "minimum_functionality":
-        p = np.asarray(model.predict_proba(_all_missing_row(cols, dataset)), dtype=float)[:, pos]
+        p = np.asarray(model.predict_rows([dict.fromkeys(cols)]), dtype=float)
         ok = p.shape == (1,) and bool(np.isfinite(p).all()) and 0.0 <= p[0] <= 1.0
         return float(p[0]), "a probability in [0, 1]", ok, f"every feature missing -> p={p[0]:.4f}"
     assert test.feature is not None  # the schema validator guarantees it for these kinds
@@ -504,7 +539,7 @@ def _run_behavioral(
         for v in test.values:
             x = rows[cols].copy()
             x[test.feature] = v
-            probs.append(np.asarray(model.predict_proba(x), dtype=float)[:, pos])
+            probs.append(model.predict_frame(x))
         stacked = np.vstack(probs)
         spread = stacked.max(axis=0) - stacked.min(axis=0)
         worst = float(spread.max())
@@ -520,8 +555,8 @@ def _run_behavioral(
     x = rows[cols]
     moved = x.copy()
     moved[test.feature] = moved[test.feature].astype(float) + test.delta
-    before = np.asarray(model.predict_proba(x), dtype=float)[:, pos]
-    after = np.asarray(model.predict_proba(moved), dtype=float)[:, pos]
+    before = model.predict_frame(x)
+    after = model.predict_frame(moved)
     d = after - before
     right = (d >= -_EQUAL_TOL) if test.direction == "increase" else (d <= _EQUAL_TOL)
     share = float(right.mean())
@@ -535,14 +570,14 @@ def _run_behavioral(
 
 
 def _behavioral(
-    cfg: GatesConfig, model: Any, holdout: pd.DataFrame, dataset: DatasetDefinition, seed: int
+    cfg: GatesConfig, model: Predictor, holdout: pd.DataFrame, dataset: DatasetDefinition, seed: int
 ) -> list[GateResult]:
     suite = dataset.behavioral
     out = []
     for test in suite.tests:
         name = f"behavioral:{test.name}"
         try:
-            value, threshold, passed, detail = _run_behavioral(test, model, holdout, dataset, seed)
+            value, threshold, passed, detail = _run_behavioral(test, model, holdout, seed)
         except Exception as exc:  # a test that crashes is a failed test, not a crashed evaluation
             value, threshold, passed = None, f"{test.kind} test runs", False
             detail = f"error: {type(exc).__name__}: {exc}"
@@ -575,7 +610,9 @@ def evaluate_gates(
     candidate_version: str | None = None,
     champion_version: str | None = None,
 ) -> GateReport:
-    """Every gate, candidate vs rules and vs the champion re-scored on the same `holdout`.
+    """Every gate, candidate vs rules and vs the champion re-scored on the same `holdout`, each scored
+    through the predictor that will serve it (a fitted pipeline is turned into one here, verified on
+    this whole holdout; a `Predictor` is used as it is).
 
     `champion=None` (first model): the comparison rules are reported as not applicable. A champion
     that cannot be scored on this holdout (missing columns, a crash) fails those rules closed."""
@@ -588,6 +625,7 @@ def evaluate_gates(
             f"holdout of {len(y)} rows has a single class in {dataset.label!r}: the gates cannot be evaluated"
         )
     try:
+        candidate = served_predictor(candidate, holdout, dataset)
         p_cand = positive_proba(candidate, holdout, dataset)
     except _Unscorable as exc:
         raise FlywheelError(f"candidate could not be scored on the holdout: {exc}") from exc
@@ -598,6 +636,7 @@ def evaluate_gates(
         champ_problem = "absent"
     else:
         try:
+            champion = served_predictor(champion, holdout, dataset)
             p_champ = positive_proba(champion, holdout, dataset)
         except _Unscorable as exc:
             champ_problem = str(exc)
@@ -608,13 +647,20 @@ def evaluate_gates(
         _vs_champion(cfg, y, p_cand, p_champ, champ_problem, cand_value, seed),
         *_slices(cfg, holdout, dataset, y, p_cand, p_champ, champ_problem),
         _calibration(cfg, y, p_cand),
-        _latency(cfg, candidate, holdout, dataset),
+        _inference(candidate),
+        _latency(cfg, candidate, holdout),
         _fairness(cfg, holdout, dataset, y, p_cand),
         _baseline(cfg, baseline, holdout, dataset, y, cand_value),
         _overfitting(cfg, train_metric, validation_metric),
         *_behavioral(cfg, candidate, holdout, dataset, seed),
     ]
-    return GateReport(candidate_version=candidate_version, champion_version=champion_version, results=results)
+    return GateReport(
+        candidate_version=candidate_version,
+        champion_version=champion_version,
+        candidate_inference=candidate.kind,
+        champion_inference=champion.kind if isinstance(champion, Predictor) else None,
+        results=results,
+    )
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -160,13 +160,17 @@ class CalibrationRule(Section):
 
 
 class LatencyRule(Section):
-    service_budget_ms: float = Field(10.0, gt=0)  # the online service's p99 budget
-    share_of_budget: float = Field(0.8, gt=0, le=1)  # what the model itself may spend of it
+    service_budget_ms: float = Field(10.0, gt=0)  # the online service's p99 per request, end to end
+    model_share_ms: float = Field(3.0, gt=0)  # the served predictor's p99 for one row, of that budget
     rows: int = Field(300, ge=20)
 
-    @property
-    def p99_max_ms(self) -> float:
-        return self.service_budget_ms * self.share_of_budget
+    @model_validator(mode="after")
+    def _share_fits(self) -> LatencyRule:
+        if self.model_share_ms > self.service_budget_ms:
+            raise ValueError(
+                f"model_share_ms ({self.model_share_ms:g}) exceeds service_budget_ms ({self.service_budget_ms:g})"
+            )
+        return self
 
 
 class FairnessRule(Section):
@@ -233,6 +237,8 @@ class GateResult(Result):
 class GateReport(Result):
     candidate_version: str | None = None
     champion_version: str | None = None
+    candidate_inference: str | None = None  # the path the candidate serves through (and was timed on)
+    champion_inference: str | None = None
     results: list[GateResult]
 
     @property

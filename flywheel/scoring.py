@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from flywheel.errors import FlywheelError, SkewError
 from flywheel.featurestore import FEATURES_FILE, LABELS_FILE, dataset_dir
+from flywheel.predictor import served_predictor
 from flywheel.schemas import DatasetDefinition, Result
 
 if TYPE_CHECKING:
@@ -198,11 +199,10 @@ def online_features(
 # ------------------------------------------------------------------------------------ scoring
 
 
-def positive_scores(pipeline: Any, features: pd.DataFrame, dataset: DatasetDefinition) -> np.ndarray:
-    """Probability of the positive class (the same call training and evaluation use)."""
-    from flywheel.training import predict_scores
-
-    return predict_scores(pipeline, features, dataset)
+def positive_scores(model: LoadedModel, features: pd.DataFrame, dataset: DatasetDefinition) -> np.ndarray:
+    """Probability of the positive class through the model's served predictor (the path the online
+    service and the gates use, so batch and online scores agree)."""
+    return served_predictor(model, dataset).predict_frame(features)
 
 
 def score_features(
@@ -222,7 +222,7 @@ def score_features(
     empty = missing.all(axis=1).to_numpy()
     proba = np.full(len(features), np.nan)
     if (~empty).any():
-        proba[~empty] = positive_scores(model.pipeline, features.loc[~empty, names], dataset)
+        proba[~empty] = positive_scores(model, features.loc[~empty, names], dataset)
     prediction = pd.array(np.where(proba >= DECISION_THRESHOLD, 1, 0), dtype="Int64")
     prediction[empty] = pd.NA
     imputed = [",".join(n for n, m in zip(names, row, strict=True) if m) or None for row in missing.to_numpy()]
@@ -525,8 +525,9 @@ def check_skew(
     both = ~(online[names].isna().all(axis=1) | offline[names].isna().all(axis=1))
     max_diff = 0.0
     if both.any():
-        p_on = positive_scores(model.pipeline, online.loc[both.to_numpy()], dataset)
-        p_off = positive_scores(model.pipeline, offline.loc[both.to_numpy()], dataset)
+        predictor = served_predictor(model, dataset)  # one build for both sides
+        p_on = predictor.predict_frame(online.loc[both.to_numpy()])
+        p_off = predictor.predict_frame(offline.loc[both.to_numpy()])
         diffs = np.abs(p_on - p_off)
         max_diff = float(diffs.max())
         for entity, d, a, b in zip(online.index[both.to_numpy()], diffs, p_on, p_off, strict=True):

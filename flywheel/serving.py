@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import FlywheelError
 from flywheel.predictionlog import PredictionLog
+from flywheel.predictor import TAG_INFERENCE, Predictor, build_predictor
 
 if TYPE_CHECKING:
     from flywheel.featurestore import OnlineReader
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 Arm = Literal["champion", "challenger"]
 ARMS: tuple[Arm, Arm] = ("champion", "challenger")
 TAG_FEATURE_SERVICE = "flywheel.feature_service"
-Step = Callable[[np.ndarray], np.ndarray]
 EXPLAIN_TOP = 10  # contributions returned per explained prediction
 SHADOW_MAX_PENDING = 1000  # shadow batches waiting for the background scorer; past it they are skipped
 log = logging.getLogger("flywheel.serving")
@@ -139,31 +138,30 @@ class ModelSlot:
     arm: Arm
     name: str
     version: str
-    pipeline: Any
+    predictor: Predictor  # the same object the gates scored and timed (flywheel.predictor)
     feature_service: str
-    features: tuple[str, ...]  # raw input columns, in the pipeline's order
-    numeric: frozenset[str]
-    positive_index: int
     loaded_at: datetime
     run_id: str | None = None
-    fast: FastPath | None = field(default=None, repr=False)  # verified numpy replay of the pipeline
     _explainer: dict[str, Any] = field(default_factory=dict, repr=False)
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def pipeline(self) -> Any:
+        return self.predictor.pipeline
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.predictor.features
+
+    @property
+    def positive_index(self) -> int:
+        return self.predictor.positive_index
+
     def frame(self, rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-        """The pipeline's input frame, built column by column (cheaper than DataFrame(list of dicts))."""
-        data: dict[str, np.ndarray] = {}
-        for col in self.features:
-            if col in self.numeric:
-                data[col] = np.array([_num(r.get(col)) for r in rows], dtype="float64")
-            else:
-                data[col] = np.array([r.get(col) for r in rows], dtype=object)
-        return pd.DataFrame(data, copy=False)
+        return self.predictor.frame(rows)
 
     def probabilities(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        if self.fast is not None:
-            return self.fast.predict_proba(rows)[:, self.positive_index]
-        return self.pipeline.predict_proba(self.frame(rows))[:, self.positive_index]
+        return self.predictor.predict_rows(rows)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -172,12 +170,8 @@ class ModelSlot:
             "feature_service": self.feature_service,
             "loaded_at": self.loaded_at.isoformat(),
             "run_id": self.run_id,
-            "inference": "numpy replay (verified against the pipeline)" if self.fast else "sklearn pipeline",
+            "inference": self.predictor.describe(),
         }
-
-
-def _num(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -190,200 +184,32 @@ class Slots:
 
 
 def make_slot(loaded: LoadedModel, arm: Arm, dataset: DatasetDefinition) -> ModelSlot:
-    """A slot from a verified registry load; refuses models the dataset definition cannot serve."""
+    """A slot from a verified registry load; refuses models the dataset definition cannot serve.
+
+    The predictor starts at the inference path the gates verified on the holdout and timed (the
+    version's `flywheel.inference` tag); it is checked again here on probe rows, and falls back to a
+    slower exact path (reported on /health) if that check fails."""
     pipeline = loaded.pipeline
     service = loaded.tags.get(TAG_FEATURE_SERVICE)
     what = f"model {loaded.name} v{loaded.version}"
     if not service:
         raise FlywheelError(f"{what} has no {TAG_FEATURE_SERVICE} tag: cannot tell which features it was trained on")
-    features = tuple(getattr(pipeline, "feature_names_in_", dataset.feature_names))
-    unknown = sorted(set(features) - set(dataset.feature_names))
-    if unknown:
-        raise FlywheelError(f"{what} takes features {unknown} unknown to dataset {dataset.name!r}")
     classes = list(getattr(pipeline, "classes_", [0, 1]))
     if 1 not in classes:
         raise FlywheelError(f"{what} has no positive class (classes {classes})")
-    slot = ModelSlot(
+    try:
+        predictor = build_predictor(pipeline, dataset, start_at=loaded.tags.get(TAG_INFERENCE))
+    except FlywheelError as exc:
+        raise FlywheelError(f"{what}: {exc}") from exc
+    return ModelSlot(
         arm=arm,
         name=loaded.name,
         version=str(loaded.version),
-        pipeline=pipeline,
+        predictor=predictor,
         feature_service=service,
-        features=features,
-        numeric=frozenset(f for f in features if f in set(dataset.numeric_features)),
-        positive_index=classes.index(1),
         loaded_at=datetime.now(UTC),
         run_id=loaded.run_id,
     )
-    fast = FastPath.build(slot, dataset)
-    return dataclasses.replace(slot, fast=fast) if fast else slot
-
-
-# -------------------------------------------------------------------------------- fast inference path
-
-
-class FastPath:
-    """A numpy replay of a fitted `ColumnTransformer(imputers, scaler, one-hot) -> estimator` pipeline.
-
-    Why: for one row, scikit-learn's per-call input validation in the ColumnTransformer and its four
-    imputers costs ~5 ms, 90% of a request; the arithmetic itself costs microseconds. Only the steps
-    below are replayed, with their fitted statistics; anything else (or any option changing their
-    behaviour) means no fast path. Every fast path is checked at load against `pipeline.predict_proba`
-    on probe rows covering each category, missing values and the feature ranges; any difference
-    above 1e-9 and the slot serves through the pipeline instead.
-    """
-
-    def __init__(
-        self, features: tuple[str, ...], blocks: list[tuple[list[int], list[Step]]], model: Any,
-        numeric: frozenset[str],
-    ) -> None:
-        self.features = features
-        self.blocks = blocks
-        self.model = model
-        self.numeric = numeric
-
-    def transform(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        cols = []
-        for idx, steps in self.blocks:
-            names = [self.features[i] for i in idx]
-            if all(n in self.numeric for n in names):
-                x: np.ndarray = np.array([[_num(r.get(n)) for n in names] for r in rows], dtype="float64")
-            else:
-                x = np.array([[r.get(n) for n in names] for r in rows], dtype=object)
-            for step in steps:
-                x = step(x)
-            cols.append(np.asarray(x, dtype="float64"))
-        return np.hstack(cols) if len(cols) > 1 else cols[0]
-
-    def predict_proba(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        return self.model.predict_proba(self.transform(rows))
-
-    @classmethod
-    def build(cls, slot: ModelSlot, dataset: DatasetDefinition) -> FastPath | None:
-        try:
-            fast = cls._compile(slot)
-            if fast is None:
-                return None
-            probes = probe_rows(dataset, slot.features)
-            want = slot.pipeline.predict_proba(slot.frame(probes))
-            got = fast.predict_proba(probes)
-            if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-9):
-                log.warning("%s v%s: numpy replay differs from the pipeline; serving through the pipeline",
-                            slot.name, slot.version)
-                return None
-            return fast
-        except Exception as exc:  # an unexpected layout is not an error: the pipeline path always works
-            log.info("%s v%s: no fast path (%s); serving through the pipeline", slot.name, slot.version, exc)
-            return None
-
-    @classmethod
-    def _compile(cls, slot: ModelSlot) -> FastPath | None:
-        from sklearn.compose import ColumnTransformer
-        from sklearn.pipeline import Pipeline
-
-        steps = getattr(slot.pipeline, "steps", None)
-        if not steps or len(steps) != 2 or not isinstance(steps[0][1], ColumnTransformer):
-            return None
-        pre, model = steps[0][1], steps[1][1]
-        index = {f: i for i, f in enumerate(slot.features)}
-        blocks = []
-        for name, trans, cols in pre.transformers_:
-            sl = pre.output_indices_.get(name)
-            if trans == "drop" or sl is None or sl.stop == sl.start:
-                continue
-            if isinstance(cols, str) or not all(isinstance(c, str) and c in index for c in cols):
-                return None
-            chain = trans.steps if isinstance(trans, Pipeline) else [("only", trans)]
-            funcs = []
-            for _, step in chain:
-                fn = _compile_step(step)
-                if fn is None:
-                    return None
-                funcs.append(fn)
-            blocks.append((sl.start, [index[c] for c in cols], funcs))
-        blocks.sort(key=lambda b: b[0])
-        return cls(slot.features, [(b[1], b[2]) for b in blocks], model, slot.numeric)
-
-
-def _compile_step(step: Any) -> Step | None:
-    from sklearn.impute import SimpleImputer
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    if step == "passthrough":
-        return lambda x: x
-    if isinstance(step, SimpleImputer):
-        if step.add_indicator:
-            return None
-        stats = step.statistics_
-        if stats.dtype.kind == "f" and np.isnan(stats).any():
-            return None  # a column empty at fit time is dropped by sklearn: not replayed
-        marker = step.missing_values
-
-        def impute(x: np.ndarray) -> np.ndarray:
-            if x.dtype == object:
-                if marker is None:
-                    mask = np.equal(x, None)
-                elif isinstance(marker, float) and math.isnan(marker):
-                    mask = np.array([[isinstance(v, float) and math.isnan(v) for v in r] for r in x], dtype=bool)
-                else:
-                    mask = x == marker
-            elif isinstance(marker, float) and math.isnan(marker):
-                mask = np.isnan(x)
-            else:
-                mask = x == marker
-            if mask.any():
-                x = x.copy()
-                x[mask] = np.broadcast_to(stats, x.shape)[mask]
-            return x
-
-        return impute
-    if isinstance(step, StandardScaler):
-        mean = step.mean_ if step.with_mean else None
-        scale = step.scale_ if step.with_std else None
-        return lambda x: ((x.astype("float64") - (mean if mean is not None else 0.0))
-                          / (scale if scale is not None else 1.0))
-    if isinstance(step, OneHotEncoder):
-        if step.drop_idx_ is not None or step.handle_unknown != "ignore" or getattr(step, "_infrequent_enabled", False):
-            return None
-        lookups = [{v: k for k, v in enumerate(cats)} for cats in step.categories_]
-        offsets = np.cumsum([0] + [len(c) for c in step.categories_])
-
-        def one_hot(x: np.ndarray) -> np.ndarray:
-            out = np.zeros((x.shape[0], offsets[-1]))
-            for j, lookup in enumerate(lookups):
-                for i in range(x.shape[0]):
-                    k = lookup.get(x[i, j])
-                    if k is not None:
-                        out[i, offsets[j] + k] = 1.0
-            return out
-
-        return one_hot
-    return None
-
-
-def probe_rows(dataset: DatasetDefinition, features: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows exercising every category, missing values and the numeric ranges (fast-path verification)."""
-    specs = {f.name: f for f in dataset.features}
-    rng = np.random.default_rng(0)
-    rows: list[dict[str, Any]] = []
-    for k in range(40):
-        row: dict[str, Any] = {}
-        for j, name in enumerate(features):
-            spec = specs[name]
-            if (k + j) % 7 == 0:
-                row[name] = None
-            elif spec.type == "category":
-                allowed = [*(spec.allowed or []), "__never_seen__"]
-                row[name] = allowed[(k + j) % len(allowed)]
-            elif spec.type == "bool":
-                row[name] = bool((k + j) % 2)
-            else:
-                lo = spec.min if spec.min is not None else -100.0
-                hi = spec.max if spec.max is not None else 100.0
-                v = float(rng.uniform(lo, min(hi, lo + 500)))
-                row[name] = round(v) if spec.type == "int" else v
-        rows.append(row)
-    return rows
 
 
 # ------------------------------------------------------------------------------------ explanations

@@ -197,6 +197,7 @@ def register_model(
     from flywheel.audit import AuditLog
     from flywheel.gates import render_gate_report
     from flywheel.modelcard import fill_version
+    from flywheel.predictor import TAG_INFERENCE
     from flywheel.registry import CHALLENGER, CHAMPION, Registry, log_model
 
     registry = Registry(tracking_uri, AuditLog(audit_db_url))
@@ -212,7 +213,9 @@ def register_model(
         else:
             with mlflow.start_run(run_id=mlflow_run_id, nested=active is not None):
                 model_uri = log_model(pipeline, input_example)
-        version = registry.register(model_uri, model_name, mlflow_run_id, lineage)
+        # the inference path the gates verified on the holdout and timed: the service starts from it
+        served = {TAG_INFERENCE: gate_report.candidate_inference} if gate_report.candidate_inference else {}
+        version = registry.register(model_uri, model_name, mlflow_run_id, {**lineage, **served})
     else:
         model_uri = registry.model_version(model_name, version).source
         logger.info("%s v%s was already registered from run %s: resuming", model_name, version, mlflow_run_id)

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from flywheel.predictionlog import PredictionLog
+from flywheel.predictor import PipelinePath, build_predictor
 from flywheel.serving import (
     Explainer,
     ModelSlot,
@@ -43,10 +44,15 @@ def frame(small_batches: list[pd.DataFrame]) -> pd.DataFrame:
 
 def _slot(pipeline: Any, dataset: Any, arm: str = "champion", version: str = "1") -> ModelSlot:
     return ModelSlot(
-        arm=arm, name="churn", version=version, pipeline=pipeline, feature_service="churn_x",
-        features=tuple(dataset.feature_names), numeric=frozenset(dataset.numeric_features),
-        positive_index=list(pipeline.classes_).index(1), loaded_at=datetime.now(UTC),
+        arm=arm, name="churn", version=version, predictor=build_predictor(pipeline, dataset),
+        feature_service="churn_x", loaded_at=datetime.now(UTC),
     )
+
+
+def _broken(slot: ModelSlot) -> ModelSlot:
+    """The slot with a model that raises on every call, behind the same predictor."""
+    return dataclasses.replace(slot, predictor=dataclasses.replace(
+        slot.predictor, path=PipelinePath(_Broken(), slot.features)))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,7 @@ def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logge
     state.on_model_event = lambda *e: events.append(e)
     state.log.start()
     champ = _slot(fitted["logistic_regression"], dataset)
-    broken = dataclasses.replace(_slot(fitted["logistic_regression"], dataset, "challenger", "2"), pipeline=_Broken())
+    broken = _broken(_slot(fitted["logistic_regression"], dataset, "challenger", "2"))
     state._slots, state._policy = Slots(champ, broken), RoutingPolicy(mode="canary", share=0.5)
     rows = [{**GOOD, "customer_id": i} for i in range(40)]
     out = state.predict(None, rows)
@@ -165,7 +171,7 @@ def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logge
     assert "ValueError: matmul" in failed[0]["error"] and events[0] == ("failed", "challenger", "2")
     assert len(state.log.rows(limit=100)) == 80, "the answered rows are logged as usual"
     # a champion that fails cannot be covered for: 500 naming the model, failures logged
-    state._slots = Slots(dataclasses.replace(champ, pipeline=_Broken()), None)
+    state._slots = Slots(_broken(champ), None)
     with pytest.raises(ModelFailure, match=r"model churn v1 failed to score: ValueError") as err:
         state.predict(None, rows[:3])
     assert err.value.status == 500
@@ -370,22 +376,3 @@ def test_routing_policy_round_trips_through_the_log_database(tmp_path: Path) -> 
     log.save_policy("churn", {"mode": "blue_green", "share": 0.0, "active": "challenger"}, "admin")
     assert RoutingPolicy.model_validate(log.load_policy("churn")).active == "challenger"
     log.close()
-
-
-# ----------------------------------------------------------------------------------------- fast path
-
-
-def test_fast_path_replays_the_pipeline_exactly(fitted: dict[str, Any], dataset: Any, frame: pd.DataFrame) -> None:
-    from flywheel.serving import FastPath, probe_rows
-
-    records = frame[dataset.feature_names].head(200).to_dict("records")
-    rows = [{f: (None if pd.isna(v) else v) for f, v in r.items()} for r in records]
-    rows += probe_rows(dataset, dataset.feature_names)
-    for family in ("logistic_regression", "hist_gradient_boosting"):
-        slot = _slot(fitted[family], dataset)
-        fast = FastPath.build(slot, dataset)
-        assert fast is not None, family
-        want = fitted[family].predict_proba(slot.frame(rows))
-        np.testing.assert_allclose(fast.predict_proba(rows), want, rtol=0, atol=1e-12)
-    # a layout it does not know (the passthrough baseline) gets no fast path: the pipeline serves
-    assert FastPath.build(_slot(fitted["baseline"], dataset), dataset) is None
