@@ -77,7 +77,7 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
 
     lineage = ctx.lineage(service, frame, as_of, quality)
-    trained = train_model(split, dataset, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
+    trained = train_model(split, dataset, ctx.train, gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate(
         trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, dataset,

@@ -478,17 +478,20 @@ def _fairness(
 def _baseline(
     cfg: GatesConfig, baseline: Any, holdout: pd.DataFrame, dataset: DatasetDefinition, y: np.ndarray, cand: float
 ) -> GateResult:
+    """`baseline`: a training.Baseline (its fitted pipeline and what it is), or any fitted model."""
     metric, margin = cfg.primary.metric, cfg.baseline.min_margin
     threshold = f"candidate - baseline >= {margin}"
+    model = getattr(baseline, "pipeline", baseline)
+    name = getattr(baseline, "description", type(model).__name__)
     try:
-        base = _metric(metric, y, positive_proba(baseline, holdout, dataset))
+        base = _metric(metric, y, positive_proba(model, holdout, dataset))
     except _Unscorable as exc:
         return GateResult(
             rule="baseline",
             value=None,
             threshold=threshold,
             passed=False,
-            detail=f"baseline could not be scored, failing closed: {exc}",
+            detail=f"baseline ({name}) could not be scored, failing closed: {exc}",
         )
     gain = cand - base
     return GateResult(
@@ -496,7 +499,7 @@ def _baseline(
         value=_num(gain),
         threshold=threshold,
         passed=bool(gain >= margin),
-        detail=f"{metric} candidate {_fmt(cand)} vs baseline {_fmt(base)}",
+        detail=f"{metric} candidate {_fmt(cand)} vs baseline {_fmt(base)}; baseline: {name}",
     )
 
 

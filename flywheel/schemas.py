@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -182,8 +182,25 @@ class FairnessRule(Section):
     min_group_rows: int = Field(50, ge=1)
 
 
-class BaselineRule(Section):
+class BestSingleFeatureBaseline(Section):
+    """Per feature, a depth-limited tree on that feature alone (the pipeline's imputation / one-hot) is fit
+    on train and scored on validation; the best one is refit on train + validation."""
+
+    kind: Literal["best_single_feature"]
+    min_margin: float = Field(0.05, ge=0, le=1)  # candidate - baseline, on the primary metric
+    max_depth: int = Field(3, ge=1, le=6)  # of the one-feature tree
+
+
+class ShallowTreeBaseline(Section):
+    """A depth-limited tree on every feature (the pipeline's imputation / one-hot), fit on train + validation."""
+
+    kind: Literal["shallow_tree"]
     min_margin: float = Field(0.05, ge=0, le=1)
+    max_depth: int = Field(2, ge=1, le=4)
+
+
+# `kind` picks the model: a typo or a missing kind fails at load, naming the allowed kinds.
+BaselineRule = Annotated[BestSingleFeatureBaseline | ShallowTreeBaseline, Field(discriminator="kind")]
 
 
 class OverfittingRule(Section):
@@ -196,7 +213,7 @@ class GatesConfig(Section):
     calibration: CalibrationRule = CalibrationRule()
     latency: LatencyRule = LatencyRule()
     fairness: FairnessRule = FairnessRule()
-    baseline: BaselineRule = BaselineRule()
+    baseline: BaselineRule = BestSingleFeatureBaseline(kind="best_single_feature")
     overfitting: OverfittingRule = OverfittingRule()
     behavioral_required: bool = True
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flywheel.errors import ConfigError
@@ -98,6 +98,25 @@ class SearchConfig(Section):
     method: Literal["grid", "random", "bayesian"] = "random"
     trials: int = Field(6, ge=1, le=500)
     metric: Literal["roc_auc", "average_precision", "log_loss", "f1"] = "roc_auc"
+    # bayesian only: trials drawn at random before TPE models the results (optuna's default, 10, would
+    # make a small budget random search); None: max(1, trials // 3). Grid and random search ignore it.
+    startup_trials: int | None = Field(None, ge=1)
+
+    @field_validator("startup_trials")
+    @classmethod
+    def _startup_leaves_trials_to_model(cls, value: int | None, info: ValidationInfo) -> int | None:
+        trials = info.data.get("trials")  # absent when trials itself was invalid (reported on its own)
+        if value is not None and trials is not None and value >= trials:
+            raise ValueError(
+                f"startup_trials ({value}) must be smaller than trials ({trials}): otherwise TPE never "
+                "proposes a trial and bayesian search is random search"
+            )
+        return value
+
+    @property
+    def n_startup_trials(self) -> int:
+        """Random start-up trials of a bayesian search, per family."""
+        return self.startup_trials if self.startup_trials is not None else max(1, self.trials // 3)
 
 
 Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest"]

@@ -13,9 +13,15 @@ Choices worth knowing:
   categorical choice; TPE still learns which values work). `grid` takes every combination in a stable
   order, thinned to `trials` evenly spaced combinations when the grid is larger; `random` samples
   `trials` distinct combinations with a generator seeded by (seed, family); `bayesian` runs optuna's
-  TPESampler(seed) for `trials` trials per family (a repeated combination is scored once).
+  TPESampler(seed) for `trials` trials per family (a repeated combination is scored once): the first
+  `search.n_startup_trials` (max(1, trials // 3) unless `startup_trials` says) are drawn at random, TPE
+  proposes the rest. Optuna's default of 10 start-up trials would leave a small budget all random.
 - Final fit: the chosen configuration is refit on train + validation (more, and more recent, data for
   the model that will serve; the validation set has done its job once the configuration is chosen).
+- Baseline (the `baseline` gate): a simple model of the kind configs/gates.yaml declares, refitted on the
+  same split: `best_single_feature` (per feature, a depth-limited tree on that feature alone, fit on
+  train, scored on validation; the best refit on train + validation) or `shallow_tree` (a depth-limited
+  tree on every feature, fit on train + validation). Both use the candidate pipeline's preprocessing.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,14 +42,16 @@ from sklearn.impute import KNNImputer, SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_limits
 
 from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from optuna.samplers import TPESampler
 
-    from flywheel.schemas import DatasetDefinition
+    from flywheel.schemas import BaselineRule, DatasetDefinition
     from flywheel.settings import ImputationConfig, TrainConfig
 
 MISSING = "__missing__"
@@ -232,7 +240,8 @@ def build_pipeline(
 
 
 def build_baseline(dataset: DatasetDefinition) -> Pipeline:
-    """A prior-only model taking the same columns: what 'no skill' scores."""
+    """A prior-only model taking the same columns: what 'no skill' scores. Not the `baseline` gate's
+    model (that is `fit_baseline`'s); tests use it as a trivially simple model of another layout."""
     select = ColumnTransformer([("features", "passthrough", dataset.feature_names)], remainder="drop")
     return Pipeline([("features", select), ("model", DummyClassifier(strategy="prior"))])
 
@@ -468,7 +477,8 @@ def search_candidates(
                 for params in plan:
                     run(family, params)
             else:
-                _optuna_search(family, search_space(cfg, family), trials, cfg.seed, higher, run)
+                sampler = tpe_sampler(_family_seed(cfg.seed, family), cfg.search.n_startup_trials)
+                _optuna_search(family, search_space(cfg, family), trials, sampler, higher, run)
             budget[family] = len(results) - before
 
     if not results:
@@ -486,14 +496,13 @@ def _optuna_search(
     family: str,
     space: dict[str, list[Any]],
     trials: int,
-    seed: int,
+    sampler: TPESampler,
     higher: bool,
     run: Callable[[str, dict[str, Any]], Trial],
 ) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=_family_seed(seed, family))
     study = optuna.create_study(direction="maximize" if higher else "minimize", sampler=sampler)
 
     def objective(trial: optuna.Trial) -> float:
@@ -501,6 +510,13 @@ def _optuna_search(
         return run(family, params).validation_metric
 
     study.optimize(objective, n_trials=trials, n_jobs=1, gc_after_trial=False)
+
+
+def tpe_sampler(seed: int, n_startup_trials: int) -> TPESampler:
+    """Optuna's TPE sampler: `n_startup_trials` random trials, then trials proposed by its model."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
 def fit_final(
@@ -515,8 +531,91 @@ def fit_final(
     return fit(build_pipeline(family, params, dataset, imputation, seed), split.train_validation, dataset)
 
 
-def fit_baseline(split: Split, dataset: DatasetDefinition) -> Pipeline:
-    return fit(build_baseline(dataset), split.train_validation, dataset)
+# --------------------------------------------------------------------------------------- baseline
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The `baseline` gate's model, fitted on train + validation like the candidate. `pipeline` takes the
+    raw feature columns (a best_single_feature pipeline reads only `feature` of them)."""
+
+    kind: Literal["best_single_feature", "shallow_tree"]
+    pipeline: Pipeline
+    metric: str  # the metric the feature was chosen by (the gates' primary metric)
+    feature: str | None = None  # best_single_feature: the chosen feature
+    validation_scores: dict[str, float] = field(default_factory=dict)  # best_single_feature: feature -> metric
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.pipeline.named_steps["model"].max_depth)
+
+    @property
+    def description(self) -> str:
+        """What the baseline is, for the gate report: kind, tree depth and, for best_single_feature, the feature."""
+        if self.feature is None:
+            return f"{self.kind} (depth-{self.max_depth} tree on every feature)"
+        return (
+            f"{self.kind} {self.feature!r} (depth-{self.max_depth} tree on that feature alone; validation "
+            f"{self.metric} {self.validation_scores[self.feature]:.4f}, best of {len(self.validation_scores)} features)"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: what `baseline.json` in the training run holds."""
+        return {
+            "kind": self.kind,
+            "max_depth": self.max_depth,
+            "feature": self.feature,
+            "metric": self.metric,
+            "validation_scores": self.validation_scores,
+        }
+
+
+def _tree_pipeline(dataset: DatasetDefinition, imputation: ImputationConfig, max_depth: int, seed: int) -> Pipeline:
+    """The candidate pipeline's imputation and one-hot over `dataset`'s features, then a depth-limited tree."""
+    tree = DecisionTreeClassifier(max_depth=max_depth, random_state=seed)
+    return Pipeline([("features", _features(dataset, imputation, scale=False)), ("model", tree)])
+
+
+def single_feature_pipeline(
+    dataset: DatasetDefinition, feature: str, imputation: ImputationConfig, max_depth: int, seed: int
+) -> Pipeline:
+    """A depth-limited tree on `feature` alone (its imputation / one-hot as in the candidate's pipeline);
+    it takes the raw feature columns and reads only that one."""
+    only = dataset.model_copy(update={"features": [f for f in dataset.features if f.name == feature]})
+    return _tree_pipeline(only, imputation, max_depth, seed)
+
+
+def best_single_feature(
+    split: Split, dataset: DatasetDefinition, metric: str, imputation: ImputationConfig, max_depth: int, seed: int
+) -> dict[str, float]:
+    """Each feature's one-feature tree, fit on train, scored on validation: feature -> `metric`, best first
+    (ties keep the dataset's feature order)."""
+    scores = {
+        f: score(fit(single_feature_pipeline(dataset, f, imputation, max_depth, seed), split.train, dataset),
+                 split.validation, dataset, metric)
+        for f in dataset.feature_names
+    }  # fmt: skip
+    sign = 1.0 if greater_is_better(metric) else -1.0
+    return dict(sorted(scores.items(), key=lambda kv: -sign * kv[1]))
+
+
+def fit_baseline(
+    split: Split,
+    dataset: DatasetDefinition,
+    rule: BaselineRule,
+    metric: str,
+    imputation: ImputationConfig,
+    seed: int,
+) -> Baseline:
+    """The baseline `rule` declares, refitted on train + validation (never the holdout)."""
+    if rule.kind == "shallow_tree":
+        pipe = fit(_tree_pipeline(dataset, imputation, rule.max_depth, seed), split.train_validation, dataset)
+        return Baseline(kind=rule.kind, pipeline=pipe, metric=metric)
+    scores = best_single_feature(split, dataset, metric, imputation, rule.max_depth, seed)
+    feature = next(iter(scores))
+    pipe = single_feature_pipeline(dataset, feature, imputation, rule.max_depth, seed)
+    pipe = fit(pipe, split.train_validation, dataset)
+    return Baseline(kind=rule.kind, pipeline=pipe, metric=metric, feature=feature, validation_scores=scores)
 
 
 # ------------------------------------------------------------------------------------------ plots

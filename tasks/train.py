@@ -18,9 +18,9 @@ from threadpoolctl import threadpool_limits
 
 from flywheel import training
 from flywheel.lineage import StageTimer, frame_hash, git_sha, hardware
-from flywheel.schemas import DatasetDefinition
+from flywheel.schemas import DatasetDefinition, GatesConfig
 from flywheel.settings import TrainConfig
-from flywheel.training import Split, Trial
+from flywheel.training import Baseline, Split, Trial
 from tasks._prefect import run_logger
 
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow log_batch limits per call
@@ -33,7 +33,7 @@ class TrainOutcome(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     pipeline: Pipeline  # best configuration refit on train + validation
-    baseline: Pipeline  # prior-only model, fit on train + validation
+    baseline: Baseline  # the `baseline` gate's model (configs/gates.yaml), fit on train + validation
     family: str
     params: dict[str, Any]
     metric: str  # the search metric (train.search.metric)
@@ -152,11 +152,14 @@ def train_model(
     split: Split,
     dataset: DatasetDefinition,
     cfg: TrainConfig,
+    gates: GatesConfig,
     tracking_uri: str,
     artifact_location: str,
     lineage: dict[str, str],
 ) -> TrainOutcome:
-    """Search model configurations, refit the best, score it on the holdout and track it all in MLflow."""
+    """Search model configurations, refit the best, score it on the holdout and track it all in MLflow.
+
+    `gates` says which baseline to fit (`gates.baseline`) and the metric it is chosen by (`gates.primary`)."""
     from mlflow import MlflowClient
 
     log = run_logger("flywheel.train")
@@ -233,10 +236,12 @@ def train_model(
             with timer.stage("fit_final"):
                 pipeline = training.fit_final(split, dataset, best.family, best.params, cfg.imputation, cfg.seed)
             with timer.stage("fit_baseline"):
-                baseline = training.fit_baseline(split, dataset)
+                baseline = training.fit_baseline(
+                    split, dataset, gates.baseline, gates.primary.metric, cfg.imputation, cfg.seed
+                )
             with timer.stage("evaluate"):
                 holdout_metrics = training.overall_metrics(pipeline, split.holdout, dataset)
-                baseline_metrics = training.overall_metrics(baseline, split.holdout, dataset)
+                baseline_metrics = training.overall_metrics(baseline.pipeline, split.holdout, dataset)
                 slices = training.slice_metrics(pipeline, split.holdout, dataset)
                 y_hold = training.labels(split.holdout, dataset).to_numpy()
                 s_hold = training.predict_scores(pipeline, split.holdout, dataset)
@@ -257,6 +262,9 @@ def train_model(
                 "split.holdout_days": dataset.split.holdout_days,
                 "split.validation_share": dataset.split.validation_share,
                 "final_fit": "train+validation",
+                "baseline.kind": baseline.kind,
+                "baseline.max_depth": baseline.max_depth,
+                **({"baseline.feature": baseline.feature} if baseline.feature else {}),
             }
             metrics: dict[str, float] = {
                 f"train.{result.metric}": best.train_metric,
@@ -277,6 +285,7 @@ def train_model(
                 client.log_dict(run_id, importance, "feature_importance.json")
                 client.log_dict(run_id, split.summary(dataset), "split.json")
                 client.log_dict(run_id, slices, "slice_metrics.json")
+                client.log_dict(run_id, baseline.summary(), "baseline.json")
                 trials_table = pd.DataFrame(
                     [
                         {
@@ -303,11 +312,12 @@ def train_model(
 
     primary = cfg.search.metric
     log.info(
-        "trained %s %s: holdout %s %.4f (baseline %s), run %s, timings %s",
+        "trained %s %s: holdout %s %.4f (baseline %s: %s), run %s, timings %s",
         best.family,
         best.params,
         primary,
         holdout_metrics.get(primary, float("nan")),
+        baseline.description,
         baseline_metrics.get(primary),
         run_id,
         timer.as_metrics(),

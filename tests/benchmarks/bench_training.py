@@ -118,7 +118,7 @@ def run_direct(config_dir: Path) -> str:
     frame = build_training_set.fn(repo, ds, service, s.features, ctx.offline_dir, as_of)
     split = split_training_set.fn(frame, ds, False, ctx.train.seed)
     lineage = ctx.lineage(service, frame, as_of, quality)
-    trained = train_model.fn(split, ds, ctx.train, ctx.tracking_uri, ctx.artifact_location, lineage)
+    trained = train_model.fn(split, ds, ctx.train, ctx.gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate.fn(
         trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, ds, ctx.gates,

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from flywheel import training
+from flywheel.schemas import GatesConfig, load_gates
 from flywheel.settings import SearchConfig, TrainConfig
 from tasks.train import TrainOutcome, train_model
 
@@ -20,7 +21,7 @@ def split(small_batches: list[pd.DataFrame], dataset) -> training.Split:
     return training.split_by_time(pd.concat(small_batches, ignore_index=True), dataset)
 
 
-def test_train_model_tracks_parent_and_child_runs(split, dataset, mlflow_uri: str, tmp_path: Path) -> None:
+def test_train_model_tracks_parent_and_child_runs(split, dataset, settings, mlflow_uri: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     cfg = TrainConfig(
@@ -35,12 +36,17 @@ def test_train_model_tracks_parent_and_child_runs(split, dataset, mlflow_uri: st
     )
     artifacts = tmp_path / "artifacts"
     lineage = {"flywheel.data_hash": "abc123", "flywheel.feature_service": "churn_v1"}
-    out = train_model.fn(split, dataset, cfg, mlflow_uri, str(artifacts), lineage)
+    gates = load_gates(settings.resolve(settings.evaluate.gates_file))  # the shipped best_single_feature baseline
+    out = train_model.fn(split, dataset, cfg, gates, mlflow_uri, str(artifacts), lineage)
 
     assert isinstance(out, TrainOutcome)
     assert out.trials == 4 and out.family in cfg.families and out.metric == "roc_auc"
     assert 0.7 < out.holdout_metric == out.holdout_metrics["roc_auc"] <= 1
-    assert out.baseline_holdout_metric == pytest.approx(0.5)
+    # the baseline is a real one-feature model fitted on the same split, not the prior (0.5)
+    assert out.baseline.kind == "best_single_feature" and out.baseline.feature in dataset.feature_names
+    base_auc = training.score(out.baseline.pipeline, split.holdout, dataset, "roc_auc")
+    assert out.baseline_holdout_metric == pytest.approx(base_auc)
+    assert 0.6 < out.baseline_holdout_metric < out.holdout_metric - gates.baseline.min_margin
     assert out.train_metric > 0.5 and out.validation_metric > 0.5
     assert set(out.feature_importance) == set(dataset.feature_names)
     assert "region=north" in out.slice_metrics
@@ -59,6 +65,7 @@ def test_train_model_tracks_parent_and_child_runs(split, dataset, mlflow_uri: st
     p = parent.data
     assert p.params["family"] == out.family
     assert p.params["search.method"] == "random" and p.params["seed"] == "5"
+    assert (p.params["baseline.kind"], p.params["baseline.feature"]) == ("best_single_feature", out.baseline.feature)
     assert all(p.params[f"model.{k}"] == str(v) for k, v in out.params.items())
     for name in (
         "train.roc_auc",
@@ -99,6 +106,7 @@ def test_train_model_tracks_parent_and_child_runs(split, dataset, mlflow_uri: st
         "feature_importance.json",
         "sample_predictions.csv",
         "trials.csv",
+        "baseline.json",
         "plots/confusion_matrix.png",
         "plots/roc.png",
         "plots/calibration.png",
@@ -108,6 +116,7 @@ def test_train_model_tracks_parent_and_child_runs(split, dataset, mlflow_uri: st
     assert (run_dir / "plots" / "roc.png").stat().st_size > 1000
     summary = json.loads((run_dir / "split.json").read_text())
     assert summary["counts"] == split.counts()
+    assert json.loads((run_dir / "baseline.json").read_text()) == out.baseline.summary()
     sample = pd.read_csv(run_dir / "sample_predictions.csv")
     assert len(sample) == 20 and sample["score"].between(0, 1).all()
     assert set(sample[dataset.entity]) <= set(split.holdout[dataset.entity])
@@ -126,11 +135,14 @@ def _reproducible_and_failures_marked(split, dataset, mlflow_uri: str, tmp_path:
         search=SearchConfig(method="bayesian", trials=2, metric="log_loss"),
         search_space={"logistic_regression": {"C": [0.01, 1.0]}},
     )
-    a = train_model.fn(split, dataset, cfg, mlflow_uri, str(tmp_path / "a"), {})
-    b = train_model.fn(split, dataset, cfg, mlflow_uri, str(tmp_path / "a"), {})
+    gates = GatesConfig.model_validate({"baseline": {"kind": "shallow_tree"}})
+    a = train_model.fn(split, dataset, cfg, gates, mlflow_uri, str(tmp_path / "a"), {})
+    b = train_model.fn(split, dataset, cfg, gates, mlflow_uri, str(tmp_path / "a"), {})
     assert a.run_id != b.run_id and a.experiment_id == b.experiment_id
     assert (a.params, a.holdout_metrics, a.slice_metrics) == (b.params, b.holdout_metrics, b.slice_metrics)
     assert not a.greater_is_better and a.holdout_metric == a.holdout_metrics["log_loss"]
+    assert (a.baseline.kind, a.baseline.feature) == ("shallow_tree", None)
+    assert a.baseline_holdout_metric is not None and a.baseline_holdout_metric == b.baseline_holdout_metric
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     hashes = [client.get_run(r.run_id).data.tags["flywheel.data_hash"] for r in (a, b)]
@@ -138,6 +150,6 @@ def _reproducible_and_failures_marked(split, dataset, mlflow_uri: str, tmp_path:
 
     bad = cfg.model_copy(update={"search_space": {"logistic_regression": {"depth": [1]}}})
     with pytest.raises(Exception, match="no parameter"):
-        train_model.fn(split, dataset, bad, mlflow_uri, str(tmp_path / "a"), {})
+        train_model.fn(split, dataset, bad, gates, mlflow_uri, str(tmp_path / "a"), {})
     failed = client.search_runs([a.experiment_id], filter_string="attributes.status = 'FAILED'")
     assert len(failed) == 1

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from flywheel import training
 from flywheel.errors import FlywheelError
 from flywheel.gates import (
     average_precision,
@@ -29,6 +30,7 @@ from flywheel.gates import (
     roc_auc,
 )
 from flywheel.schemas import DatasetDefinition, GateReport, GateResult, GatesConfig, load_dataset, load_gates
+from flywheel.settings import ImputationConfig
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -317,6 +319,68 @@ def test_baseline_margin(models, data, ds):
     assert by_rule(run(models, data, ds))["baseline"].passed
     rule = by_rule(run(models, data, ds, candidate=models["baseline"]))["baseline"]
     assert not rule.passed and rule.value == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def time_split(small_batches: list[pd.DataFrame], ds: DatasetDefinition) -> training.Split:
+    """The training flow's split of the 14 generated days: train, validation, the last 7 days as holdout."""
+    return training.split_by_time(pd.concat(small_batches, ignore_index=True), ds)
+
+
+def _auc(model: Any, frame: pd.DataFrame, ds: DatasetDefinition) -> float:
+    return roc_auc_score(labels(frame, ds), positive_proba(model, frame, ds))
+
+
+def _vs_real_baseline(
+    ds: DatasetDefinition, split: training.Split, cfg: GatesConfig, columns: list[str]
+) -> tuple[training.Baseline, GateReport]:
+    """Gates for a logistic regression on `columns` (refit on train + validation, as the flow does) against the
+    baseline `cfg` declares, fitted on the same split. Its champion is the same model fitted on train only,
+    so the comparison rules are gated; train / validation metrics are the model's own (overfitting rule)."""
+    baseline = training.fit_baseline(split, ds, cfg.baseline, cfg.primary.metric, ImputationConfig(), seed=0)
+    on_train = logreg(ds, columns).fit(split.train[ds.feature_names], labels(split.train, ds))
+    tv = split.train_validation
+    candidate = logreg(ds, columns).fit(tv[ds.feature_names], labels(tv, ds))
+    report = evaluate_gates(
+        candidate, on_train, baseline, split.holdout, ds, cfg,
+        _auc(on_train, split.train, ds), _auc(on_train, split.validation, ds), seed=0,
+    )  # fmt: skip
+    return baseline, report
+
+
+BASELINE_KINDS = [{"kind": "best_single_feature", "max_depth": 3}, {"kind": "shallow_tree", "max_depth": 2}]
+
+
+@pytest.mark.parametrize("rule", BASELINE_KINDS, ids=lambda r: r["kind"])
+def test_baseline_alone_rejects_a_model_that_only_uses_the_best_single_feature(rule, time_split, ds):
+    cfg = gates(baseline=rule)
+    best = next(iter(training.best_single_feature(time_split, ds, "roc_auc", ImputationConfig(), 3, seed=0)))
+    baseline, report = _vs_real_baseline(ds, time_split, cfg, [best])
+    rules = by_rule(report)
+    # every other gated rule passes, and is gated: the champion comparison, slices and behavioral included
+    assert report.failed_rules == ["baseline"], [(r.rule, r.detail) for r in report.results if not r.passed]
+    gated = {r.rule for r in report.results if r.gated}
+    assert {"primary", "vs_champion", "calibration", "latency", "fairness", "overfitting"} <= gated
+    assert {"slice:region=north", "slice:segment=consumer"} <= gated
+    assert {f"behavioral:{t.name}" for t in ds.behavioral.tests} <= gated
+    assert rules["primary"].value >= cfg.primary.min_value
+    rule_result = rules["baseline"]
+    assert rule_result.gated and not rule_result.passed and rule_result.value < cfg.baseline.min_margin
+    assert rule_result.value == pytest.approx(rules["primary"].value - _auc(baseline.pipeline, time_split.holdout, ds))
+    assert baseline.kind == rule["kind"] and f"baseline: {rule['kind']}" in rule_result.detail
+    if rule["kind"] == "best_single_feature":  # the baseline found the feature the candidate relies on
+        assert baseline.feature == best and f"{best!r}" in rule_result.detail
+        assert f"validation roc_auc {baseline.validation_scores[best]:.4f}" in rule_result.detail
+    else:
+        assert baseline.feature is None and "depth-2 tree on every feature" in rule_result.detail
+
+
+@pytest.mark.parametrize("rule", BASELINE_KINDS, ids=lambda r: r["kind"])
+def test_baseline_is_beaten_by_a_model_using_every_feature(rule, time_split, ds):
+    cfg = gates(baseline=rule)
+    _, report = _vs_real_baseline(ds, time_split, cfg, ds.feature_names)
+    assert report.passed, report.failed_rules
+    assert by_rule(report)["baseline"].value >= cfg.baseline.min_margin
 
 
 def test_overfitting_gap(models, data, ds):

@@ -156,3 +156,57 @@ def test_gates_typo_fails(home: Path) -> None:
     _write(p, g)
     with pytest.raises(ConfigError, match=r"gates\.yaml: calibration\.max_eec: Extra inputs"):
         load_gates(p)
+
+
+def _gates_with_baseline(home: Path, baseline: dict) -> Path:
+    p = home / "configs" / "gates.yaml"
+    g = yaml.safe_load(p.read_text())
+    g["baseline"] = baseline
+    _write(p, g)
+    return p
+
+
+def test_gates_baseline_kinds_load(home: Path) -> None:
+    shipped = load_gates(home / "configs" / "gates.yaml").baseline
+    assert (shipped.kind, shipped.max_depth, shipped.min_margin) == ("best_single_feature", 3, 0.05)
+    tree = load_gates(_gates_with_baseline(home, {"kind": "shallow_tree", "min_margin": 0.03})).baseline
+    assert (tree.kind, tree.max_depth, tree.min_margin) == ("shallow_tree", 2, 0.03)
+    # a profile can switch the kind through evaluate.gate_overrides
+    over = load_gates(home / "configs" / "gates.yaml", {"baseline": {"kind": "shallow_tree", "max_depth": 1}})
+    assert (over.baseline.kind, over.baseline.max_depth) == ("shallow_tree", 1)
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [
+        ({"kind": "single_best_feature"}, r"baseline: Input tag 'single_best_feature' .*expected tags: "
+                                          r"'best_single_feature', 'shallow_tree'"),
+        ({"min_margin": 0.05}, r"baseline: Unable to extract tag using discriminator 'kind'"),
+        ({"kind": "shallow_tree", "max_depth": 5}, r"baseline\.shallow_tree\.max_depth: .*less than or equal to 4"),
+        ({"kind": "best_single_feature", "feature": "tenure_months"},
+         r"baseline\.best_single_feature\.feature: Extra inputs"),
+    ],
+    ids=["unknown-kind", "no-kind", "too-deep", "unknown-key"],
+)
+def test_gates_bad_baseline_fails_at_load(home: Path, baseline: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"gates\.yaml: " + message):
+        load_gates(_gates_with_baseline(home, baseline))
+
+
+def test_bad_baseline_kind_in_a_profile_override_is_named(home: Path) -> None:
+    with pytest.raises(ConfigError, match=r"evaluate\.gate_overrides\.baseline: Input tag 'tree'"):
+        load_gates(home / "configs" / "gates.yaml", {"baseline": {"kind": "tree"}})
+
+
+def test_search_startup_trials_are_checked_against_trials(home: Path) -> None:
+    def load(profile: str, startup: str | None = None):
+        env = {"FLYWHEEL_TRAIN__SEARCH__STARTUP_TRIALS": startup} if startup else {}
+        return load_settings(profile=profile, config_dir=home / "configs", environ=env).train.search
+
+    shipped = load("local")
+    assert (shipped.trials, shipped.startup_trials, shipped.n_startup_trials) == (4, None, 1)  # 3 of 4 modelled
+    assert load("ci").n_startup_trials == 1  # ci.yaml's 2 trials: 1 random, 1 proposed by TPE
+    assert load("local", "2").n_startup_trials == 2
+    # ci.yaml lowers trials to 2: a start-up count of 2 would leave TPE nothing to propose
+    with pytest.raises(ConfigError, match=r"STARTUP_TRIALS: train\.search\.startup_trials: .*must be smaller"):
+        load("ci", "2")

@@ -12,6 +12,7 @@ import pytest
 from flywheel import training
 from flywheel.errors import FlywheelError
 from flywheel.lineage import StageTimer, frame_hash, git_sha, hardware
+from flywheel.schemas import BestSingleFeatureBaseline, ShallowTreeBaseline
 from flywheel.settings import ImputationConfig, SearchConfig, TrainConfig
 
 FAMILIES = ["logistic_regression", "hist_gradient_boosting", "random_forest"]
@@ -41,8 +42,11 @@ def tiny(dataset, days: int, per_day: int = 4, positive_every: int = 2) -> pd.Da
     return df.sample(frac=1.0, random_state=1)  # shuffled: the split must sort by time
 
 
-def cfg(method: str, trials: int, metric: str = "roc_auc", seed: int = 3, **kw) -> TrainConfig:
-    return TrainConfig(seed=seed, search=SearchConfig(method=method, trials=trials, metric=metric), **kw)
+def cfg(
+    method: str, trials: int, metric: str = "roc_auc", seed: int = 3, startup_trials: int | None = None, **kw
+) -> TrainConfig:
+    search = SearchConfig(method=method, trials=trials, metric=metric, startup_trials=startup_trials)
+    return TrainConfig(seed=seed, search=search, **kw)
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -133,13 +137,68 @@ def _walk(est):
             yield from _walk(t[1])
 
 
-def test_baseline_scores_the_prior(split, dataset) -> None:
-    base = training.fit_baseline(split, dataset)
+def test_prior_only_model_scores_the_prior(split, dataset) -> None:
+    base = training.fit(training.build_baseline(dataset), split.train_validation, dataset)
     s = training.predict_scores(base, split.holdout, dataset)
     prior = training.labels(split.train_validation, dataset).mean()
     assert np.allclose(s, prior)
     assert training.score(base, split.holdout, dataset, "roc_auc") == pytest.approx(0.5)
     assert base.predict_proba(pd.DataFrame([{c: None for c in dataset.feature_names}])).shape == (1, 2)
+
+
+# --------------------------------------------------------------------------------------- baseline
+
+
+def test_best_single_feature_baseline_picks_on_validation_and_refits_on_train_validation(split, dataset) -> None:
+    rule = BestSingleFeatureBaseline(kind="best_single_feature", max_depth=3)
+    base = training.fit_baseline(split, dataset, rule, "roc_auc", ImputationConfig(), seed=1)
+    # every feature got its one-feature tree, scored on validation; the best one won
+    assert list(base.validation_scores) == sorted(dataset.feature_names, key=lambda f: -base.validation_scores[f])
+    assert base.feature == next(iter(base.validation_scores))
+    one_feature = training.single_feature_pipeline(dataset, base.feature, ImputationConfig(), 3, seed=1)
+    chosen = training.fit(one_feature, split.train, dataset)
+    best_score = base.validation_scores[base.feature]
+    assert training.score(chosen, split.validation, dataset, "roc_auc") == pytest.approx(best_score)
+    # it reads its feature alone: scrambling every other column changes nothing
+    holdout = split.holdout
+    others = [c for c in dataset.feature_names if c != base.feature]
+    scrambled = holdout.assign(**{c: holdout[c].sample(frac=1.0, random_state=0).to_numpy() for c in others})
+    scores = training.predict_scores(base.pipeline, holdout, dataset)
+    assert np.array_equal(scores, training.predict_scores(base.pipeline, scrambled, dataset))
+    # refit on train + validation, never the holdout; a real model, far from the prior's 0.5
+    assert base.pipeline.named_steps["model"].get_depth() <= 3
+    assert base.pipeline.named_steps["model"].tree_.n_node_samples[0] == len(split.train_validation)
+    assert 0.6 < training.score(base.pipeline, holdout, dataset, "roc_auc") < 0.8
+    assert base.summary()["feature"] == base.feature and base.max_depth == 3
+    assert base.pipeline.predict_proba(pd.DataFrame([{c: None for c in dataset.feature_names}])).shape == (1, 2)
+    again = training.fit_baseline(split, dataset, rule, "roc_auc", ImputationConfig(), seed=1)
+    assert again.validation_scores == base.validation_scores
+
+
+def test_best_single_feature_baseline_uses_the_metric_it_is_given(split, dataset) -> None:
+    rule = BestSingleFeatureBaseline(kind="best_single_feature")
+    base = training.fit_baseline(split, dataset, rule, "average_precision", ImputationConfig(), seed=1)
+    assert base.metric == "average_precision"
+    one_feature = training.single_feature_pipeline(dataset, base.feature, ImputationConfig(), 3, seed=1)
+    chosen = training.fit(one_feature, split.train, dataset)
+    ap = training.score(chosen, split.validation, dataset, "average_precision")
+    assert base.validation_scores[base.feature] == pytest.approx(ap) == max(base.validation_scores.values())
+    assert f"validation average_precision {ap:.4f}" in base.description
+
+
+def test_shallow_tree_baseline_uses_every_feature_through_the_pipeline_preprocessing(split, dataset) -> None:
+    rule = ShallowTreeBaseline(kind="shallow_tree", max_depth=2)
+    base = training.fit_baseline(split, dataset, rule, "roc_auc", ImputationConfig(), seed=1)
+    assert (base.kind, base.feature, base.validation_scores) == ("shallow_tree", None, {})
+    tree = base.pipeline.named_steps["model"]
+    assert tree.get_depth() == 2 and tree.tree_.n_node_samples[0] == len(split.train_validation)
+    features = base.pipeline.named_steps["features"]
+    assert {name for name, _, _ in features.transformers} == {"numeric", "categorical"}
+    assert features.named_transformers_["numeric"].named_steps["impute"].strategy == "median"
+    assert 0.6 < training.score(base.pipeline, split.holdout, dataset, "roc_auc") < 0.8
+    assert base.description == "shallow_tree (depth-2 tree on every feature)"
+    one = pd.DataFrame([{c: None for c in dataset.feature_names}])
+    assert np.isfinite(base.pipeline.predict_proba(one)).all()
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -166,6 +225,45 @@ def test_search_is_deterministic_and_respects_budget(method, split, dataset) -> 
         assert [t.params["C"] for t in a.trials] == [0.001, 0.1, 10.0]
     if method == "random":
         assert len({t.params["C"] for t in a.trials}) == 3  # without replacement
+
+
+def test_bayesian_search_models_every_trial_after_the_startup_trials(split, dataset, monkeypatch) -> None:
+    """TPE draws its start-up trials from its internal RandomSampler, then proposes from its model. Count the
+    random draws: optuna's default of 10 start-up trials would have made all 6 trials (12 draws) random."""
+    import optuna
+
+    draws: list[str] = []
+    random_draw = optuna.samplers.RandomSampler.sample_independent
+
+    def counted(self, study, trial, name, distribution):  # the real RandomSampler, counted
+        draws.append(name)
+        return random_draw(self, study, trial, name, distribution)
+
+    monkeypatch.setattr(optuna.samplers.RandomSampler, "sample_independent", counted)
+    space = {"logistic_regression": {"C": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], "fit_intercept": [True, False]}}
+    c = cfg("bayesian", trials=6, families=["logistic_regression"], search_space=space)
+    assert c.search.n_startup_trials == 2  # max(1, 6 // 3)
+    a = training.search_candidates(split, dataset, c)
+    assert len(a.trials) == 6
+    assert sorted(draws) == ["C", "C", "fit_intercept", "fit_intercept"]  # 2 start-up trials x 2 parameters
+    # an explicit start-up count is honoured; the proposals are seeded: same seed, same trials
+    draws.clear()
+    later = cfg("bayesian", 6, startup_trials=4, families=["logistic_regression"], search_space=space)
+    b = training.search_candidates(split, dataset, later)
+    assert len(draws) == 8
+    again = training.search_candidates(split, dataset, c)
+    assert [t.params for t in again.trials] == [t.params for t in a.trials]
+    assert [t.validation_metric for t in again.trials] == [t.validation_metric for t in a.trials]
+    assert [t.params for t in b.trials][:2] == [t.params for t in a.trials][:2]  # same seed, same random start
+
+
+def test_search_startup_trials_default_and_validation() -> None:
+    assert [SearchConfig(trials=n).n_startup_trials for n in (1, 2, 4, 6, 12)] == [1, 1, 1, 2, 4]
+    assert SearchConfig(trials=6, startup_trials=5).n_startup_trials == 5
+    with pytest.raises(ValueError, match=r"startup_trials \(4\) must be smaller than trials \(4\)"):
+        SearchConfig(trials=4, startup_trials=4)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        SearchConfig(trials=4, startup_trials=0)
 
 
 def test_search_across_families_uses_default_spaces(split, dataset) -> None:
