@@ -30,9 +30,9 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy loads: single-threaded, as the service runs
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import psutil  # noqa: E402
+import numpy as np
+import pandas as pd
+import psutil
 
 PROJECT = Path(__file__).resolve().parents[2]
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -119,7 +119,9 @@ def render(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['family']} | {r['path']} | does not apply: {r['error'][:80]} | | | | | |")
             continue
         base = ref.get(r["family"])
-        ratio = f"{base['single_p99_ms'] / r['single_p99_ms']:.0f}x faster" if base and r["path"] != "pipeline" else "1x"
+        ratio = "1x"
+        if base and r["path"] != "pipeline":
+            ratio = f"{base['single_p99_ms'] / r['single_p99_ms']:.0f}x faster"
         lines.append(
             f"| {r['family']} | {r['path']} | {r['single_p50_ms']:.3f} / {r['single_p99_ms']:.3f} | {ratio} "
             f"| {r['batch100_p50_ms']:.2f} / {r['batch100_p99_ms']:.2f} | {r['max_abs_diff']:.1e} "

@@ -18,7 +18,7 @@ import pytest
 from flywheel import compiled
 from flywheel.compiled import ONNX_TOLERANCE, CompileError, OnnxModel, compile_onnx
 from flywheel.errors import FlywheelError
-from flywheel.serving import probe_rows
+from flywheel.predictor import probe_rows
 from flywheel.settings import ImputationConfig
 from flywheel.training import MISSING, build_baseline, build_pipeline, fit
 from tests.conftest import PROJECT
