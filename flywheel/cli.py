@@ -8,12 +8,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from flywheel.errors import FlywheelError
+
+if TYPE_CHECKING:
+    from flywheel.demo_story import DemoStory
 
 app = typer.Typer(help="Flywheel: a continuous-training loop on Prefect, MLflow, Feast and Great Expectations.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -258,14 +261,25 @@ def serve(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
 def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
          days: Annotated[int, typer.Option(min=14)] = 28,
          rows_per_day: Annotated[int, typer.Option(min=100)] = 1000) -> None:
-    """Generate data, then run the training pipeline twice so the second run meets a champion."""
+    """Generate data, train a champion, a challenger (rolled out on a running stack) and a sabotaged
+    candidate; exit 1 naming each step whose expected outcome did not happen."""
     from flows.demo import run_demo
 
     try:
         with prefect_start_advice():
-            run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day, console=console)
+            story = run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day,
+                             console=console)
     except FlywheelError as exc:
         _fail(exc)
+    demo_verdict(story)
+
+
+def demo_verdict(story: DemoStory) -> None:
+    """Print the verdict on the demo's story; exit 1 when an expected outcome did not happen."""
+    from flows.demo import report_story
+
+    if report_story(console, story):
+        raise typer.Exit(code=1)
 
 
 @app.command("score")
