@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from flywheel.errors import FlywheelError
+
+if TYPE_CHECKING:
+    from flywheel.demo_story import DemoStory
 
 app = typer.Typer(help="Flywheel: a continuous-training loop on Prefect, MLflow, Feast and Great Expectations.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -39,6 +45,37 @@ def _fail(exc: Exception) -> None:
     console.print("[bold red]error:[/]", end=" ")
     console.print(str(exc), markup=False, soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
+
+
+# what prefect.server.api.server.SubprocessASGIServer.start raises when its server does not answer in time
+EPHEMERAL_TIMEOUT_MESSAGE = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def ephemeral_timeout_advice(exc: BaseException) -> str | None:
+    """What to do when Prefect's ephemeral server did not start in time; None for any other error."""
+    from flywheel.settings import EPHEMERAL_STARTUP_TIMEOUT_VAR
+
+    if not isinstance(exc, RuntimeError) or EPHEMERAL_TIMEOUT_MESSAGE not in str(exc):
+        return None
+    waited = os.environ.get(EPHEMERAL_STARTUP_TIMEOUT_VAR, "Prefect's default")
+    return (f"Prefect's temporary (ephemeral) API server did not start in time ({EPHEMERAL_STARTUP_TIMEOUT_VAR}"
+            f"={waited}); a busy machine starts it slowly. Either start the local stack first with "
+            "`flywheel up` (runs then use its server and nothing waits for a temporary one), or raise the "
+            "timeout: the setting stack.ephemeral_startup_timeout_seconds (configs/<profile>.yaml), e.g. "
+            f"FLYWHEEL_STACK__EPHEMERAL_STARTUP_TIMEOUT_SECONDS=600 (an explicit {EPHEMERAL_STARTUP_TIMEOUT_VAR} "
+            "in the environment overrides it).")
+
+
+@contextmanager
+def prefect_start_advice() -> Iterator[None]:
+    """Around a flow call: Prefect's ephemeral-server timeout becomes advice and exit code 2, no traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        advice = ephemeral_timeout_advice(exc)
+        if advice is None:
+            raise
+        _fail(FlywheelError(advice))
 
 
 @config_app.command("show")
@@ -180,7 +217,8 @@ def train(
     params = TrainingParams(dataset=str(ctx.dataset_path), batch=str(batch) if batch else None,
                             seed=seed, profile=profile, config_dir=str(config_dir) if config_dir else None)
     try:
-        result = training_pipeline(params)
+        with prefect_start_advice():
+            result = training_pipeline(params)
     except FlywheelError as exc:
         _fail(exc)
     verdict = {"champion": "green", "challenger": "cyan", "rejected": "red"}[result.outcome]
@@ -223,13 +261,25 @@ def serve(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
 def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
          days: Annotated[int, typer.Option(min=14)] = 28,
          rows_per_day: Annotated[int, typer.Option(min=100)] = 1000) -> None:
-    """Generate data, then run the training pipeline twice so the second run meets a champion."""
+    """Generate data, train a champion, a challenger (rolled out on a running stack) and a sabotaged
+    candidate; exit 1 naming each step whose expected outcome did not happen."""
     from flows.demo import run_demo
 
     try:
-        run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day, console=console)
+        with prefect_start_advice():
+            story = run_demo(profile=profile, config_dir=config_dir, days=days, rows_per_day=rows_per_day,
+                             console=console)
     except FlywheelError as exc:
         _fail(exc)
+    demo_verdict(story)
+
+
+def demo_verdict(story: DemoStory) -> None:
+    """Print the verdict on the demo's story; exit 1 when an expected outcome did not happen."""
+    from flows.demo import report_story
+
+    if report_story(console, story):
+        raise typer.Exit(code=1)
 
 
 @app.command("score")
@@ -245,12 +295,13 @@ def score(
     """Batch-score entities with the aliased model (offline features at --at); writes one parquet file."""
     from pydantic import ValidationError
 
-    from flows.batch_scoring import BatchScoringParams
     from flywheel.runtime import start_run_context
     from flywheel.scoring import read_entities
 
     try:  # fail fast on bad input, before any Prefect server starts
         ctx = start_run_context(profile, config_dir, dataset)
+        from flows.batch_scoring import BatchScoringParams  # after the settings: Prefect reads the env at import
+
         if entities:
             read_entities(entities, ctx.dataset)
         params = BatchScoringParams(entities=str(entities) if entities else None, at=at, alias=alias,
@@ -264,7 +315,8 @@ def score(
     from flows.batch_scoring import batch_scoring
 
     try:
-        result = batch_scoring(params)
+        with prefect_start_advice():
+            result = batch_scoring(params)
     except FlywheelError as exc:
         _fail(exc)
     console.print(f"{result.model_name} v{result.model_version}: scored {result.scored_rows} of {result.rows} "

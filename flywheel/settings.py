@@ -22,6 +22,8 @@ PROFILES = ("local", "ci", "production")
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings keys (the admin token is a secret: never in the settings tree)
 NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_ADMIN_TOKEN"})
+# Prefect's variable for `stack.ephemeral_startup_timeout_seconds` (prefect.settings: server.ephemeral)
+EPHEMERAL_STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
 class Section(BaseModel):
@@ -197,6 +199,10 @@ class StackConfig(Section):
     mlflow_ui_port: int = Field(5000, ge=1, le=65535)
     start_timeout_seconds: float = Field(120.0, gt=0)
     stop_timeout_seconds: float = Field(30.0, gt=0)
+    # without a stack, each `flywheel train` / `demo` / flow run starts Prefect's ephemeral server and waits
+    # this long for it (Prefect's own default, 20, expires on a busy 2-core machine); applied as
+    # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (an int in Prefect) unless that variable is set
+    ephemeral_startup_timeout_seconds: int = Field(180, ge=1)
 
 
 class TelemetryConfig(Section):
@@ -393,7 +399,9 @@ def load_yaml_model(model: type[M], path: Path) -> M:
 
 
 def apply_runtime_environment(settings: Settings) -> None:
-    """Entry-point start step: telemetry off unless asked for, stores pointed at the settings."""
+    """Entry-point start step: telemetry off unless asked for, stores pointed at the settings, Prefect's
+    ephemeral-server start-up timeout. Prefect reads its settings once, when it is first imported: call
+    this before. A variable already set in the environment wins."""
     if not settings.telemetry.enabled:
         for var, value in {
             "DO_NOT_TRACK": "1",
@@ -406,6 +414,7 @@ def apply_runtime_environment(settings: Settings) -> None:
             os.environ.setdefault(var, value)
     if settings.stores.prefect_api_url:
         os.environ.setdefault("PREFECT_API_URL", settings.stores.prefect_api_url)
+    os.environ.setdefault(EPHEMERAL_STARTUP_TIMEOUT_VAR, str(settings.stack.ephemeral_startup_timeout_seconds))
     for d in (settings.paths.data_dir, settings.paths.incoming_dir, settings.paths.quarantine_dir,
               settings.paths.offline_dir, settings.paths.reports_dir):
         settings.resolve(d).mkdir(parents=True, exist_ok=True)

@@ -9,85 +9,32 @@ fail here (no trained model in this home): the test asserts creation, parameters
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import PROJECT, make_home
+from tests.conftest import PROJECT
+from tests.e2e.stackproc import Stack, read_records, stack_home
+from tests.e2e.stackproc import ours as _ours
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
 PICKED_UP = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Stack:
-    home: Path
-    env: dict[str, str]
-    api: str
-    up_output: str
-    records: list[dict]  # the pid files as `up` wrote them, kept for teardown and the `down` test
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([FLYWHEEL, *args, "--profile", "ci", "--config-dir", str(self.home / "configs")],
-                              env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
-
-
-def _read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("*.pid"))]
-
-
-def _ours(rec: dict) -> psutil.Process | None:
-    try:
-        proc = psutil.Process(rec["pid"])
-        if abs(proc.create_time() - rec["create_time"]) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE:
-            return proc
-    except psutil.Error:
-        pass
-    return None
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = make_home(tmp_path_factory.mktemp("stack"))
-    prefect_port, service_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLYWHEEL_"))}
-    env.update({"FLYWHEEL_STACK__PREFECT_PORT": str(prefect_port), "FLYWHEEL_SERVE__PORT": str(service_port)})
-    run_dir = home / "data" / "run"
-    st = Stack(home, env, f"http://127.0.0.1:{prefect_port}/api", "", [])
-    try:
+    with stack_home(tmp_path_factory.mktemp("stack")) as st:
         result = st.cli("up")
         st.up_output = result.stdout + result.stderr
-        st.records = _read_records(run_dir)
+        st.records = read_records(st.run_dir)
         assert result.returncode == 0, st.up_output
         print("\n" + st.up_output)
         yield st
-    finally:
-        st.records = st.records or _read_records(run_dir)
-        st.cli("down", timeout=120)
-        # whatever `down` missed (a failed test, a broken down): stop it by pid, only if it is still ours
-        for rec in st.records:
-            proc = _ours(rec)
-            if proc is not None:
-                os.killpg(rec["pid"], signal.SIGKILL)
 
 
 def test_up_starts_every_process_and_says_where(stack: Stack) -> None:
@@ -111,7 +58,7 @@ def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
     assert again.returncode == 0, text
     for name in ("prefect", "deployments", "service"):
         assert f"{name}: already running" in text
-    assert _read_records(stack.home / "data" / "run") == stack.records  # nothing restarted
+    assert read_records(stack.run_dir) == stack.records  # nothing restarted
 
     status = stack.cli("status", timeout=60)
     text = status.stdout + status.stderr

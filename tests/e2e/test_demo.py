@@ -1,0 +1,107 @@
+"""`make demo` for real, on a busy machine: `flywheel up` then `flywheel demo` (profile ci, a temp home,
+free ports), while a busy-loop process holds one of the two cores.
+
+The demo checks its own story and exits 1 naming the step that broke; this test asserts it exits 0 AND
+reads the outcomes back from the stores itself: the registry's aliases and status tags (v1 champion then
+archived, v2 promoted, v3 rejected with no alias), the audit log (the promotion made by the rollout's flow
+run), the stack's Prefect server (the rollout run ended `Promoted`, the sabotaged training run
+`Rejected`). Then `flywheel down`, and no process `up` started is left.
+
+It starts a stack of its own rather than sharing tests/e2e/test_stack.py's: `make demo`'s `flywheel up`
+is one of the commands under test (from a fresh home, under load), the demo trains models into the home
+(test_stack asserts a service with no model), and both end by stopping their stack.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.stackproc import Stack, ours, read_records, stack_home
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def busy_core() -> Iterator[int]:
+    """A child process spinning `while True: pass` (one core's worth of CPU), killed by its pid after."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc.pid
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with stack_home(tmp_path_factory.mktemp("demo")) as st:
+        yield st
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _flow_runs(api: str, body: dict) -> list[dict]:
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+
+
+@pytest.mark.timeout(2400)
+def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_core: int) -> None:
+    st = demo_stack
+    took: dict[str, float] = {}
+    # -------------------------------------------------------------- make demo: the two commands
+    t0 = time.monotonic()
+    up = st.cli("up", timeout=600, env={"FLYWHEEL_ROLLOUT__STRATEGY": "demo"})  # as the Makefile runs it
+    took["up"] = time.monotonic() - t0
+    st.records = read_records(st.run_dir)
+    assert up.returncode == 0, _tail(up.stdout + up.stderr)
+
+    t0 = time.monotonic()
+    demo = st.cli("demo", timeout=1800)
+    took["demo"] = time.monotonic() - t0
+    out = demo.stdout + demo.stderr
+    print(f"\n`flywheel up` {took['up']:.0f} s, `flywheel demo` {took['demo']:.0f} s (one core busy)\n{_tail(out, 80)}")
+    assert demo.returncode == 0, _tail(out)
+    flat = " ".join(out.split())
+    assert "story checked: champion v1, challenger v2 promoted by the canary rollout, sabotaged v3 rejected" \
+           in flat, _tail(out)
+
+    # -------------------------------------------------------------- the outcomes, read back from the stores
+    from flywheel.audit import AuditLog
+    from flywheel.registry import TAG_STATUS, Registry
+    from flywheel.settings import load_settings
+
+    settings = load_settings("ci", st.home / "configs", environ={})
+    registry = Registry(settings.mlflow_tracking_uri, AuditLog(settings.audit_db_url))
+    assert registry.aliases("churn") == {"champion": "2"}, "v2 promoted, the challenger alias cleared"
+    status = {v: registry.version_tags("churn", v).get(TAG_STATUS) for v in ("1", "2", "3")}
+    assert status == {"1": "archived", "2": "champion", "3": "rejected"}, status
+    moves = [(e.alias, e.from_version, e.to_version, e.actor) for e in registry.audit.entries("churn")]
+    promotion = [m for m in moves if m[0] == "champion" and m[2] == "2"]
+    assert len(promotion) == 1 and promotion[0][1] == "1", moves
+    assert promotion[0][3].startswith("prefect-flow-run:"), f"promoted by the rollout run, not by hand: {moves}"
+    assert not [m for m in moves if m[2] == "3"], f"no alias ever pointed at the sabotaged v3: {moves}"
+
+    rollouts = _flow_runs(st.api, {"deployments": {"name": {"any_": ["rollout"]}}})
+    ended = {(r["parameters"]["params"].get("challenger_version"), r["state"]["name"]) for r in rollouts}
+    assert ended == {("2", "Promoted")}, ended
+    trainings = _flow_runs(st.api, {"flows": {"name": {"any_": ["training-pipeline"]}}})
+    assert sorted(r["state"]["name"] for r in trainings) == ["Completed", "Completed", "Rejected"], trainings
+
+    # -------------------------------------------------------------- and the stack stops
+    down = st.cli("down", timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    left = [f"{r['name']} (pid {r['pid']})" for r in st.records if ours(r) is not None]
+    assert not left, f"still running after `flywheel down`: {left}"
+    assert not list(st.run_dir.glob("*.pid"))
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{st.api}/health", timeout=2)

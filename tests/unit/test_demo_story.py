@@ -1,0 +1,181 @@
+"""The demo's story check: the good story passes; each broken step alone fails with one line naming it.
+
+The CLI-level part: the verdict the `demo` command ends with exits 1 naming the step when the story is
+broken, and returns (exit 0) when it holds; the e2e test (tests/e2e/test_demo.py) runs the whole demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import typer
+
+from flywheel.demo_story import (
+    DemoStory,
+    RolloutSeen,
+    RolloutSkipped,
+    TrainingSeen,
+    check_story,
+    skipped_checks,
+)
+
+FIRST = TrainingSeen(version="1", outcome="champion", state="Completed", aliases_before={},
+                     aliases_after={"champion": "1"})
+SECOND = TrainingSeen(version="2", outcome="challenger", state="Completed", aliases_before={"champion": "1"},
+                      aliases_after={"champion": "1", "challenger": "2"})
+PROMOTED = RolloutSeen(state="Promoted", detail="promoted: every step passed", aliases_after={"champion": "2"})
+SABOTAGED = TrainingSeen(version="3", outcome="rejected", state="Rejected",
+                         failed_rules=("primary", "vs_champion", "baseline"),
+                         aliases_before={"champion": "2"}, aliases_after={"champion": "2"})
+GOOD = DemoStory(first=FIRST, second=SECOND, rollout=PROMOTED, sabotaged=SABOTAGED)
+
+
+def _only(story: DemoStory) -> str:
+    failures = check_story(story)
+    assert len(failures) == 1, failures
+    return failures[0]
+
+
+def test_the_story_as_told_passes() -> None:
+    assert check_story(GOOD) == []
+    assert skipped_checks(GOOD) == []
+
+
+# ------------------------------------------------------------------------------------------ step 1
+
+
+def test_no_champion_when_the_first_model_is_rejected_names_the_rules() -> None:
+    first = replace(FIRST, outcome="rejected", state="Rejected", failed_rules=("latency",), aliases_after={})
+    assert _only(replace(GOOD, first=first)) == "step 1: no champion: v1 rejected on latency"
+
+
+def test_a_first_model_that_meets_an_existing_champion_is_named() -> None:
+    first = replace(FIRST, version="4", outcome="challenger", aliases_before={"champion": "2"},
+                    aliases_after={"champion": "2", "challenger": "4"})
+    line = _only(replace(GOOD, first=first))
+    assert line.startswith("step 1: no new champion: v4 became challenger of champion v2"), line
+    assert "fresh home" in line
+
+
+def test_a_champion_outcome_without_the_alias_fails() -> None:
+    line = _only(replace(GOOD, first=replace(FIRST, aliases_after={})))
+    assert line == "step 1: v1 was registered as champion, but the champion alias is unset"
+
+
+# ------------------------------------------------------------------------------------------ step 2
+
+
+def test_no_challenger_when_the_second_model_is_rejected() -> None:
+    second = replace(SECOND, outcome="rejected", state="Rejected", failed_rules=("vs_champion", "latency"),
+                     aliases_after={"champion": "1"})
+    line = _only(replace(GOOD, second=second, rollout=None))
+    assert line == "step 2: no challenger: v2 rejected on vs_champion, latency"
+
+
+def test_a_second_model_that_becomes_champion_directly_fails() -> None:
+    second = replace(SECOND, outcome="champion", aliases_before={}, aliases_after={"champion": "2"})
+    line = _only(replace(GOOD, second=second, rollout=None))
+    assert line.startswith("step 2: v2 became champion directly, not challenger"), line
+
+
+def test_a_challenger_outcome_without_the_alias_fails() -> None:
+    line = _only(replace(GOOD, second=replace(SECOND, aliases_after={"champion": "1"})))
+    assert line == "step 2: v2 was registered as challenger, but the challenger alias is unset"
+
+
+def test_a_challenger_already_promoted_when_training_returned_is_fine() -> None:
+    assert check_story(replace(GOOD, second=replace(SECOND, aliases_after={"champion": "2"}))) == []
+
+
+def test_a_rolled_back_challenger_names_the_final_state_and_its_reason() -> None:
+    rollout = RolloutSeen(state="RolledBack", detail="rolled_back: canary 20%: guard breach p99_latency_ms=412.0 "
+                          "(threshold 250.0)", aliases_after={"champion": "1"})
+    line = _only(replace(GOOD, rollout=rollout))
+    assert line == ("step 2: challenger v2 was not promoted: rollout ended RolledBack (rolled_back: canary 20%: "
+                    "guard breach p99_latency_ms=412.0 (threshold 250.0))")
+
+
+def test_a_rollout_not_seen_to_end_says_why() -> None:
+    rollout = RolloutSeen(state=None, detail="rollout run brave-owl still Running after 300 s",
+                          aliases_after={"champion": "1", "challenger": "2"})
+    line = _only(replace(GOOD, rollout=rollout))
+    assert line == "step 2: challenger v2 was not promoted: rollout run brave-owl still Running after 300 s"
+
+
+def test_promoted_state_without_the_champion_alias_moved_fails() -> None:
+    line = _only(replace(GOOD, rollout=replace(PROMOTED, aliases_after={"champion": "1"})))
+    assert line == "step 2: the rollout ended Promoted, but the champion alias is v1, not v2"
+
+
+def test_a_challenger_without_any_rollout_observation_fails() -> None:
+    line = _only(replace(GOOD, rollout=None))
+    assert line == "step 2: challenger v2 was registered but no rollout of it was observed"
+
+
+def test_a_skipped_rollout_is_stated_not_failed() -> None:
+    story = replace(GOOD, rollout=RolloutSkipped("no stack running"),
+                    sabotaged=replace(SABOTAGED, aliases_before=SECOND.aliases_after,
+                                      aliases_after=SECOND.aliases_after))
+    assert check_story(story) == []
+    assert skipped_checks(story) == ["step 2: rollout of challenger v2 skipped: no stack running"]
+
+
+# ------------------------------------------------------------------------------------------ step 3
+
+
+def test_a_sabotaged_model_that_passes_fails() -> None:
+    sabotaged = replace(SABOTAGED, outcome="challenger", state="Completed", failed_rules=(),
+                        aliases_after={"champion": "2", "challenger": "3"})
+    failures = check_story(replace(GOOD, sabotaged=sabotaged))
+    assert failures == ["step 3: the sabotaged v3 was not rejected: it became challenger",
+                        "step 3: aliases moved while the sabotaged v3 was registered: challenger unset -> v3"]
+
+
+def test_a_rejection_whose_run_did_not_end_rejected_fails() -> None:
+    line = _only(replace(GOOD, sabotaged=replace(SABOTAGED, state="Completed")))
+    assert line == "step 3: the sabotaged v3 was rejected, but its run ended Completed, not Rejected"
+
+
+def test_an_alias_moved_during_the_rejection_fails() -> None:
+    line = _only(replace(GOOD, sabotaged=replace(SABOTAGED, aliases_after={"champion": "1"})))
+    assert line == "step 3: aliases moved while the sabotaged v3 was registered: champion v2 -> v1"
+
+
+# ------------------------------------------------------------------------------------------ all at once
+
+
+def test_every_candidate_rejected_on_latency_names_steps_one_and_two() -> None:
+    """The slow-machine run that used to exit 0: no champion, no challenger, no rollout."""
+    story = DemoStory(
+        first=replace(FIRST, outcome="rejected", state="Rejected", failed_rules=("latency",), aliases_after={}),
+        second=replace(SECOND, outcome="rejected", state="Rejected", failed_rules=("latency",), aliases_before={},
+                       aliases_after={}),
+        rollout=None,
+        sabotaged=replace(SABOTAGED, aliases_before={}, aliases_after={}),
+    )
+    assert check_story(story) == ["step 1: no champion: v1 rejected on latency",
+                                  "step 2: no challenger: v2 rejected on latency"]
+
+
+# ------------------------------------------------------------------------------------------ the CLI verdict
+
+
+def test_the_demo_command_exits_1_naming_the_broken_step(capsys: pytest.CaptureFixture[str]) -> None:
+    from flywheel.cli import demo_verdict
+
+    rolled_back = RolloutSeen(state="RolledBack", detail="rolled_back: guard breach", aliases_after={"champion": "1"})
+    with pytest.raises(typer.Exit) as exited:
+        demo_verdict(replace(GOOD, rollout=rolled_back))
+    assert exited.value.exit_code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "FAILED step 2: challenger v2 was not promoted: rollout ended RolledBack" in err, err
+
+
+def test_the_demo_command_returns_when_the_story_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    from flywheel.cli import demo_verdict
+
+    demo_verdict(GOOD)  # no typer.Exit: the command ends with code 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "story checked: champion v1, challenger v2 promoted by the canary rollout, sabotaged v3 rejected" in err
+    assert "FAILED" not in err
