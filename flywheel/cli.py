@@ -259,7 +259,9 @@ def serve(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
 
 @app.command("demo")
 def demo(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
-         days: Annotated[int, typer.Option(min=14)] = 28,
+         days: Annotated[int, typer.Option(
+             min=15, help="days of data; the first model gets all but the last 7, and needs a day beyond its "
+             "7-day holdout")] = 28,
          rows_per_day: Annotated[int, typer.Option(min=100)] = 1000) -> None:
     """Generate data, train a champion, a challenger (rolled out on a running stack) and a sabotaged
     candidate; exit 1 naming each step whose expected outcome did not happen."""
