@@ -38,7 +38,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = GeneratorSpec(seed=11, days=28, rows_per_day=500, customers=6000)
 # Two good models trained on different weeks legitimately differ (PSI 0.2-0.9 on a few dozen entities per
 # arm on a loaded 2-core machine); a constant model scores PSI > 5 with 5 bins. The thresholds sit between.
-LENIENT = {"max_psi": 2.0, "psi_bins": 5, "max_mean_probability_diff": 0.25, "max_p99_latency_ms": 5000,
+# A p99 over the few dozen requests of a 2-second step is close to their maximum: one preempted request on
+# a loaded machine moves it, so the latency ratio is lenient here (the 1.5 of configs/rollout.yaml is tested
+# on frames in tests/unit/test_rollout.py); the ceiling is the ci profile's own (configs/ci.yaml).
+LENIENT = {"max_psi": 2.0, "psi_bins": 5, "max_mean_probability_diff": 0.25, "max_p99_latency_ratio": 3.0,
            "max_auc_drop": 0.1, "min_predictions": 30, "min_labelled": 150, "max_error_rate": 0.05,
            "max_extensions": 5}
 PLANS = {
@@ -219,6 +222,12 @@ def test_good_challenger_promoted_through_canary_and_a_second_rollout_is_refused
     assert [s.policy["share"] for s in decision.steps] == [0.3, 1.0]
     assert all(not s.insufficient for s in decision.steps), "every step was judged"
     assert all(not s.breached for s in decision.steps) and decision.steps[0].challenger_entities > 0
+    # the ci profile's latency ceiling reached the guard (the plan file holds none)
+    ceiling = ctx.settings.rollout.max_p99_latency_ms
+    for step in decision.steps:
+        latency = {g.name: g for g in step.guards}
+        assert latency["p99_latency_ms"].threshold == ceiling, latency["p99_latency_ms"]
+        assert latency["p99_latency_vs_champion"].status == "pass", latency["p99_latency_vs_champion"]
     assert registry.aliases("churn") == {"champion": "2"}
     assert _routing(service)["policy"]["mode"] == "single"
     assert locks.current("churn") is None, "the lock is released"
@@ -437,3 +446,4 @@ def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, c
     assert (state.name, registry.aliases("churn")) == expected, (state.message, ab)
     assert _routing(service)["policy"]["mode"] == "single"
     assert "A/B readout" in _artifact("rollout-churn")
+
