@@ -41,7 +41,9 @@ from flywheel.settings import RolloutConfig
 from tasks._prefect import retry_transient, run_logger
 
 STATUS_ROLLED_BACK = "rolled_back"
-SETTLE_S = 1.0  # the service flushes its prediction log every serve.log_flush_seconds (0.5 s default)
+# how long the service may take to store a step's last prediction-log rows: a flush is one transaction of
+# at most a few seconds of traffic, but the writer runs niced and yields to requests on a busy machine
+LOG_ACK_TIMEOUT_S = 15.0
 
 
 class SelectedPlan(BaseModel):
@@ -65,9 +67,11 @@ class ServiceClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Any:
         try:
-            r = self.http.request(method, path, json=body)
+            r = self.http.request(method, path, json=body,
+                                  timeout=self.http.timeout if timeout is None else httpx.Timeout(timeout))
         except httpx.TransportError as exc:
             raise ConnectionError(f"prediction service at {self.http.base_url} unreachable: {exc}") from exc
         if r.status_code in (401, 403):
@@ -87,8 +91,29 @@ class ServiceClient:
     def metrics(self) -> str:
         return self._call("GET", "/metrics")
 
+    def flush_log(self, timeout_s: float) -> dict[str, Any]:
+        """Have the service store its queued prediction-log rows and wait for the writer's acknowledgement;
+        RolloutError naming the service's reason when it does not come within `timeout_s`."""
+        try:
+            # the HTTP wait outlasts the service's own deadline, so its 504 (not a read timeout) reports it
+            return self._call("POST", "/admin/flush-log", {"timeout_s": timeout_s}, timeout=timeout_s + 10)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (503, 504):
+                raise
+            raise RolloutError(
+                f"the service at {self.http.base_url} did not confirm its prediction log was stored "
+                f"({exc.response.status_code}: {_detail(exc.response)}); a step is never judged on a partial log"
+            ) from None
+
     def close(self) -> None:
         self.http.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail"))
+    except ValueError:
+        return response.text[:300]
 
 
 def _registry(tracking_uri: str, audit_db_url: str) -> Any:
@@ -215,8 +240,8 @@ def observe_traffic(
     shadow: ShadowPlan | None = None,
     window_start: datetime | None = None,
 ) -> StepReadout:
-    """Hold the traffic for `hold_s`, then judge the guards on what the prediction log recorded
-    (since `window_start` when a step is extended, else since this hold began)."""
+    """Hold the traffic for `hold_s`, have the service store its prediction log, then judge the guards on
+    what the log recorded (since `window_start` when a step is extended, else since this hold began)."""
     client = ServiceClient(service_url, token_env)
     try:
         counts_before = predict_request_counts(client.metrics())
@@ -224,10 +249,12 @@ def observe_traffic(
         time.sleep(hold_s)
         ended = datetime.now(UTC)
         counts_after = predict_request_counts(client.metrics())
+        # every row of the window is stored before it is read (RolloutError when the writer does not ack)
+        flushed = client.flush_log(LOG_ACK_TIMEOUT_S)
     finally:
         client.close()
-    time.sleep(SETTLE_S)  # let the service's log writer flush the window's last rows
     log = run_logger("flywheel.rollout")
+    log.info("%s: prediction log stored (%s)", step, flushed)
     started = window_start or started
     champ, chall, results = _judge_window((started, ended), log_url, labels_file, dataset, target, guards, cfg,
                                           rollout_started, error_rate(counts_before, counts_after), shadow)

@@ -9,13 +9,15 @@ entity ids. Scenarios run in file order on that home:
    a no-skill challenger passes the 5% step and breaches AUC at 100%: a gradual rollback ramps it down;
 3. a lock left by a crashed rollout is taken over (expiry recorded); approval times out -> rejected;
 4. an approved shadow rollout (resumed from a thread, as a person would from the UI) promotes;
-5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome.
+5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome;
+7. a prediction-log writer that does not confirm a step's rows fails the rollout.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -447,3 +449,35 @@ def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, c
     assert _routing(service)["policy"]["mode"] == "single"
     assert "A/B readout" in _artifact("rollout-churn")
 
+
+def test_a_prediction_log_that_does_not_confirm_its_rows_fails_the_rollout(
+    registry, ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step is judged only on a stored log: when the service's log writer does not acknowledge the flush
+    within the deadline, the rollout fails naming it and the champion answers everything again. A service of
+    its own, without traffic: its stopped writer is idle, so it holds no database lock the routing needs."""
+    from flows.rollout import RolloutParams, rollout
+    from flywheel.rollout import RolloutError
+    from tasks.rollout import LOG_ACK_TIMEOUT_S
+
+    home = ctx.settings.paths.home
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", TOKEN)  # the flow (in this process) calls the admin endpoints
+    svc = start_service(home, {"FLYWHEEL_SERVE__PREDICTION_LOG_URL": f"sqlite:///{home}/data/stalled-log.db"})
+    try:
+        champion = registry.alias_version("churn", "champion")
+        writer = svc.http.get("/health").json()["prediction_log"]["writer_pid"]
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            state = rollout(RolloutParams(profile="ci", config_dir=str(home / "configs"), service_url=svc.url,
+                                          challenger_version="1" if champion == "2" else "2"), return_state=True)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        assert state.is_failed(), state
+        with pytest.raises(RolloutError, match=rf"did not confirm its prediction log was stored \(504: the "
+                                               rf"prediction log writer \(pid {writer}\) did not acknowledge the "
+                                               rf"flush within {LOG_ACK_TIMEOUT_S:g} s"):
+            state.result()
+        assert _routing(svc)["policy"]["mode"] == "single"
+        assert registry.alias_version("churn", "champion") == champion, "nothing was promoted"
+    finally:
+        stop_service(svc)
