@@ -103,8 +103,8 @@ class _Run:
             renew_rollout_lock(self.ctx.audit_db_url, self.model, self.actor, self.cfg.lock_lease_s + hold_s)
             readout = observe_traffic(
                 step if extension == 0 else f"{step} (extended x{extension})", policy, hold_s, self.url,
-                self.token_env, self.log_url, self.labels_file, self.ctx.dataset, target, plan.guards, self.started,
-                shadow, readout.started_at if readout else None)
+                self.token_env, self.log_url, self.labels_file, self.ctx.dataset, target, plan.guards, self.cfg,
+                self.started, shadow, readout.started_at if readout else None)
             if judge_step(readout, plan.guards, extension) != "extend":
                 break
         assert readout is not None

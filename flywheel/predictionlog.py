@@ -230,6 +230,9 @@ class PredictionLog:
         self.dropped = 0
         self.restarts = 0
         self.last_error: str | None = None
+        # the writer's report on the newest flush it acknowledged: an ack also comes when the database
+        # refused the rows (then `pending` > 0 and `last_error` says why), so a caller of flush() checks it
+        self.acked: dict[str, Any] = {}
 
     @property
     def engine(self) -> sa.Engine:
@@ -253,7 +256,7 @@ class PredictionLog:
             self._queue.put(records)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Ship everything queued so far and wait until the writer has stored it (or failed to)."""
+        """Ship everything queued so far and wait until the writer has stored it (or failed to: see `acked`)."""
         ack = next(self._acks)
         self._queue.put(("flush", ack))
         with self._acked:
@@ -298,6 +301,7 @@ class PredictionLog:
             if status.get("ack"):
                 with self._acked:
                     self._last_ack = max(self._last_ack, int(status["ack"]))
+                    self.acked = status
                     self._acked.notify_all()
         code = proc.wait()
         if not self._closing or code != 0:

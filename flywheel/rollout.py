@@ -16,11 +16,18 @@ Strategies (a plan is discriminated by `strategy`):
 Guards compare the challenger's traffic of a step with the champion's traffic of the whole rollout
 (at 100% the champion serves nothing in that step): error rate (the worse of the challenger's failed
 share of its rows, from the service's error table, and the service-wide 5xx share of /predict from
-/metrics), challenger p99 latency, prediction-distribution shift (PSI on the two arms' probabilities,
-mean-probability difference), and ROC AUC per arm when enough delayed labels exist. PSI and AUC breach
-only when the difference is larger than the threshold AND significant (PSI: above the 95th percentile
-of a permutation test; AUC: the bootstrap interval of the drop excludes zero): small arms must not
-roll back a good model on noise.
+/metrics), prediction-distribution shift (PSI on the two arms' probabilities, mean-probability
+difference), and ROC AUC per arm when enough delayed labels exist. PSI and AUC breach only when the
+difference is larger than the threshold AND significant (PSI: above the 95th percentile of a
+permutation test; AUC: the bootstrap interval of the drop excludes zero): small arms must not roll
+back a good model on noise.
+
+Latency is judged twice, on the challenger's p99 request latency: against the champion's p99 in the
+same step window (ratio x champion p99 + slack: a busy machine slows both arms alike, so the champion
+measures the machine), and against an absolute ceiling that is a setting per profile
+(`rollout.max_p99_latency_ms`: the production budget is not a laptop's), so two equally slow models
+still fail. When the champion answered too few requests in the window (a 100% step, blue/green), its
+p99 comes from the preceding window of the same length.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -59,7 +66,12 @@ class Guards(Strict):
 
     max_error_rate: float | None = Field(0.02, ge=0, le=1, description="challenger's failed share of its rows, "
                                          "or the service's 5xx share of /predict requests")
-    max_p99_latency_ms: float | None = Field(250.0, gt=0, description="challenger p99 request latency")
+    max_p99_latency_ratio: float | None = Field(1.5, ge=1, description="challenger p99 request latency <= "
+                                                "ratio x champion p99 in the same window + p99_latency_slack_ms")
+    p99_latency_slack_ms: float = Field(2.0, ge=0, le=1000, description="absolute slack of the comparison: at a few "
+                                        "ms a ratio alone breaches on one preempted request")
+    min_requests: int = Field(20, ge=1, description="requests per arm before latency is judged; also the number of "
+                              "requests answered by one arm alone before those alone are the basis")
     max_psi: float | None = Field(0.25, gt=0, description="PSI of challenger vs champion probabilities "
                                   "(a breach must also be significant: permutation test)")
     max_mean_probability_diff: float | None = Field(0.15, gt=0, le=1)
@@ -71,6 +83,16 @@ class Guards(Strict):
     psi_bins: int = Field(10, ge=2, le=50)
     bootstrap_samples: int = Field(200, ge=50, le=10_000)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ceiling_is_a_setting(cls, data: Any) -> Any:
+        # the old absolute threshold: say where it went rather than only "extra inputs are not permitted"
+        if isinstance(data, dict) and "max_p99_latency_ms" in data:
+            raise ValueError("max_p99_latency_ms is no longer a plan key: the absolute p99 ceiling is set per "
+                             "profile (rollout.max_p99_latency_ms in configs/base.yaml or configs/<profile>.yaml); "
+                             "plans set max_p99_latency_ratio and p99_latency_slack_ms against the champion")
+        return data
 
 
 class CanaryStep(Strict):
@@ -415,11 +437,23 @@ def evaluate_guards(
     labels: pd.DataFrame | None = None,
     error_rate_value: float | None = None,
     challenger_failures: int | None = None,
+    *,
+    ceiling_ms: float,
+    champion_window: pd.DataFrame | None = None,
+    before: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> list[GuardResult]:
-    """Every guard of `guards` on the two arms' logged predictions (see the module docstring)."""
+    """Every guard of `guards` on the two arms' logged predictions (see the module docstring).
+
+    `champion` is the champion's reference for the distribution guards (its traffic over the rollout);
+    `challenger` the challenger's rows of the step window. The latency guards compare the challenger with
+    `champion_window`, the champion's rows of the same window (`champion` when not given), or, when it
+    answered too few requests there, with the champion's rows of `before` (champion rows, challenger
+    rows of the preceding window of the same length); `ceiling_ms` is the profile's absolute p99 ceiling.
+    """
     ch_e, cp_e = per_entity(challenger), per_entity(champion)
     out = [_error_guard(len(challenger), challenger_failures, error_rate_value, guards.max_error_rate)]
-    out.append(_latency_guard(champion, challenger, guards))
+    window = (champion if champion_window is None else champion_window, challenger)
+    out += _latency_guards(window, before, guards, ceiling_ms)
     few = ""
     if len(ch_e) < guards.min_predictions or len(cp_e) < guards.min_predictions:
         few = (f"{TOO_FEW} entities (champion {len(cp_e)}, challenger {len(ch_e)}; "
@@ -443,17 +477,83 @@ def _error_guard(answered: int, failed: int | None, http_rate: float | None, thr
     return result.model_copy(update={"detail": f"{result.detail}; {detail}" if result.detail else detail})
 
 
-def _latency_guard(champion: pd.DataFrame, challenger: pd.DataFrame, guards: Guards) -> GuardResult:
-    """p99 of the challenger's request latency. A request whose rows went to both arms (a batch) was
-    timed as a whole: the guard uses the requests the challenger answered alone when there are enough."""
-    if not len(challenger):
-        return _judge("p99_latency_ms", None, guards.max_p99_latency_ms)
-    requests = challenger.drop_duplicates("request_id")
-    alone = requests[~requests["request_id"].isin(champion["request_id"])]
-    basis, what = ((alone, "requests answered by the challenger alone") if len(alone) >= guards.min_predictions
-                   else (requests, "all its requests (too few answered by the challenger alone)"))
-    result = _judge("p99_latency_ms", p99(basis["latency_ms"]), guards.max_p99_latency_ms)
-    return result.model_copy(update={"detail": f"{what}: {len(basis)}"})
+class _Requests(NamedTuple):
+    """One arm's requests (one latency each), and those the arm answered alone."""
+
+    every: pd.DataFrame
+    alone: pd.DataFrame
+
+
+def _requests(rows: pd.DataFrame, other: pd.DataFrame) -> _Requests:
+    """A request whose rows went to both arms (a batch) was timed as a whole: its latency is the sum of
+    both models' work, so it is "alone" only when `other` answered none of its rows. Shadow rows are timed
+    on their own (the challenger's background scoring), so they never make a request shared."""
+    every = rows.drop_duplicates("request_id")
+    live_other = other.loc[~other["shadow"].astype(bool), "request_id"]
+    shared = every["request_id"].isin(live_other) & ~every["shadow"].astype(bool)
+    return _Requests(every=every, alone=every[~shared])
+
+
+def _champion_requests(window: tuple[pd.DataFrame, pd.DataFrame], before: tuple[pd.DataFrame, pd.DataFrame] | None,
+                       need: int) -> tuple[_Requests, str]:
+    """The champion's requests in the step window; in the preceding window when it answered too few in
+    this one (at 100% or on the green slot it answers none), which is the nearest load the machine had."""
+    in_window = _requests(*window)
+    if len(in_window.every) >= need or before is None:
+        return in_window, "same window"
+    earlier = _requests(*before)
+    if len(earlier.every) <= len(in_window.every):
+        return in_window, "same window"
+    return earlier, f"preceding window (it answered {len(in_window.every)} requests in this one)"
+
+
+def _joint_basis(champion: _Requests, challenger: _Requests, need: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Like for like: the requests each arm answered alone when both have enough of them, else every request
+    of both (a shared batch then counts on both sides with the same latency). Alone on one side and every
+    request on the other would compare single requests with batches."""
+    if len(champion.alone) >= need and len(challenger.alone) >= need:
+        return champion.alone, challenger.alone, "requests each arm answered alone"
+    return champion.every, challenger.every, "all requests of both arms (too few answered by one arm alone)"
+
+
+def _latency_guards(window: tuple[pd.DataFrame, pd.DataFrame], before: tuple[pd.DataFrame, pd.DataFrame] | None,
+                    guards: Guards, ceiling_ms: float) -> list[GuardResult]:
+    """The challenger's p99 against the champion's (same window) and against the profile's ceiling."""
+    need = guards.min_requests
+    challenger = _requests(window[1], window[0])
+    champion, where = _champion_requests(window, before, need)
+    return [_vs_champion_guard(champion, challenger, where, guards), _ceiling_guard(challenger, need, ceiling_ms)]
+
+
+def _vs_champion_guard(champion: _Requests, challenger: _Requests, where: str, guards: Guards) -> GuardResult:
+    name, ratio = "p99_latency_vs_champion", guards.max_p99_latency_ratio
+    if ratio is None:
+        return GuardResult(name=name, status="skipped", detail="guard off")
+    need = guards.min_requests
+    if len(champion.every) < need or len(challenger.every) < need:
+        return GuardResult(name=name, status="skipped", detail=(
+            f"{TOO_FEW} requests (champion {len(champion.every)} ({where}), challenger {len(challenger.every)}; "
+            f"need {need} each)"))
+    cp, ch, basis = _joint_basis(champion, challenger, need)
+    champion_p99 = p99(cp["latency_ms"])
+    limit = ratio * champion_p99 + guards.p99_latency_slack_ms
+    result = _judge(name, p99(ch["latency_ms"]), round(limit, 6))
+    return result.model_copy(update={"detail": (
+        f"champion p99 {champion_p99:.4g} ms ({where}) x {ratio:g} + {guards.p99_latency_slack_ms:g} ms; "
+        f"{basis}: champion {len(cp)}, challenger {len(ch)}")})
+
+
+def _ceiling_guard(challenger: _Requests, need: int, ceiling_ms: float) -> GuardResult:
+    """The challenger's own latency: the requests it answered alone when there are enough (a shared batch
+    also carries the champion's work), else all its requests (conservative)."""
+    name = "p99_latency_ms"
+    if len(challenger.every) < need:
+        return GuardResult(name=name, status="skipped", threshold=ceiling_ms,
+                           detail=f"{TOO_FEW} requests (challenger {len(challenger.every)}; need {need})")
+    basis, what = ((challenger.alone, "requests answered by the challenger alone") if len(challenger.alone) >= need
+                   else (challenger.every, "all its requests (too few answered by the challenger alone)"))
+    result = _judge(name, p99(basis["latency_ms"]), ceiling_ms)
+    return result.model_copy(update={"detail": f"profile ceiling; {what}: {len(basis)}"})
 
 
 def _psi_guard(reference: np.ndarray, current: np.ndarray, guards: Guards, few: str) -> GuardResult:
@@ -508,20 +608,17 @@ def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: p
 
 def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: ShadowPlan,
                   labels: pd.DataFrame | None = None, error_rate_value: float | None = None,
-                  challenger_failures: int | None = None) -> list[GuardResult]:
-    """Shadow readout: agreement of the two models on the same requests, plus the usual guards."""
+                  challenger_failures: int | None = None, *, ceiling_ms: float) -> list[GuardResult]:
+    """Shadow readout: agreement of the two models on the same requests, plus the usual guards (the latency
+    guards compare the challenger's background scoring with the champion's requests of the same window)."""
     champ, chall = split_arms(rows, champion, challenger, shadow=True)
     pairs = champ.merge(chall, on=["request_id", "entity"], suffixes=("_champion", "_challenger"))
     agreement = float((pairs["prediction_champion"] == pairs["prediction_challenger"]).mean()) if len(pairs) else None
     need = plan.guards.min_predictions
     few = "" if len(pairs) >= need else f"{TOO_FEW} shadowed rows ({len(pairs)}; need {need})"
     out = [_judge("agreement", agreement, plan.min_agreement, worse_if_above=False, skip=few)]
-    if len(champ) and len(chall):
-        ratio = p99(chall.drop_duplicates("request_id")["latency_ms"]) / max(
-            p99(champ.drop_duplicates("request_id")["latency_ms"]), 1e-9)
-        out.append(GuardResult(name="latency_p99_ratio", status="pass", value=round(ratio, 4),
-                               detail="challenger shadow p99 / champion p99 (informational)"))
-    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value, challenger_failures)
+    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value, challenger_failures,
+                                 ceiling_ms=ceiling_ms)
 
 
 # ------------------------------------------------------------------------------------- A/B readout

@@ -7,6 +7,9 @@ Endpoints
 - GET  /routing         the routing policy and the versions in each slot
 - POST /admin/routing   set the routing policy (bearer token)        } 403 when no token is configured,
 - POST /admin/reload    re-read the registry aliases now (bearer token) } 401 on a wrong token
+- POST /admin/flush-log store every queued prediction-log row now and wait for the writer's ack (bearer
+                        token): 200 once stored, 504 when the writer does not ack in time, 503 when the
+                        database refused the rows
 - GET  /docs            OpenAPI (FastAPI default)
 
 Run it as `flywheel serve ...` or `python -m flywheel.service --config-dir configs --profile ci --port 8080`.
@@ -50,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flywheel.service")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-KNOWN_PATHS = frozenset({"/predict", "/health", "/metrics", "/routing", "/admin/routing", "/admin/reload"})
+KNOWN_PATHS = frozenset({"/predict", "/health", "/metrics", "/routing", "/admin/routing", "/admin/reload",
+                         "/admin/flush-log"})
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -125,6 +129,18 @@ class ReloadResponse(BaseModel):
     refused: dict[str, dict[str, str]]
     serving: dict[str, str | None] = {}
     error: str | None = None
+
+
+class FlushLogRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(10.0, gt=0, le=120, description="how long to wait for the log writer's acknowledgement")
+
+
+class FlushLogResponse(BaseModel):
+    written: int = Field(description="rows the log writer has stored since the service started")
+    dropped: int = Field(description="rows dropped since the service started (writer backlog over max_pending)")
+    waited_ms: float = Field(description="time until the writer acknowledged")
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -351,6 +367,26 @@ def create_app(
     def reload(_: str = Depends(require_admin)) -> ReloadResponse:
         """Re-read the champion/challenger aliases now (also retries versions refused before)."""
         return ReloadResponse.model_validate(state.reload(force=True))
+
+    @app.post("/admin/flush-log", response_model=FlushLogResponse,
+              responses={401: {}, 403: {}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+    def flush_log(req: FlushLogRequest | None = None, _: str = Depends(require_admin)) -> FlushLogResponse:
+        """Store every prediction-log row queued so far and wait for the writer's acknowledgement: once this
+        answers 200, every prediction answered before the call is readable in the log (the rollout reads a
+        step's rows right after)."""
+        timeout = (req or FlushLogRequest()).timeout_s
+        plog = state.log
+        t0 = time.perf_counter()
+        if not plog.flush(timeout):
+            raise HTTPException(504, f"the prediction log writer (pid {plog.writer_pid}) did not acknowledge the "
+                                     f"flush within {timeout:g} s (restarts: {plog.restarts}; last error: "
+                                     f"{plog.last_error or 'none'})")
+        waited_ms = (time.perf_counter() - t0) * 1000
+        ack = plog.acked
+        if ack.get("pending"):
+            raise HTTPException(503, f"the prediction log database refused the write: {ack.get('last_error')}; "
+                                     f"{ack['pending']} rows kept for the next flush")
+        return FlushLogResponse(written=plog.written, dropped=plog.dropped, waited_ms=round(waited_ms, 3))
 
     return app
 

@@ -185,6 +185,10 @@ class RolloutConfig(Section):
     approval_required: bool = False  # a human approves in the Prefect UI before full promotion
     approval_timeout_s: float = Field(3600.0, gt=0)  # no answer by then counts as a rejection
     lock_lease_s: float = Field(900.0, gt=0)  # a crashed rollout's lock is taken over after this
+    # absolute ceiling on the challenger's p99 request latency during a rollout (the plan's guards also
+    # compare it with the champion's). Per profile: a laptop is not the production machine. The default is
+    # the production budget, so a profile that forgets the key is judged strictly, not leniently.
+    max_p99_latency_ms: float = Field(10.0, gt=0, le=60_000)
 
 
 class StackConfig(Section):

@@ -18,6 +18,7 @@ from flywheel.locks import LockInfo, RolloutLocks
 from flywheel.rollout import (
     ABReadout,
     ABTestPlan,
+    GuardResult,
     Guards,
     Plan,
     RolloutDecision,
@@ -36,10 +37,13 @@ from flywheel.rollout import (
     split_arms,
 )
 from flywheel.schemas import DatasetDefinition
+from flywheel.settings import RolloutConfig
 from tasks._prefect import retry_transient, run_logger
 
 STATUS_ROLLED_BACK = "rolled_back"
-SETTLE_S = 1.0  # the service flushes its prediction log every serve.log_flush_seconds (0.5 s default)
+# how long the service may take to store a step's last prediction-log rows: a flush is one transaction of
+# at most a few seconds of traffic, but the writer runs niced and yields to requests on a busy machine
+LOG_ACK_TIMEOUT_S = 15.0
 
 
 class SelectedPlan(BaseModel):
@@ -63,9 +67,11 @@ class ServiceClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Any:
         try:
-            r = self.http.request(method, path, json=body)
+            r = self.http.request(method, path, json=body,
+                                  timeout=self.http.timeout if timeout is None else httpx.Timeout(timeout))
         except httpx.TransportError as exc:
             raise ConnectionError(f"prediction service at {self.http.base_url} unreachable: {exc}") from exc
         if r.status_code in (401, 403):
@@ -85,8 +91,29 @@ class ServiceClient:
     def metrics(self) -> str:
         return self._call("GET", "/metrics")
 
+    def flush_log(self, timeout_s: float) -> dict[str, Any]:
+        """Have the service store its queued prediction-log rows and wait for the writer's acknowledgement;
+        RolloutError naming the service's reason when it does not come within `timeout_s`."""
+        try:
+            # the HTTP wait outlasts the service's own deadline, so its 504 (not a read timeout) reports it
+            return self._call("POST", "/admin/flush-log", {"timeout_s": timeout_s}, timeout=timeout_s + 10)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (503, 504):
+                raise
+            raise RolloutError(
+                f"the service at {self.http.base_url} did not confirm its prediction log was stored "
+                f"({exc.response.status_code}: {_detail(exc.response)}); a step is never judged on a partial log"
+            ) from None
+
     def close(self) -> None:
         self.http.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail"))
+    except ValueError:
+        return response.text[:300]
 
 
 def _registry(tracking_uri: str, audit_db_url: str) -> Any:
@@ -208,45 +235,62 @@ def observe_traffic(
     dataset: DatasetDefinition,
     target: RolloutTarget,
     guards: Guards,
+    cfg: RolloutConfig,
     rollout_started: datetime,
     shadow: ShadowPlan | None = None,
     window_start: datetime | None = None,
 ) -> StepReadout:
-    """Hold the traffic for `hold_s`, then judge the guards on what the prediction log recorded
-    (since `window_start` when a step is extended, else since this hold began)."""
+    """Hold the traffic for `hold_s`, have the service store its prediction log, then judge the guards on
+    what the log recorded (since `window_start` when a step is extended, else since this hold began)."""
     client = ServiceClient(service_url, token_env)
     try:
-        before = predict_request_counts(client.metrics())
+        counts_before = predict_request_counts(client.metrics())
         started = datetime.now(UTC)
         time.sleep(hold_s)
         ended = datetime.now(UTC)
-        after = predict_request_counts(client.metrics())
+        counts_after = predict_request_counts(client.metrics())
+        # every row of the window is stored before it is read (RolloutError when the writer does not ack)
+        flushed = client.flush_log(LOG_ACK_TIMEOUT_S)
     finally:
         client.close()
-    time.sleep(SETTLE_S)  # let the service's log writer flush the window's last rows
-    versions = [target.champion, target.challenger]
-    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
-                           dataset.label_timestamp, dataset.timestamp)
-    rate = error_rate(before, after)
+    log = run_logger("flywheel.rollout")
+    log.info("%s: prediction log stored (%s)", step, flushed)
     started = window_start or started
-    window = read_predictions(log_url, target.model, versions, started, ended)
-    failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
-    if shadow is not None:
-        results = shadow_guards(window, target.champion, target.challenger, shadow, labels, rate, failed)
-        champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
-    else:
-        # the champion's reference is its traffic over the whole rollout (at 100% it gets none in a step)
-        history = read_predictions(log_url, target.model, [target.champion], rollout_started - timedelta(seconds=1),
-                                   ended)
-        champ, _ = split_arms(history, target.champion, target.challenger)
-        _, chall = split_arms(window, target.champion, target.challenger)
-        results = evaluate_guards(champ, chall, guards, labels, rate, failed)
+    champ, chall, results = _judge_window((started, ended), log_url, labels_file, dataset, target, guards, cfg,
+                                          rollout_started, error_rate(counts_before, counts_after), shadow)
     readout = StepReadout(step=step, policy=policy, started_at=started, ended_at=ended,
                           champion_entities=int(champ["entity"].nunique()),
                           challenger_entities=int(chall["entity"].nunique()), guards=results)
-    log = run_logger("flywheel.rollout")
-    log.info("%s: %s", step, ", ".join(f"{g.name}={g.status}({g.value})" for g in results))
+    log.info("%s: %s", step, ", ".join(f"{g.name}={g.status}({g.value} vs {g.threshold})" for g in results))
     return readout
+
+
+def _judge_window(span: tuple[datetime, datetime], log_url: str, labels_file: Path, dataset: DatasetDefinition,
+                  target: RolloutTarget, guards: Guards, cfg: RolloutConfig, rollout_started: datetime,
+                  rate: float | None, shadow: ShadowPlan | None) -> tuple[Any, Any, list[GuardResult]]:
+    """(champion reference rows, challenger rows, every guard) for the window `span`: its logged rows, the
+    labels, the error counts and the profile's latency ceiling (the plan's guards hold no ceiling)."""
+    started, ended = span
+    versions = [target.champion, target.challenger]
+    window = read_predictions(log_url, target.model, versions, started, ended)
+    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
+                           dataset.label_timestamp, dataset.timestamp)
+    failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
+    if shadow is not None:
+        champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
+        return champ, chall, shadow_guards(window, target.champion, target.challenger, shadow, labels, rate, failed,
+                                           ceiling_ms=cfg.max_p99_latency_ms)
+    champ_window, chall = split_arms(window, target.champion, target.challenger)
+    # the distribution guards' reference is the champion's traffic over the whole rollout (at 100% it gets
+    # none in a step); its latency where it answered too few requests in the window (100%, blue/green) is
+    # taken from the window of the same length just before this one
+    history = read_predictions(log_url, target.model, [target.champion], rollout_started - timedelta(seconds=1),
+                               ended)
+    champ, _ = split_arms(history, target.champion, target.challenger)
+    earlier = read_predictions(log_url, target.model, versions, started - (ended - started), started)
+    results = evaluate_guards(champ, chall, guards, labels, rate, failed, ceiling_ms=cfg.max_p99_latency_ms,
+                              champion_window=champ_window, before=split_arms(earlier, *versions))
+    return champ, chall, results
 
 
 @task(task_run_name="read-ab-outcome", cache_policy=NO_CACHE)

@@ -9,13 +9,15 @@ entity ids. Scenarios run in file order on that home:
    a no-skill challenger passes the 5% step and breaches AUC at 100%: a gradual rollback ramps it down;
 3. a lock left by a crashed rollout is taken over (expiry recorded); approval times out -> rejected;
 4. an approved shadow rollout (resumed from a thread, as a person would from the UI) promotes;
-5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome.
+5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome;
+7. a prediction-log writer that does not confirm a step's rows fails the rollout.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +40,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = GeneratorSpec(seed=11, days=28, rows_per_day=500, customers=6000)
 # Two good models trained on different weeks legitimately differ (PSI 0.2-0.9 on a few dozen entities per
 # arm on a loaded 2-core machine); a constant model scores PSI > 5 with 5 bins. The thresholds sit between.
-LENIENT = {"max_psi": 2.0, "psi_bins": 5, "max_mean_probability_diff": 0.25, "max_p99_latency_ms": 5000,
+# A p99 over the few dozen requests of a 2-second step is close to their maximum: one preempted request on
+# a loaded machine moves it, so the latency ratio is lenient here (the 1.5 of configs/rollout.yaml is tested
+# on frames in tests/unit/test_rollout.py); the ceiling is the ci profile's own (configs/ci.yaml).
+LENIENT = {"max_psi": 2.0, "psi_bins": 5, "max_mean_probability_diff": 0.25, "max_p99_latency_ratio": 3.0,
            "max_auc_drop": 0.1, "min_predictions": 30, "min_labelled": 150, "max_error_rate": 0.05,
            "max_extensions": 5}
 PLANS = {
@@ -219,6 +224,12 @@ def test_good_challenger_promoted_through_canary_and_a_second_rollout_is_refused
     assert [s.policy["share"] for s in decision.steps] == [0.3, 1.0]
     assert all(not s.insufficient for s in decision.steps), "every step was judged"
     assert all(not s.breached for s in decision.steps) and decision.steps[0].challenger_entities > 0
+    # the ci profile's latency ceiling reached the guard (the plan file holds none)
+    ceiling = ctx.settings.rollout.max_p99_latency_ms
+    for step in decision.steps:
+        latency = {g.name: g for g in step.guards}
+        assert latency["p99_latency_ms"].threshold == ceiling, latency["p99_latency_ms"]
+        assert latency["p99_latency_vs_champion"].status == "pass", latency["p99_latency_vs_champion"]
     assert registry.aliases("churn") == {"champion": "2"}
     assert _routing(service)["policy"]["mode"] == "single"
     assert locks.current("churn") is None, "the lock is released"
@@ -437,3 +448,36 @@ def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, c
     assert (state.name, registry.aliases("churn")) == expected, (state.message, ab)
     assert _routing(service)["policy"]["mode"] == "single"
     assert "A/B readout" in _artifact("rollout-churn")
+
+
+def test_a_prediction_log_that_does_not_confirm_its_rows_fails_the_rollout(
+    registry, ctx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step is judged only on a stored log: when the service's log writer does not acknowledge the flush
+    within the deadline, the rollout fails naming it and the champion answers everything again. A service of
+    its own, without traffic: its stopped writer is idle, so it holds no database lock the routing needs."""
+    from flows.rollout import RolloutParams, rollout
+    from flywheel.rollout import RolloutError
+    from tasks.rollout import LOG_ACK_TIMEOUT_S
+
+    home = ctx.settings.paths.home
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", TOKEN)  # the flow (in this process) calls the admin endpoints
+    svc = start_service(home, {"FLYWHEEL_SERVE__PREDICTION_LOG_URL": f"sqlite:///{home}/data/stalled-log.db"})
+    try:
+        champion = registry.alias_version("churn", "champion")
+        writer = svc.http.get("/health").json()["prediction_log"]["writer_pid"]
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            state = rollout(RolloutParams(profile="ci", config_dir=str(home / "configs"), service_url=svc.url,
+                                          challenger_version="1" if champion == "2" else "2"), return_state=True)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        assert state.is_failed(), state
+        with pytest.raises(RolloutError, match=rf"did not confirm its prediction log was stored \(504: the "
+                                               rf"prediction log writer \(pid {writer}\) did not acknowledge the "
+                                               rf"flush within {LOG_ACK_TIMEOUT_S:g} s"):
+            state.result()
+        assert _routing(svc)["policy"]["mode"] == "single"
+        assert registry.alias_version("churn", "champion") == champion, "nothing was promoted"
+    finally:
+        stop_service(svc)

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from flywheel.datagen import GeneratorSpec
+from flywheel.rollout import RolloutError
 from tests.conftest import PROJECT, make_home, train_champion_and_challenger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -313,6 +314,64 @@ def test_admin_endpoints_need_the_token(service: Service) -> None:
     assert r.json()["serving"] == {"champion": "1", "challenger": "2"}
     bad = service.admin("/admin/routing", {"mode": "canary", "share": 1.5})
     assert bad.status_code == 422 and "share" in bad.text
+
+
+def test_flush_log_stores_the_rows_before_answering_or_names_why_not(
+    trained_home: Path, latest_features: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /admin/flush-log on a service whose writer would otherwise store rows only once a minute."""
+    from tasks.rollout import ServiceClient
+
+    db = trained_home / "data" / "flush-log.db"  # its own log: the table is taken away below
+    svc = start_service(trained_home, {"FLYWHEEL_SERVE__LOG_FLUSH_SECONDS": "60",
+                                       "FLYWHEEL_SERVE__PREDICTION_LOG_URL": f"sqlite:///{db}"})
+    engine = sa.create_engine(f"sqlite:///{db}")
+
+    def stored(request_id: str) -> int:  # read once, no waiting
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT COUNT(*) FROM flywheel_predictions WHERE request_id = :r"),
+                                {"r": request_id}).scalar_one()
+
+    ids = [int(i) for i in latest_features.index[:20]]
+    try:
+        assert svc.http.post("/admin/flush-log").status_code == 401
+        assert svc.http.post("/admin/flush-log", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        first = svc.predict(entities=ids).json()["request_id"]
+        r = svc.admin("/admin/flush-log", {"timeout_s": 30})
+        assert r.status_code == 200, r.text
+        assert r.json()["written"] >= len(ids) and r.json()["dropped"] == 0, r.json()
+        assert stored(first) == len(ids), "the rows are readable as soon as the call returns"
+
+        # a writer that does not answer (stopped): 504 naming it; the rollout's client turns it into an error
+        writer = svc.http.get("/health").json()["prediction_log"]["writer_pid"]
+        second = svc.predict(entities=ids).json()["request_id"]
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            r = svc.admin("/admin/flush-log", {"timeout_s": 0.5})
+            assert r.status_code == 504 and f"writer (pid {writer}) did not acknowledge" in r.json()["detail"], r.text
+            monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", TOKEN)
+            client = ServiceClient(svc.url, "FLYWHEEL_ADMIN_TOKEN")
+            with pytest.raises(RolloutError, match=r"did not confirm its prediction log was stored \(504: "):
+                client.flush_log(0.5)
+            client.close()
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        assert svc.admin("/admin/flush-log").status_code == 200 and stored(second) == len(ids)
+
+        # the database refuses the rows (their table is gone): 503 naming the error; kept, stored once it is back
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE flywheel_predictions RENAME TO flywheel_predictions_away"))
+        third = svc.predict(entities=ids).json()["request_id"]
+        r = svc.admin("/admin/flush-log")
+        assert r.status_code == 503, r.text
+        assert "refused the write" in r.json()["detail"] and "no such table" in r.json()["detail"], r.text
+        assert f"{len(ids)} rows kept" in r.json()["detail"], r.text
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE flywheel_predictions_away RENAME TO flywheel_predictions"))
+        assert svc.admin("/admin/flush-log").status_code == 200 and stored(third) == len(ids)
+    finally:
+        engine.dispose()
+        stop_service(svc)
 
 
 def test_canary_share_and_stickiness(service: Service, latest_features: pd.DataFrame) -> None:

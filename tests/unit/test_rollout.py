@@ -35,6 +35,8 @@ from flywheel.rollout import (
 from tests.conftest import PROJECT
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+CEILING = 50.0  # the profile's p99 ceiling (rollout.max_p99_latency_ms) in these tests
+CI_CEILING = 200.0  # configs/ci.yaml
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -69,6 +71,23 @@ def test_project_plan_file_parses_with_default_canary_ramp() -> None:
     assert [s.share for s in canary.steps] == [0.05, 0.5, 1.0]
     assert {p.strategy for p in plans.plans.values()} == {"shadow", "canary", "blue_green", "ab_test"}
     assert plans.select("ab_test").strategy == "ab_test"
+    g = canary.guards
+    assert (g.max_p99_latency_ratio, g.p99_latency_slack_ms, g.min_requests) == (1.5, 2.0, 20)
+
+
+@pytest.mark.parametrize(("profile", "ceiling"), [("local", 50.0), ("ci", CI_CEILING), ("production", 10.0)])
+def test_latency_ceiling_is_set_per_profile(profile: str, ceiling: float) -> None:
+    from flywheel.settings import load_settings
+
+    assert load_settings(profile, PROJECT / "configs", environ={}).rollout.max_p99_latency_ms == ceiling
+
+
+def test_a_bad_latency_ceiling_fails_naming_its_source() -> None:
+    from flywheel.settings import load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings("local", PROJECT / "configs", environ={"FLYWHEEL_ROLLOUT__MAX_P99_LATENCY_MS": "0"})
+    assert "FLYWHEEL_ROLLOUT__MAX_P99_LATENCY_MS" in str(err.value) and "rollout.max_p99_latency_ms" in str(err.value)
 
 
 def test_shared_guards_are_overridden_key_by_key(tmp_path: Path) -> None:
@@ -92,6 +111,13 @@ def test_shared_guards_are_overridden_key_by_key(tmp_path: Path) -> None:
     ({"default": "c", "plans": {"c": {"strategy": "blue_green", "hold_s": 1, "colour": "teal"}}},
      "plans.c.blue_green.colour", "Extra inputs are not permitted"),
     ({"default": "x", "plans": {"c": {"strategy": "blue_green", "hold_s": 1}}}, "", "default plan 'x'"),
+    ({"default": "c", "guards": {"max_p99_latency_ms": 250}, "plans": {"c": {"strategy": "blue_green", "hold_s": 1}}},
+     "guards", "rollout.max_p99_latency_ms in configs/base.yaml or configs/<profile>.yaml"),
+    ({"default": "c", "plans": {"c": {"strategy": "blue_green", "hold_s": 1, "guards": {"min_requests": 0}}}},
+     "plans.c.blue_green.guards.min_requests", "greater than or equal to 1"),
+    ({"default": "c", "plans": {"c": {"strategy": "blue_green", "hold_s": 1,
+                                      "guards": {"max_p99_latency_ratio": 0.5}}}},
+     "plans.c.blue_green.guards.max_p99_latency_ratio", "greater than or equal to 1"),
 ])
 def test_invalid_plans_fail_naming_file_and_key(tmp_path: Path, data: dict, key: str, message: str) -> None:
     path = _write(tmp_path, data)
@@ -116,10 +142,11 @@ def test_similar_arms_pass_every_guard() -> None:
     rng = np.random.default_rng(0)
     champ = _rows("1", rng.beta(2, 5, 400))
     chall = _rows("2", rng.beta(2, 5, 300), start=1000)
-    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None, error_rate_value=0.0)}
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None, error_rate_value=0.0,
+                                                  ceiling_ms=CEILING)}
     assert {n: g.status for n, g in results.items()} == {
-        "error_rate": "pass", "p99_latency_ms": "pass", "psi": "pass", "mean_probability_diff": "pass",
-        "auc_drop": "skipped"}
+        "error_rate": "pass", "p99_latency_vs_champion": "pass", "p99_latency_ms": "pass", "psi": "pass",
+        "mean_probability_diff": "pass", "auc_drop": "skipped"}
     assert results["psi"].value < 0.2
 
 
@@ -127,19 +154,17 @@ def test_constant_challenger_breaches_distribution_guards() -> None:
     rng = np.random.default_rng(1)
     champ = _rows("1", rng.beta(2, 5, 400))
     chall = _rows("2", np.full(300, 0.27), start=1000)
-    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None)}
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(), None, ceiling_ms=CEILING)}
     assert results["psi"].status == "breach" and results["psi"].value > 1
     assert results["error_rate"].status == "skipped"  # no requests counted: not judged
 
 
-def test_latency_and_error_rate_breaches() -> None:
+def test_service_error_rate_breaches_alone() -> None:
     rng = np.random.default_rng(2)
     champ = _rows("1", rng.beta(2, 5, 100))
-    chall = _rows("2", rng.beta(2, 5, 100), start=1000, latency=900.0)
-    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(max_p99_latency_ms=100), None,
-                                                  error_rate_value=0.2)}
-    assert results["p99_latency_ms"].status == "breach" and results["p99_latency_ms"].value == 900.0
-    assert results["error_rate"].status == "breach"
+    chall = _rows("2", rng.beta(2, 5, 100), start=1000)
+    results = evaluate_guards(champ, chall, Guards(), None, error_rate_value=0.2, ceiling_ms=CEILING)
+    assert [g.name for g in results if g.status == "breach"] == ["error_rate"]
 
 
 def test_challenger_failures_breach_the_error_guard_without_any_5xx() -> None:
@@ -148,32 +173,124 @@ def test_challenger_failures_breach_the_error_guard_without_any_5xx() -> None:
     chall = _rows("2", rng.beta(2, 5, 97), start=1000)
     g = Guards(max_error_rate=0.02)
     # 3 failed rows of 100 the challenger was asked for: 3% > 2%, though the service answered every request
-    (bad,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=3) if r.name == "error_rate"]
+    (bad,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=3, ceiling_ms=CEILING)
+              if r.name == "error_rate"]
     assert (bad.status, bad.value) == ("breach", 0.03) and "challenger failed 3 of 100 rows" in bad.detail
-    (ok,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=1) if r.name == "error_rate"]
+    (ok,) = [r for r in evaluate_guards(champ, chall, g, None, 0.0, challenger_failures=1, ceiling_ms=CEILING)
+             if r.name == "error_rate"]
     assert (ok.status, ok.value) == ("pass", round(1 / 98, 6))
     # the service-wide 5xx share still counts when it is the worse of the two
-    (http,) = [r for r in evaluate_guards(champ, chall, g, None, 0.5, challenger_failures=0) if r.name == "error_rate"]
+    (http,) = [r for r in evaluate_guards(champ, chall, g, None, 0.5, challenger_failures=0, ceiling_ms=CEILING)
+               if r.name == "error_rate"]
     assert (http.status, http.value) == ("breach", 0.5) and "service 5xx share 0.5000" in http.detail
 
 
-def test_latency_guard_prefers_requests_the_challenger_answered_alone() -> None:
-    rng = np.random.default_rng(6)
+def _breaches(champ: pd.DataFrame, chall: pd.DataFrame, guards: Guards, **kw: object) -> dict[str, GuardResult]:
+    """Every guard by name, for tests that check which ones breach (no 5xx: the error guard is judged)."""
+    return {g.name: g for g in evaluate_guards(champ, chall, guards, None, 0.0, **{"ceiling_ms": CEILING, **kw})}
+
+
+def _statuses(results: dict[str, GuardResult]) -> dict[str, str]:
+    return {name: g.status for name, g in results.items()}
+
+
+JUDGED = {"error_rate": "pass", "p99_latency_vs_champion": "pass", "p99_latency_ms": "pass", "psi": "pass",
+          "mean_probability_diff": "pass", "auc_drop": "skipped"}
+
+
+def test_a_challenger_three_times_slower_than_the_champion_breaches_alone() -> None:
+    rng = np.random.default_rng(7)
+    p = rng.beta(2, 5, 100)
+    champ = _rows("1", p, latency=10.0)
+    chall = _rows("2", p, start=1000, latency=30.0)  # same predictions: only latency differs
+    results = _breaches(champ, chall, Guards())
+    assert _statuses(results) == {**JUDGED, "p99_latency_vs_champion": "breach"}, results
+    lat = results["p99_latency_vs_champion"]
+    assert (lat.value, lat.threshold) == (30.0, 17.0), lat  # 1.5 x 10 ms + 2 ms
+    assert "champion p99 10 ms (same window)" in lat.detail and "answered alone" in lat.detail, lat.detail
+    assert results["p99_latency_ms"].value == 30.0 and results["p99_latency_ms"].threshold == CEILING
+
+
+def test_both_arms_slow_alike_pass_under_the_ceiling() -> None:
+    # a busy machine: both arms at 40 ms, the same model would read 5 ms on a quiet one
+    rng = np.random.default_rng(8)
+    p = rng.beta(2, 5, 100)
+    results = _breaches(_rows("1", p, latency=40.0), _rows("2", p, start=1000, latency=40.0), Guards())
+    assert _statuses(results) == JUDGED, results
+
+
+def test_both_arms_above_the_ceiling_breach_it_alone() -> None:
+    rng = np.random.default_rng(9)
+    p = rng.beta(2, 5, 100)
+    results = _breaches(_rows("1", p, latency=80.0), _rows("2", p, start=1000, latency=80.0), Guards())
+    assert _statuses(results) == {**JUDGED, "p99_latency_ms": "breach"}, results
+    assert (results["p99_latency_ms"].value, results["p99_latency_ms"].threshold) == (80.0, CEILING)
+
+
+def test_too_few_requests_are_not_judged_and_hold_the_step() -> None:
+    rng = np.random.default_rng(10)
     champ = _rows("1", rng.beta(2, 5, 100), latency=5.0)
-    # 30 single-entity requests on the challenger (fast) and 10 batch requests shared with the champion,
-    # slow because of the champion's share of the batch
+    # 60 entities (enough for the distribution guards) in 2 batch requests of 30: too few for a p99
+    chall = _rows("2", rng.beta(2, 5, 60), start=1000, latency=500.0,
+                  request_ids=[f"batch{i // 30}" for i in range(60)])
+    results = _breaches(champ, chall, Guards(min_requests=20))
+    for name in ("p99_latency_vs_champion", "p99_latency_ms"):
+        assert results[name].status == "skipped" and results[name].detail.startswith("too few requests"), results
+        assert "challenger 2" in results[name].detail
+    assert results["psi"].status == "pass", "the distribution guards are judged on entities"
+    readout = StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=100,
+                          challenger_entities=60, guards=list(results.values()))
+    assert readout.insufficient and not readout.breached
+    assert canary_next(CanaryPlan(strategy="canary"), 0, readout, 0) == "extend"
+    # too few on the champion's side: the comparison waits, the ceiling is judged on the challenger alone
+    results = _breaches(champ.head(5), _rows("2", rng.beta(2, 5, 100), start=1000), Guards(min_predictions=5))
+    assert results["p99_latency_vs_champion"].status == "skipped", results
+    assert "too few requests (champion 5 (same window)" in results["p99_latency_vs_champion"].detail
+    assert results["p99_latency_ms"].status == "pass"
+
+
+def test_a_champion_without_requests_in_the_window_is_timed_in_the_preceding_one() -> None:
+    # at 100% (or on the green slot) the champion answers nothing in the step: its p99 comes from the
+    # window of the same length before it, where the machine's load was the nearest
+    rng = np.random.default_rng(11)
+    history = _rows("1", rng.beta(2, 5, 100), latency=10.0)
+    chall = _rows("2", rng.beta(2, 5, 100), start=1000, latency=30.0)
+    empty = history.head(0)
+    earlier = (_rows("1", rng.beta(2, 5, 40), start=5000, latency=10.0), empty)
+    results = _breaches(history, chall, Guards(), champion_window=empty, before=earlier)
+    lat = results["p99_latency_vs_champion"]
+    assert lat.status == "breach" and lat.threshold == 17.0, lat
+    assert "preceding window (it answered 0 requests in this one)" in lat.detail, lat.detail
+    # no earlier traffic either: not judged (the step is held), never passed unjudged
+    results = _breaches(history, chall, Guards(), champion_window=empty, before=(empty, empty))
+    assert results["p99_latency_vs_champion"].detail.startswith("too few requests"), results
+
+
+def test_latency_is_compared_on_requests_each_arm_answered_alone() -> None:
+    rng = np.random.default_rng(6)
+    # 10 batch requests shared by both arms were timed as a whole (400 ms, logged on both arms' rows);
+    # 30 single-entity requests per arm were answered by one arm alone
+    shared = [f"b{i}" for i in range(10)]
+    champ = pd.concat([_rows("1", rng.beta(2, 5, 30), latency=5.0),
+                       _rows("1", rng.beta(2, 5, 10), start=500, latency=400.0, request_ids=shared)])
     alone = _rows("2", rng.beta(2, 5, 30), start=1000, latency=6.0)
-    mixed = _rows("2", rng.beta(2, 5, 10), start=2000, latency=400.0, request_ids=[f"r{i}" for i in range(10)])
-    g = Guards(max_p99_latency_ms=100, min_predictions=20)
-    lat = _guard(champ, pd.concat([alone, mixed]), g, "p99_latency_ms")
-    assert (lat.status, lat.value) == ("pass", 6.0) and "answered by the challenger alone: 30" in lat.detail
-    # too few pure requests: every request counts (conservative)
-    lat = _guard(champ, pd.concat([alone.head(5), mixed]), g, "p99_latency_ms")
-    assert lat.status == "breach" and "too few answered by the challenger alone" in lat.detail
+    mixed = _rows("2", rng.beta(2, 5, 10), start=2000, latency=400.0, request_ids=shared)
+    g = Guards(min_requests=20, min_predictions=20)
+    results = _breaches(champ, pd.concat([alone, mixed]), g)
+    vs, ceiling = results["p99_latency_vs_champion"], results["p99_latency_ms"]
+    assert (vs.status, vs.value, vs.threshold) == ("pass", 6.0, 9.5), vs  # 6 ms vs 1.5 x 5 ms + 2 ms
+    assert "requests each arm answered alone: champion 30, challenger 30" in vs.detail, vs.detail
+    assert (ceiling.status, ceiling.value) == ("pass", 6.0) and "answered by the challenger alone: 30" in ceiling.detail
+    # too few answered alone by the challenger: both arms are judged on every request (the shared batches
+    # count on both sides, so the comparison stays like for like) and the ceiling on all of the challenger's
+    results = _breaches(champ, pd.concat([alone.head(12), mixed]), g)
+    vs, ceiling = results["p99_latency_vs_champion"], results["p99_latency_ms"]
+    assert vs.status == "pass" and "all requests of both arms" in vs.detail, vs
+    assert ceiling.status == "breach" and "too few answered by the challenger alone" in ceiling.detail, ceiling
 
 
 def _guard(champ: pd.DataFrame, chall: pd.DataFrame, guards: Guards, name: str) -> GuardResult:
-    return next(r for r in evaluate_guards(champ, chall, guards, None) if r.name == name)
+    return next(r for r in evaluate_guards(champ, chall, guards, None, ceiling_ms=CEILING) if r.name == name)
 
 
 def test_psi_breaches_only_when_the_shift_is_significant() -> None:
@@ -202,7 +319,8 @@ def test_good_challengers_on_small_traffic_are_rarely_rolled_back_on_psi() -> No
 def test_too_few_entities_are_not_judged() -> None:
     champ = _rows("1", np.full(5, 0.2))
     chall = _rows("2", np.full(5, 0.9), start=100)
-    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(min_predictions=20), None)}
+    results = {g.name: g for g in evaluate_guards(champ, chall, Guards(min_predictions=20), None,
+                                                  ceiling_ms=CEILING)}
     assert results["psi"].status == "skipped" and "too few" in results["psi"].detail
 
 
@@ -220,11 +338,12 @@ def test_auc_drop_breaches_only_when_large_and_significant() -> None:
     bad, lb = _labelled(600, 0.0, 10_000, "2", rng)
     labels = pd.concat([lc, lb])
     g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
-    (auc,) = [r for r in evaluate_guards(champ, bad, g, labels) if r.name == "auc_drop"]
+    (auc,) = [r for r in evaluate_guards(champ, bad, g, labels, ceiling_ms=CEILING) if r.name == "auc_drop"]
     assert auc.status == "breach" and auc.value > 0.3, auc
     # the same model on both arms: no breach
     good, lg = _labelled(600, 0.6, 20_000, "2", rng)
-    (auc,) = [r for r in evaluate_guards(champ, good, g, pd.concat([lc, lg])) if r.name == "auc_drop"]
+    (auc,) = [r for r in evaluate_guards(champ, good, g, pd.concat([lc, lg]), ceiling_ms=CEILING)
+              if r.name == "auc_drop"]
     assert auc.status == "pass", auc
 
 
@@ -235,10 +354,16 @@ def test_shadow_agreement_on_the_same_requests() -> None:
     same = _rows("2", p + 0.01, shadow=True, request_ids=list(champ["request_id"]))
     flipped = _rows("2", 1 - p, shadow=True, request_ids=list(champ["request_id"]))
     plan = ShadowPlan(strategy="shadow", duration_s=1, min_agreement=0.9)
-    ok = {g.name: g for g in shadow_guards(pd.concat([champ, same]), "1", "2", plan)}
-    bad = {g.name: g for g in shadow_guards(pd.concat([champ, flipped]), "1", "2", plan)}
+    ok = {g.name: g for g in shadow_guards(pd.concat([champ, same]), "1", "2", plan, ceiling_ms=CEILING)}
+    bad = {g.name: g for g in shadow_guards(pd.concat([champ, flipped]), "1", "2", plan, ceiling_ms=CEILING)}
     assert ok["agreement"].status == "pass" and ok["agreement"].value > 0.95
+    assert ok["p99_latency_vs_champion"].status == "pass"
     assert bad["agreement"].status == "breach"
+    # the background scoring shares the champion's request ids, yet is timed on its own: a slow shadow
+    # challenger is compared request for request with the champion, and breaches
+    slow = _rows("2", p + 0.01, shadow=True, request_ids=list(champ["request_id"]), latency=20.0)
+    slow_guards = {g.name: g for g in shadow_guards(pd.concat([champ, slow]), "1", "2", plan, ceiling_ms=CEILING)}
+    assert [n for n, g in slow_guards.items() if g.status == "breach"] == ["p99_latency_vs_champion"], slow_guards
 
 
 def test_psi_and_auc_helpers() -> None:
@@ -287,7 +412,7 @@ def test_a_step_with_too_little_traffic_is_extended_then_rolled_back() -> None:
     champ = _rows("1", np.full(5, 0.2))
     chall = _rows("2", np.full(5, 0.9), start=100)
     plan = CanaryPlan(strategy="canary", guards=Guards(min_predictions=20, max_extensions=2))
-    guards = evaluate_guards(champ, chall, plan.guards, None)
+    guards = evaluate_guards(champ, chall, plan.guards, None, ceiling_ms=CEILING)
     readout = StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=5,
                           challenger_entities=5, guards=guards)
     assert readout.insufficient and not readout.breached
