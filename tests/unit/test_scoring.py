@@ -12,6 +12,7 @@ import yaml
 
 from flywheel import scoring
 from flywheel.errors import FlywheelError
+from flywheel.predictor import served_predictor, tolerance
 from flywheel.registry import LoadedModel
 from flywheel.settings import ImputationConfig, load_settings
 from tests.conftest import PROJECT
@@ -113,7 +114,9 @@ def test_score_features_nulls_entities_without_features(model, dataset, small_ba
     assert out["reason"].tolist() == [None, None, None, scoring.REASON_NO_FEATURES]
     assert out["probability"].isna().tolist() == [False, False, False, True]
     expected = model.pipeline.predict_proba(features.iloc[:3])[:, 1]
-    np.testing.assert_allclose(out["probability"].iloc[:3], expected, rtol=0, atol=0)
+    served = served_predictor(model, dataset)  # batch scores go through the path the service serves
+    assert served.predict_frame(features.iloc[:3]).tolist() == out["probability"].iloc[:3].tolist()
+    np.testing.assert_allclose(out["probability"].iloc[:3], expected, rtol=0, atol=tolerance(served.kind))
     assert out["prediction"].iloc[:3].tolist() == [int(p >= 0.5) for p in expected]
     assert out["prediction"].isna().iloc[3]
     assert (out["model_version"] == "3").all() and (out["feature_time"] == pd.Timestamp(AT)).all()

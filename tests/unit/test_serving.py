@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from flywheel.predictionlog import PredictionLog
-from flywheel.predictor import PipelinePath, build_predictor
+from flywheel.predictor import PipelinePath, build_predictor, tolerance
 from flywheel.serving import (
     Explainer,
     ModelSlot,
@@ -224,7 +224,11 @@ def test_slot_frame_matches_the_training_frame_predictions(
     built = slot.frame(rows)
     assert list(built.columns) == dataset.feature_names
     assert built["tenure_months"].dtype == np.float64 and built["contract_type"].dtype == object
-    np.testing.assert_allclose(slot.probabilities(rows), predict_scores(pipe, sample, dataset), rtol=0, atol=1e-12)
+    assert slot.predictor.kind == "onnx"
+    np.testing.assert_allclose(slot.probabilities(rows), predict_scores(pipe, sample, dataset), rtol=0,
+                               atol=tolerance(slot.predictor.kind))
+    pipeline_path = build_predictor(pipe, dataset, paths=["pipeline"])
+    np.testing.assert_array_equal(pipeline_path.predict_rows(rows), predict_scores(pipe, sample, dataset))
     # a row with every feature missing is still scored (the pipeline imputes)
     assert 0 <= slot.probabilities([{}])[0] <= 1
 
