@@ -307,14 +307,13 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    """ROC AUC by the rank-sum (Mann-Whitney) identity; None when only one class is present."""
+    """The gates' ROC AUC (one implementation serves gates and guards); None when only one class is present."""
+    from flywheel.gates import roc_auc as shared_roc_auc
+
     y = np.asarray(y, int)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
+    if int(y.sum()) in (0, len(y)):
         return None
-    ranks = pd.Series(np.asarray(p, float)).rank(method="average").to_numpy()
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return shared_roc_auc(y, np.asarray(p, float))
 
 
 def metric_value(metric: str, y: np.ndarray, p: np.ndarray) -> float | None:
