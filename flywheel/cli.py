@@ -298,7 +298,7 @@ def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
         console.print(f"  service      {report.urls['service']}  (/docs, /health, /metrics)")
     if "webhook" in report.urls:
         console.print(f"  webhook      {report.urls['webhook']}  (POST /hooks/retrain; test it: flywheel webhook sign)",
-                      markup=False)
+                      markup=False, soft_wrap=True)
     if "mlflow-ui" in report.urls:
         console.print(f"  MLflow UI    {report.urls['mlflow-ui']}")
     else:

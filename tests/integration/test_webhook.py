@@ -246,7 +246,6 @@ REFUSED: list[Case] = [
 
 def test_each_refused_request_starts_nothing(receiver: Running, settings: Settings, prefect_api: str,
                                              model: str) -> None:
-    answers = {}
     for name, send, status, says in REFUSED:
         t0 = time.monotonic()
         resp = send(receiver)
@@ -255,7 +254,6 @@ def test_each_refused_request_starts_nothing(receiver: Running, settings: Settin
             assert f" {status} " in resp, (name, resp)
             assert took < 3, (name, took)
             continue
-        answers[name] = resp
         assert resp.status_code == status, (name, resp.status_code, resp.text)
         assert says in resp.json()["detail"], (name, resp.json())
         if status == 401:
@@ -442,6 +440,21 @@ def test_prefect_down_answers_503_and_the_retry_once_it_is_back_is_accepted_once
     finally:
         running.stop()
         plug.down()
+
+
+def test_a_deliveries_database_that_fails_answers_503_and_emits_nothing(receiver: Running, settings: Settings,
+                                                                      prefect_api: str, model: str) -> None:
+    engine = sa.create_engine(settings.webhook_deliveries_url)
+    with engine.begin() as conn:  # the table disappears under the running receiver
+        conn.execute(sa.text("DROP TABLE flywheel_webhook_deliveries"))
+    engine.dispose()
+    resp = receiver.post("retrain", {"reason": "no table"}, "db-1")
+    assert resp.status_code == 503 and "deliveries database" in resp.json()["detail"], resp.text
+    health = receiver.http.get("/health")
+    assert health.status_code == 503 and health.json()["deliveries_db"].startswith("deliveries database")
+    assert receiver.emitted == 0
+    time.sleep(3)  # an event, had one been posted, would be stored by now
+    assert events(prefect_api, id={"id": [str(event_id_for("db-1"))]}) == []
 
 
 def test_prefect_deduplicates_a_re_emitted_event_id(prefect_api: str) -> None:
