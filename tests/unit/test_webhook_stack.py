@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,8 @@ def test_prefect_yaml_runs_training_on_retrain_requests_one_at_a_time() -> None:
     assert trigger["parameters"]["params"] == {"reason": "{{ event.payload.reason }}"}
     # the event the receiver builds has exactly what the trigger reads
     from flywheel.webhook import HOOKS, RetrainBody, build_event
-    from tests.unit.test_webhook import T0
 
-    event = build_event(HOOKS["retrain"], RetrainBody(reason="why"), "d", T0, "churn")
+    event = build_event(HOOKS["retrain"], RetrainBody(reason="why"), "d", datetime.now(UTC), "churn")
     assert event["event"] == "flywheel.retrain.requested" and event["payload"]["reason"] == "why"
     assert event["resource"]["prefect.resource.id"].startswith("flywheel.model.")
 
