@@ -2,7 +2,8 @@
 
 `flywheel up` starts it next to the Prefect server. The deployments are those of deployments/prefect.yaml
 (one source for `prefect deploy` with a worker and for this local `serve()`): entrypoint, description,
-parameters, schedules and event triggers are read from there; this process adds what depends on the
+parameters, schedules, concurrency limits and event triggers (training runs on `flywheel.retrain.requested`,
+rollout on `flywheel.model.challenger-registered`) are read from there; this process adds what depends on the
 settings: the profile and config folder every run loads, and `batch.cron` for batch scoring.
 A deployment whose entrypoint file does not exist yet is skipped with a warning.
 
@@ -122,6 +123,7 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
 
         out.append(flow.to_deployment(
             name=name,
+            concurrency_limit=_concurrency_limit(dep.get("concurrency_limit")),
             description=dep.get("description"),
             parameters=parameters,
             schedules=schedules or None,
@@ -130,6 +132,17 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
             tags=["flywheel", settings.profile],
         ))
     return out
+
+
+def _concurrency_limit(spec: int | dict[str, Any] | None) -> Any:
+    """prefect.yaml's `concurrency_limit` (an int, or limit + collision_strategy) for `to_deployment`: `prefect
+    deploy` reads that key, `serve()` does not. The training deployment's is 1 with ENQUEUE: a run requested
+    while one trains waits in AwaitingConcurrencySlot instead of being dropped (CANCEL_NEW would drop it)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    if spec is None or isinstance(spec, int):
+        return spec
+    return ConcurrencyLimitConfig.model_validate(spec)
 
 
 def _wait_for_api(seconds: float) -> None:

@@ -40,6 +40,7 @@ class TrainingParams(BaseModel):
     shuffle_labels: bool = Field(
         False, description="Fault injection for demos and tests: train on permuted labels (the gates must reject it)"
     )
+    reason: str | None = Field(None, description="Why this run was requested (a retrain webhook's reason)")
 
 
 class TrainingResult(BaseModel):

@@ -331,7 +331,7 @@ def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
        mlflow_ui: Annotated[bool | None, typer.Option("--mlflow-ui/--no-mlflow-ui",
                                                       help="also start `mlflow ui` (default: stack.mlflow_ui)")] = None,
        ) -> None:
-    """Start the local stack: Prefect server, served deployments, online service (idempotent)."""
+    """Start the local stack: Prefect server, served deployments, online service, webhook receiver (idempotent)."""
     from flywheel import stack
 
     try:
@@ -350,6 +350,9 @@ def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
     console.print(f"  Prefect API  {api}")
     if "service" in report.urls:
         console.print(f"  service      {report.urls['service']}  (/docs, /health, /metrics)")
+    if "webhook" in report.urls:
+        console.print(f"  webhook      {report.urls['webhook']}  (POST /hooks/retrain; test it: flywheel webhook sign)",
+                      markup=False, soft_wrap=True)
     if "mlflow-ui" in report.urls:
         console.print(f"  MLflow UI    {report.urls['mlflow-ui']}")
     else:
@@ -394,6 +397,105 @@ def status(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
                       soft_wrap=True)
     if not all(r.running for r in rows):
         raise typer.Exit(code=1)
+
+
+# ------------------------------------------------------------------------------------------ webhook
+webhook_app = typer.Typer(help="The webhook receiver: HMAC-signed deliveries in, Prefect events out.")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.callback(invoke_without_command=True)
+def webhook(ctx: typer.Context, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+            port: Annotated[int | None, typer.Option(min=1, max=65535, help="default: webhook.port")] = None,
+            host: Annotated[str | None, typer.Option(help="default: webhook.host")] = None) -> None:
+    """Serve the receiver: POST /hooks/retrain | data-landed | labels-landed, GET /health, /metrics.
+
+    Needs the shared secret in the variable named by webhook.secret_env, and a Prefect server (PREFECT_API_URL,
+    stores.prefect_api_url, or the running `flywheel up` stack)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flywheel import stack
+    from flywheel.webhook import serve as serve_webhook
+
+    try:
+        settings = _settings(profile, config_dir)
+        serve_webhook(settings, host, port, prefect_api_url=stack.active_api_url(settings))
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+@webhook_app.command("sign")
+def webhook_sign(
+    endpoint: Annotated[str, typer.Option(help="retrain | data-landed | labels-landed")],
+    body: Annotated[str, typer.Option(help="the JSON body exactly as it will be sent, or @FILE")],
+    secret_env: Annotated[str | None, typer.Option(help="variable holding the secret (default: webhook.secret_env)")]
+    = None,
+    delivery: Annotated[str | None, typer.Option(help="delivery id (default: a new one); reuse it to retry")] = None,
+    url: Annotated[str | None, typer.Option(help="receiver URL (default: http://webhook.host:webhook.port)")] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="refuse a body the endpoint would refuse")] = True,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Print the signature headers for one delivery, and a curl command that sends it (valid for
+    webhook.tolerance_s seconds: sign again to retry later, with the same --delivery)."""
+    import os
+    import shlex
+    import time
+    import uuid
+
+    from flywheel.hmacsig import DELIVERY_HEADER, SIGNATURE_HEADER, check_delivery_id, signature_header
+
+    try:
+        settings = _settings(profile, config_dir)
+        raw = _sign_body(body)
+        _check_hook_body(endpoint, raw, check)
+        name = secret_env or settings.webhook.secret_env
+        secret = os.environ.get(name)
+        if not secret:
+            raise FlywheelError(f"no secret to sign with: the environment variable {name} is not set")
+        delivery_id = check_delivery_id(delivery or f"cli-{uuid.uuid4()}")
+        signature = signature_header([secret], int(time.time()), delivery_id, raw)
+    except (FlywheelError, ValueError) as exc:
+        _fail(exc)
+    base = url or f"http://{settings.webhook.host}:{settings.webhook.port}"
+    data = body if body.startswith("@") else raw.decode()
+    print(f"{DELIVERY_HEADER}: {delivery_id}")
+    print(f"{SIGNATURE_HEADER}: {signature}")
+    print()
+    print(" ".join(["curl", "-sS", "-i", "-X", "POST", shlex.quote(f"{base.rstrip('/')}/hooks/{endpoint}"),
+                    "-H", shlex.quote("Content-Type: application/json"),
+                    "-H", shlex.quote(f"{DELIVERY_HEADER}: {delivery_id}"),
+                    "-H", shlex.quote(f"{SIGNATURE_HEADER}: {signature}"),
+                    "--data-binary", shlex.quote(data)]))
+    console.print(f"valid for {settings.webhook.tolerance_s} s (webhook.tolerance_s); a retry of this delivery "
+                  f"keeps --delivery {delivery_id} and is signed again", markup=False, soft_wrap=True)
+
+
+def _sign_body(body: str) -> bytes:
+    """The exact bytes to sign: the option's text, or a file's bytes for @FILE (curl's convention)."""
+    if body.startswith("@"):
+        path = Path(body[1:])
+        if not path.is_file():
+            raise FlywheelError(f"--body {body}: file not found")
+        return path.read_bytes()
+    return body.encode()
+
+
+def _check_hook_body(endpoint: str, raw: bytes, check_body: bool) -> None:
+    from pydantic import ValidationError
+
+    from flywheel.webhook import HOOKS, body_problems
+
+    hook = HOOKS.get(endpoint)
+    if hook is None:
+        raise FlywheelError(f"--endpoint {endpoint!r}: one of {', '.join(HOOKS)}")
+    if not check_body:
+        return
+    try:
+        hook.body.model_validate_json(raw)
+    except ValidationError as exc:
+        raise FlywheelError(f"--body: the receiver would answer 422: {'; '.join(body_problems(exc))} "
+                            "(--no-check signs it anyway)") from None
 
 
 # ------------------------------------------------------------------------------------------ rollout

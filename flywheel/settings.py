@@ -8,6 +8,7 @@ Nothing here runs at import time: entry points call `load_settings()` once.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -20,8 +21,11 @@ from flywheel.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 PROFILES = ("local", "ci", "production")
 ENV_PREFIX = "FLYWHEEL_"
-# FLYWHEEL_* variables that are not settings keys (the admin token is a secret: never in the settings tree)
-NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_ADMIN_TOKEN"})
+# FLYWHEEL_* variables that are not settings keys (the admin token and the webhook secrets are secrets:
+# never in the settings tree, which only names the variables that hold them)
+NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_ADMIN_TOKEN",
+                          "FLYWHEEL_WEBHOOK_SECRET", "FLYWHEEL_WEBHOOK_SECRET_PREVIOUS"})
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Prefect's variable for `stack.ephemeral_startup_timeout_seconds` (prefect.settings: server.ephemeral)
 EPHEMERAL_STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
@@ -209,6 +213,40 @@ class StackConfig(Section):
     ephemeral_startup_timeout_seconds: int = Field(180, ge=1)
 
 
+class WebhookConfig(Section):
+    """The webhook receiver (`flywheel webhook`): verifies HMAC-signed deliveries, records each one, emits a
+    Prefect event. The secrets themselves live only in the environment variables named here."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    max_body_bytes: int = Field(65536, ge=1024, le=10 * 1024 * 1024)
+    tolerance_s: int = Field(300, ge=1, le=3600)  # a signed timestamp further off (past or future) is refused
+    secret_env: str = "FLYWHEEL_WEBHOOK_SECRET"
+    previous_secret_env: str = "FLYWHEEL_WEBHOOK_SECRET_PREVIOUS"  # the old secret, while senders rotate
+    deliveries_db_url: str | None = None  # None: the project database (stores.audit_db_url)
+    emit_timeout_s: float = Field(2.0, gt=0, le=30)  # per attempt at POST /api/events
+    emit_attempts: int = Field(3, ge=1, le=10)  # transient failures (connection, 5xx) are retried
+
+    @field_validator("secret_env", "previous_secret_env")
+    @classmethod
+    def _a_variable_that_is_not_a_setting(cls, value: str) -> str:
+        if not ENV_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        # any other FLYWHEEL_* variable is read as a settings key: the secret would fail the load as an
+        # unknown key (and be echoed in the error)
+        if value.startswith(ENV_PREFIX) and value not in NOT_SETTINGS:
+            raise ValueError(f"{value!r}: FLYWHEEL_* variables are settings keys; name a variable without "
+                             f"that prefix, or use the default")
+        return value
+
+    @field_validator("previous_secret_env")
+    @classmethod
+    def _two_different_variables(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("secret_env"):
+            raise ValueError("secret_env and previous_secret_env must name different variables")
+        return value
+
+
 class TelemetryConfig(Section):
     enabled: bool = False
 
@@ -231,6 +269,7 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     stack: StackConfig = StackConfig()
     rollout: RolloutConfig = RolloutConfig()
+    webhook: WebhookConfig = WebhookConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
@@ -264,6 +303,11 @@ class Settings(BaseSettings):
     @property
     def audit_db_url(self) -> str:
         return self.store_url(self.stores.audit_db_url)
+
+    @property
+    def webhook_deliveries_url(self) -> str:
+        """Where the receiver records deliveries: its own URL, else beside the audit log."""
+        return self.store_url(self.webhook.deliveries_db_url or self.stores.audit_db_url)
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -8,6 +8,8 @@ process group (session) with its log in `<pid_dir>/<name>.log`, and waits until 
 - `deployments`: `python -m flows.serve_deployments`, which `serve()`s the deployments of
   deployments/prefect.yaml (training, batch scoring on `batch.cron`, rollout on its event trigger);
 - `service`: the online prediction service (`python -m flywheel.service`);
+- `webhook`: the webhook receiver (`python -m flywheel.webhook`), when its secret variable
+  (`webhook.secret_env`) is set; without it `up` says so and starts the rest;
 - `mlflow-ui`: `mlflow ui` on request (`stack.mlflow_ui` or `flywheel up --mlflow-ui`).
 
 Each started process is recorded in `<pid_dir>/<name>.pid` (JSON: pid, its start time, command, URL).
@@ -42,7 +44,7 @@ from flywheel.errors import StackError
 from flywheel.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the code checkout: flows/ and deployments/ live here
-ORDER = ("prefect", "deployments", "service", "mlflow-ui")  # start order; `down` stops in reverse
+ORDER = ("prefect", "deployments", "service", "webhook", "mlflow-ui")  # start order; `down` stops in reverse
 URL_FILE = "prefect.url"
 READY_FILE = "deployments.ready.json"  # written by flows/serve_deployments.py once its deployments exist
 TOKEN_FILE = "admin.token"  # the stack's service admin token when the environment does not provide one
@@ -238,8 +240,11 @@ def api_url(settings: Settings) -> str:
     return settings.stores.prefect_api_url or f"http://{settings.stack.host}:{settings.stack.prefect_port}/api"
 
 
-def _base_env() -> dict[str, str]:
+def _base_env(settings: Settings, webhook: bool = False) -> dict[str, str]:
     env = dict(os.environ)
+    if not webhook:  # least privilege: only the receiver holds the webhook secrets
+        for name in (settings.webhook.secret_env, settings.webhook.previous_secret_env):
+            env.pop(name, None)
     # telemetry off unless the settings asked for it (apply_runtime_environment set these in os.environ)
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -281,7 +286,7 @@ def plan(settings: Settings, profile: str | None, config_dir: Path | str | None,
     specs: list[ProcessSpec] = []
 
     if not settings.stores.prefect_api_url:
-        env = _base_env()
+        env = _base_env(settings)
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another server
         env.update({
             "PREFECT_HOME": str(prefect_home),
@@ -297,7 +302,7 @@ def plan(settings: Settings, profile: str | None, config_dir: Path | str | None,
         ))
 
     token = admin_token_env(settings)
-    env = _base_env()
+    env = _base_env(settings)
     env.update({"PREFECT_API_URL": url, "PREFECT_HOME": str(prefect_home), **token})
     specs.append(ProcessSpec(
         name="deployments",
@@ -310,14 +315,24 @@ def plan(settings: Settings, profile: str | None, config_dir: Path | str | None,
     specs.append(ProcessSpec(
         name="service",
         argv=[py, "-m", "flywheel.service", *sel, "--host", sv.host, "--port", str(sv.port)],
-        env={**_base_env(), **token}, cwd=PROJECT_ROOT, url=service_url, health_url=f"{service_url}/health",
+        env={**_base_env(settings), **token}, cwd=PROJECT_ROOT, url=service_url, health_url=f"{service_url}/health",
         wait="http",
     ))
+
+    wh = settings.webhook
+    if os.environ.get(wh.secret_env) or _recorded_alive(data, "webhook"):
+        hook_url = f"http://{wh.host}:{wh.port}"
+        specs.append(ProcessSpec(
+            name="webhook",
+            argv=[py, "-m", "flywheel.webhook", *sel, "--host", wh.host, "--port", str(wh.port)],
+            env={**_base_env(settings, webhook=True), "PREFECT_API_URL": url}, cwd=PROJECT_ROOT, url=hook_url,
+            health_url=f"{hook_url}/health", wait="ok",  # 200 once its table and the Prefect API answer
+        ))
 
     if mlflow_ui is None:  # the setting, or keep one a previous `up --mlflow-ui` started
         mlflow_ui = st.mlflow_ui or _recorded_alive(data, "mlflow-ui")
     if mlflow_ui:
-        specs.append(ProcessSpec(name="mlflow-ui", argv=mlflow_ui_command(settings), env=_base_env(),
+        specs.append(ProcessSpec(name="mlflow-ui", argv=mlflow_ui_command(settings), env=_base_env(settings),
                                  cwd=settings.paths.home, url=f"http://{st.host}:{st.mlflow_ui_port}",
                                  health_url=f"http://{st.host}:{st.mlflow_ui_port}/health", wait="ok"))
     return specs
@@ -359,6 +374,9 @@ def up(settings: Settings, profile: str | None = None, config_dir: Path | str | 
     report = UpReport()
     started: list[PidRecord] = []
     specs = plan(settings, profile, config_dir, mlflow_ui)
+    if "webhook" not in {s.name for s in specs}:
+        echo(f"webhook: not started: set {settings.webhook.secret_env} (the secret senders sign with, at least 16 "
+             "characters) and run `flywheel up` again")
     try:
         t0 = time.monotonic()
         for spec in specs:
@@ -417,7 +435,7 @@ def _check_port_free(spec: ProcessSpec) -> None:
     if hostport.port and _port_answers(hostport.host, hostport.port):
         raise StackError(f"cannot start {spec.name}: something else already listens on {hostport.host}:"
                          f"{hostport.port} (not started by this stack: no live pid file). Stop it, or choose "
-                         "another port in the settings (stack.*_port, serve.port)")
+                         "another port in the settings (stack.*_port, serve.port, webhook.port)")
 
 
 def _wait_external(url: str, timeout: float) -> None:

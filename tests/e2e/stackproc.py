@@ -63,12 +63,13 @@ def ours(rec: dict) -> psutil.Process | None:
 
 
 @contextmanager
-def stack_home(tmp: Path) -> Iterator[Stack]:
+def stack_home(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """A fresh home on free ports, nothing started; on exit, `flywheel down` and a kill of any leftover."""
     home = make_home(tmp)
     prefect_port, service_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLYWHEEL_"))}
-    env.update({"FLYWHEEL_STACK__PREFECT_PORT": str(prefect_port), "FLYWHEEL_SERVE__PORT": str(service_port)})
+    env.update({"FLYWHEEL_STACK__PREFECT_PORT": str(prefect_port), "FLYWHEEL_SERVE__PORT": str(service_port),
+                **(extra_env or {})})
     st = Stack(home, env, f"http://127.0.0.1:{prefect_port}/api", "", [])
     try:
         yield st

@@ -1,14 +1,17 @@
 """`flywheel up` / `status` / `down` for real, on free ports in a temp project home.
 
-The event trigger is tested against the real server with the deployments served: the event that
-training emits for a passing challenger (`flywheel.model.challenger-registered`, emitted by the same
-function tasks/register.py uses) must create a run of the rollout deployment, with the model name and
-version of the event as parameters, and the serve process must pick it up. The rollout itself may
-fail here (no trained model in this home): the test asserts creation, parameters and pickup only.
+The event triggers are tested against the real server with the deployments served: a signed
+`POST /hooks/retrain` to the stack's webhook receiver must create exactly one run of the training
+deployment (a signed repeat none); and the event that training emits for a passing challenger
+(`flywheel.model.challenger-registered`, emitted by the same function tasks/register.py uses) must
+create a run of the rollout deployment, with the model name and version of the event as parameters,
+and the serve process must pick it up. The rollout itself may fail here (no trained model in this
+home): the test asserts creation, parameters and pickup only.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -18,17 +21,19 @@ import httpx
 import pytest
 
 from tests.conftest import PROJECT
-from tests.e2e.stackproc import Stack, read_records, stack_home
+from tests.e2e.stackproc import Stack, free_port, read_records, stack_home
 from tests.e2e.stackproc import ours as _ours
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PICKED_UP = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED"}
+WEBHOOK_SECRET = "e2e-webhook-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with stack_home(tmp_path_factory.mktemp("stack")) as st:
+    extra = {"FLYWHEEL_WEBHOOK__PORT": str(free_port()), "FLYWHEEL_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    with stack_home(tmp_path_factory.mktemp("stack"), extra) as st:
         result = st.cli("up")
         st.up_output = result.stdout + result.stderr
         st.records = read_records(st.run_dir)
@@ -39,9 +44,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_up_starts_every_process_and_says_where(stack: Stack) -> None:
     names = {r["name"] for r in stack.records}
-    assert names == {"prefect", "deployments", "service"}
+    assert names == {"prefect", "deployments", "service", "webhook"}
     assert all(_ours(r) is not None for r in stack.records)
     out = stack.up_output
+    hook = next(r for r in stack.records if r["name"] == "webhook")
+    assert hook["url"] in out and "flywheel webhook sign" in out
+    assert httpx.get(f"{hook['url']}/health", timeout=5).json() == {"ok": True, "deliveries_db": "ok",
+                                                                    "prefect_api": "ok"}
     assert stack.api.removesuffix("/api") in out, out  # the UI URL
     assert f"export PREFECT_API_URL={stack.api}" in out
     assert "flywheel down" in out and "mlflow" in out.lower()
@@ -56,7 +65,7 @@ def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
     again = stack.cli("up", timeout=120)
     text = again.stdout + again.stderr
     assert again.returncode == 0, text
-    for name in ("prefect", "deployments", "service"):
+    for name in ("prefect", "deployments", "service", "webhook"):
         assert f"{name}: already running" in text
     assert read_records(stack.run_dir) == stack.records  # nothing restarted
 
@@ -67,6 +76,7 @@ def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
     assert "healthy" in lines["prefect"]
     assert "healthy" in lines["deployments"] and "batch-scoring" in lines["deployments"]
     assert "503" in lines["service"]  # up, but no model trained in this home
+    assert "healthy" in lines["webhook"]
 
 
 def test_batch_scoring_is_served_with_the_settings_cron(stack: Stack) -> None:
@@ -125,6 +135,45 @@ def test_challenger_event_starts_a_rollout_run_picked_up_by_serve(stack: Stack) 
     while run["id"] not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert run["id"] in log.read_text()
+
+
+def test_a_signed_retrain_webhook_starts_exactly_one_training_run(stack: Stack) -> None:
+    from flywheel.hmacsig import signature_header
+
+    deps = httpx.post(f"{stack.api}/deployments/filter", json={"deployments": {"name": {"any_": ["training"]}}},
+                      timeout=10).json()
+    assert len(deps) == 1, deps
+    training = deps[0]
+    assert training["global_concurrency_limit"]["limit"] == 1  # (`concurrency_limit` itself is deprecated: None)
+    assert training["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    hook = next(r for r in stack.records if r["name"] == "webhook")["url"]
+    raw = json.dumps({"reason": "e2e: labels reviewed"}).encode()
+
+    def deliver() -> httpx.Response:  # each attempt signed afresh, as a sender's retry would be
+        sig = signature_header([WEBHOOK_SECRET], int(time.time()), "e2e-retrain-1", raw)
+        return httpx.post(f"{hook}/hooks/retrain", content=raw, timeout=30, headers={
+            "Content-Type": "application/json", "X-Flywheel-Delivery": "e2e-retrain-1", "X-Flywheel-Signature": sig})
+
+    sent_at = time.monotonic()
+    first = deliver()
+    assert first.status_code == 202, first.text
+    assert deliver().json() == {"duplicate": True, "of": first.json()["event_id"], "delivery": "e2e-retrain-1",
+                                "event": "flywheel.retrain.requested"}
+
+    def runs() -> list[dict]:
+        return httpx.post(f"{stack.api}/flow_runs/filter", timeout=10,
+                          json={"flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json()
+
+    deadline = time.monotonic() + 60
+    while not runs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    created = time.monotonic() - sent_at
+    time.sleep(8)  # a second run, had the repeat started one, would exist by now (the first took `created`)
+    found = runs()
+    print(f"\nwebhook -> training run created {created:.1f} s")
+    assert len(found) == 1, [r["id"] for r in found]
+    assert found[0]["parameters"]["params"] == {"reason": "e2e: labels reviewed", "profile": "ci",
+                                                "config_dir": str(stack.home / "configs")}
 
 
 def test_active_api_url_finds_the_running_stack(stack: Stack) -> None:

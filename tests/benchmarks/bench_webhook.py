@@ -1,0 +1,255 @@
+"""Webhook receiver benchmark: latency of accepted deliveries at a steady rate against a local Prefect server.
+
+    uv run python -m tests.benchmarks.bench_webhook [--quick] [--rate 50] [--seconds 20]
+
+1. A Prefect server (`prefect server start`, SQLite, its own PREFECT_HOME in a temp folder) on a free port,
+   timed to healthy; stopped by pid (process group) at the end.
+2. The receiver as its own process (`python -m flywheel.webhook`, ci profile, a temp project home: the
+   deliveries table in SQLite beside the audit log), emitting to that server; /health 200.
+3. 20 warm-up deliveries, then rate x seconds signed `POST /hooks/retrain`, each a new delivery id, started
+   on a fixed schedule (open loop: 4 client threads, so one slow answer does not hold back the next send);
+   latency is from send to parsed answer. Then 100 signed repeats of accepted deliveries (duplicates), and
+   the same number of events at the same rate posted straight to Prefect's POST /events: the floor that
+   the receiver's emit waits on, so its own share is the difference.
+4. Checked: every delivery answered 202 (repeats 200), the server holds exactly one event per delivery
+   (read back from /api/events/filter), one row per delivery. Printed: p50 / p90 / p99 / max and the
+   receiver's RSS. Target: p99 <= 20 ms for accepted deliveries.
+
+Everything listens on 127.0.0.1. The client runs on the same machine: on 2 cores it, the receiver and the
+Prefect server (which stores each event) share the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from flywheel.hmacsig import signature_header
+from tests.benchmarks.bench_training import _free_port, stop
+
+PROJECT = Path(__file__).resolve().parents[2]
+SECRET = "bench-webhook-secret-0123456789"
+TARGET_P99_MS = 20.0
+
+
+def start_prefect(workdir: Path, db_url: str) -> tuple[subprocess.Popen[bytes], str, float]:
+    """`prefect server start` on a free port with its database at `db_url`; (process, API URL, seconds)."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_DATABASE_CONNECTION_URL": db_url,
+           "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=(workdir / "server.log").open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    while time.perf_counter() < started + 180:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited early, see {workdir / 'server.log'}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return proc, api, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError("prefect server did not become healthy in 180 s")
+
+
+@contextmanager
+def prefect_database(kind: str, workdir: Path) -> Iterator[str]:
+    """SQLite in the temp folder (the local stack's setup), or a fresh PostgreSQL database on 127.0.0.1:5432
+    (the production profile's), dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{workdir}/prefect.db"
+        return
+    import psycopg
+
+    name = f"bench_webhook_prefect_{os.getpid()}"
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_receiver(home: Path, api: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**os.environ, "PREFECT_API_URL": api, "FLYWHEEL_WEBHOOK_SECRET": SECRET,
+           "FLYWHEEL_WEBHOOK__PORT": str(port), "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.webhook", "--profile", "ci", "--config-dir",
+                             str(home / "configs")], cwd=PROJECT, env=env, start_new_session=True,
+                            stdout=(home / "webhook.log").open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the receiver exited: {(home / 'webhook.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("the receiver did not answer /health within 120 s")
+
+
+def send(client: httpx.Client, delivery: str, reason: str) -> tuple[int, float]:
+    raw = json.dumps({"reason": reason}).encode()
+    t0 = time.perf_counter()
+    sig = signature_header([SECRET], int(time.time()), delivery, raw)  # signing is part of the sender's cost
+    resp = client.post("/hooks/retrain", content=raw, headers={
+        "Content-Type": "application/json", "X-Flywheel-Delivery": delivery, "X-Flywheel-Signature": sig})
+    resp.json()
+    return resp.status_code, (time.perf_counter() - t0) * 1000
+
+
+def paced(url: str, call: Callable[[httpx.Client, int], tuple[int, float]], n: int, rate: float,
+          threads: int = 4) -> tuple[list[tuple[int, float]], float]:
+    """n calls started every 1/rate s on `threads` clients; (status, ms) each, and the worst start delay (ms)."""
+    local = threading.local()
+    late: list[float] = []
+
+    def one(i: int, due: float) -> tuple[int, float]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=30)
+        late.append(time.perf_counter() - due)
+        return call(local.client, i)
+
+    start = time.perf_counter() + 0.05
+    futures = []
+    with ThreadPoolExecutor(threads) as pool:
+        for i in range(n):
+            due = start + i / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            futures.append(pool.submit(one, i, due))
+        results = [f.result() for f in futures]
+    return results, max(late) * 1000
+
+
+def post_event(client: httpx.Client, i: int) -> tuple[int, float]:
+    """The floor: the same kind of event posted straight to the Prefect API, no receiver in between."""
+    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": "flywheel.bench.direct",
+             "resource": {"prefect.resource.id": "flywheel.model.direct"}, "payload": {"reason": f"direct {i}"}}
+    t0 = time.perf_counter()
+    resp = client.post("/events", json=[event])
+    return resp.status_code, (time.perf_counter() - t0) * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]  # nearest rank
+
+
+def events_stored(api: str, expected: int, timeout: float = 90) -> int:
+    """How many retrain events the server holds (waits for the asynchronous persister to catch up)."""
+    deadline = time.monotonic() + timeout
+    total = 0
+    while time.monotonic() < deadline:
+        resp = httpx.post(f"{api}/events/filter", timeout=10, json={"limit": 1, "filter": {
+            "event": {"name": ["flywheel.retrain.requested"]}, "resource": {"id": ["flywheel.model.churn"]}}})
+        total = resp.json()["total"]
+        if total >= expected:
+            return total
+        time.sleep(0.5)
+    return total
+
+
+def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> None:
+    """Start the receiver against `api`, send the paced deliveries, check and print; the receiver is stopped."""
+    from rich.table import Table
+
+    n = int(rate * seconds)
+    receiver, url = start_receiver(home, api)
+    try:
+        console.print(f"receiver up at {url}")
+        with httpx.Client(base_url=url, timeout=30) as client:
+            warm = [send(client, f"warm-{i}", "warm-up")[0] for i in range(20)]
+        assert warm == [202] * 20, warm
+        console.print(f"sending {n} deliveries at {rate:.0f}/s ({seconds:.0f} s) ...")
+        t0 = time.perf_counter()
+        results, worst_late = paced(url, lambda c, i: send(c, f"bench-{i}", f"bench {i}"), n, rate)
+        took = time.perf_counter() - t0
+        console.print("the same rate straight to Prefect's POST /events (the floor) ...")
+        direct, _ = paced(api, post_event, n, rate)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            dups = [send(client, f"bench-{i}", f"bench {i}") for i in range(0, n, max(1, n // 100))]
+        rss = psutil.Process(receiver.pid).memory_info().rss / 2**20
+    finally:
+        stop(receiver)
+
+    statuses = sorted({s for s, _ in results})
+    assert statuses == [202], f"not every delivery was accepted: {statuses}"
+    assert {s for s, _ in dups} == {200}, "a repeat was not answered as a duplicate"
+    stored = events_stored(api, n + 20)
+    assert stored == n + 20, f"the server holds {stored} retrain events for {n + 20} deliveries"
+
+    ms = [m for _, m in results]
+    table = Table(title=f"webhook receiver: {n} accepted deliveries at {n / took:.1f}/s "
+                        f"(worst start delay {worst_late:.1f} ms)")
+    for col in ("answers", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"):
+        table.add_column(col, justify="right")
+    assert {s for s, _ in direct} == {204}
+    for label, vals in (("202 accepted (event emitted)", ms), ("200 duplicate", [m for _, m in dups]),
+                        ("Prefect POST /events alone, same rate", [m for _, m in direct])):
+        table.add_row(label, str(len(vals)), *(f"{pct(vals, q):.1f}" for q in (50, 90, 99)), f"{max(vals):.1f}")
+    console.print(table)
+    p99 = pct(ms, 99)
+    verdict = "met" if p99 <= TARGET_P99_MS else "NOT met"
+    console.print(f"p99 accepted {p99:.1f} ms (target <= {TARGET_P99_MS:.0f} ms: {verdict}); events stored "
+                  f"{stored}/{n + 20}; receiver RSS {rss:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_webhook",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 s instead of 20 (a smoke run)")
+    parser.add_argument("--rate", type=float, default=50.0, help="deliveries per second")
+    parser.add_argument("--seconds", type=float, default=None, help="default 20 (5 with --quick)")
+    parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite",
+                        help="the Prefect server's database (postgres: a fresh database on 127.0.0.1:5432)")
+    args = parser.parse_args()
+    from rich.console import Console
+
+    console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
+    home = workdir / "home"
+    shutil.copytree(PROJECT / "configs", home / "configs")
+    (home / "data").mkdir(parents=True)
+    try:
+        with prefect_database(args.prefect_db, workdir) as db_url:
+            console.print(f"starting a Prefect server ({args.prefect_db}) ...")
+            server, api, startup = start_prefect(workdir, db_url)
+            try:
+                console.print(f"server healthy after {startup:.1f} s at {api}")
+                measure(console, home, api, args.rate, args.seconds or (5.0 if args.quick else 20.0))
+            finally:
+                stop(server)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

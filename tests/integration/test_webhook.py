@@ -1,0 +1,496 @@
+"""The webhook receiver over real HTTP (uvicorn on a free 127.0.0.1 port) against a real Prefect server (the
+session's test harness), with its deliveries in a real SQLite database.
+
+Each refused request must leave no row and no event; an accepted one emits exactly one event, read back from
+the server's /api/events/filter; repeats (also after a restart on the same database) and concurrent copies
+start nothing more; a body signed with the previous secret is accepted during a rotation; and with the Prefect
+API unreachable (a TCP forwarder in front of the server, pulled and put back) the sender hears 503 and its
+retry is accepted once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from flywheel.hmacsig import Secret, signature_header
+from flywheel.settings import Settings, load_settings
+from flywheel.webhook import DELIVERIES, create_app, event_id_for
+from tests.conftest import PROJECT, make_home
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+CURRENT = Secret("current", "the-current-secret-0123456789")
+PREVIOUS = Secret("previous", "the-previous-secret-0123456789")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_harness: None) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+@dataclass
+class Running:
+    """One receiver app served by uvicorn in a thread of this process."""
+
+    app: Any
+    port: int
+    server: Any
+    thread: threading.Thread
+    http: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def emitted(self) -> float:
+        reg = self.app.state.metrics.registry
+        return sum(s.value for m in reg.collect() if m.name == "flywheel_webhook_events_emitted"
+                   for s in m.samples if s.name.endswith("_total"))
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+    def post(self, endpoint: str, body: bytes | dict, delivery: str | None, secrets: list[str] | None = None,
+             ts: int | None = None, headers: dict[str, str] | None = None, signed_body: bytes | None = None,
+             ) -> httpx.Response:
+        raw = json.dumps(body).encode() if isinstance(body, dict) else body
+        sent: dict[str, str] = {"Content-Type": "application/json"}
+        if delivery is not None:
+            sent["X-Flywheel-Delivery"] = delivery
+        sign_as = delivery or "none"
+        sent["X-Flywheel-Signature"] = signature_header(secrets or [CURRENT.value], int(time.time()) if ts is None
+                                                        else ts, sign_as, raw if signed_body is None else signed_body)
+        sent.update(headers or {})
+        return self.http.post(f"/hooks/{endpoint}", content=raw, headers={k: v for k, v in sent.items() if v})
+
+
+def serve(settings: Settings, api: str, model: str, secrets: list[Secret] | None = None) -> Running:
+    import uvicorn
+
+    app = create_app(settings, secrets or [CURRENT], api, model_name=model)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    return Running(app, port, server, thread)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings("ci", make_home(tmp_path) / "configs", environ={})
+
+
+@pytest.fixture
+def model() -> str:
+    return f"hooks{uuid.uuid4().hex[:8]}"  # its own resource id: the harness's server outlives each test
+
+
+@pytest.fixture
+def receiver(settings: Settings, prefect_api: str, model: str) -> Iterator[Running]:
+    running = serve(settings, prefect_api, model)
+    yield running
+    running.stop()
+
+
+def rows(settings: Settings) -> dict[str, Any]:
+    engine = sa.create_engine(settings.webhook_deliveries_url)
+    try:
+        with engine.connect() as conn:
+            return {r.delivery_id: r for r in conn.execute(sa.select(DELIVERIES))}
+    finally:
+        engine.dispose()
+
+
+def events(api: str, **flt: Any) -> list[dict]:
+    resp = httpx.post(f"{api}/events/filter", json={"filter": flt, "limit": 50}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()["events"]
+
+
+def wait_for_event(api: str, delivery: str, timeout: float = 30) -> dict:
+    """The event of an accepted delivery; the server persists events asynchronously, so poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = events(api, id={"id": [str(event_id_for(delivery))]})
+        if found:
+            return found[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no event for delivery {delivery} within {timeout} s")
+
+
+def model_events(api: str, model: str) -> list[dict]:
+    return events(api, resource={"id": [f"flywheel.model.{model}"]})
+
+
+def _raw_request(port: int, head: str, timeout: float = 5) -> str:
+    """Send a request head by hand (no body follows) and return the status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.encode())
+        return s.recv(4096).decode(errors="replace").splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------- accepted
+
+
+def test_an_accepted_delivery_emits_exactly_one_event_readable_from_prefect(receiver: Running, settings: Settings,
+                                                                            prefect_api: str, model: str) -> None:
+    body = {"reason": "labels for March reviewed", "model": model}
+    resp = receiver.post("retrain", body, "acc-1")
+    assert resp.status_code == 202, resp.text
+    event_id = str(event_id_for("acc-1"))
+    assert resp.json() == {"accepted": True, "delivery": "acc-1", "event": "flywheel.retrain.requested",
+                           "event_id": event_id, "resource": f"flywheel.model.{model}"}
+
+    event = wait_for_event(prefect_api, "acc-1")
+    assert event["id"] == event_id and event["event"] == "flywheel.retrain.requested"
+    assert event["resource"]["prefect.resource.id"] == f"flywheel.model.{model}"
+    assert event["resource"]["flywheel.model"] == model
+    assert event["payload"] == {**body, "delivery": "acc-1"}
+    assert len(model_events(prefect_api, model)) == 1 and receiver.emitted == 1
+
+    row = rows(settings)["acc-1"]
+    assert (row.endpoint, row.outcome, row.event_id, row.signed_with, row.attempts) == (
+        "retrain", "emitted", event_id, "current", 1)
+    assert len(row.body_sha256) == 64
+
+    # the model is optional: the one this stack trains; the batch endpoints name a dataset
+    assert receiver.post("retrain", {"reason": "nightly"}, "acc-2").json()["resource"] == f"flywheel.model.{model}"
+    dataset = f"ds{uuid.uuid4().hex[:6]}"
+    for i, endpoint in enumerate(("data-landed", "labels-landed")):
+        resp = receiver.post(endpoint, {"dataset": dataset, "uri": f"s3://bucket/{endpoint}.parquet", "rows": 10},
+                             f"acc-b{i}")
+        assert resp.status_code == 202, resp.text
+    landed = [wait_for_event(prefect_api, f"acc-b{i}") for i in range(2)]
+    assert [e["event"] for e in landed] == ["flywheel.data.landed", "flywheel.labels.landed"]
+    assert {e["resource"]["prefect.resource.id"] for e in landed} == {f"flywheel.dataset.{dataset}"}
+
+
+# ---------------------------------------------------------------------------------------------- refused
+
+Case = tuple[str, Callable[[Running], httpx.Response | str], int, str]
+REFUSED: list[Case] = [
+    ("missing signature", lambda r: r.post("retrain", {"reason": "x"}, "rej-1",
+                                           headers={"X-Flywheel-Signature": ""}), 401, "missing X-Flywheel-Signature"),
+    ("wrong secret", lambda r: r.post("retrain", {"reason": "x"}, "rej-2", secrets=["an-attackers-guess-0123456"]),
+     401, "does not match"),
+    ("tampered body", lambda r: r.post("retrain", {"reason": "retrain everything now"}, "rej-3",
+                                       signed_body=b'{"reason": "x"}'), 401, "does not match"),
+    ("stale timestamp", lambda r: r.post("retrain", {"reason": "x"}, "rej-4", ts=int(time.time()) - 301),
+     401, "s old"),
+    ("future timestamp", lambda r: r.post("retrain", {"reason": "x"}, "rej-5", ts=int(time.time()) + 301),
+     401, "in the future"),
+    ("missing delivery id", lambda r: r.post("retrain", {"reason": "x"}, None), 401, "missing X-Flywheel-Delivery"),
+    ("hostile delivery id", lambda r: r.post("retrain", {"reason": "x"}, "rej-7' OR 1=1 --"), 401,
+     "X-Flywheel-Delivery: must be"),
+    ("oversized (Content-Length)", lambda r: r.post("retrain", {"reason": "x" * 70_000}, "rej-8"), 413,
+     "over the limit of 65536"),
+    ("oversized (chunked, no Content-Length)", lambda r: r.http.post(
+        "/hooks/retrain", content=iter([b'{"reason": "', b"x" * 40_000, b"x" * 40_000, b'"}']),
+        headers={"X-Flywheel-Delivery": "rej-9"}), 413, "over the limit of 65536"),
+    ("malformed JSON", lambda r: r.post("retrain", b'{"reason": "x",', "rej-10"), 422, "malformed JSON"),
+    ("not UTF-8", lambda r: r.post("retrain", b"\xff\xfe\x00", "rej-11"), 422, "malformed JSON"),
+    ("wrong type", lambda r: r.post("retrain", {"reason": 42}, "rej-12"), 422,
+     "reason: Input should be a valid string"),
+    ("missing field", lambda r: r.post("retrain", {"model": "churn"}, "rej-13"), 422, "reason: Field required"),
+    ("extra field", lambda r: r.post("retrain", {"reason": "x", "force": True}, "rej-14"), 422,
+     "force: Extra inputs are not permitted"),
+    ("control characters", lambda r: r.post("retrain", {"reason": "x\u0000\u001b[2J"}, "rej-15"), 422,
+     "reason: Value error, must not contain control characters"),
+    ("unknown model", lambda r: r.post("retrain", {"reason": "x", "model": "payments"}, "rej-16"), 422,
+     "model: 'payments' is not trained here"),
+    ("batch without uri", lambda r: r.post("data-landed", {"dataset": "churn"}, "rej-17"), 422, "uri: Field required"),
+    ("body is a list", lambda r: r.post("labels-landed", b"[]", "rej-18"), 422, "body: Input should be an object"),
+    ("unknown endpoint", lambda r: r.post("drop-tables", {"reason": "x"}, "rej-19"), 404, "Not Found"),
+    ("wrong method", lambda r: r.http.get("/hooks/retrain"), 405, "Method Not Allowed"),
+    ("declared 10 MB, nothing sent", lambda r: _raw_request(
+        r.port, "POST /hooks/retrain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "X-Flywheel-Delivery: rej-21\r\nContent-Length: 10000000\r\n\r\n"), 413, "413"),
+]
+
+
+def test_each_refused_request_starts_nothing(receiver: Running, settings: Settings, prefect_api: str,
+                                             model: str) -> None:
+    for name, send, status, says in REFUSED:
+        t0 = time.monotonic()
+        resp = send(receiver)
+        took = time.monotonic() - t0
+        if isinstance(resp, str):  # a raw status line: answered without waiting for 10 MB that never come
+            assert f" {status} " in resp, (name, resp)
+            assert took < 3, (name, took)
+            continue
+        assert resp.status_code == status, (name, resp.status_code, resp.text)
+        assert says in resp.json()["detail"], (name, resp.json())
+        if status == 401:
+            assert resp.headers["www-authenticate"].startswith("Flywheel-HMAC")
+        if status == 422:
+            assert resp.json()["problems"], name  # each problem on its own, naming its field
+
+    # one accepted delivery after them all: once its event is stored, any event of theirs would be too
+    assert receiver.post("retrain", {"reason": "sentinel"}, "rej-sentinel").status_code == 202
+    wait_for_event(prefect_api, "rej-sentinel")
+    assert list(rows(settings)) == ["rej-sentinel"], "a refused request left a delivery row"
+    refused_ids = [str(event_id_for(f"rej-{i}")) for i in range(1, 22)]
+    assert events(prefect_api, id={"id": refused_ids}) == []
+    assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["rej-sentinel"]
+    assert receiver.emitted == 1
+
+
+# ---------------------------------------------------------------------------------------------- repeats
+
+
+def test_a_signed_repeat_is_a_duplicate_and_starts_nothing_also_after_a_restart(
+    settings: Settings, prefect_api: str, model: str
+) -> None:
+    body = {"reason": "weekly"}
+    first = serve(settings, prefect_api, model)
+    try:
+        accepted = first.post("retrain", body, "dup-1")
+        assert accepted.status_code == 202
+        event_id = accepted.json()["event_id"]
+        again = first.post("retrain", body, "dup-1")  # a sender's retry: same delivery, signed again
+        assert again.status_code == 200
+        assert again.json() == {"duplicate": True, "of": event_id, "delivery": "dup-1",
+                                "event": "flywheel.retrain.requested"}
+        other = first.post("retrain", {"reason": "another body, same id"}, "dup-1")
+        assert other.status_code == 409 and "already used for another body" in other.json()["detail"]
+        assert first.emitted == 1
+    finally:
+        first.stop()
+
+    restarted = serve(settings, prefect_api, model)  # a new app object on the same database
+    try:
+        after = restarted.post("retrain", body, "dup-1")
+        assert after.status_code == 200 and after.json()["of"] == event_id
+        assert restarted.emitted == 0
+        assert restarted.post("retrain", body, "dup-2").status_code == 202  # a new delivery still goes through
+        wait_for_event(prefect_api, "dup-2")
+    finally:
+        restarted.stop()
+    assert sorted(e["payload"]["delivery"] for e in model_events(prefect_api, model)) == ["dup-1", "dup-2"]
+    assert rows(settings)["dup-1"].outcome == "emitted"
+
+
+def test_concurrent_copies_of_a_delivery_start_it_once(receiver: Running, settings: Settings, prefect_api: str,
+                                                       model: str) -> None:
+    raw = json.dumps({"reason": "burst"}).encode()
+    headers = {"Content-Type": "application/json", "X-Flywheel-Delivery": "burst-1",
+               "X-Flywheel-Signature": signature_header([CURRENT.value], int(time.time()), "burst-1", raw)}
+    barrier = threading.Barrier(8)
+
+    def send(_: int) -> httpx.Response:
+        with httpx.Client(base_url=receiver.url, timeout=30) as client:
+            barrier.wait()
+            return client.post("/hooks/retrain", content=raw, headers=headers)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 7 + [202], [a.text for a in answers]
+    event_id = str(event_id_for("burst-1"))
+    assert {a.json().get("of", a.json().get("event_id")) for a in answers} == {event_id}
+    assert receiver.emitted == 1 and list(rows(settings)) == ["burst-1"]
+    wait_for_event(prefect_api, "burst-1")
+    assert len(model_events(prefect_api, model)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- rotation
+
+
+def test_during_a_rotation_the_previous_secret_is_accepted(settings: Settings, prefect_api: str, model: str) -> None:
+    rotating = serve(settings, prefect_api, model, secrets=[Secret("current", "the-new-secret-0123456789"), PREVIOUS])
+    try:
+        old = rotating.post("retrain", {"reason": "old sender"}, "rot-1", secrets=[PREVIOUS.value])
+        assert old.status_code == 202, old.text
+        new = rotating.post("retrain", {"reason": "new sender"}, "rot-2", secrets=["the-new-secret-0123456789"])
+        assert new.status_code == 202, new.text
+        neither = rotating.post("retrain", {"reason": "x"}, "rot-3", secrets=[CURRENT.value])
+        assert neither.status_code == 401
+    finally:
+        rotating.stop()
+    recorded = rows(settings)
+    assert (recorded["rot-1"].signed_with, recorded["rot-2"].signed_with) == ("previous", "current")
+    assert "rot-3" not in recorded
+
+
+# ---------------------------------------------------------------------------------------------- outages
+
+
+class Plug:
+    """A TCP forwarder in front of the Prefect server, pulled (connection refused) and put back on one port."""
+
+    def __init__(self, target: str) -> None:
+        url = httpx.URL(target)
+        self.target = (url.host, url.port)
+        self.port = _free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            # shutdown first: a close alone leaves the port listening while the accept thread blocks on it
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        for conn in self._conns:  # pooled keep-alive connections go too: the next request must connect anew
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def test_prefect_down_answers_503_and_the_retry_once_it_is_back_is_accepted_once(
+    settings: Settings, prefect_api: str, model: str
+) -> None:
+    plug = Plug(prefect_api)
+    plug.up()
+    behind = f"http://127.0.0.1:{plug.port}/api"
+    running = serve(settings, behind, model)
+    try:
+        assert running.http.get("/health").status_code == 200
+        plug.down()
+        health = running.http.get("/health")
+        assert health.status_code == 503 and health.json()["prefect_api"].startswith("unreachable")
+
+        body = {"reason": "while Prefect was down"}
+        down = running.post("retrain", body, "out-1")
+        assert down.status_code == 503, down.text
+        assert "nothing was started: retry this delivery" in down.json()["detail"]
+        assert down.headers["retry-after"] == "5"
+        row = rows(settings)["out-1"]
+        assert row.outcome == "failed" and "did not take the event after 3 attempt(s)" in row.detail
+        assert running.emitted == 0
+
+        plug.up()
+        retry = running.post("retrain", body, "out-1")  # the sender's retry, signed again
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["event_id"] == str(event_id_for("out-1"))
+        assert running.post("retrain", body, "out-1").status_code == 200  # and then it is a duplicate
+        assert running.emitted == 1
+        assert (rows(settings)["out-1"].outcome, rows(settings)["out-1"].attempts) == ("emitted", 2)
+        wait_for_event(prefect_api, "out-1")
+        assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["out-1"]
+    finally:
+        running.stop()
+        plug.down()
+
+
+def test_a_deliveries_database_that_fails_answers_503_and_emits_nothing(receiver: Running, settings: Settings,
+                                                                      prefect_api: str, model: str) -> None:
+    engine = sa.create_engine(settings.webhook_deliveries_url)
+    with engine.begin() as conn:  # the table disappears under the running receiver
+        conn.execute(sa.text("DROP TABLE flywheel_webhook_deliveries"))
+    engine.dispose()
+    resp = receiver.post("retrain", {"reason": "no table"}, "db-1")
+    assert resp.status_code == 503 and "deliveries database" in resp.json()["detail"], resp.text
+    health = receiver.http.get("/health")
+    assert health.status_code == 503 and health.json()["deliveries_db"].startswith("deliveries database")
+    assert receiver.emitted == 0
+    time.sleep(3)  # an event, had one been posted, would be stored by now
+    assert events(prefect_api, id={"id": [str(event_id_for("db-1"))]}) == []
+
+
+def test_prefect_deduplicates_a_re_emitted_event_id(prefect_api: str) -> None:
+    """What the crash take-over relies on: the same event id posted twice is stored once."""
+    event = {"id": str(uuid.uuid4()), "occurred": "2026-12-01T12:00:00+00:00", "event": "flywheel.test.dedupe",
+             "resource": {"prefect.resource.id": f"flywheel.test.{uuid.uuid4().hex[:8]}"}, "payload": {}}
+    for _ in range(2):
+        assert httpx.post(f"{prefect_api}/events", json=[event], timeout=10).status_code == 204
+    deadline = time.monotonic() + 30
+    found: list[dict] = []
+    while not found and time.monotonic() < deadline:
+        found = events(prefect_api, id={"id": [event["id"]]}, occurred={"since": "2026-11-30T00:00:00+00:00"})
+        time.sleep(0.3)
+    time.sleep(2)  # a second copy, were it stored, would be persisted by now
+    assert len(events(prefect_api, id={"id": [event["id"]]}, occurred={"since": "2026-11-30T00:00:00+00:00"})) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the CLI recipe
+
+
+def test_the_readme_curl_recipe_is_accepted(receiver: Running, settings: Settings, prefect_api: str,
+                                            model: str) -> None:
+    """`flywheel webhook sign` prints a curl command; running it as printed delivers once."""
+    env = {"PATH": "/usr/bin:/bin", "FLYWHEEL_WEBHOOK_SECRET": CURRENT.value}
+    home = settings.paths.home
+    body = json.dumps({"reason": "from the README's recipe", "model": model})
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("flywheel")), "webhook", "sign", "--endpoint", "retrain", "--body", body,
+         "--url", receiver.url, "--profile", "ci", "--config-dir", str(home / "configs")],
+        env=env, cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    curl = next(line for line in out.stdout.splitlines() if line.startswith("curl "))
+    delivery = next(line.split(": ", 1)[1] for line in out.stdout.splitlines()
+                    if line.startswith("X-Flywheel-Delivery: "))
+    sent = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0 and " 202 " in sent.stdout.splitlines()[0], sent.stdout + sent.stderr
+    again = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
+    assert " 200 " in again.stdout.splitlines()[0] and '"duplicate":true' in again.stdout
+    assert wait_for_event(prefect_api, delivery)["payload"]["reason"] == "from the README's recipe"
