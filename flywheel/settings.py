@@ -185,6 +185,14 @@ class RolloutConfig(Section):
     lock_lease_s: float = Field(900.0, gt=0)  # a crashed rollout's lock is taken over after this
 
 
+class MonitorConfig(Section):
+    """Drift and data-quality monitoring of served windows; methods, alarm rules and data-quality limits
+    live in `policy_file` (flywheel/monitoring/config.py). Judged windows go to the project database
+    (`stores.audit_db_url`), reports under `paths.reports_dir`/monitoring."""
+
+    policy_file: Path = Path("configs/monitoring.yaml")
+
+
 class StackConfig(Section):
     """The persistent local stack (`flywheel up` / `flywheel down`): Prefect server, served deployments,
     the online service and, on request, the MLflow UI; every process bound to `host`."""
@@ -221,6 +229,7 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     stack: StackConfig = StackConfig()
     rollout: RolloutConfig = RolloutConfig()
+    monitor: MonitorConfig = MonitorConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
