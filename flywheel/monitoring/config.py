@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flywheel.errors import ConfigError
 
@@ -126,29 +126,35 @@ class MonitoringPolicy(Strict):
     defaults: DatasetPolicy = DatasetPolicy()
     datasets: dict[str, dict[str, Any]] = {}
 
-    @model_validator(mode="after")
-    def _dataset_sections_are_valid(self) -> MonitoringPolicy:
-        for name in self.datasets:
-            self.for_dataset(name)  # raises on a bad section, before anyone judges a window with it
-        return self
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_sections_are_valid(cls, value: dict[str, dict[str, Any]], info: ValidationInfo
+                                    ) -> dict[str, dict[str, Any]]:
+        defaults = info.data.get("defaults")
+        if defaults is not None:  # absent when the defaults were invalid themselves (reported on their own)
+            for name, own in value.items():
+                _overlay(defaults, name, own)  # raises on a bad section, before a window is judged with it
+        return value
 
     def for_dataset(self, name: str) -> DatasetPolicy:
         """The defaults with `datasets.<name>` laid over them section by section (key by key inside)."""
         own = self.datasets.get(name)
-        if not own:
-            return self.defaults
-        merged = self.defaults.model_dump()
-        for section, values in own.items():
-            if section not in merged:
-                raise ValueError(f"datasets.{name}.{section}: not a section (one of {sorted(merged)})")
-            if not isinstance(values, dict):
-                raise ValueError(f"datasets.{name}.{section}: must be a mapping")
-            merged[section] = {**merged[section], **values}
-        try:
-            return DatasetPolicy.model_validate(merged)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(f"datasets.{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return _overlay(self.defaults, name, own) if own else self.defaults
+
+
+def _overlay(defaults: DatasetPolicy, name: str, own: dict[str, Any]) -> DatasetPolicy:
+    merged = defaults.model_dump()
+    for section, values in own.items():
+        if section not in merged:
+            raise ValueError(f"{name}.{section}: not a section (one of {sorted(merged)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"{name}.{section}: must be a mapping")
+        merged[section] = {**merged[section], **values}
+    try:
+        return DatasetPolicy.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def load_policy(path: Path) -> MonitoringPolicy:
