@@ -8,18 +8,27 @@ correlation plots mean nothing. The current side is the window itself, sampled d
 `report.max_current_rows` when larger (Evidently does not sample and is slow on large frames). Each column
 is compared with the method and threshold the project's verdict used, so the report names the same test;
 the scores in the report come from the rebuilt sample and can differ slightly from the recorded ones,
-which are computed from the profile itself. Evidently is imported here only (4-9 s).
+which are computed from the profile itself. A column the window lacks, or holds nothing usable in, is
+left out of the report (Evidently raises on an empty column); the data-quality verdict names it.
+Evidently is imported here only (4-9 s).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from flywheel.monitoring.config import ReportSettings
 from flywheel.monitoring.drift import DriftResult
-from flywheel.monitoring.profile import NumericSummary, ReferenceProfile, numeric_values, reference_sample
+from flywheel.monitoring.profile import (
+    MonitoringError,
+    NumericSummary,
+    ReferenceProfile,
+    numeric_values,
+    reference_sample,
+)
 
 
 def report_frames(profile: ReferenceProfile, window: pd.DataFrame, cfg: ReportSettings
@@ -30,13 +39,19 @@ def report_frames(profile: ReferenceProfile, window: pd.DataFrame, cfg: ReportSe
         else window
     cols = [c for c in profile.features if c in current.columns]
     current = current[cols].copy()
-    for name in cols:
+    keep = []
+    for name in cols:  # a broken column (not numeric, nothing but nulls) is left out: Evidently raises on it
         if isinstance(profile.features[name], NumericSummary):
             try:
                 current[name] = numeric_values(current[name], name)
-            except Exception:  # a broken column: left out of the report (the data-quality verdict names it)
-                current = current.drop(columns=name)
-    return reference[list(current.columns)], current.reset_index(drop=True)
+            except MonitoringError:
+                continue
+            usable = np.isfinite(current[name]).any() and np.isfinite(reference[name].astype(float)).any()
+        else:
+            usable = current[name].notna().any() and reference[name].notna().any()
+        if usable:
+            keep.append(name)
+    return reference[keep], current[keep].reset_index(drop=True)
 
 
 def write_report(profile: ReferenceProfile, window: pd.DataFrame, drift: DriftResult, path: Path,
