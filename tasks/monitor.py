@@ -71,14 +71,14 @@ def previous_window_statuses(history_url: str, model_name: str, reference: str, 
         history.close()
 
 
-@task(name="judge_window", task_run_name="judge-{dataset.name}", cache_policy=NO_CACHE)
-def judge_window(profile: ReferenceProfile, window: pd.DataFrame, policy: DatasetPolicy,
+@task(name="assess_window", task_run_name="assess-window-{dataset.name}", cache_policy=NO_CACHE)
+def assess_window(profile: ReferenceProfile, window: pd.DataFrame, policy: DatasetPolicy,
                  previous: Sequence[WindowStatus], predictions: np.ndarray | None, dataset: DatasetDefinition,
                  validate_cfg: ValidateConfig) -> WindowAssessment:
     """Drift, data quality (GX suite included) and the alarm verdict of one window."""
-    from flywheel.monitoring.window import assess_window
+    from flywheel.monitoring import window as core
 
-    return assess_window(profile, window, policy, previous, predictions, dataset, validate_cfg)
+    return core.assess_window(profile, window, policy, previous, predictions, dataset, validate_cfg)
 
 
 @task(name="write_window_report", task_run_name="report-{path.name}", cache_policy=NO_CACHE)

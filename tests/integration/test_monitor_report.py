@@ -19,7 +19,7 @@ from flywheel.monitoring.report import report_frames, write_report
 from flywheel.monitoring.window import verdict_markdown
 from flywheel.schemas import load_dataset
 from flywheel.settings import ValidateConfig
-from tasks.monitor import judge_window, previous_window_statuses, record_window, write_window_report
+from tasks.monitor import assess_window, previous_window_statuses, record_window, write_window_report
 from tests.conftest import PROJECT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -65,7 +65,7 @@ def test_the_flow_pieces_judge_record_and_report_a_window(frames, tmp_path: Path
     url = f"sqlite:///{tmp_path}/flywheel.db"
     start = datetime(2026, 1, 9, tzinfo=UTC)
     assert previous_window_statuses.fn(url, "churn", "v1", start) == []
-    a = judge_window.fn(profile, window, policy, [], None, DS, ValidateConfig())
+    a = assess_window.fn(profile, window, policy, [], None, DS, ValidateConfig())
     assert a.quality.expectations_run and a.quality.passed, a.quality.problems
     assert a.verdict.status == "drift" and not a.verdict.alarm, "one drifted window: persistence holds the alarm"
     report = write_window_report.fn(profile, window, a.drift, tmp_path / "report.html", policy)
