@@ -23,6 +23,7 @@ from tasks.features import (
     materialize_features,
     render_feature_repo,
 )
+from tasks.monitor import profile_reference
 from tasks.register import load_champion, register_model, write_model_card
 from tasks.train import split_training_set, train_model
 from tasks.validate import validate_batch
@@ -79,6 +80,7 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
 
     lineage = ctx.lineage(service, frame, as_of, quality)
     trained = train_model(split, dataset, ctx.train, gates, ctx.tracking_uri, ctx.artifact_location, lineage)
+    profile_reference(trained.pipeline, split, dataset, trained.run_id, ctx.tracking_uri)
     champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate(
         trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, dataset,

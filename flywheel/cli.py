@@ -581,5 +581,134 @@ def rollout_rollback_cmd(model: ModelOpt = None, profile: ProfileOpt = None, con
         _fail(exc)
 
 
+# --------------------------------------------------------------------------------------- monitoring
+EXIT_DRIFT_ALARM = 3  # the drift alarm is raised (after persistence)
+EXIT_DATA_QUALITY = 4  # a data-quality alarm and no drift alarm
+
+
+def _when(value: str | None, flag: str):
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise FlywheelError(f"{flag} expects an ISO 8601 time, got {value!r}") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+@app.command("monitor")
+def monitor(
+    current: Annotated[Path, typer.Option("--current", "-c", help="the batch to judge (parquet or CSV)")],
+    reference: Annotated[str | None, typer.Option(
+        help="registry alias or version whose stored profile is the reference (default: champion), "
+             "or a profile JSON file")] = None,
+    reference_data: Annotated[Path | None, typer.Option(
+        "--reference-data", help="profile this data file as the reference instead")] = None,
+    model: ModelOpt = None,
+    prediction_column: Annotated[str | None, typer.Option(
+        help="the batch's column of P(positive) (default: the referenced model scores the batch)")] = None,
+    window_start: Annotated[str | None, typer.Option(help="ISO time (default: the batch's first timestamp)")] = None,
+    window_end: Annotated[str | None, typer.Option(help="ISO time (default: the batch's last timestamp)")] = None,
+    report: Annotated[bool | None, typer.Option("--report/--no-report",
+                                                help="write the Evidently HTML report (default: the policy's)")] = None,
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Judge one batch for drift and data quality against a reference profile; record it in the history.
+
+    Exit 0: no alarm; 3: the drift alarm is raised (after persistence over the recorded windows); 4: a
+    data-quality alarm (never a drift alarm); 2: bad input. Call it once per batch, in time order."""
+    from flywheel.monitoring.batch import prepare_batch
+    from flywheel.monitoring.config import load_policy
+    from flywheel.monitoring.history import MonitoringHistory
+    from flywheel.monitoring.window import monitor_window
+    from flywheel.schemas import load_dataset
+
+    try:
+        settings = _settings(profile, config_dir)
+        ds = load_dataset(settings.resolve(dataset or settings.dataset))
+        policy_file = settings.resolve(settings.monitor.policy_file)
+        policy = load_policy(policy_file).for_dataset(ds.name)
+        name = model or settings.register_.model_name or ds.name
+        batch = prepare_batch(current, ds, name, reference=reference, reference_data=reference_data,
+                              tracking_uri=settings.mlflow_tracking_uri, audit_db_url=settings.audit_db_url,
+                              prediction_column=prediction_column, start=_when(window_start, "--window-start"),
+                              end=_when(window_end, "--window-end"))
+        policy.check_columns(batch.profile.numeric_features, batch.profile.categorical_features, str(policy_file))
+        report_path = None
+        if policy.report.enabled if report is None else report:
+            series = batch.reference.replace(":", "-")
+            folder = settings.resolve(settings.paths.reports_dir) / "monitoring" / name / series
+            report_path = folder / f"{batch.start:%Y%m%dT%H%M%S}_{batch.end:%Y%m%dT%H%M%S}.html"
+        history = MonitoringHistory(settings.audit_db_url)
+        try:
+            done = monitor_window(batch.profile, batch.window, policy, history, model=name, version=batch.version,
+                                  reference=batch.reference, start=batch.start, end=batch.end,
+                                  predictions=batch.predictions, dataset=ds, validate_cfg=settings.validate_,
+                                  report_path=report_path)
+        finally:
+            history.close()
+    except FlywheelError as exc:
+        _fail(exc)
+    _print_window(batch, done, policy)
+    verdict = done.assessment.verdict
+    if verdict.alarm:
+        raise typer.Exit(code=EXIT_DRIFT_ALARM)
+    if verdict.data_quality_alarm:
+        raise typer.Exit(code=EXIT_DATA_QUALITY)
+
+
+def _print_window(batch, done, policy) -> None:
+    import shutil
+
+    from rich.table import Table
+
+    out = Console(width=max(140, shutil.get_terminal_size().columns), soft_wrap=True)
+    a, v = done.assessment, done.assessment.verdict
+    quality = {f.column: f for f in a.quality.features}
+    table = Table(title=f"{batch.model} vs {batch.reference_label}: {batch.start:%Y-%m-%d %H:%M} - "
+                        f"{batch.end:%Y-%m-%d %H:%M} UTC, {v.rows} rows")
+    for col in ("feature", "method", "score", "threshold", "drift", "missing (ref)", "out of range", "new categories"):
+        table.add_column(col, justify="right" if col in ("score", "threshold", "out of range") else "left")
+    for c in [*a.drift.columns, *([a.drift.prediction] if a.drift.prediction else [])]:
+        q = quality.get(c.column)
+        if c.column == "prediction":
+            flag = "[red]drift[/]" if v.prediction_drifted else "no"
+        elif c.column in v.drifted_features:
+            flag = "[red]drift[/]" + (" (key)" if c.column in v.key_features_drifted else "")
+        elif c.drifted:
+            flag = "[yellow]not after FDR[/]"
+        else:
+            flag = c.note or "no"
+        missing = (f"{q.missing_share:.1%} ({q.reference_missing_share:.1%})" if q and q.missing_share is not None
+                   else "-")
+        table.add_row(c.column, c.method, "-" if c.score is None else f"{c.score:.4f}", f"{c.threshold:g}", flag,
+                      missing, str(q.out_of_range) if q else "-", ", ".join(q.new_categories) if q else "-")
+    out.print(table)
+    status = {"drift": "[red]drifted[/]", "ok": "[green]no drift[/]", "too_few_rows": "[yellow]too few rows[/]"}
+    out.print(f"window: {status[v.status]}; {len(v.drifted_features)} of {v.judged_features} features drifted "
+              f"({v.share_drifted:.0%}, dataset drift at {policy.alarm.drift_share:.0%}); "
+              f"streak {v.streak} of {v.persistence}")
+    for reason in v.reasons:
+        out.print(f"  - {reason}", markup=False)
+    if batch.prediction_note:
+        out.print(f"  prediction drift not judged: {batch.prediction_note}", markup=False)
+    out.print("[bold red]DRIFT ALARM RAISED[/]" if v.alarm else "drift alarm: [green]not raised[/]")
+    if v.data_quality_alarm:
+        out.print("[bold red]DATA-QUALITY ALARM[/] (not a drift alarm, not a reason to retrain):")
+    elif v.data_quality_problems:
+        out.print("data-quality problems (not an alarm: too few rows):")
+    for problem in v.data_quality_problems:
+        out.print(f"  - {problem}", markup=False)
+    if done.report_path:
+        out.print(f"report: {done.report_path}", markup=False)
+    if done.report_error:
+        out.print(f"report failed: {done.report_error}", markup=False)
+    out.print(f"recorded as window {done.record.id} of series {batch.model} / {batch.reference}", markup=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

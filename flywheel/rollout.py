@@ -43,6 +43,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel.errors import ConfigError, FlywheelError
+from flywheel.stats import psi  # one PSI for rollout guards and monitoring
 
 Strategy = Literal["shadow", "canary", "blue_green", "ab_test"]
 Outcome = Literal["promoted", "rolled_back", "held", "rejected"]
@@ -291,19 +292,6 @@ def per_entity(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------- stats
-
-
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index of `current` against `reference` (quantile bins of the reference)."""
-    ref, cur = np.asarray(reference, float), np.asarray(current, float)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)))
-    if len(edges) < 2:  # a constant reference: one bin holding it, one for everything else
-        edges = np.array([ref[0] - 1e-9, ref[0] + 1e-9])
-    edges[0], edges[-1] = -np.inf, np.inf
-    eps = 1e-4
-    e = np.histogram(ref, edges)[0] / len(ref) + eps
-    a = np.histogram(cur, edges)[0] / len(cur) + eps
-    return float(np.sum((a - e) * np.log(a / e)))
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:

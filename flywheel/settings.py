@@ -195,6 +195,14 @@ class RolloutConfig(Section):
     max_p99_latency_ms: float = Field(10.0, gt=0, le=60_000)
 
 
+class MonitorConfig(Section):
+    """Drift and data-quality monitoring of served windows; methods, alarm rules and data-quality limits
+    live in `policy_file` (flywheel/monitoring/config.py). Judged windows go to the project database
+    (`stores.audit_db_url`), reports under `paths.reports_dir`/monitoring."""
+
+    policy_file: Path = Path("configs/monitoring.yaml")
+
+
 class StackConfig(Section):
     """The persistent local stack (`flywheel up` / `flywheel down`): Prefect server, served deployments,
     the online service and, on request, the MLflow UI; every process bound to `host`."""
@@ -270,6 +278,7 @@ class Settings(BaseSettings):
     stack: StackConfig = StackConfig()
     rollout: RolloutConfig = RolloutConfig()
     webhook: WebhookConfig = WebhookConfig()
+    monitor: MonitorConfig = MonitorConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod

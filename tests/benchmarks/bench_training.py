@@ -101,6 +101,7 @@ def run_direct(config_dir: Path) -> str:
         materialize_features,
         render_feature_repo,
     )  # fmt: skip
+    from tasks.monitor import profile_reference
     from tasks.register import load_champion, register_model, write_model_card
     from tasks.train import split_training_set, train_model
     from tasks.validate import validate_batch
@@ -119,6 +120,7 @@ def run_direct(config_dir: Path) -> str:
     split = split_training_set.fn(frame, ds, False, ctx.train.seed)
     lineage = ctx.lineage(service, frame, as_of, quality)
     trained = train_model.fn(split, ds, ctx.train, ctx.gates, ctx.tracking_uri, ctx.artifact_location, lineage)
+    profile_reference.fn(trained.pipeline, split, ds, trained.run_id, ctx.tracking_uri)
     champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
     report = evaluate_candidate.fn(
         trained.pipeline, champion.pipeline if champion else None, trained.baseline, split.holdout, ds, ctx.gates,

@@ -1,0 +1,172 @@
+"""Monitoring history: one row per judged window in `flywheel_monitoring_windows`, and the trends.
+
+A window belongs to a series: the model and the reference it was judged against (`v<version>` for a
+registered version's profile, `profile:<sha>` / `data:<sha>` for a profile file or reference data), so a
+new champion starts a new series and its alarms do not inherit the old one's streak. Persistence reads
+the windows of the series that ended before the window being judged began; judging the same window again
+replaces its row, so a re-run does not count twice. Times are stored as naive UTC (SQLite keeps no
+offset), through SQLAlchemy Core only: the same code on SQLite and PostgreSQL. The table is declared on
+`flywheel.migrations.METADATA` and created by `migrations.ensure` on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict
+
+from flywheel import migrations
+from flywheel.db import project_engine
+from flywheel.monitoring.alarms import WindowStatus, WindowVerdict
+from flywheel.monitoring.drift import DriftResult
+from flywheel.monitoring.quality import QualityResult
+
+WINDOWS_TABLE = "flywheel_monitoring_windows"
+
+windows = sa.Table(
+    WINDOWS_TABLE,
+    migrations.METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("version", sa.String(40)),  # None when the reference is not a registered version
+    sa.Column("reference", sa.String(200), nullable=False),
+    sa.Column("window_start", sa.DateTime, nullable=False),
+    sa.Column("window_end", sa.DateTime, nullable=False),
+    sa.Column("judged_at", sa.DateTime, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # too_few_rows | ok | drift
+    sa.Column("dataset_drift", sa.Boolean, nullable=False),
+    sa.Column("share_drifted", sa.Float, nullable=False),
+    sa.Column("drifted_features", sa.Text, nullable=False),  # JSON list (after the FDR control)
+    sa.Column("scores", sa.Text, nullable=False),  # JSON {feature: {method, score, threshold, drifted}}
+    sa.Column("prediction_score", sa.Float),
+    sa.Column("prediction_drifted", sa.Boolean),
+    sa.Column("alarm", sa.Boolean, nullable=False),  # drift alarm after persistence
+    sa.Column("streak", sa.Integer, nullable=False),
+    sa.Column("data_quality_alarm", sa.Boolean, nullable=False),
+    sa.Column("data_quality", sa.Text, nullable=False),  # JSON {problems, features: {...}}
+    sa.Column("report_path", sa.Text),
+    sa.Index("ix_flywheel_monitoring_windows_series", "model", "reference", "window_end"),
+)
+
+
+def _naive(dt: datetime) -> datetime:
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+class WindowRecord(BaseModel):
+    """One judged window, as stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int | None = None
+    model: str
+    version: str | None
+    reference: str
+    window_start: datetime
+    window_end: datetime
+    judged_at: datetime
+    rows: int
+    status: WindowStatus
+    dataset_drift: bool
+    share_drifted: float
+    drifted_features: list[str]
+    scores: dict[str, dict[str, Any]]
+    prediction_score: float | None
+    prediction_drifted: bool | None
+    alarm: bool
+    streak: int
+    data_quality_alarm: bool
+    data_quality: dict[str, Any]
+    report_path: str | None = None
+
+
+def window_record(model: str, version: str | None, reference: str, start: datetime, end: datetime,
+                  drift: DriftResult, quality: QualityResult, verdict: WindowVerdict,
+                  report_path: str | None = None, judged_at: datetime | None = None) -> WindowRecord:
+    """The row of a judged window (pure: nothing is written)."""
+    scores = {c.column: {"method": c.method, "score": c.score, "threshold": c.threshold, "drifted": c.drifted,
+                         "note": c.note} for c in drift.columns}
+    dq = {"problems": verdict.data_quality_problems, "expectations_run": quality.expectations_run,
+          "features": {f.column: f.model_dump(include={"missing_share", "reference_missing_share", "out_of_range",
+                                                       "outside_reference", "new_category_share"})
+                       for f in quality.features}}
+    return WindowRecord(
+        model=model, version=version, reference=reference, window_start=_aware(start), window_end=_aware(end),
+        judged_at=judged_at or datetime.now(UTC), rows=verdict.rows, status=verdict.status,
+        dataset_drift=verdict.dataset_drift, share_drifted=verdict.share_drifted,
+        drifted_features=verdict.drifted_features, scores=scores,
+        prediction_score=drift.prediction.score if drift.prediction else None,
+        prediction_drifted=drift.prediction.drifted if drift.prediction else None,
+        alarm=verdict.alarm, streak=verdict.streak, data_quality_alarm=verdict.data_quality_alarm,
+        data_quality=dq, report_path=report_path,
+    )
+
+
+class MonitoringHistory:
+    """The judged windows in the project database at `url`."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = project_engine(url, "monitoring history")
+        migrations.ensure(self._engine, [windows])
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def record(self, rec: WindowRecord) -> int:
+        """Store a judged window (replacing an earlier judgement of the same window); its id."""
+        row = rec.model_dump(exclude={"id"})
+        row.update(window_start=_naive(rec.window_start), window_end=_naive(rec.window_end),
+                   judged_at=_naive(rec.judged_at), drifted_features=json.dumps(rec.drifted_features),
+                   scores=json.dumps(rec.scores), data_quality=json.dumps(rec.data_quality, default=str))
+        same = sa.and_(windows.c.model == rec.model, windows.c.reference == rec.reference,
+                       windows.c.window_start == row["window_start"], windows.c.window_end == row["window_end"])
+        with self._engine.begin() as conn:
+            conn.execute(windows.delete().where(same))
+            return int(conn.execute(windows.insert().values(**row)).inserted_primary_key[0])
+
+    def _records(self, query: sa.Select) -> list[WindowRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        out = []
+        for r in rows:
+            d = dict(r)
+            for key in ("window_start", "window_end", "judged_at"):
+                d[key] = _aware(d[key])
+            for key in ("drifted_features", "scores", "data_quality"):
+                d[key] = json.loads(d[key])
+            out.append(WindowRecord.model_validate(d))
+        return out
+
+    def previous(self, model: str, reference: str, before: datetime, limit: int = 100) -> list[WindowRecord]:
+        """The series' windows that ended before `before`, oldest first (at most the last `limit`)."""
+        q = (sa.select(windows).where(windows.c.model == model, windows.c.reference == reference,
+                                      windows.c.window_end < _naive(before))
+             .order_by(windows.c.window_end.desc(), windows.c.id.desc()).limit(limit))
+        return list(reversed(self._records(q)))
+
+    def windows(self, model: str, reference: str | None = None) -> list[WindowRecord]:
+        """Every recorded window of `model` (one series when `reference` is given), in time order."""
+        q = sa.select(windows).where(windows.c.model == model)
+        if reference is not None:
+            q = q.where(windows.c.reference == reference)
+        return self._records(q.order_by(windows.c.window_end, windows.c.id))
+
+    def trend(self, model: str, reference: str | None = None) -> pd.DataFrame:
+        """One row per window, time-ordered, with what to plot: rows, share drifted, alarm flags, the
+        prediction's score and one `score.<feature>` column per feature."""
+        recs = self.windows(model, reference)
+        return pd.DataFrame([{
+            "window_start": r.window_start, "window_end": r.window_end, "reference": r.reference, "rows": r.rows,
+            "status": r.status, "share_drifted": r.share_drifted, "alarm": r.alarm, "streak": r.streak,
+            "data_quality_alarm": r.data_quality_alarm, "prediction_score": r.prediction_score,
+            **{f"score.{name}": s.get("score") for name, s in r.scores.items()},
+        } for r in recs])

@@ -1,0 +1,103 @@
+"""Monitoring stage: the reference profile at training time, and the pieces a monitoring flow judges a
+window with (each a thin task over flywheel/monitoring; the CLI `flywheel monitor` composes the same)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.monitoring.alarms import WindowStatus
+from flywheel.monitoring.config import DatasetPolicy
+from flywheel.monitoring.drift import DriftResult
+from flywheel.monitoring.history import WindowRecord
+from flywheel.monitoring.profile import ReferenceProfile
+from flywheel.monitoring.window import WindowAssessment
+from flywheel.schemas import DatasetDefinition
+from flywheel.settings import ValidateConfig
+from flywheel.training import Split
+from tasks._prefect import retry_transient, run_logger
+
+
+@task(name="profile_reference", task_run_name="profile-reference-{dataset.name}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def profile_reference(pipeline: Any, split: Split, dataset: DatasetDefinition, run_id: str, tracking_uri: str) -> str:
+    """Profile the rows the model was fitted on (features and its P(positive)) into its training run."""
+    from mlflow import MlflowClient
+
+    from flywheel.monitoring.profile import profile_frame
+    from flywheel.monitoring.reference import log_profile
+    from flywheel.training import predict_scores
+
+    frame = split.train_validation
+    profile = profile_frame(frame, dataset, predictions=predict_scores(pipeline, frame, dataset))
+    path = log_profile(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), run_id, profile)
+    run_logger("flywheel.monitor").info("reference profile of %d rows, %d features -> run %s %s",
+                                        profile.rows, len(profile.features), run_id, path)
+    return path
+
+
+@task(name="load_reference_profile", task_run_name="load-profile-{model_name}-{reference}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def load_reference_profile(tracking_uri: str, audit_db_url: str, model_name: str, reference: str = "champion"
+                           ) -> tuple[str, ReferenceProfile]:
+    """(version, profile) of the version an alias (or a version number) names."""
+    from flywheel.audit import AuditLog
+    from flywheel.monitoring.reference import load_version_profile, resolve_version
+    from flywheel.registry import Registry
+
+    registry = Registry(tracking_uri, AuditLog(audit_db_url))
+    version = resolve_version(registry, model_name, reference)
+    return version, load_version_profile(registry, model_name, version)
+
+
+@task(name="previous_window_statuses", task_run_name="history-{model_name}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def previous_window_statuses(history_url: str, model_name: str, reference: str, before: datetime
+                             ) -> list[WindowStatus]:
+    """Statuses of the series' windows that ended before `before`, oldest first (persistence reads them)."""
+    from flywheel.monitoring.history import MonitoringHistory
+
+    history = MonitoringHistory(history_url)
+    try:
+        return [r.status for r in history.previous(model_name, reference, before)]
+    finally:
+        history.close()
+
+
+@task(name="assess_window", task_run_name="assess-window-{dataset.name}", cache_policy=NO_CACHE)
+def assess_window(profile: ReferenceProfile, window: pd.DataFrame, policy: DatasetPolicy,
+                 previous: Sequence[WindowStatus], predictions: np.ndarray | None, dataset: DatasetDefinition,
+                 validate_cfg: ValidateConfig) -> WindowAssessment:
+    """Drift, data quality (GX suite included) and the alarm verdict of one window."""
+    from flywheel.monitoring import window as core
+
+    return core.assess_window(profile, window, policy, previous, predictions, dataset, validate_cfg)
+
+
+@task(name="write_window_report", task_run_name="report-{path.name}", cache_policy=NO_CACHE)
+def write_window_report(profile: ReferenceProfile, window: pd.DataFrame, drift: DriftResult, path: Path,
+                        policy: DatasetPolicy) -> Path:
+    """The window's Evidently HTML report (reference rebuilt from the profile)."""
+    from flywheel.monitoring.report import write_report
+
+    return write_report(profile, window, drift, path, policy.report)
+
+
+@task(name="record_window", task_run_name="record-{rec.model}-{rec.reference}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def record_window(history_url: str, rec: WindowRecord) -> int:
+    """Store the judged window in the monitoring history; its id."""
+    from flywheel.monitoring.history import MonitoringHistory
+
+    history = MonitoringHistory(history_url)
+    try:
+        return history.record(rec)
+    finally:
+        history.close()
