@@ -101,10 +101,10 @@ def prepare_batch(current: Path, dataset: DatasetDefinition, model: str, *, refe
     elif prediction_column is not None:
         predictions = numeric_values(window[prediction_column], f"prediction column {prediction_column!r}")
     elif loaded is not None:
-        from flywheel.training import predict_scores
+        from flywheel.predictor import served_predictor
 
-        try:
-            predictions = np.asarray(predict_scores(loaded.pipeline, window, dataset), float)
+        try:  # through the predictor the service serves the version with
+            predictions = np.asarray(served_predictor(loaded, dataset).predict_frame(window), float)
         except Exception as exc:  # a broken window (the data-quality verdict says how): no prediction drift
             note = f"the model could not score the window ({type(exc).__name__}: {exc})"
             log.warning(note)
