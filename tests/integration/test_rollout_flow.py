@@ -56,6 +56,9 @@ PLANS = {
     "plans": {
         "canary_fast": {"strategy": "canary", "steps": [{"share": 0.3, "hold_s": 2}, {"share": 1.0, "hold_s": 2}]},
         "blue_green_fast": {"strategy": "blue_green", "hold_s": 1.5},
+        # the queue/supersede/loop tests are about what happens around a rollout, not its latency guard: the
+        # champion's p99 comes from the window before the switch, a few dozen requests on a loaded machine
+        "blue_green_queue": {"strategy": "blue_green", "hold_s": 2, "guards": {"min_requests": 5}},
         "shadow_promote": {"strategy": "shadow", "sample": 1.0, "duration_s": 1.5, "min_agreement": 0.6,
                            "on_pass": "promote"},
         # step 1 holds 5% of ~1,900 entities: never the 150 labelled ones AUC needs; step 2 (100%) has them
@@ -541,7 +544,7 @@ def test_a_retrain_during_a_rollout_is_queued_then_rolled_out_when_the_rollout_e
 
     home = ctx.settings.paths.home
     champion, running = registry.alias_version("churn", "champion"), _other_good(registry)
-    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_fast", challenger_version=running,
+    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", challenger_version=running,
                                          approval_required=True, approval_timeout_s=60))
     run_id = _paused_run()  # the rollout of `running` is in flight, holding the lock, waiting for a person
     older, newer = _register_candidate(registry, ctx, champion), _register_candidate(registry, ctx, champion)
@@ -570,7 +573,7 @@ def test_a_retrain_during_a_rollout_is_queued_then_rolled_out_when_the_rollout_e
 
     # the event's trigger starts the next rollout; here it is called directly. A candidate queued behind it
     # was gated against the champion this rollout replaces: it goes stale instead of rolling out
-    second, out = _in_thread(lambda: _run(service, home, strategy="blue_green_fast", approval_required=True,
+    second, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", approval_required=True,
                                           approval_timeout_s=60))
     run_id = _paused_run()
     behind = _register_candidate(registry, ctx, champion)
@@ -599,7 +602,7 @@ def test_supersede_stops_the_running_rollout_for_the_queued_version(service: Ser
 
     home = ctx.settings.paths.home
     champion, running = registry.alias_version("churn", "champion"), _other_good(registry)
-    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_fast", challenger_version=running,
+    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", challenger_version=running,
                                          approval_required=True, approval_timeout_s=60))
     run_id = _paused_run()
     queued = _register_candidate(registry, ctx, champion)
@@ -628,7 +631,7 @@ def test_supersede_stops_the_running_rollout_for_the_queued_version(service: Ser
     assert registry.aliases("churn") == {"champion": champion, "challenger": queued.version}
 
     # and the queued version's own rollout runs
-    state = _run(service, home, strategy="blue_green_fast")
+    state = _run(service, home, strategy="blue_green_queue")
     assert state.result().challenger == queued.version and state.name == "Promoted", (state, state.message)
 
 
@@ -650,7 +653,7 @@ def test_a_paused_loop_holds_the_rollout_and_a_person_can_still_promote(service:
     assert status["paused"] is True and status["reason"] == "incident review"
 
     champion, candidate = registry.alias_version("churn", "champion"), _other_good(registry)
-    state = _run(service, home, strategy="blue_green_fast", challenger_version=candidate)
+    state = _run(service, home, strategy="blue_green_queue", challenger_version=candidate)
     assert state.name == "Held", (state, state.message)
     assert "loop paused" in state.result().reason and "incident review" in state.result().reason
     assert registry.aliases("churn") == {"champion": champion, "challenger": candidate}
