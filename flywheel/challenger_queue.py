@@ -300,9 +300,13 @@ def claim_supersede(registry: Registry, locks: RolloutLocks, controls: RolloutCo
 
 
 def finish_supersede(registry: Registry, locks: RolloutLocks, claim: SupersedeClaim, actor: str,
-                     reason: str) -> HandOff:
+                     reason: str, traffic_on_champion: bool = True) -> HandOff:
     """With traffic back on the champion: drop the running challenger (tagged superseded, audited), put the
-    chosen version in its place (audited), supersede older queued versions, release the lock."""
+    chosen version in its place (audited), supersede older queued versions, release the lock.
+
+    When the service could not be told to send all traffic to the champion, only the running challenger is
+    dropped (with no challenger the service answers with the champion alone whatever its routing), and the
+    version stays queued: moving it in could put it under the stopped rollout's canary share, unvetted."""
     model, version = claim.model, claim.version
     evidence = {"via": "flywheel rollout supersede", "stopped_rollout": claim.stopped_holder,
                 "running_challenger": claim.running_challenger, "champion": claim.champion}
@@ -311,6 +315,9 @@ def finish_supersede(registry: Registry, locks: RolloutLocks, claim: SupersedeCl
             registry.remove_alias(model, CHALLENGER, f"superseded by v{version} ({actor}): {reason}", actor,
                                   evidence)
             registry.set_status(model, claim.running_challenger, STATUS_SUPERSEDED)
+        if not traffic_on_champion:
+            return HandOff(champion=claim.champion, skipped=f"v{version} stays queued: the service's routing was "
+                           "not confirmed on the champion")
         tags = registry.version_tags(model, version)
         gated = _gated_against(tags)
         note = "" if not is_stale(gated, claim.champion) else (

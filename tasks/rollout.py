@@ -518,8 +518,14 @@ def manual_supersede(settings: Any, model: str, version: str | None, actor: str,
     claim = claim_supersede(registry, locks, RolloutControls(settings.audit_db_url), model, version, actor, reason)
     # traffic first: the champion answers everything before the aliases move
     told = _tell_service(settings, [("/admin/routing", {"mode": "single", "share": 0.0, "active": "champion"})])
+    if "not told" in told:  # the stopped rollout no longer drives the routing: never move a version under it
+        done = finish_supersede(registry, locks, claim, actor, reason, traffic_on_champion=False)
+        raise RolloutError(f"rollout of v{claim.running_challenger} stopped and its challenger dropped (with no "
+                           f"challenger the service answers with the champion alone), but {told}: {done.skipped}; "
+                           f"roll it out with `flywheel rollout start --version {claim.version}` once the service "
+                           "answers")
     done = finish_supersede(registry, locks, claim, actor, reason)
-    told = _tell_service(settings, [("/admin/reload", None)]) if "not told" not in told else told
+    told = _tell_service(settings, [("/admin/reload", None)])
     event = announce_release(registry, model, done, f"supersede by {actor}")
     started = (f"event {event} emitted: the rollout deployment starts its rollout" if event else
                f"no Prefect API to emit its event to: `flywheel rollout start --version {done.released}` rolls it out")

@@ -210,3 +210,19 @@ def test_supersede_stops_the_running_rollout_and_puts_the_queued_version_in_plac
     assert dropped.reason == "superseded by v4 (user:ana): v4 fixes a bug"
     assert dropped.evidence["stopped_rollout"] == RUNNING
     assert loop.locks.current("churn") is None, "the lock is free for v4's rollout"
+
+
+def test_supersede_without_traffic_on_the_champion_moves_nothing_in(loop: Loop) -> None:
+    """The service did not confirm routing everything to the champion: the running challenger is dropped (no
+    challenger, no challenger traffic) but the queued version is not put under the stopped rollout's split."""
+    _champion_and_challenger(loop)
+    loop.locks.acquire("churn", RUNNING, 600)
+    assert loop.register("1").outcome == "queued"  # v3
+    claim = claim_supersede(loop.registry, loop.locks, loop.controls, "churn", None, "user:ana", "v3 instead")
+    done = finish_supersede(loop.registry, loop.locks, claim, "user:ana", "v3 instead", traffic_on_champion=False)
+    assert done.released is None and "stays queued" in (done.skipped or "")
+    assert loop.registry.aliases("churn") == {"champion": "1"}
+    assert (loop.status("2"), loop.status("3")) == ("superseded", "queued")
+    assert loop.locks.current("churn") is None
+    # nothing in flight now: the next hand-off (a resume, the next rollout's end) releases it
+    assert loop.hand_off("supersede retried").released == "3"
