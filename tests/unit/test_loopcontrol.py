@@ -122,3 +122,34 @@ def test_a_queued_version_gated_against_a_replaced_champion_is_stale() -> None:
     assert not is_stale(None, None) and not is_stale("2", "2")
     first = plan_release([QueuedVersion(version="1", gated_against=None)], champion=None)
     assert first.release == "1", "a first model queued while paused is released as the champion"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_loop_cli_pause_status_resume_and_supersede_without_a_rollout(home: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    runner = CliRunner()
+    base = ["--profile", "ci", "--config-dir", str(home / "configs")]
+    missing = runner.invoke(app, ["loop", "pause", *base])
+    assert missing.exit_code == 2 and "--reason" in missing.output, "a pause needs a reason"
+
+    r = runner.invoke(app, ["loop", "pause", "--reason", "label delay", *base])
+    assert r.exit_code == 0 and "loop paused by user:" in r.output and "label delay" in r.output, r.output
+    r = runner.invoke(app, ["loop", "pause", "--reason", "again", *base])
+    assert r.exit_code == 0 and "already paused, nothing recorded" in r.output, r.output
+    status = json.loads(runner.invoke(app, ["loop", "status", *base]).stdout)
+    assert (status["model"], status["paused"], status["reason"], status["queued"]) == ("churn", True, "label delay", [])
+    assert status["actor"].startswith("user:") and len(status["history"]) == 1
+
+    r = runner.invoke(app, ["loop", "resume", "--reason", "labels back", *base])
+    assert r.exit_code == 0 and "running" in r.output and "nothing queued" in r.output, r.output
+    assert json.loads(runner.invoke(app, ["loop", "status", *base]).stdout)["paused"] is False
+
+    r = runner.invoke(app, ["rollout", "supersede", *base])
+    assert r.exit_code == 2 and "no rollout of 'churn' is in flight" in r.output, r.output
