@@ -155,7 +155,7 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
             decision = _ab_test(run, selected.name, plan, target)
         ended = decision.outcome
     except (RolloutSuperseded, LockLost) as stopped:
-        superseded = stopped if isinstance(stopped, RolloutSuperseded) else superseded_by(run)
+        superseded = stopped if isinstance(stopped, RolloutSuperseded) else _superseded_by(run)
         if superseded is None:
             raise  # the lease ran out and another rollout took the lock: its service, its traffic
         # the supersede command routes traffic to the champion and moves the aliases: touch neither
@@ -167,8 +167,8 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
             get_run_logger().error("rollout failed; routing all traffic back to champion v%s", target.champion)
             try:
                 route_traffic.fn(run.url, run.token_env, "single")
-            except Exception as route_exc:
-                get_run_logger().error("could not reset the routing: %s", route_exc)
+            except Exception as exc:
+                get_run_logger().error("could not reset the routing: %s", exc)
         raise
     finally:
         released = release_rollout_lock(run.ctx.audit_db_url, run.model, run.actor)
@@ -179,7 +179,7 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
                      data=decision)
 
 
-def superseded_by(run: _Run) -> RolloutSuperseded | None:
+def _superseded_by(run: _Run) -> RolloutSuperseded | None:
     """The supersede request that took this rollout's lock, if that is how it was lost."""
     from flywheel.rollout_controls import RolloutControls
 
