@@ -4,6 +4,13 @@ It reads as a story; every step is a task in tasks/rollout.py, every rule in fly
 The run ends in a named state: `Promoted`, `RolledBack`, `Held` or `Rejected` (approval refused or timed
 out), each with a markdown artifact explaining the decision. A second rollout of the same model while
 one runs fails at once with the holder's name (RolloutLocked).
+
+When it ends, whatever the outcome, and once it has released its lock, the challenger queue is handed off:
+a candidate registered meanwhile waited (queued) instead of moving the alias under this rollout, and the
+newest one now becomes challenger (flywheel/challenger_queue.py). Between steps it checks for an operator's
+`flywheel rollout supersede`: superseded, it ends `Superseded` (a Cancelled state) without touching traffic
+or aliases, which the command already handed to the next challenger. While the model's loop is paused
+(`flywheel loop pause`) it does not promote: it ends `Held`, "loop paused".
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.input import RunInput
-from prefect.states import Completed, State
+from prefect.states import Cancelled, Completed, State
 from pydantic import BaseModel, Field
 
+from flywheel.locks import LockLost
 from flywheel.rollout import (
     ABTestPlan,
     BlueGreenPlan,
@@ -30,16 +38,20 @@ from flywheel.rollout import (
     gradual_shares,
     judge_step,
 )
+from flywheel.rollout_controls import RolloutSuperseded
 from tasks.rollout import (
     RolloutTarget,
     SelectedPlan,
     acquire_rollout_lock,
+    check_rollout_control,
+    hand_off_queued,
     load_rollout_plan,
     observe_traffic,
     prepare_service,
     promote_challenger,
     publish_decision,
     read_ab_outcome,
+    read_loop_state,
     release_rollout_lock,
     reload_service,
     renew_rollout_lock,
@@ -92,7 +104,13 @@ class _Run:
         self.actor = ctx.actor()
         self.started = datetime.now(UTC)
 
+    def check(self) -> None:
+        """RolloutSuperseded when an operator superseded this rollout: checked before every routing change,
+        every hold, and the promotion or rollback."""
+        check_rollout_control(self.ctx.audit_db_url, self.model, self.actor)
+
     def route(self, mode: Any, share: float = 0.0, active: Any = "champion") -> dict[str, Any]:
+        self.check()
         return route_traffic(self.url, self.token_env, mode, share, active)
 
     def observe(self, step: str, policy: dict[str, Any], hold_s: float, target: RolloutTarget, plan: Any,
@@ -100,6 +118,7 @@ class _Run:
         """Hold and judge; a step with too little traffic to judge is held again (up to max_extensions)."""
         readout: StepReadout | None = None
         for extension in range(plan.guards.max_extensions + 1):
+            self.check()
             renew_rollout_lock(self.ctx.audit_db_url, self.model, self.actor, self.cfg.lock_lease_s + hold_s)
             readout = observe_traffic(
                 step if extension == 0 else f"{step} (extended x{extension})", policy, hold_s, self.url,
@@ -120,6 +139,7 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
     # the lock first: a refused rollout must not touch the aliases of the one in progress
     acquire_rollout_lock(run.ctx.audit_db_url, run.model, run.actor, run.cfg.lock_lease_s)
     target: RolloutTarget | None = None
+    ended = "failed"
     try:
         target = resolve_rollout_target(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model,
                                         params.challenger_version, run.actor)
@@ -133,6 +153,14 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
             decision = _shadow(run, selected.name, plan, target)
         else:
             decision = _ab_test(run, selected.name, plan, target)
+        ended = decision.outcome
+    except (RolloutSuperseded, LockLost) as stopped:
+        superseded = stopped if isinstance(stopped, RolloutSuperseded) else _superseded_by(run)
+        if superseded is None:
+            raise  # the lease ran out and another rollout took the lock: its service, its traffic
+        # the supersede command routes traffic to the champion and moves the aliases: touch neither
+        get_run_logger().warning("%s", superseded)
+        return Cancelled(name="Superseded", message=str(superseded))
     except BaseException:
         # a crash mid-rollout must not leave the challenger answering: back to the champion alone
         if target is not None:
@@ -143,10 +171,28 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
                 get_run_logger().error("could not reset the routing: %s", exc)
         raise
     finally:
-        release_rollout_lock(run.ctx.audit_db_url, run.model, run.actor)
+        released = release_rollout_lock(run.ctx.audit_db_url, run.model, run.actor)
+        if released:  # not when superseded or the lease was lost: the lock's new holder owns the queue
+            _hand_off(run, f"rollout of v{target.challenger if target else '?'} ended ({ended})")
     publish_decision(decision)
     return Completed(name=STATE_NAMES[decision.outcome], message=f"{decision.outcome}: {decision.reason}",
                      data=decision)
+
+
+def _superseded_by(run: _Run) -> RolloutSuperseded | None:
+    """The supersede request that took this rollout's lock, if that is how it was lost."""
+    from flywheel.rollout_controls import RolloutControls
+
+    request = RolloutControls(run.ctx.audit_db_url).pending(run.model, run.actor)
+    return RolloutSuperseded(request) if request else None
+
+
+def _hand_off(run: _Run, why: str) -> None:
+    """The queue's hand-off after this rollout; its failure is logged, never raised over the rollout's end."""
+    try:
+        hand_off_queued(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model, run.actor, why)
+    except Exception as exc:
+        get_run_logger().error("could not hand the challenger queue off after %s: %s", why, exc)
 
 
 def _load_plan(run: _Run) -> SelectedPlan:
@@ -225,6 +271,7 @@ def _decide(run: _Run, name: str, plan: Any, target: RolloutTarget, outcome: Any
 
 def _roll_back(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list[StepReadout], reason: str,
                outcome: Literal["rolled_back", "rejected"] = "rolled_back", **extra: Any) -> RolloutDecision:
+    run.check()
     decision = _decide(run, name, plan, target, outcome, reason, steps, **extra)
     run.route("single")  # instant: the champion answers everything before anything else happens
     rollback_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"rollout {outcome}: {reason}",
@@ -235,10 +282,16 @@ def _roll_back(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: li
 
 def _promote(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list[StepReadout], reason: str,
              **extra: Any) -> RolloutDecision:
+    loop = read_loop_state(run.ctx.audit_db_url, run.model)
+    if loop.paused:  # nothing promotes automatically while the loop is paused; `flywheel rollout promote` still does
+        run.route("single")
+        return _decide(run, name, plan, target, "held", f"loop paused: {reason}, but promotion is left to a person "
+                       f"(`flywheel rollout promote`); {loop.describe()}", steps, **extra)
     approval = _ask_approval(run, target, steps, reason) if run.approval else None
     if approval is not None and not approval["approve"]:
         return _roll_back(run, name, plan, target, steps, f"approval {approval['verdict']}: {approval['comment']}",
                           outcome="rejected", approval=approval, **extra)
+    run.check()  # a supersede during the approval wait wins over the answer
     decision = _decide(run, name, plan, target, "promoted", reason, steps, approval=approval, **extra)
     promote_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"staged rollout ({name}): {reason}",
                        run.actor, decision.evidence())

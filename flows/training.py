@@ -47,7 +47,7 @@ class TrainingParams(BaseModel):
 class TrainingResult(BaseModel):
     model_name: str
     version: str
-    outcome: Literal["champion", "challenger", "rejected"]
+    outcome: Literal["champion", "challenger", "queued", "stale", "rejected"]
     alias: str | None
     feature_service: str
     run_id: str
@@ -104,4 +104,8 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
             message=f"{ctx.model_name} v{registered.version} rejected: failed {', '.join(report.failed_rules)}",
             data=result,
         )
+    if registered.outcome in ("queued", "stale"):  # passed, but not challenger (flywheel/challenger_queue.py)
+        return Completed(name=registered.outcome.capitalize(),
+                         message=f"{ctx.model_name} v{registered.version} {registered.outcome}: {registered.reason}",
+                         data=result)
     return result

@@ -221,9 +221,11 @@ def train(
             result = training_pipeline(params)
     except FlywheelError as exc:
         _fail(exc)
-    verdict = {"champion": "green", "challenger": "cyan", "rejected": "red"}[result.outcome]
+    verdict = {"champion": "green", "challenger": "cyan", "queued": "yellow", "stale": "yellow",
+               "rejected": "red"}[result.outcome]
     console.print(f"{result.model_name} v{result.version}: [bold {verdict}]{result.outcome}[/]"
-                  + (f" (failed: {', '.join(result.failed_rules)})" if result.failed_rules else ""))
+                  + (f" (failed: {', '.join(result.failed_rules)})" if result.failed_rules else "")
+                  + (" (see `flywheel rollout status`)" if result.outcome in ("queued", "stale") else ""))
 
 
 @app.command("reproduce")
@@ -708,6 +710,104 @@ def _print_window(batch, done, policy) -> None:
     if done.report_error:
         out.print(f"report failed: {done.report_error}", markup=False)
     out.print(f"recorded as window {done.record.id} of series {batch.model} / {batch.reference}", markup=False)
+
+
+@rollout_app.command("supersede")
+def rollout_supersede_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                          version: Annotated[str | None, typer.Option(
+                              help="the version to roll out instead (default: the newest queued)")] = None,
+                          reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "superseded by hand",
+                          ) -> None:
+    """Stop the rollout in flight, send traffic back to the champion, and make a queued version the challenger
+    (its rollout starts through the challenger-registered event). Audited with you as the actor."""
+    from flywheel.stack import use_active_stack
+
+    try:
+        settings = _settings(profile, config_dir)
+        use_active_stack(settings)  # before Prefect is imported: the event goes to the running stack
+        from tasks.rollout import manual_supersede
+
+        console.print(manual_supersede(settings, _rollout_model(settings, model), version, _user(), reason),
+                      markup=False, soft_wrap=True)
+    except FlywheelError as exc:
+        _fail(exc)
+
+
+# --------------------------------------------------------------------------------------------- loop
+loop_app = typer.Typer(help="Pause and resume the continuous-training loop (automatic challenger moves and "
+                       "promotions; triggers are recorded as suppressed while paused).", no_args_is_help=True)
+app.add_typer(loop_app, name="loop")
+
+
+@loop_app.command("pause")
+def loop_pause_cmd(reason: Annotated[str, typer.Option(help="why (recorded with you and the time)")],
+                   model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """Pause the loop: candidates are queued instead of becoming challenger, rollouts hold instead of
+    promoting. `flywheel rollout promote|rollback|start` still work."""
+    from flywheel.loopcontrol import LoopControl
+
+    try:
+        settings = _settings(profile, config_dir)
+        name = _rollout_model(settings, model)
+        state, recorded = LoopControl(settings.audit_db_url).pause(name, _user(), reason)
+    except (FlywheelError, ValueError) as exc:
+        _fail(exc)
+    console.print(state.describe() if recorded else f"already paused, nothing recorded: {state.describe()}",
+                  markup=False, soft_wrap=True)
+
+
+@loop_app.command("resume")
+def loop_resume_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                    reason: Annotated[str, typer.Option(help="recorded with you and the time")] = "resumed",
+                    ) -> None:
+    """Resume the loop, then hand the challenger queue off (the newest queued version becomes challenger
+    and its rollout starts) unless a rollout is in flight."""
+    from flywheel.loopcontrol import LoopControl
+    from flywheel.stack import use_active_stack
+
+    try:
+        settings = _settings(profile, config_dir)
+        name = _rollout_model(settings, model)
+        actor = _user()
+        state, recorded = LoopControl(settings.audit_db_url).resume(name, actor, reason)
+        console.print(state.describe() + ("" if recorded else " (was not paused; nothing recorded)"),
+                      markup=False, soft_wrap=True)
+        use_active_stack(settings)  # before Prefect is imported: a released version's event goes to the stack
+        from tasks.rollout import hand_off_and_announce
+
+        done = hand_off_and_announce(settings.mlflow_tracking_uri, settings.audit_db_url, name, actor,
+                                     f"loop resumed by {actor}")
+    except FlywheelError as exc:
+        _fail(exc)
+    if done["released"]:
+        console.print(f"queued v{done['released']} is {done['alias']}; "
+                      + (f"event {done['event']} emitted" if done["event"] else
+                         f"no Prefect API for its event: `flywheel rollout start --version {done['released']}`"),
+                      markup=False, soft_wrap=True)
+    else:
+        console.print(f"queue: {done['skipped']}", markup=False, soft_wrap=True)
+
+
+@loop_app.command("status")
+def loop_status_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+                    entries: Annotated[int, typer.Option(min=1, help="pauses/resumes shown")] = 5) -> None:
+    """Paused or running (by whom, since when, why), the last pauses and resumes, the queued versions."""
+    from flywheel.audit import AuditLog
+    from flywheel.challenger_queue import queued_versions
+    from flywheel.loopcontrol import LoopControl
+    from flywheel.registry import Registry
+
+    try:
+        settings = _settings(profile, config_dir)
+        name = _rollout_model(settings, model)
+        loop = LoopControl(settings.audit_db_url)
+        registry = Registry(settings.mlflow_tracking_uri, AuditLog(settings.audit_db_url))
+        out = {**loop.state(name).model_dump(mode="json"),
+               "history": [e.model_dump(mode="json") for e in loop.history(name)[-entries:]],
+               "queued": [q.model_dump() for q in queued_versions(registry, name)]}
+    except FlywheelError as exc:
+        _fail(exc)
+    print(json.dumps(out, indent=2, default=str))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -4,7 +4,8 @@ Table `flywheel_rollout_locks` holds at most one row per model (the primary key 
 the arbiter: two rollouts racing on the same model, in two processes or on two hosts, cannot both
 insert). A lock carries a lease: a rollout that crashed without releasing it is taken over once the
 lease has expired, and the takeover is recorded in `flywheel_rollout_lock_events` (acquired,
-refused, renewed, released, expired) so the history shows who held what and what was cut short.
+refused, renewed, released, expired, superseded) so the history shows who held what and what was cut
+short. An operator superseding a running rollout takes its lock while the lease runs (`take_over`).
 
 Times are stored as naive UTC (`TIMESTAMP WITHOUT TIME ZONE`): SQLite keeps no offset and Postgres
 would otherwise convert naive values through the session time zone. SQLAlchemy Core only, so the same
@@ -58,7 +59,7 @@ class LockEvent(BaseModel):
     at: datetime
     model: str
     holder: str
-    event: str  # acquired | refused | renewed | released | expired
+    event: str  # acquired | refused | renewed | released | expired | superseded
     detail: str
 
 
@@ -155,6 +156,26 @@ class RolloutLocks:
             self._event(conn, now, model, holder, "renewed", f"until {expires}")
         assert row is not None
         return LockInfo(model=model, holder=holder, acquired_at=_aware(row.acquired_at), expires_at=_aware(expires))
+
+    def take_over(self, model: str, from_holder: str, holder: str, lease_s: float, reason: str,
+                  now: datetime | None = None) -> LockInfo:
+        """Take the lock from `from_holder` while its lease runs (an operator superseding a rollout); LockLost
+        when `from_holder` no longer holds it. Recorded as `superseded` (for `from_holder`) and `acquired`.
+        The rollout that held it learns at its next renewal (LockLost) or control check."""
+        now = _naive(now or datetime.now(UTC))
+        expires = now + timedelta(seconds=lease_s)
+        with self._engine.begin() as conn:
+            done = conn.execute(self.locks.update().where(self.locks.c.model == model,
+                                                          self.locks.c.holder == from_holder)
+                                .values(holder=holder, acquired_at=now, expires_at=expires))
+            if done.rowcount != 1:
+                current = self._row(conn, model)
+                raise LockLost(f"rollout lock on {model!r} is no longer held by {from_holder} "
+                               f"(now: {current.holder if current else 'nobody'})")
+            self._event(conn, now, model, from_holder, "superseded", f"taken over by {holder}: {reason}")
+            self._event(conn, now, model, holder, "acquired", f"lease {lease_s:g}s (superseded {from_holder})")
+        return LockInfo(model=model, holder=holder, acquired_at=_aware(now), expires_at=_aware(expires),
+                        took_over_from=from_holder)
 
     def release(self, model: str, holder: str, now: datetime | None = None) -> bool:
         """Drop the lock if `holder` holds it; False when it did not (expired and taken over)."""

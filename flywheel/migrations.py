@@ -19,7 +19,9 @@ from flywheel.db import project_engine
 METADATA = sa.MetaData()
 
 # modules declaring tables on METADATA (imported by `upgrade`, never at import time of this module)
-TABLE_MODULES: list[str] = ["flywheel.webhook", "flywheel.monitoring.history"]
+TABLE_MODULES: list[str] = [
+    "flywheel.webhook", "flywheel.monitoring.history", "flywheel.loopcontrol", "flywheel.rollout_controls",
+]
 
 
 def ensure(engine: sa.Engine, tables: Iterable[sa.Table]) -> None:

@@ -62,6 +62,8 @@ TAG_REJECTION_REASON = "flywheel.rejection_reason"
 TAG_GATE_REPORT = "flywheel.gate_report"
 TAG_GATE_REPORT_ARTIFACT = "flywheel.gate_report_artifact"
 TAG_MODEL_CARD_ARTIFACT = "flywheel.model_card_artifact"
+TAG_GATED_AGAINST = "flywheel.gated_against"  # the champion version the gates compared it with ("none")
+TAG_QUEUED_REASON = "flywheel.queued_reason"  # why it waits for the challenger alias (or why it left the queue)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -69,6 +71,12 @@ STATUS_REGISTERED = "registered"
 STATUS_ARCHIVED = "archived"
 STATUS_SUPERSEDED = "superseded"
 STATUS_REJECTED = "rejected"
+STATUS_QUEUED = "queued"  # passed its gates; waits for the challenger alias (a rollout in flight, loop paused)
+STATUS_STALE = "stale"  # passed gates against a champion that has since been replaced: not rolled out
+NO_CHAMPION = "none"  # TAG_GATED_AGAINST of a version gated without a champion (absolute gates only)
+# The audit log's pseudo-alias for the challenger queue: a version entering it is a move None -> version,
+# one leaving it (released to challenger, superseded, stale) a move version -> None, each with its reason.
+QUEUE = "queued"
 
 
 class LoadedModel(BaseModel):
@@ -428,6 +436,33 @@ class Registry:
             return None
         self.client.delete_registered_model_alias(name, alias)
         return self.audit.append(name, alias, previous, None, reason, actor, evidence)
+
+    # ------------------------------------------------------------------------ status, queue tags
+
+    def set_status(self, name: str, version: str, status: str, tags: dict[str, str] | None = None) -> None:
+        """Tag `version` with `status` (and any extra `tags`); no alias moves."""
+        for key, value in {**(tags or {}), TAG_STATUS: status}.items():
+            self.client.set_model_version_tag(name, str(version), key, str(value)[:TAG_MAX_CHARS])
+
+    def versions_with_status(self, name: str, status: str) -> list[ModelVersion]:
+        """The versions of `name` tagged `status`, newest first (empty when the model does not exist)."""
+        found = self.client.search_model_versions(f"name = '{name}' and tags.`{TAG_STATUS}` = '{status}'")
+        return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+    def enqueue(self, name: str, version: str, gated_against: str | None, reason: str, actor: str,
+                evidence: dict[str, Any] | None = None) -> AuditEntry:
+        """Tag `version` queued (with the champion it was gated against) and audit it entering the queue."""
+        self.set_status(name, version, STATUS_QUEUED,
+                        {TAG_QUEUED_REASON: reason, TAG_GATED_AGAINST: gated_against or NO_CHAMPION})
+        return self.audit.append(name, QUEUE, None, str(version), reason, actor, evidence)
+
+    def dequeue(self, name: str, version: str, status: str | None, reason: str, actor: str,
+                evidence: dict[str, Any] | None = None) -> AuditEntry:
+        """Audit `version` leaving the queue; tag it `status` (superseded, stale) unless None (it got an alias,
+        whose move set its status)."""
+        if status is not None:
+            self.set_status(name, version, status, {TAG_QUEUED_REASON: reason})
+        return self.audit.append(name, QUEUE, str(version), None, reason, actor, evidence)
 
     # ------------------------------------------------------------------------ rejection, card
 

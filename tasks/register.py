@@ -11,14 +11,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 from pydantic import BaseModel
 
+from flywheel.challenger_queue import CHALLENGER_REASON, FIRST_CHAMPION_REASON  # noqa: F401 (re-exported)
 from flywheel.schemas import DatasetDefinition, GateReport
 from tasks._prefect import in_run, retry_transient
 
 logger = get_logger("flywheel.register")
 
-Outcome = Literal["champion", "challenger", "rejected"]
-FIRST_CHAMPION_REASON = "first model passed absolute gates"
-CHALLENGER_REASON = "passed gates against the champion"
+# queued: passed, waits for the challenger alias (a rollout in flight, or the loop paused: flywheel/challenger_queue.py)
+# stale: passed against a champion that was replaced before it could be registered: not rolled out
+Outcome = Literal["champion", "challenger", "queued", "stale", "rejected"]
+EVENTS: dict[str, str] = {
+    "champion": "flywheel.model.champion-registered",
+    "challenger": "flywheel.model.challenger-registered",  # the rollout deployment's trigger
+    "queued": "flywheel.model.challenger-queued",
+    "stale": "flywheel.model.challenger-stale",
+    "rejected": "flywheel.model.rejected",
+}
 
 
 class RegistrationOutcome(BaseModel):
@@ -29,6 +37,7 @@ class RegistrationOutcome(BaseModel):
     previous_champion: str | None
     model_uri: str
     event: str | None = None  # the Prefect event emitted, if any
+    reason: str | None = None  # why it got its outcome (queued: behind which rollout, or the loop paused)
 
 
 def _in_prefect() -> bool:
@@ -191,14 +200,29 @@ def register_model(
     actor: str,
     gate_markdown: str | None = None,
 ) -> RegistrationOutcome:
-    """Log, register and verify the candidate; champion, challenger or rejected by its gate report."""
+    """Log, register and verify the candidate; by its gate report: rejected, or champion / challenger, or
+    queued while a rollout of the model is in flight or its loop is paused (flywheel/challenger_queue.py)."""
     import mlflow
 
     from flywheel.audit import AuditLog
+    from flywheel.challenger_queue import admit
     from flywheel.gates import render_gate_report
+    from flywheel.locks import RolloutLocks
+    from flywheel.loopcontrol import LoopControl
     from flywheel.modelcard import fill_version
     from flywheel.predictor import TAG_INFERENCE
-    from flywheel.registry import CHALLENGER, CHAMPION, Registry, log_model
+    from flywheel.registry import (
+        CHALLENGER,
+        CHAMPION,
+        NO_CHAMPION,
+        STATUS_QUEUED,
+        STATUS_STALE,
+        TAG_GATED_AGAINST,
+        TAG_QUEUED_REASON,
+        TAG_STATUS,
+        Registry,
+        log_model,
+    )
 
     registry = Registry(tracking_uri, AuditLog(audit_db_url))
     gate_markdown = gate_markdown or render_gate_report(gate_report, f"Gate report: {model_name}")
@@ -215,7 +239,8 @@ def register_model(
                 model_uri = log_model(pipeline, input_example)
         # the inference path the gates verified on the holdout and timed: the service starts from it
         served = {TAG_INFERENCE: gate_report.candidate_inference} if gate_report.candidate_inference else {}
-        version = registry.register(model_uri, model_name, mlflow_run_id, {**lineage, **served})
+        gated = {TAG_GATED_AGAINST: gate_report.champion_version or NO_CHAMPION}  # what "passed" compared with
+        version = registry.register(model_uri, model_name, mlflow_run_id, {**lineage, **served, **gated})
     else:
         model_uri = registry.model_version(model_name, version).source
         logger.info("%s v%s was already registered from run %s: resuming", model_name, version, mlflow_run_id)
@@ -228,7 +253,9 @@ def register_model(
     champion = aliases.get(CHAMPION)
     evidence = {"gates": gate_summary(gate_report), "mlflow_run_id": mlflow_run_id, "model_uri": model_uri}
 
+    tags = registry.version_tags(model_name, version)
     outcome: Outcome
+    reason: str | None = None
     if not gate_report.passed:
         reason = "failed gates: " + ", ".join(gate_report.failed_rules)
         registry.mark_rejected(model_name, version, reason, gate_markdown, actor=actor)
@@ -239,26 +266,27 @@ def register_model(
         previous = moves[-1].from_version if moves else None
     elif CHALLENGER in held:
         outcome, alias, previous = "challenger", CHALLENGER, champion
-    elif champion is None:
-        registry.move_alias(model_name, CHAMPION, version, FIRST_CHAMPION_REASON, actor, evidence)
-        outcome, alias, previous = "champion", CHAMPION, None
+    elif tags.get(TAG_STATUS) in (STATUS_QUEUED, STATUS_STALE):  # a retry after the decision was made
+        outcome, alias, previous = tags[TAG_STATUS], None, champion  # type: ignore[assignment]
+        reason = tags.get(TAG_QUEUED_REASON)
     else:
-        registry.move_alias(model_name, CHALLENGER, version, f"{CHALLENGER_REASON} v{champion}", actor, evidence)
-        outcome, alias, previous = "challenger", CHALLENGER, champion
+        # under the rollout lock: challenger now, or queued behind a rollout in flight / a paused loop
+        admission = admit(registry, RolloutLocks(audit_db_url), LoopControl(audit_db_url), model_name, version,
+                          gate_report.champion_version, actor, evidence)
+        outcome, reason, previous = admission.outcome, admission.reason, admission.champion
+        alias = {"champion": CHAMPION, "challenger": CHALLENGER}.get(outcome)
+        if outcome == "champion":
+            previous = None
 
-    event_name = {
-        "champion": "flywheel.model.champion-registered",
-        "challenger": "flywheel.model.challenger-registered",
-        "rejected": "flywheel.model.rejected",
-    }[outcome]
     sent = emit_model_event(
-        event_name,
+        EVENTS[outcome],
         model_name,
         version,
-        {"version": version, "outcome": outcome, "previous_champion": previous, "gates": gate_summary(gate_report)},
+        {"version": version, "outcome": outcome, "previous_champion": previous, "gates": gate_summary(gate_report),
+         **({"reason": reason} if reason else {})},
         related_run_id=mlflow_run_id,
     )
-    logger.info("%s v%s registered: %s", model_name, version, outcome)
+    logger.info("%s v%s registered: %s%s", model_name, version, outcome, f" ({reason})" if reason else "")
     return RegistrationOutcome(
         model_name=model_name,
         version=version,
@@ -267,4 +295,5 @@ def register_model(
         previous_champion=previous,
         model_uri=model_uri,
         event=sent,
+        reason=reason,
     )

@@ -176,6 +176,66 @@ def release_rollout_lock(audit_db_url: str, model: str, holder: str) -> bool:
     return RolloutLocks(audit_db_url).release(model, holder)
 
 
+# ------------------------------------------------------------------ controls: supersede, loop, queue
+
+
+@task(task_run_name="check-rollout-control-{model}", cache_policy=NO_CACHE)
+def check_rollout_control(audit_db_url: str, model: str, holder: str) -> None:
+    """Between steps: RolloutSuperseded when an operator superseded this rollout (`flywheel rollout supersede`)."""
+    from flywheel.rollout_controls import RolloutControls
+
+    RolloutControls(audit_db_url).check(model, holder)
+
+
+@task(task_run_name="read-loop-state-{model}", cache_policy=NO_CACHE)
+def read_loop_state(audit_db_url: str, model: str) -> Any:
+    """Whether the model's loop is paused (`flywheel loop pause`), by whom and why (a LoopState)."""
+    from flywheel.loopcontrol import LoopControl
+
+    return LoopControl(audit_db_url).state(model)
+
+
+def announce_release(registry: Any, model: str, done: Any, why: str) -> str | None:
+    """Emit the registration event of a version a hand-off released (challenger-registered starts its rollout
+    through the deployment's trigger); the event name when sent."""
+    from tasks.register import EVENTS, emit_model_event
+
+    if not done.released:
+        return None
+    mv = registry.model_version(model, done.released)
+    return emit_model_event(
+        EVENTS["champion" if done.alias == "champion" else "challenger"], model, done.released,
+        {"version": done.released, "outcome": done.alias, "previous_champion": done.champion,
+         "released_from_queue": True, "reason": done.reason, "why": why},
+        related_run_id=mv.run_id)
+
+
+def hand_off_and_announce(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str) -> dict[str, Any]:
+    """The queue's hand-off (flywheel/challenger_queue.py) and the released version's event."""
+    from flywheel.challenger_queue import hand_off
+    from flywheel.loopcontrol import LoopControl
+
+    registry = _registry(tracking_uri, audit_db_url)
+    done = hand_off(registry, RolloutLocks(audit_db_url), LoopControl(audit_db_url), model, actor, why)
+    event = announce_release(registry, model, done, why)
+    return {**done.model_dump(), "event": event}
+
+
+@task(task_run_name="hand-off-queued-{model}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_transient)
+def hand_off_queued(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str) -> dict[str, Any]:
+    """After a rollout released its lock: the newest queued challenger takes the alias and its
+    challenger-registered event starts its rollout; older ones are superseded, a stale one is kept out."""
+    out = hand_off_and_announce(tracking_uri, audit_db_url, model, actor, why)
+    log = run_logger("flywheel.rollout")
+    if out["released"]:
+        log.info("queued v%s released to %s (%s); event %s", out["released"], out["alias"], why,
+                 out["event"] or "not emitted")
+    elif out["skipped"] != "nothing queued":
+        log.info("queue not handed off: %s", out["skipped"])
+    return out
+
+
 # ----------------------------------------------------------------------------------------- service
 
 
@@ -365,12 +425,17 @@ def rollout_status(settings: Any, model: str, entries: int = 5) -> dict[str, Any
             client.close()
     except (ConnectionError, httpx.HTTPError) as exc:
         routing = f"service not reachable at {url}: {exc}"
+    from flywheel.challenger_queue import queued_versions
+    from flywheel.loopcontrol import LoopControl
+
     lock = RolloutLocks(settings.audit_db_url).current(model)
     return {
         "model": model,
         "aliases": registry.aliases(model),
         "routing": routing,
         "lock": lock.model_dump(mode="json") if lock else None,
+        "queued": [q.model_dump() for q in queued_versions(registry, model)],
+        "loop": LoopControl(settings.audit_db_url).state(model).model_dump(mode="json"),
         "audit": [e.model_dump(mode="json") for e in registry.audit.entries(model)[-entries:]],
     }
 
@@ -438,3 +503,32 @@ def manual_rollback(settings: Any, model: str, actor: str, reason: str, to_previ
         result = f"challenger v{challenger} rolled back; champion v{registry.alias_version(model, 'champion')} kept"
     told = _tell_service(settings, [("/admin/reload", None)]) if "not told" not in told else told
     return f"{result}; {told}"
+
+
+def manual_supersede(settings: Any, model: str, version: str | None, actor: str, reason: str) -> str:
+    """Stop the rollout in flight and put a queued version (the newest, or `version`) in its challenger's place:
+    the request the running flow checks between steps and the lock taken from it, traffic back to the champion,
+    the running challenger dropped (tagged superseded), the version made challenger and its event emitted.
+    Every step audited with `actor` and `reason`."""
+    from flywheel.challenger_queue import claim_supersede, finish_supersede
+    from flywheel.rollout_controls import RolloutControls
+
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    locks = RolloutLocks(settings.audit_db_url)
+    claim = claim_supersede(registry, locks, RolloutControls(settings.audit_db_url), model, version, actor, reason)
+    # traffic first: the champion answers everything before the aliases move
+    told = _tell_service(settings, [("/admin/routing", {"mode": "single", "share": 0.0, "active": "champion"})])
+    if "not told" in told:  # the stopped rollout no longer drives the routing: never move a version under it
+        done = finish_supersede(registry, locks, claim, actor, reason, traffic_on_champion=False)
+        raise RolloutError(f"rollout of v{claim.running_challenger} stopped and its challenger dropped (with no "
+                           f"challenger the service answers with the champion alone), but {told}: {done.skipped}; "
+                           f"roll it out with `flywheel rollout start --version {claim.version}` once the service "
+                           "answers")
+    done = finish_supersede(registry, locks, claim, actor, reason)
+    told = _tell_service(settings, [("/admin/reload", None)])
+    event = announce_release(registry, model, done, f"supersede by {actor}")
+    started = (f"event {event} emitted: the rollout deployment starts its rollout" if event else
+               f"no Prefect API to emit its event to: `flywheel rollout start --version {done.released}` rolls it out")
+    return (f"rollout of v{claim.running_challenger} ({claim.stopped_holder}) superseded; v{done.released} is "
+            f"challenger" + (f", queued {', '.join('v' + v for v in done.superseded)} superseded"
+                             if done.superseded else "") + f"; {told}; {started}")

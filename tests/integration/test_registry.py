@@ -354,8 +354,8 @@ def test_model_card_is_stored_and_read_back(env: dict[str, Any], lr_pipeline: Pi
 # -------------------------------------------------------------------------- register task
 
 
-def _report(passed: bool) -> GateReport:
-    return GateReport(results=[
+def _report(passed: bool, champion: str | None = None) -> GateReport:
+    return GateReport(champion_version=champion, results=[
         GateResult(rule="primary", value=0.8 if passed else 0.5, threshold=">= 0.6", passed=passed),
         GateResult(rule="slice:region=north", value=0.7, threshold=">= 0.6", passed=True, gated=False),
     ])  # fmt: skip
@@ -396,7 +396,8 @@ def test_register_model_task_outcomes(env: dict[str, Any], lr_pipeline: Pipeline
     assert registry.version_tags("churn", "2")[reg.TAG_STATUS] == reg.STATUS_REJECTED
     assert "REJECTED" in registry.version_tags("churn", "2")[reg.TAG_GATE_REPORT]
 
-    good = register_model.fn(lr_pipeline, x, run(), gate_report=_report(True), model_card_md=card, **args)
+    good = register_model.fn(lr_pipeline, x, run(), gate_report=_report(True, champion="1"), model_card_md=card,
+                             **args)
     assert (good.outcome, good.alias, good.previous_champion, good.version) == ("challenger", "challenger", "1", "3")
     assert registry.aliases("churn") == {"champion": "1", "challenger": "3"}
     last = env["audit"].entries("churn")[-1]

@@ -10,7 +10,11 @@ entity ids. Scenarios run in file order on that home:
 3. a lock left by a crashed rollout is taken over (expiry recorded); approval times out -> rejected;
 4. an approved shadow rollout (resumed from a thread, as a person would from the UI) promotes;
 5. the CLI's status / promote / rollback; 6. an A/B test's readout decides the outcome;
-7. a prediction-log writer that does not confirm a step's rows fails the rollout.
+7. a prediction-log writer that does not confirm a step's rows fails the rollout;
+8. candidates registered while a rollout is in flight are queued (no alias moves under it, its guards judge
+   its own challenger); its end hands the newest off to challenger and emits the event, and the next
+   rollout rolls it out; one queued behind a promotion goes stale; `flywheel rollout supersede` stops a
+   running rollout for a queued version; a paused loop holds instead of promoting (`flywheel loop ...`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ PLANS = {
     "plans": {
         "canary_fast": {"strategy": "canary", "steps": [{"share": 0.3, "hold_s": 2}, {"share": 1.0, "hold_s": 2}]},
         "blue_green_fast": {"strategy": "blue_green", "hold_s": 1.5},
+        # the queue/supersede/loop tests are about what happens around a rollout, not its latency guard: the
+        # champion's p99 comes from the window before the switch, a few dozen requests on a loaded machine
+        "blue_green_queue": {"strategy": "blue_green", "hold_s": 2, "guards": {"min_requests": 5}},
         "shadow_promote": {"strategy": "shadow", "sample": 1.0, "duration_s": 1.5, "min_agreement": 0.6,
                            "on_pass": "promote"},
         # step 1 holds 5% of ~1,900 entities: never the 150 labelled ones AUC needs; step 2 (100%) has them
@@ -481,3 +488,187 @@ def test_a_prediction_log_that_does_not_confirm_its_rows_fails_the_rollout(
         assert registry.alias_version("churn", "champion") == champion, "nothing was promoted"
     finally:
         stop_service(svc)
+
+
+# ------------------------------------------------------------------------- queue, supersede, loop pause
+
+
+def _register_candidate(registry, ctx, like: str) -> Any:
+    """A retrain finishing: the real register_model task on a copy of version `like` (a good model), gated
+    against the current champion."""
+    import mlflow
+
+    from flywheel.schemas import GateReport, GateResult
+    from tasks.register import register_model
+
+    source = registry.load("churn", version=like)
+    experiment = mlflow.MlflowClient(ctx.tracking_uri).get_experiment_by_name(ctx.train.experiment)
+    run = mlflow.MlflowClient(ctx.tracking_uri).create_run(experiment.experiment_id)
+    report = GateReport(champion_version=registry.alias_version("churn", "champion"),
+                        results=[GateResult(rule="primary", value=0.8, threshold=">= 0.6", passed=True)])
+    example = pd.read_parquet(ctx.offline_dir / "churn" / "features.parquet").head(5)[ctx.dataset.feature_names]
+    return register_model.fn(source.pipeline, example, run.info.run_id, "churn", report, None,
+                             {"flywheel.feature_service": source.tags["flywheel.feature_service"]},
+                             ctx.tracking_uri, ctx.audit_db_url, "prefect-flow-run:retrain")
+
+
+def _paused_run(wait_s: float = 120) -> str:
+    """The id of the rollout run waiting for approval (it holds its lock meanwhile)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+        if runs:
+            return str(runs[0].id)
+        time.sleep(0.3)
+    raise AssertionError("the rollout never paused for approval")
+
+
+def _other_good(registry) -> str:
+    """v1 or v2 (the trained models), whichever is not the champion."""
+    return "2" if registry.alias_version("churn", "champion") == "1" else "1"
+
+
+def test_a_retrain_during_a_rollout_is_queued_then_rolled_out_when_the_rollout_ends(
+    service: Service, traffic: Traffic, registry, ctx
+) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    from flywheel.locks import RolloutLocks
+    from tests.integration.test_registry_events import _events
+
+    home = ctx.settings.paths.home
+    champion, running = registry.alias_version("churn", "champion"), _other_good(registry)
+    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", challenger_version=running,
+                                         approval_required=True, approval_timeout_s=60))
+    run_id = _paused_run()  # the rollout of `running` is in flight, holding the lock, waiting for a person
+    older, newer = _register_candidate(registry, ctx, champion), _register_candidate(registry, ctx, champion)
+    for r in (older, newer):
+        assert (r.outcome, r.alias) == ("queued", None), r
+        assert r.reason == f"queued behind rollout of v{running} by prefect-flow-run:{run_id}"
+    # nothing moved under the rollout: the service still serves the challenger it started with
+    assert registry.aliases("churn") == {"champion": champion, "challenger": running}
+    assert _routing(service)["challenger"] == running
+
+    resume_flow_run(run_id, run_input={"approve": False, "comment": "not this one"})
+    first.join(120)
+    state = out["value"]
+    assert state.name == "Rejected", (state, state.message)
+    decision = state.result()
+    assert decision.challenger == running and decision.steps[0].challenger_entities > 0, "its guards judged it"
+    # its end released the lock and handed off: the newest queued version is challenger, the older superseded
+    assert RolloutLocks(ctx.audit_db_url).current("churn") is None
+    assert registry.aliases("churn") == {"champion": champion, "challenger": newer.version}
+    assert registry.version_tags("churn", older.version)["flywheel.status"] == "superseded"
+    move = registry.audit.entries("churn", alias="challenger")[-1]
+    assert (move.from_version, move.to_version, move.actor) == (None, newer.version, f"prefect-flow-run:{run_id}")
+    assert move.reason.startswith(f"released from the queue after rollout of v{running} ended (rejected)")
+    (event,) = _events("flywheel.model.challenger-registered", f"flywheel.model.churn.{newer.version}")
+    assert event.payload["released_from_queue"] is True and event.resource["flywheel.version"] == newer.version
+
+    # the event's trigger starts the next rollout; here it is called directly. A candidate queued behind it
+    # was gated against the champion this rollout replaces: it goes stale instead of rolling out
+    second, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", approval_required=True,
+                                          approval_timeout_s=60))
+    run_id = _paused_run()
+    behind = _register_candidate(registry, ctx, champion)
+    assert behind.outcome == "queued" and registry.aliases("churn")["challenger"] == newer.version
+    resume_flow_run(run_id, run_input={"approve": True, "comment": "ship it"})
+    second.join(120)
+    state = out["value"]
+    assert state.name == "Promoted", (state, state.message)
+    assert state.result().challenger == newer.version
+    assert registry.aliases("churn") == {"champion": newer.version}, "the stale candidate was not rolled out"
+    tags = registry.version_tags("churn", behind.version)
+    assert (tags["flywheel.status"], tags["flywheel.gated_against"]) == ("stale", champion)
+    left = registry.audit.entries("churn", alias="queued")[-1]
+    assert (left.from_version, left.to_version) == (behind.version, None)
+    assert f"gated against champion v{champion}, but the champion is now v{newer.version}" in left.reason
+    assert _events("flywheel.model.challenger-registered", f"flywheel.model.churn.{behind.version}", 2) == []
+
+
+def test_supersede_stops_the_running_rollout_for_the_queued_version(service: Service, traffic: Traffic, registry,
+                                                                   ctx) -> None:
+    from prefect.flow_runs import resume_flow_run
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from flywheel.rollout_controls import RolloutControls
+
+    home = ctx.settings.paths.home
+    champion, running = registry.alias_version("churn", "champion"), _other_good(registry)
+    first, out = _in_thread(lambda: _run(service, home, strategy="blue_green_queue", challenger_version=running,
+                                         approval_required=True, approval_timeout_s=60))
+    run_id = _paused_run()
+    queued = _register_candidate(registry, ctx, champion)
+    assert queued.outcome == "queued"
+
+    env = {"FLYWHEEL_SERVE__PORT": str(service.port), "FLYWHEEL_ADMIN_TOKEN": TOKEN}
+    r = CliRunner().invoke(app, ["rollout", "supersede", "--reason", "the retrain fixes a bug", "--profile", "ci",
+                                 "--config-dir", str(home / "configs")], env=env)
+    assert r.exit_code == 0, r.output
+    assert f"v{queued.version} is challenger" in r.output and f"prefect-flow-run:{run_id}" in r.output
+    assert registry.aliases("churn") == {"champion": champion, "challenger": queued.version}
+    assert registry.version_tags("churn", running)["flywheel.status"] == "superseded"
+    dropped = registry.audit.entries("churn", alias="challenger")[-2]
+    assert (dropped.from_version, dropped.to_version) == (running, None)
+    assert dropped.actor.startswith("user:") and "the retrain fixes a bug" in dropped.reason
+    assert _routing(service)["policy"]["mode"] == "single", "traffic went back to the champion"
+    (request,) = RolloutControls(ctx.audit_db_url).history("churn")
+    assert (request.holder, request.version) == (f"prefect-flow-run:{run_id}", queued.version)
+
+    # the stopped rollout learns it at its next step: an approval arriving now promotes nothing
+    resume_flow_run(run_id, run_input={"approve": True, "comment": "too late"})
+    first.join(120)
+    state = out["value"]
+    assert state.is_cancelled() and state.name == "Superseded", (state, state.message)
+    assert "the retrain fixes a bug" in (state.message or "")
+    assert registry.aliases("churn") == {"champion": champion, "challenger": queued.version}
+
+    # and the queued version's own rollout runs
+    state = _run(service, home, strategy="blue_green_queue")
+    assert state.result().challenger == queued.version and state.name == "Promoted", (state, state.message)
+
+
+def test_a_paused_loop_holds_the_rollout_and_a_person_can_still_promote(service: Service, traffic: Traffic,
+                                                                       registry, ctx) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    home = ctx.settings.paths.home
+    runner = CliRunner()
+    env = {"FLYWHEEL_SERVE__PORT": str(service.port), "FLYWHEEL_ADMIN_TOKEN": TOKEN}
+    base = ["--profile", "ci", "--config-dir", str(home / "configs")]
+    r = runner.invoke(app, ["loop", "pause", "--reason", "incident review", *base], env=env)
+    assert r.exit_code == 0 and "loop paused by user:" in r.output, r.output
+    status = json.loads(runner.invoke(app, ["loop", "status", *base], env=env).stdout)
+    assert status["paused"] is True and status["reason"] == "incident review"
+
+    champion, candidate = registry.alias_version("churn", "champion"), _other_good(registry)
+    state = _run(service, home, strategy="blue_green_queue", challenger_version=candidate)
+    assert state.name == "Held", (state, state.message)
+    assert "loop paused" in state.result().reason and "incident review" in state.result().reason
+    assert registry.aliases("churn") == {"champion": champion, "challenger": candidate}
+    assert _routing(service)["policy"]["mode"] == "single"
+    # a retrain while paused is registered and queued, not made challenger
+    queued = _register_candidate(registry, ctx, champion)
+    assert queued.outcome == "queued" and "loop paused" in (queued.reason or "")
+
+    r = runner.invoke(app, ["rollout", "promote", "--reason", "checked by hand", *base], env=env)
+    assert r.exit_code == 0, r.output
+    assert registry.alias_version("churn", "champion") == candidate, "an explicit promotion still works"
+
+    r = runner.invoke(app, ["loop", "resume", "--reason", "review done", *base], env=env)
+    assert r.exit_code == 0, r.output
+    assert "running" in r.output and "stale" in r.output, "resuming hands off: gated against the old champion"
+    assert registry.version_tags("churn", queued.version)["flywheel.status"] == "stale"
+    history = json.loads(runner.invoke(app, ["loop", "status", *base], env=env).stdout)["history"]
+    assert [(e["action"], e["reason"]) for e in history] == [("pause", "incident review"), ("resume", "review done")]

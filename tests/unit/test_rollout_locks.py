@@ -118,3 +118,24 @@ def test_racing_acquirers_only_one_wins(url: str, model: str) -> None:
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["refused"] * 5 + ["won"]
+
+
+def test_an_operator_takes_a_running_rollouts_lock_and_the_rollout_learns_it(locks: RolloutLocks, model: str
+                                                                           ) -> None:
+    locks.acquire(model, "prefect-flow-run:a", 600, now=T0)
+    info = locks.take_over(model, "prefect-flow-run:a", "supersede (user:ana)", 60, "v7 instead",
+                           now=T0 + timedelta(seconds=10))
+    assert info.holder == "supersede (user:ana)" and info.took_over_from == "prefect-flow-run:a"
+    assert locks.current(model).holder == "supersede (user:ana)"
+    # the running rollout's next renewal fails, and its release at the end does nothing
+    with pytest.raises(LockLost, match="no longer held by prefect-flow-run:a"):
+        locks.renew(model, "prefect-flow-run:a", 600, now=T0 + timedelta(seconds=20))
+    assert not locks.release(model, "prefect-flow-run:a")
+    events = [(e.holder, e.event) for e in locks.history(model)]
+    assert events[:3] == [("prefect-flow-run:a", "acquired"), ("prefect-flow-run:a", "superseded"),
+                          ("supersede (user:ana)", "acquired")]
+    assert "v7 instead" in locks.history(model)[1].detail
+    # taking it from a holder that no longer has it fails (the rollout ended, or someone else was first)
+    with pytest.raises(LockLost, match="no longer held by prefect-flow-run:a"):
+        locks.take_over(model, "prefect-flow-run:a", "supersede (user:bob)", 60, "late")
+    assert locks.release(model, "supersede (user:ana)")
