@@ -17,7 +17,9 @@ from flywheel.monitoring.alarms import WindowStatus
 from flywheel.monitoring.config import DatasetPolicy
 from flywheel.monitoring.drift import DriftResult
 from flywheel.monitoring.history import WindowRecord
+from flywheel.monitoring.performance import Estimate
 from flywheel.monitoring.profile import ReferenceProfile
+from flywheel.monitoring.serving import ServingWindow
 from flywheel.monitoring.window import WindowAssessment
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import ValidateConfig
@@ -101,3 +103,52 @@ def record_window(history_url: str, rec: WindowRecord) -> int:
         return history.record(rec)
     finally:
         history.close()
+
+
+@task(name="read_window", task_run_name="read-window-{model_name}-v{version}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def read_window(log_url: str, model_name: str, version: str, start: datetime, end: datetime,
+                dataset: DatasetDefinition) -> ServingWindow:
+    """The champion's served rows in [start, end) from the prediction log."""
+    from flywheel.monitoring.serving import read_serving_window
+
+    window = read_serving_window(log_url, model_name, version, start, end, dataset)
+    run_logger("flywheel.monitor").info("window %s - %s: %d served rows of %s v%s", start, end, window.rows,
+                                        model_name, version)
+    return window
+
+
+@task(name="estimate_window_performance", task_run_name="estimate-performance", cache_policy=NO_CACHE)
+def estimate_window_performance(probabilities: np.ndarray, seed: int, n_boot: int = 200,
+                                confidence: float = 0.95) -> Estimate | None:
+    """ROC AUC and accuracy expected from the served probabilities alone (None for an empty window)."""
+    from flywheel.monitoring.performance import estimate_performance
+
+    if len(probabilities) == 0:
+        return None
+    return estimate_performance(np.asarray(probabilities, float), n_boot, confidence, seed)
+
+
+@task(name="publish_window_summary", task_run_name="summary-{model_name}-{reference}", cache_policy=NO_CACHE)
+def publish_window_summary(model_name: str, reference: str, start: datetime, end: datetime,
+                           assessment: WindowAssessment, estimate: Estimate | None, report: Path | None) -> str:
+    """The window's verdict, estimate and report link as markdown; a Prefect artifact inside a run."""
+    from flywheel.monitoring.window import verdict_markdown
+    from tasks._prefect import in_run
+
+    markdown = verdict_markdown(model_name, reference, start, end, assessment)
+    if estimate is not None:
+        r, a = estimate.roc_auc, estimate.accuracy
+        markdown += (f"\n\nEstimated without labels ({estimate.n} rows): ROC AUC {r.value:.3f} "
+                     f"[{r.lower:.3f}, {r.upper:.3f}], accuracy {a.value:.3f} [{a.lower:.3f}, {a.upper:.3f}] "
+                     "(label noise only; concept drift is invisible to it)")
+    if report is not None:
+        markdown += f"\n\nEvidently report: `{report}`"
+    if in_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        verdict = assessment.verdict
+        create_markdown_artifact(markdown=markdown, key=f"monitoring-{model_name.replace('_', '-')}",
+                                 description=f"{model_name} {reference}: {verdict.status}"
+                                 + (" ALARM" if verdict.alarm else ""))
+    return markdown

@@ -3,7 +3,7 @@
 A window belongs to a series: the model and the reference it was judged against (`v<version>` for a
 registered version's profile, `profile:<sha>` / `data:<sha>` for a profile file or reference data), so a
 new champion starts a new series and its alarms do not inherit the old one's streak. Persistence reads
-the windows of the series that ended before the window being judged began; judging the same window again
+the windows of the series that ended by the time the window being judged began; judging the same window again
 replaces its row, so a re-run does not count twice. Times are stored as naive UTC (SQLite keeps no
 offset), through SQLAlchemy Core only: the same code on SQLite and PostgreSQL. The table is declared on
 `flywheel.migrations.METADATA` and created by `migrations.ensure` on first use.
@@ -147,9 +147,10 @@ class MonitoringHistory:
         return out
 
     def previous(self, model: str, reference: str, before: datetime, limit: int = 100) -> list[WindowRecord]:
-        """The series' windows that ended before `before`, oldest first (at most the last `limit`)."""
+        """The series' windows that ended by `before`, oldest first (at most the last `limit`): contiguous
+        windows (one ends when the next begins, as the scheduled flow's do) precede each other."""
         q = (sa.select(windows).where(windows.c.model == model, windows.c.reference == reference,
-                                      windows.c.window_end < _naive(before))
+                                      windows.c.window_end <= _naive(before))
              .order_by(windows.c.window_end.desc(), windows.c.id.desc()).limit(limit))
         return list(reversed(self._records(q)))
 

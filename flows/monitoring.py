@@ -1,0 +1,90 @@
+"""The monitoring flow: one window of served traffic judged against the champion's reference profile.
+
+served rows (prediction log) -> drift + data quality (GX suite) + alarm after persistence -> report ->
+monitoring history -> label-free performance estimate -> a summary artifact. `flywheel monitor` judges
+a batch file the same way; both record into the same history series (model, `v<champion version>`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from tasks.monitor import (
+    assess_window,
+    estimate_window_performance,
+    load_reference_profile,
+    previous_window_statuses,
+    publish_window_summary,
+    read_window,
+    record_window,
+    write_window_report,
+)
+
+
+class MonitoringParams(BaseModel):
+    """What the Prefect UI shows as the run form."""
+
+    model_name: str | None = Field(None, description="Model to monitor (default: the settings' model)")
+    window_hours: float = Field(1.0, gt=0, le=24 * 31, description="Length of the judged window, ending at `end`")
+    end: datetime | None = Field(None, description="End of the window (default: now)")
+    report: bool = Field(True, description="Write the Evidently HTML report of the window")
+    profile: Literal["local", "ci", "production"] | None = Field(None, description="Settings profile")
+    config_dir: str | None = Field(None, description="Folder holding base.yaml (default: ./configs)")
+
+
+class MonitoringResult(BaseModel):
+    model_name: str
+    version: str
+    rows: int
+    status: str  # ok | drift | too_few_rows
+    alarm: bool
+    data_quality_alarm: bool
+    drifted_features: list[str]
+    estimated_roc_auc: float | None
+    window_id: int
+    report: str | None
+
+
+@flow(name="monitoring", log_prints=True)
+def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
+    """Served window -> drift and data-quality verdicts vs the champion's reference -> history -> summary."""
+    from flywheel.monitoring.config import load_policy
+    from flywheel.monitoring.history import window_record
+    from flywheel.runtime import start_run_context
+
+    params = params or MonitoringParams()
+    ctx = start_run_context(params.profile, params.config_dir)
+    settings, dataset = ctx.settings, ctx.dataset
+    model = params.model_name or ctx.model_name
+    end = params.end or datetime.now(UTC)
+    start = end - timedelta(hours=params.window_hours)
+    policy = load_policy(settings.resolve(settings.monitor.policy_file)).for_dataset(dataset.name)
+
+    version, profile = load_reference_profile(ctx.tracking_uri, ctx.audit_db_url, model, "champion")
+    window = read_window(settings.store_url(settings.serve.prediction_log_url), model, version, start, end, dataset)
+    reference = f"v{version}"
+    previous = previous_window_statuses(ctx.audit_db_url, model, reference, start)
+    assessment = assess_window(profile, window.frame, policy, previous, window.probabilities, dataset,
+                               settings.validate_)
+    report = None
+    if params.report and policy.report.enabled and window.rows:
+        folder = settings.resolve(settings.paths.reports_dir) / "monitoring" / model / reference
+        report = write_window_report(profile, window.frame, assessment.drift,
+                                     folder / f"{start:%Y%m%dT%H%M%S}_{end:%Y%m%dT%H%M%S}.html", policy)
+    rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality,
+                        assessment.verdict, str(report) if report else None)
+    window_id = record_window(ctx.audit_db_url, rec)
+    estimate = estimate_window_performance(window.probabilities, ctx.train.seed)
+    publish_window_summary(model, reference, start, end, assessment, estimate, report)
+
+    verdict = assessment.verdict
+    return MonitoringResult(
+        model_name=model, version=version, rows=window.rows, status=verdict.status, alarm=verdict.alarm,
+        data_quality_alarm=verdict.data_quality_alarm, drifted_features=list(verdict.drifted_features),
+        estimated_roc_auc=estimate.roc_auc.value if estimate else None, window_id=window_id,
+        report=str(report) if report else None,
+    )

@@ -1,0 +1,111 @@
+"""The monitoring flow on a real champion (training flow, MLflow on SQLite) and a real prediction log:
+served windows read from the log, judged against the stored reference profile, recorded in the history,
+the drift alarm raised only after the policy's persistence, and calm traffic raising none."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import make_home
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SERVED = datetime(2030, 1, 1, tzinfo=UTC)  # served windows start here, hour by hour
+WINDOW_ROWS = 800  # above the policy's minimum sample per window
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Path:
+    """A champion trained by the real training flow on 15 drift-free days."""
+    import shutil
+
+    from flows.training import TrainingParams, training_pipeline
+    from flywheel.datagen import GeneratorSpec, write_batches
+
+    home = make_home(tmp_path_factory.mktemp("monitoring"))
+    files = write_batches(GeneratorSpec(seed=21, days=15, rows_per_day=600, customers=6000), home / "data" / "staging")
+    incoming = home / "data" / "incoming" / "churn"
+    incoming.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, incoming / f.name)
+    result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
+    assert result.alias == "champion", result
+    return home
+
+
+def _settings(home: Path):
+    from flywheel.settings import load_settings
+
+    return load_settings(profile="ci", config_dir=home / "configs", environ={})
+
+
+def _serve(home: Path, hour: int, covariate_drift: float, seed: int) -> None:
+    """Log one hour of the champion's answers on generated rows, as the service's writer stores them."""
+    from flywheel.audit import AuditLog
+    from flywheel.datagen import DriftSpec, GeneratorSpec, generate
+    from flywheel.predictionlog import Writer
+    from flywheel.predictor import served_predictor
+    from flywheel.registry import Registry
+    from flywheel.schemas import load_dataset
+
+    settings = _settings(home)
+    dataset = load_dataset(settings.resolve(settings.dataset))
+    spec = GeneratorSpec(seed=seed, days=1, rows_per_day=WINDOW_ROWS, drift=DriftSpec(covariate=covariate_drift))
+    (_, rows), = list(generate(spec))
+    loaded = Registry(settings.mlflow_tracking_uri, AuditLog(settings.audit_db_url)).load("churn", alias="champion")
+    p = served_predictor(loaded, dataset).predict_frame(rows)
+    at = SERVED + timedelta(hours=hour)
+    records = []
+    for i, (row, prob) in enumerate(zip(rows[dataset.feature_names].to_dict("records"), p, strict=True)):
+        features = {k: (None if pd.isna(v) else v) for k, v in row.items()}
+        records.append({"at": at + timedelta(seconds=i), "request_id": uuid.uuid4().hex, "entity": str(i),
+                        "model": "churn", "version": str(loaded.version), "arm": "champion",
+                        "prediction": bool(prob >= 0.5), "probability": float(prob), "latency_ms": 1.0,
+                        "features": json.loads(json.dumps(features)), "imputed": [], "explanation": None,
+                        "shadow": False})
+    writer = Writer(settings.store_url(settings.serve.prediction_log_url))
+    writer.add(records)
+    assert writer.flush() == len(records)
+    writer.engine.dispose()
+
+
+def _monitor(home: Path, hour: int):
+    from flows.monitoring import MonitoringParams, monitoring
+
+    end = SERVED + timedelta(hours=hour + 1)
+    return monitoring(MonitoringParams(profile="ci", config_dir=str(home / "configs"), end=end, report=hour == 0))
+
+
+def test_calm_traffic_raises_nothing_and_drift_alarms_after_persistence(home: Path) -> None:
+    from flywheel.monitoring.history import MonitoringHistory
+
+    _serve(home, 0, covariate_drift=0.0, seed=101)
+    calm = _monitor(home, 0)
+    assert (calm.rows, calm.version, calm.alarm, calm.data_quality_alarm) == (WINDOW_ROWS, "1", False, False), calm
+    assert calm.report and Path(calm.report).is_file(), "the window's Evidently report"
+    assert calm.estimated_roc_auc is not None and 0.5 < calm.estimated_roc_auc < 1.0
+
+    for hour in (1, 2):
+        _serve(home, hour, covariate_drift=1.0, seed=200 + hour)
+    first, second = _monitor(home, 1), _monitor(home, 2)
+    assert first.status == "drift" and not first.alarm, "one drifted window is not an alarm (persistence 2)"
+    assert second.status == "drift" and second.alarm, second
+    assert second.drifted_features, second
+
+    history = MonitoringHistory(_settings(home).audit_db_url)
+    try:
+        recorded = history.previous("churn", "v1", before=SERVED + timedelta(hours=10))
+    finally:
+        history.close()
+    assert [(r.status, r.alarm) for r in recorded] == [("ok", False), ("drift", False), ("drift", True)]
+
+
+def test_an_empty_window_is_too_few_rows_never_an_alarm(home: Path) -> None:
+    result = _monitor(home, 50)  # nothing was served then
+    assert (result.rows, result.status, result.alarm) == (0, "too_few_rows", False), result
