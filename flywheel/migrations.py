@@ -19,7 +19,7 @@ from flywheel.db import project_engine
 METADATA = sa.MetaData()
 
 # modules declaring tables on METADATA (imported by `upgrade`, never at import time of this module)
-TABLE_MODULES: list[str] = []
+TABLE_MODULES: list[str] = ["flywheel.trigger_decisions", "flywheel.notify"]
 
 
 def ensure(engine: sa.Engine, tables: Iterable[sa.Table]) -> None:

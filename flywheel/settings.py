@@ -8,6 +8,7 @@ Nothing here runs at import time: entry points call `load_settings()` once.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from flywheel.clock import ClockConfig, WallClockConfig
 from flywheel.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -209,6 +211,51 @@ class StackConfig(Section):
     ephemeral_startup_timeout_seconds: int = Field(180, ge=1)
 
 
+class TriggersConfig(Section):
+    """When the loop acts on its own: cron schedules, event rules (drift, performance, volume, staleness,
+    explicit requests), cooldown, dedupe and liveness, all in `policy_file` (flywheel/triggers.py)."""
+
+    policy_file: Path = Path("configs/triggers.yaml")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class NotifyTarget(Section):
+    """One outgoing webhook that receives alarms, signed with the secret held by the variable `secret_env`."""
+
+    url: str
+    secret_env: str  # the NAME of the environment variable holding the shared secret; never the secret
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _a_variable_that_is_not_a_setting(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        # FLYWHEEL_* variables are read as settings keys: the secret would fail the load as an unknown key
+        if value.startswith(ENV_PREFIX) and value not in NOT_SETTINGS:
+            raise ValueError(f"{value!r}: FLYWHEEL_* variables are settings keys; name a variable without that "
+                             "prefix (e.g. ALERTS_WEBHOOK_SECRET)")
+        return value
+
+
+class NotifyConfig(Section):
+    """Where alarms (drift, data quality, performance, liveness) are sent (flywheel/notify.py)."""
+
+    targets: list[NotifyTarget] = []  # none: alarms are recorded and logged, sent nowhere
+    timeout_s: float = Field(5.0, gt=0, le=120)  # per attempt
+    attempts: int = Field(3, ge=1, le=10)  # connection errors, timeouts, 408/429/5xx are retried
+    backoff_s: float = Field(1.0, ge=0, le=60)  # first wait between attempts; doubles each time
+    backoff_max_s: float = Field(30.0, ge=0, le=600)
+
+
 class TelemetryConfig(Section):
     enabled: bool = False
 
@@ -231,6 +278,10 @@ class Settings(BaseSettings):
     batch: BatchConfig = BatchConfig()
     stack: StackConfig = StackConfig()
     rollout: RolloutConfig = RolloutConfig()
+    triggers: TriggersConfig = TriggersConfig()
+    notify: NotifyConfig = NotifyConfig()
+    # the time the project's logic runs on (cooldowns, staleness, liveness); `simulated` runs days in seconds
+    clock: ClockConfig = WallClockConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
@@ -384,7 +435,8 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 def _check_paths(settings: Settings, prov: dict[str, str]) -> None:
     problems = []
-    for key, path in (("dataset", settings.dataset), ("evaluate.gates_file", settings.evaluate.gates_file)):
+    for key, path in (("dataset", settings.dataset), ("evaluate.gates_file", settings.evaluate.gates_file),
+                      ("triggers.policy_file", settings.triggers.policy_file)):
         if not settings.resolve(path).is_file():
             problems.append((_source_of(key, prov), key, f"file not found: {settings.resolve(path)}"))
     if problems:
