@@ -412,11 +412,30 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
+            dotted = ".".join(str(p) for p in _input_loc(merged, err["loc"]))
             problems.append((_source_of(dotted, prov), dotted, err["msg"]))
         raise ConfigError(problems) from None
     _check_paths(settings, prov)
     return settings
+
+
+def _input_loc(data: Any, loc: tuple[Any, ...]) -> list[Any]:
+    """An error's location as the keys the user wrote: a discriminated union adds its tag to the location
+    (`clock.simulated.start`), which is no key of any file (`clock.start`)."""
+    out: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and not last:
+            continue  # a union tag
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
 
 
 def _dig(tree: dict[str, Any], dotted: str) -> Any:
