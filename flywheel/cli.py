@@ -531,19 +531,23 @@ def retrain(
     signal = request_signal(model=name, reason=reason.strip(), actor=_user(), source="cli", occurred=now,
                             event_id=request_id or f"cli:{uuid.uuid4()}")
     decision = decide_record_emit(signal, policy, settings.audit_db_url, now, paused=False)
-    console.print(f"decision {decision.id}: [bold]{decision.outcome}[/] ({decision.reason})", highlight=False)
+    from rich.markup import escape
+
+    console.print(f"decision {decision.id}: [bold]{decision.outcome}[/] ({escape(decision.reason)})", highlight=False,
+                  soft_wrap=True)
     if not decision.fired:
         raise typer.Exit(code=1)
     if decision.emitted_at is None:
         _fail(FlywheelError(f"the request was recorded as fired, but flywheel.retrain.requested could not be sent "
                             f"to {os.environ['PREFECT_API_URL']}; repeat the command with --request-id "
                             f"{signal.event_id} to send it again"))
-    console.print(f"emitted flywheel.retrain.requested (event id {decision.id}) for flywheel.model.{name}")
+    console.print(f"emitted flywheel.retrain.requested (event id {decision.id}) for flywheel.model.{name}",
+                  soft_wrap=True)
     if wait > 0:
         run_id = link_started_run(decision.id, settings.audit_db_url, wait)
         if run_id:
             ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
-            console.print(f"training run started: {ui}/runs/flow-run/{run_id}")
+            console.print(f"training run started: {ui}/runs/flow-run/{run_id}", soft_wrap=True)
         else:
             console.print(f"no training run seen within {wait:g} s: the training deployment's trigger starts it "
                           "when the deployment is served (`flywheel up`); `flywheel triggers list` shows it later")
