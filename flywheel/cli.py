@@ -485,11 +485,17 @@ triggers_app = typer.Typer(help="Trigger decisions: when the loop retrains on it
 app.add_typer(triggers_app, name="triggers")
 
 
-def _model_name(settings, model: str | None) -> str:
-    """The model the training deployment registers: --model, else register.model_name, else the dataset's."""
+def _trained_model(settings, model: str | None) -> str:
+    """The model the training deployment registers (register.model_name, else the dataset's name); --model may
+    only repeat it: the deployment's trigger trains its own model whatever the event names."""
     from flywheel.schemas import load_dataset
 
-    return model or settings.register_.model_name or load_dataset(settings.resolve(settings.dataset)).name
+    trained = settings.register_.model_name or load_dataset(settings.resolve(settings.dataset)).name
+    if model is not None and model != trained:
+        raise FlywheelError(f"the training deployment here trains {trained!r}, not {model!r}: a request for "
+                            f"{model!r} would retrain {trained!r} (set register.model_name or the dataset to "
+                            "train another model)")
+    return trained
 
 
 @app.command("retrain")
@@ -516,7 +522,7 @@ def retrain(
         if not reason.strip():
             raise FlywheelError("--reason must say why (it is recorded)")
         settings = _settings(profile, config_dir)
-        name = _model_name(settings, model)
+        name = _trained_model(settings, model)
         policy = load_policy(settings.resolve(settings.triggers.policy_file))
         use_active_stack(settings)  # before Prefect is imported: it reads PREFECT_API_URL at import
         if not os.environ.get("PREFECT_API_URL"):

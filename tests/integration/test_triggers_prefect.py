@@ -102,6 +102,7 @@ def test_flywheel_retrain_starts_the_triggered_deployment_and_links_its_run(home
     time.sleep(2)  # the triggers service loads new automations
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    monkeypatch.setenv("FLYWHEEL_REGISTER__MODEL_NAME", model)  # the model this home's training deployment trains
     args = ["--profile", "ci", "--config-dir", str(home / "configs")]
     request_id = f"req-{uuid.uuid4()}"
     res = CliRunner().invoke(app, ["retrain", "--model", model, "--reason", "labels reviewed",
@@ -133,3 +134,11 @@ def test_flywheel_retrain_without_a_prefect_server_refuses_before_recording(home
                                    str(home / "configs")])
     assert res.exit_code == 2 and "no Prefect server to carry the request" in res.output, res.output
     assert not (home / "data" / "flywheel.db").exists(), "nothing recorded for a request nobody could carry"
+
+
+def test_flywheel_retrain_refuses_a_model_the_training_deployment_does_not_train(home: Path) -> None:
+    from flywheel.cli import app
+
+    res = CliRunner().invoke(app, ["retrain", "--model", "fraud", "--reason", "x", "--profile", "ci",
+                                   "--config-dir", str(home / "configs")])
+    assert res.exit_code == 2 and "trains 'churn', not 'fraud'" in res.output, res.output

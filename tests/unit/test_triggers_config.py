@@ -148,3 +148,20 @@ def test_simulated_and_manual_clocks() -> None:
     assert manual.advance(timedelta(hours=7)) == manual.now() == datetime(2026, 3, 1, 7, tzinfo=UTC)
     with pytest.raises(ValueError, match="seconds_per_day"):
         SimulatedClock(datetime(2026, 3, 1, tzinfo=UTC), seconds_per_day=0)
+
+
+def test_prefect_yaml_schedules_agree_with_the_policy(home: Path) -> None:
+    """deployments/prefect.yaml is static (`prefect deploy` reads it): its schedules must say what the policy says."""
+    from tests.conftest import PROJECT
+
+    s = load_settings(profile="ci", config_dir=home / "configs", environ={})
+    wanted = deployment_schedules(load_policy(s.resolve(s.triggers.policy_file)), s.batch.cron)
+    spec = yaml.safe_load((PROJECT / "deployments" / "prefect.yaml").read_text())
+    checked = []
+    for dep in spec["deployments"]:
+        if dep["name"] in wanted and dep.get("schedules"):
+            (sched,) = dep["schedules"]
+            want = wanted[dep["name"]]
+            assert (sched["cron"], sched.get("active", True)) == (want.cron, want.active), dep["name"]
+            checked.append(dep["name"])
+    assert {"training", "batch-scoring"} <= set(checked)
