@@ -516,7 +516,8 @@ def retrain(
 
     from flywheel.clock import build_clock
     from flywheel.stack import use_active_stack
-    from flywheel.triggers import load_policy, request_signal
+    from flywheel.trigger_policy import load_policy
+    from flywheel.triggers import request_signal
 
     try:
         if not reason.strip():

@@ -24,7 +24,8 @@ import sqlalchemy as sa
 from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 from flywheel.migrations import METADATA, ensure
-from flywheel.triggers import Decision, History, Signal, TriggerPolicy, decide
+from flywheel.trigger_policy import TriggerPolicy
+from flywheel.triggers import Decision, History, Signal, decide
 
 TABLE = "flywheel_trigger_decisions"
 

@@ -16,8 +16,10 @@ The rules, in the order `decide` applies them:
 5. cooldown: no automatic retrain of a model within `discipline.cooldown` of its last retrain, `cooldown
    until <t> (last retrain <t>)`.
 
-Explicit requests (`retrain_requested`: the signed webhook, `flywheel retrain`) are held only by dedupe and
-by the training deployment's concurrency limit, never by the cooldown or a pause: a person asked.
+Explicit requests (`retrain_requested`, e.g. `flywheel retrain`) are held only by dedupe and by the
+training deployment's concurrency limit, never by the cooldown or a pause: a person asked.
+
+The policy itself (schedules, rules, thresholds, cooldown, liveness) is flywheel/trigger_policy.py.
 
 Decision ids are deterministic (uuid5 of the signal's event id and how many decisions that event id had
 before), so two processes deciding the same signal at once compute the same id and the database's primary
@@ -30,13 +32,21 @@ Pure: no Prefect, MLflow, database or clock inside; `now` is passed in (flywheel
 from __future__ import annotations
 
 import math
-import re
 import uuid
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from flywheel.trigger_policy import (
+    Liveness,
+    PerformanceRule,
+    StalenessRule,
+    TriggerPolicy,
+    VolumeRule,
+    describe_duration,
+    iso_seconds,
+)
 
 if TYPE_CHECKING:
     from flywheel.monitoring.performance import Estimate, Performance
@@ -80,236 +90,12 @@ def alarm_id(*parts: object) -> str:
 
 
 
-# ------------------------------------------------------------------------------------------ durations
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-
-
-def parse_duration(value: Any) -> timedelta:
-    """`90s`, `15m`, `6h`, `30d`, `1w`, a number of seconds, or a timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
-        raise ValueError("a duration, e.g. 6h, 30d, 15m (got a boolean)")
-    if isinstance(value, int | float):
-        return timedelta(seconds=float(value))
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-    raise ValueError(f"{value!r} is not a duration: a number and a unit among s, m, h, d, w (e.g. 6h, 30d)")
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-
-def describe_duration(td: timedelta) -> str:
-    seconds = td.total_seconds()
-    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------------------------- cron
-
-_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
-_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"],
-          4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
-
-
-def check_cron(expr: str) -> str:
-    """A five-field cron expression (minute hour day-of-month month day-of-week), as Prefect takes it."""
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"{expr!r}: a cron expression has 5 fields (minute hour day-of-month month day-of-week)")
-    for i, (text, (name, lo, hi)) in enumerate(zip(fields, _FIELDS, strict=True)):
-        names = _NAMES.get(i, [])
-
-        def value(token: str, name: str = name, lo: int = lo, hi: int = hi, names: list[str] = names) -> int:
-            if token.lower() in names:
-                return names.index(token.lower()) + (1 if name == "month" else 0)
-            if not token.isdigit() or not lo <= int(token) <= hi:
-                raise ValueError(f"{expr!r}: {name} {token!r} is not in {lo}-{hi}")
-            return int(token)
-
-        for part in text.split(","):
-            base, _, step = part.partition("/")
-            if step and (not step.isdigit() or int(step) < 1):
-                raise ValueError(f"{expr!r}: {name} step {step!r} must be a positive number")
-            if base == "*":
-                continue
-            start, _, end = base.partition("-")
-            if end and value(start) > value(end):
-                raise ValueError(f"{expr!r}: {name} range {base!r} runs backwards")
-            value(start)
-    return expr
-
-
-Cron = Annotated[str, BeforeValidator(lambda v: check_cron(v) if isinstance(v, str) else v)]
-
-
-# --------------------------------------------------------------------------------------------- policy
+# ------------------------------------------------------------------------------------ signals, decisions
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class CronSchedule(_Strict):
-    cron: Cron
-    timezone: str = "UTC"
-    active: bool = True
-
-
-class BatchScoringSchedule(_Strict):
-    """Nightly batch scoring. Its cron is `batch.cron` in the settings (one source: `flywheel up` serves the
-    deployment on it, and deployments/prefect.yaml is checked against it), not repeated here."""
-
-    active: bool = True
-    timezone: str = "UTC"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _cron_lives_in_settings(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "cron" in data:
-            raise ValueError("batch_scoring's cron is the setting batch.cron (configs/base.yaml or a profile): "
-                             "set it there, so that one value schedules the deployment")
-        return data
-
-
-class Schedules(_Strict):
-    """Cron schedules of the loop's deployments (Prefect runs them on wall time)."""
-
-    monitoring: CronSchedule = CronSchedule(cron="0 * * * *")  # hourly
-    materialization: CronSchedule = CronSchedule(cron="30 * * * *")
-    batch_scoring: BatchScoringSchedule = BatchScoringSchedule()
-    training: CronSchedule = CronSchedule(cron="0 3 * * 1", active=False)  # weekly; off: events drive training
-
-
-class DriftRule(_Strict):
-    """Retrain when monitoring raises its drift alarm (after its own minimum sample, FDR and persistence)."""
-
-    enabled: bool = True
-
-
-class PerformanceRule(_Strict):
-    """Retrain when the champion's performance falls: realized on outcomes when `min_labelled_rows` have
-    arrived, else estimated from its probabilities alone (flywheel/monitoring/performance.py)."""
-
-    enabled: bool = True
-    metric: Literal["roc_auc", "accuracy"] = "roc_auc"
-    min_value: float = Field(0.70, ge=0, le=1)  # absolute floor
-    max_drop: float | None = Field(0.05, ge=0, le=1)  # below the reference (the champion at its gates) by more
-    min_labelled_rows: int = Field(500, ge=1)  # realized figures on fewer rows are not judged
-    min_scored_rows: int = Field(1000, ge=1)  # estimates on fewer rows are not judged
-    use_estimate: bool = True  # false: without enough outcomes the rule waits for them
-    # which end of the estimate is compared: its value, or the upper end of its interval (acts only when
-    # even the optimistic end is below the threshold)
-    estimate_basis: Literal["value", "upper"] = "value"
-
-
-class VolumeRule(_Strict):
-    """Retrain when enough new labelled rows arrived since the last training."""
-
-    enabled: bool = True
-    min_new_labelled_rows: int = Field(5000, ge=1)
-
-
-class StalenessRule(_Strict):
-    """Retrain a champion older than `max_age` (again each further `max_age` it stays champion)."""
-
-    enabled: bool = True
-    max_age: Duration = timedelta(days=30)
-
-    @field_validator("max_age")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("max_age must be positive")
-        return value
-
-
-class RequestRule(_Strict):
-    """Explicit retrain requests (the signed webhook, `flywheel retrain`): no cooldown, no pause."""
-
-    enabled: bool = True
-
-
-class Rules(_Strict):
-    drift_detected: DriftRule = DriftRule()
-    performance_degraded: PerformanceRule = PerformanceRule()
-    volume_reached: VolumeRule = VolumeRule()
-    model_stale: StalenessRule = StalenessRule()
-    retrain_requested: RequestRule = RequestRule()
-
-
-class Discipline(_Strict):
-    # no automatic retrain of a model within this long of its last retrain (0 switches the cooldown off)
-    cooldown: Duration = timedelta(hours=6)
-
-    @field_validator("cooldown")
-    @classmethod
-    def _not_negative(cls, value: timedelta) -> timedelta:
-        if value < timedelta(0):
-            raise ValueError("cooldown must not be negative")
-        return value
-
-
-class Liveness(_Strict):
-    """A silent loop is an alarm too: no judged monitoring window, or no outcome, for this long."""
-
-    monitoring_max_silence: Duration = timedelta(hours=3)
-    outcomes_max_silence: Duration = timedelta(days=2)
-
-    @field_validator("monitoring_max_silence", "outcomes_max_silence")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("a maximum silence must be positive")
-        return value
-
-
-class TriggerPolicy(_Strict):
-    """configs/triggers.yaml."""
-
-    schedules: Schedules = Schedules()
-    rules: Rules = Rules()
-    discipline: Discipline = Discipline()
-    liveness: Liveness = Liveness()
-
-    def rule(self, kind: str) -> _Strict:
-        return getattr(self.rules, kind)
-
-
-def load_policy(path: Path) -> TriggerPolicy:
-    """configs/triggers.yaml, strictly: an unknown key or a bad value fails naming the file and the key."""
-    from flywheel.settings import load_yaml_model
-
-    return load_yaml_model(TriggerPolicy, Path(path))
-
-
-class DeploymentSchedule(_Strict):
-    cron: str
-    timezone: str
-    active: bool
-
-
-def deployment_schedules(policy: TriggerPolicy, batch_cron: str) -> dict[str, DeploymentSchedule]:
-    """Deployment name -> its cron schedule (batch scoring's cron from `batch.cron`)."""
-    s = policy.schedules
-    out = {name: DeploymentSchedule(cron=c.cron, timezone=c.timezone, active=c.active)
-           for name, c in (("monitoring", s.monitoring), ("materialization", s.materialization),
-                           ("training", s.training))}
-    out["batch-scoring"] = DeploymentSchedule(cron=check_cron(batch_cron), timezone=s.batch_scoring.timezone,
-                                              active=s.batch_scoring.active)
-    return out
-
-
-# ------------------------------------------------------------------------------------ signals, decisions
 
 
 class Signal(_Strict):
@@ -388,7 +174,8 @@ def decide(signal: Signal, history: History, policy: TriggerPolicy, paused: bool
                      if d.suppressed_by not in NOT_OBSERVED and d.suppressed_by != "duplicate"), None)
     if original is not None:
         first = "fired" if original.fired else f"suppressed: {original.reason}"
-        return suppressed("duplicate", f"duplicate of {original.id} ({signal.kind} {first} at {_iso(original.at)})")
+        when = iso_seconds(original.at)
+        return suppressed("duplicate", f"duplicate of {original.id} ({signal.kind} {first} at {when})")
     if not getattr(policy.rule(signal.kind), "enabled", True):
         return suppressed("disabled", f"rule {signal.kind} is disabled (configs/triggers.yaml)")
     if signal.verdict == "below_threshold":
@@ -401,8 +188,8 @@ def decide(signal: Signal, history: History, policy: TriggerPolicy, paused: bool
         last = history.last_retrain(signal.model)
         cooldown = policy.discipline.cooldown
         if last is not None and cooldown > timedelta(0) and now < last + cooldown:
-            return suppressed("cooldown", f"cooldown until {_iso(last + cooldown)} (last retrain {_iso(last)}; "
-                                          f"cooldown {describe_duration(cooldown)})")
+            return suppressed("cooldown", f"cooldown until {iso_seconds(last + cooldown)} (last retrain "
+                                          f"{iso_seconds(last)}; cooldown {describe_duration(cooldown)})")
     return Decision(**base, outcome="fire", reason=f"{signal.kind}: {signal.detail}".rstrip(": "))
 
 
@@ -478,12 +265,12 @@ def volume_signal(new_labelled_rows: int, policy: VolumeRule, *, model: str, occ
     id names the training it counts from: the volume fires once per training."""
     if new_labelled_rows < 0:
         raise ValueError("new_labelled_rows must be >= 0")
-    event_id = event_id or f"volume_reached:{model}:{_iso(since) if since else 'never-trained'}"
+    event_id = event_id or f"volume_reached:{model}:{iso_seconds(since) if since else 'never-trained'}"
     n, need = new_labelled_rows, policy.min_new_labelled_rows
-    since_text = f"since {_iso(since)}" if since else "with no training yet"
+    since_text = f"since {iso_seconds(since)}" if since else "with no training yet"
     return Signal(kind="volume_reached", model=model, event_id=event_id, occurred=occurred,
                   evidence={"new_labelled_rows": n, "min_new_labelled_rows": need,
-                            "since": _iso(since) if since else None},
+                            "since": iso_seconds(since) if since else None},
                   verdict="met" if n >= need else "too_few_rows",
                   detail=f"{n} new labelled rows {since_text} ({'>=' if n >= need else '<'} {need})")
 
@@ -497,7 +284,7 @@ def staleness_signal(champion_registered_at: datetime, now: datetime, policy: St
     event_id = event_id or f"model_stale:{model}:v{version}:{periods}"
     stale = age >= policy.max_age
     return Signal(kind="model_stale", model=model, event_id=event_id, occurred=now,
-                  evidence={"version": str(version), "registered_at": _iso(champion_registered_at),
+                  evidence={"version": str(version), "registered_at": iso_seconds(champion_registered_at),
                             "age_s": round(age.total_seconds()), "max_age_s": policy.max_age.total_seconds()},
                   verdict="met" if stale else "below_threshold",
                   detail=f"champion v{version} is {describe_age(age)} old "
@@ -527,16 +314,17 @@ def liveness_alarms(last_monitoring_at: datetime | None, last_outcome_at: dateti
             continue
         noun = "judged monitoring window" if what == "monitoring" else "outcome (delayed label)"
         if last is None:
-            since = f"since {_iso(watched_since)}" if watched_since else "ever"
+            since = f"since {iso_seconds(watched_since)}" if watched_since else "ever"
             summary = f"{model}: no {noun} recorded {since} (max silence {describe_duration(limit)})"
         else:
-            summary = (f"{model}: no {noun} for {describe_age(now - last)} (last {_iso(last)}; max silence "
+            summary = (f"{model}: no {noun} for {describe_age(now - last)} (last {iso_seconds(last)}; max silence "
                        f"{describe_duration(limit)})")
-        silence_key = _iso(last) if last else f"none:{_iso(watched_since) if watched_since else ''}"
+        silence_key = iso_seconds(last) if last else f"none:{iso_seconds(watched_since) if watched_since else ''}"
         alarms.append(Alarm(
             id=alarm_id("liveness", model, what, silence_key),
             kind="liveness", model=model, summary=summary, occurred=now, severity="critical",
-            evidence={"silent": what, "last_at": _iso(last) if last else None, "max_silence_s": limit.total_seconds(),
+            evidence={"silent": what, "last_at": iso_seconds(last) if last else None,
+                      "max_silence_s": limit.total_seconds(),
                       "silence_s": round((now - start).total_seconds()) if start else None},
             report_url=report_url))
     return alarms

@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.notify import DeliveryResult, NotificationLog, notify
 from flywheel.settings import NotifyConfig
 from flywheel.trigger_decisions import TriggerDecisions
-from flywheel.triggers import RETRAIN_EVENT, Alarm, Decision, Liveness, Signal, TriggerPolicy, liveness_alarms
+from flywheel.trigger_policy import Liveness, TriggerPolicy
+from flywheel.triggers import RETRAIN_EVENT, Alarm, Decision, Signal, liveness_alarms
 from tasks._prefect import in_run, run_logger
 
 ACTION_EXECUTED = "prefect.automation.action.executed"  # the automation's event naming the run it started
@@ -142,6 +143,8 @@ def decide_record_emit(signal: Signal, policy: TriggerPolicy, db_url: str, now: 
     return decision
 
 
+# No task retries: a retry after the decision was recorded would record a duplicate of it (and re-send its
+# event if it was not sent), and return that duplicate to the caller instead of the decision.
 @task(name="decide_trigger", task_run_name="decide-{signal.kind}-{signal.model}", cache_policy=NO_CACHE)
 def decide_trigger(signal: Signal, policy: TriggerPolicy, db_url: str, now: datetime, paused: bool | str | None = None,
                    last_retrain_at: datetime | None = None) -> Decision:
@@ -171,7 +174,11 @@ def link_started_run(decision_id: str, db_url: str, wait_s: float, poll_s: float
 
     deadline = time.monotonic() + wait_s
     while True:
-        run_id = started_run(decision_id)
+        try:
+            run_id = started_run(decision_id)
+        except Exception as exc:  # reading events is a courtesy: the decision and its event stand
+            run_logger("flywheel.triggers").warning("could not look up the run of decision %s: %s", decision_id, exc)
+            run_id = None
         if run_id or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flywheel.trigger_decisions import TriggerDecisions
-from flywheel.triggers import RETRAIN_EVENT, TriggerPolicy, drift_signal
+from flywheel.trigger_policy import TriggerPolicy
+from flywheel.triggers import RETRAIN_EVENT, drift_signal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

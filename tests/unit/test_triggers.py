@@ -8,15 +8,11 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from flywheel.trigger_policy import Liveness, PerformanceRule, StalenessRule, TriggerPolicy, VolumeRule
 from flywheel.triggers import (
     Decision,
     History,
-    Liveness,
-    PerformanceRule,
     Signal,
-    StalenessRule,
-    TriggerPolicy,
-    VolumeRule,
     alarm_for,
     decide,
     decision_id,

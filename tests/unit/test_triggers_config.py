@@ -12,7 +12,7 @@ import yaml
 from flywheel.clock import ManualClock, SimulatedClock, WallClock, build_clock
 from flywheel.errors import ConfigError
 from flywheel.settings import load_settings
-from flywheel.triggers import TriggerPolicy, check_cron, deployment_schedules, load_policy, parse_duration
+from flywheel.trigger_policy import TriggerPolicy, check_cron, deployment_schedules, load_policy, parse_duration
 
 
 def _policy_file(home: Path) -> Path:

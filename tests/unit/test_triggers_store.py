@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from flywheel import migrations
 from flywheel.trigger_decisions import TABLE, TriggerDecisions
-from flywheel.triggers import TriggerPolicy, drift_signal, request_signal
+from flywheel.trigger_policy import TriggerPolicy
+from flywheel.triggers import drift_signal, request_signal
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POLICY = TriggerPolicy()
