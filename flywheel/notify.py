@@ -86,21 +86,21 @@ class _Retryable(Exception):
 
 
 def _post_with_retries(url: str, body: bytes, secret: str, delivery: str, policy: NotifyConfig,
-                       transport: Any = None) -> tuple[int, int]:
-    """POST until a non-retryable answer; (status, attempts). Raises the last error after `attempts`."""
+                       tries: list[int], transport: Any = None) -> int:
+    """POST until a non-retryable answer; its status. Raises the last error after `attempts`; each attempt
+    is appended to `tries` (so the caller knows how many were made either way)."""
     import httpx
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
     def retryable(exc: BaseException) -> bool:
         return isinstance(exc, _Retryable | httpx.TransportError)
 
-    attempts = 0
     with httpx.Client(timeout=policy.timeout_s, transport=transport, follow_redirects=False) as client:
         for attempt in Retrying(stop=stop_after_attempt(policy.attempts), reraise=True,
                                 retry=retry_if_exception(retryable),
                                 wait=wait_exponential(multiplier=policy.backoff_s, max=policy.backoff_max_s)):
             with attempt:
-                attempts += 1
+                tries.append(1)
                 headers = {  # signed per attempt: the timestamp is the attempt's own
                     "Content-Type": "application/json",
                     "User-Agent": USER_AGENT,
@@ -110,7 +110,7 @@ def _post_with_retries(url: str, body: bytes, secret: str, delivery: str, policy
                 response = client.post(url, content=body, headers=headers)
                 if response.status_code in RETRY_STATUS:
                     raise _Retryable(response.status_code, response.text)
-                return response.status_code, attempts
+                return response.status_code
     raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
 
@@ -124,14 +124,16 @@ def send(alarm: Alarm, target: NotifyTarget, policy: NotifyConfig, environ: Mapp
     if not secret:
         return DeliveryResult(**result, outcome="failed", attempts=0,
                               error=f"secret variable {target.secret_env} is not set: nothing sent")
+    tries: list[int] = []
     try:
-        status, attempts = _post_with_retries(target.url, render_body(alarm), secret, delivery, policy, transport)
+        status = _post_with_retries(target.url, render_body(alarm), secret, delivery, policy, tries, transport)
     except _Retryable as exc:
-        return DeliveryResult(**result, outcome="failed", attempts=policy.attempts, status_code=exc.status,
+        return DeliveryResult(**result, outcome="failed", attempts=len(tries), status_code=exc.status,
                               error=str(exc))
     except Exception as exc:  # connection refused, timeout, bad URL: recorded, never raised
-        return DeliveryResult(**result, outcome="failed", attempts=policy.attempts,
+        return DeliveryResult(**result, outcome="failed", attempts=len(tries),
                               error=f"{type(exc).__name__}: {exc}"[:500])
+    attempts = len(tries)
     if 200 <= status < 300:
         return DeliveryResult(**result, outcome="delivered", attempts=attempts, status_code=status)
     return DeliveryResult(**result, outcome="failed", attempts=attempts, status_code=status,
