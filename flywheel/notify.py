@@ -40,7 +40,7 @@ log = logging.getLogger("flywheel.notify")
 DELIVERIES_TABLE = "flywheel_notification_deliveries"
 NAMESPACE = uuid.UUID("5b0c5f8e-7a52-4d0e-9a0b-3f1e6c2d8a41")  # delivery ids (uuid5)
 USER_AGENT = "flywheel-notify/1"
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 425, 429})  # and every 5xx
 
 def delivery_id(alarm: Alarm, target_url: str) -> str:
     """The id of `alarm`'s delivery to one target: kept across attempts and later sends."""
@@ -108,7 +108,7 @@ def _post_with_retries(url: str, body: bytes, secret: str, delivery: str, policy
                     SIGNATURE_HEADER: signature_header([secret], int(time.time()), delivery, body),
                 }
                 response = client.post(url, content=body, headers=headers)
-                if response.status_code in RETRY_STATUS:
+                if response.status_code in RETRY_STATUS or response.status_code >= 500:
                     raise _Retryable(response.status_code, response.text)
                 return response.status_code
     raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
