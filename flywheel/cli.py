@@ -810,5 +810,107 @@ def loop_status_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_d
     print(json.dumps(out, indent=2, default=str))
 
 
+# ----------------------------------------------------------------------------------------- triggers
+triggers_app = typer.Typer(help="Trigger decisions: when the loop retrains on its own, and why not.",
+                           no_args_is_help=True)
+app.add_typer(triggers_app, name="triggers")
+
+
+def _trained_model(settings, model: str | None) -> str:
+    """The model the training deployment registers (register.model_name, else the dataset's name); --model may
+    only repeat it: the deployment's trigger trains its own model whatever the event names."""
+    from flywheel.schemas import load_dataset
+
+    trained = settings.register_.model_name or load_dataset(settings.resolve(settings.dataset)).name
+    if model is not None and model != trained:
+        raise FlywheelError(f"the training deployment here trains {trained!r}, not {model!r}: a request for "
+                            f"{model!r} would retrain {trained!r} (set register.model_name or the dataset to "
+                            "train another model)")
+    return trained
+
+
+@app.command("retrain")
+def retrain(
+    reason: Annotated[str, typer.Option(help="why: recorded with the decision, and the training run's reason")],
+    model: Annotated[str | None, typer.Option("--model", help="registered model (default: the one trained here)")
+                     ] = None,
+    request_id: Annotated[str | None, typer.Option(
+        help="an id for this request: repeating it is recognised as a duplicate (default: a fresh one)")] = None,
+    wait: Annotated[float, typer.Option(min=0, help="seconds to wait for the training run it starts (0: don't)")
+                    ] = 15.0,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Ask for a retrain now: an explicit request (no cooldown, no pause), decided, recorded and emitted as
+    flywheel.retrain.requested, which the training deployment runs on (one run at a time, queued)."""
+    import uuid
+
+    from flywheel.clock import build_clock
+    from flywheel.stack import use_active_stack
+    from flywheel.trigger_policy import load_policy
+    from flywheel.triggers import request_signal
+
+    try:
+        if not reason.strip():
+            raise FlywheelError("--reason must say why (it is recorded)")
+        settings = _settings(profile, config_dir)
+        name = _trained_model(settings, model)
+        policy = load_policy(settings.resolve(settings.triggers.policy_file))
+        use_active_stack(settings)  # before Prefect is imported: it reads PREFECT_API_URL at import
+        if not os.environ.get("PREFECT_API_URL"):
+            raise FlywheelError("no Prefect server to carry the request: start the stack (`flywheel up`), or set "
+                                "stores.prefect_api_url (or PREFECT_API_URL) to the server that serves the "
+                                "training deployment")
+    except FlywheelError as exc:
+        _fail(exc)
+    from tasks.triggers import decide_record_emit, link_started_run
+
+    now = build_clock(settings.clock).now()
+    signal = request_signal(model=name, reason=reason.strip(), actor=_user(), source="cli", occurred=now,
+                            event_id=request_id or f"cli:{uuid.uuid4()}")
+    decision = decide_record_emit(signal, policy, settings.audit_db_url, now, paused=False)
+    from rich.markup import escape
+
+    console.print(f"decision {decision.id}: [bold]{decision.outcome}[/] ({escape(decision.reason)})", highlight=False,
+                  soft_wrap=True)
+    if not decision.fired:
+        raise typer.Exit(code=1)
+    if decision.emitted_at is None:
+        _fail(FlywheelError(f"the request was recorded as fired, but flywheel.retrain.requested could not be sent "
+                            f"to {os.environ['PREFECT_API_URL']}; repeat the command with --request-id "
+                            f"{signal.event_id} to send it again"))
+    console.print(f"emitted flywheel.retrain.requested (event id {decision.id}) for flywheel.model.{name}",
+                  soft_wrap=True)
+    if wait > 0:
+        run_id = link_started_run(decision.id, settings.audit_db_url, wait)
+        if run_id:
+            ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+            console.print(f"training run started: {ui}/runs/flow-run/{run_id}", soft_wrap=True)
+        else:
+            console.print(f"no training run seen within {wait:g} s: the training deployment's trigger starts it "
+                          "when the deployment is served (`flywheel up`); `flywheel triggers list` shows it later")
+
+
+@triggers_app.command("list")
+def triggers_list(model: ModelOpt = None, limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+                  profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """The latest trigger decisions, fired and suppressed, with their reasons (newest first)."""
+    from rich.table import Table
+
+    from flywheel.trigger_decisions import TriggerDecisions
+
+    try:
+        settings = _settings(profile, config_dir)
+        store = TriggerDecisions(settings.audit_db_url)
+        rows = store.decisions(model, limit)
+        store.dispose()
+    except FlywheelError as exc:
+        _fail(exc)
+    table = Table("at", "model", "kind", "outcome", "reason", "run")
+    for d in rows:
+        table.add_row(d.at.isoformat(timespec="seconds"), d.model, d.kind, d.outcome, d.reason, d.flow_run_id or "")
+    Console().print(table)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from flywheel.clock import ClockConfig, WallClockConfig
 from flywheel.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -28,6 +29,17 @@ NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_A
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Prefect's variable for `stack.ephemeral_startup_timeout_seconds` (prefect.settings: server.ephemeral)
 EPHEMERAL_STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def secret_env_name(value: str) -> str:
+    """The name of a variable that holds a secret: a valid name, and not a FLYWHEEL_* settings key (those
+    are read as settings: the secret would fail the load as an unknown key, and be echoed in the error)."""
+    if not ENV_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    if value.startswith(ENV_PREFIX) and value not in NOT_SETTINGS:
+        raise ValueError(f"{value!r}: FLYWHEEL_* variables are settings keys; name a variable without that "
+                         "prefix (e.g. ALERTS_WEBHOOK_SECRET), or use the default")
+    return value
 
 
 class Section(BaseModel):
@@ -238,14 +250,7 @@ class WebhookConfig(Section):
     @field_validator("secret_env", "previous_secret_env")
     @classmethod
     def _a_variable_that_is_not_a_setting(cls, value: str) -> str:
-        if not ENV_NAME.fullmatch(value):
-            raise ValueError(f"{value!r} is not an environment variable name")
-        # any other FLYWHEEL_* variable is read as a settings key: the secret would fail the load as an
-        # unknown key (and be echoed in the error)
-        if value.startswith(ENV_PREFIX) and value not in NOT_SETTINGS:
-            raise ValueError(f"{value!r}: FLYWHEEL_* variables are settings keys; name a variable without "
-                             f"that prefix, or use the default")
-        return value
+        return secret_env_name(value)
 
     @field_validator("previous_secret_env")
     @classmethod
@@ -253,6 +258,42 @@ class WebhookConfig(Section):
         if value == info.data.get("secret_env"):
             raise ValueError("secret_env and previous_secret_env must name different variables")
         return value
+
+
+class TriggersConfig(Section):
+    """When the loop acts on its own: cron schedules, event rules (drift, performance, volume, staleness,
+    explicit requests), cooldown, dedupe and liveness, all in `policy_file` (flywheel/triggers.py)."""
+
+    policy_file: Path = Path("configs/triggers.yaml")
+
+
+class NotifyTarget(Section):
+    """One outgoing webhook that receives alarms, signed with the secret held by the variable `secret_env`."""
+
+    url: str
+    secret_env: str  # the NAME of the environment variable holding the shared secret; never the secret
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _a_variable_that_is_not_a_setting(cls, value: str) -> str:
+        return secret_env_name(value)
+
+
+class NotifyConfig(Section):
+    """Where alarms (drift, data quality, performance, liveness) are sent (flywheel/notify.py)."""
+
+    targets: list[NotifyTarget] = []  # none: alarms are recorded and logged, sent nowhere
+    timeout_s: float = Field(5.0, gt=0, le=120)  # per attempt
+    attempts: int = Field(3, ge=1, le=10)  # connection errors, timeouts, 408/429/5xx are retried
+    backoff_s: float = Field(1.0, ge=0, le=60)  # first wait between attempts; doubles each time
+    backoff_max_s: float = Field(30.0, ge=0, le=600)
 
 
 class TelemetryConfig(Section):
@@ -279,6 +320,10 @@ class Settings(BaseSettings):
     rollout: RolloutConfig = RolloutConfig()
     webhook: WebhookConfig = WebhookConfig()
     monitor: MonitorConfig = MonitorConfig()
+    triggers: TriggersConfig = TriggersConfig()
+    notify: NotifyConfig = NotifyConfig()
+    # the time the project's logic runs on (cooldowns, staleness, liveness); `simulated` runs days in seconds
+    clock: ClockConfig = WallClockConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
@@ -414,11 +459,30 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
+            dotted = ".".join(str(p) for p in _input_loc(merged, err["loc"]))
             problems.append((_source_of(dotted, prov), dotted, err["msg"]))
         raise ConfigError(problems) from None
     _check_paths(settings, prov)
     return settings
+
+
+def _input_loc(data: Any, loc: tuple[Any, ...]) -> list[Any]:
+    """An error's location as the keys the user wrote: a discriminated union adds its tag to the location
+    (`clock.simulated.start`), which is no key of any file (`clock.start`)."""
+    out: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and not last:
+            continue  # a union tag
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return out
 
 
 def _dig(tree: dict[str, Any], dotted: str) -> Any:
@@ -437,7 +501,8 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 def _check_paths(settings: Settings, prov: dict[str, str]) -> None:
     problems = []
-    for key, path in (("dataset", settings.dataset), ("evaluate.gates_file", settings.evaluate.gates_file)):
+    for key, path in (("dataset", settings.dataset), ("evaluate.gates_file", settings.evaluate.gates_file),
+                      ("triggers.policy_file", settings.triggers.policy_file)):
         if not settings.resolve(path).is_file():
             problems.append((_source_of(key, prov), key, f"file not found: {settings.resolve(path)}"))
     if problems:

@@ -1,0 +1,222 @@
+"""Trigger tasks: decide a signal (recorded; emitted to the training deployment when it fires), send alarms.
+
+The decision is the project's (flywheel/triggers.py, recorded by flywheel/trigger_decisions.py); Prefect
+only carries out a fired one: the event `flywheel.retrain.requested`, about the resource
+`flywheel.model.<name>`, is what the training deployment's trigger runs on. Its id is the decision's id,
+so an event sent twice is dropped by Prefect's dedupe, and the automation's own events name it as their
+triggering event, which is how `started_run` finds the training run a decision started.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.notify import DeliveryResult, NotificationLog, notify
+from flywheel.settings import NotifyConfig
+from flywheel.trigger_decisions import TriggerDecisions
+from flywheel.trigger_policy import Liveness, TriggerPolicy
+from flywheel.triggers import RETRAIN_EVENT, Alarm, Decision, Signal, liveness_alarms
+from tasks._prefect import in_run, run_logger
+
+ACTION_EXECUTED = "prefect.automation.action.executed"  # the automation's event naming the run it started
+
+
+def loop_pause(db_url: str, model: str) -> str | None:
+    """Who paused the loop of `model`, when and why (`flywheel loop pause`); None while it runs."""
+    try:
+        from flywheel.loopcontrol import LoopControl
+    except ModuleNotFoundError as exc:  # loop control is not part of this build
+        if exc.name != "flywheel.loopcontrol":
+            raise
+        return None
+    control = LoopControl(db_url)
+    try:
+        state = control.state(model)
+    finally:
+        control.dispose()
+    return state.describe() if state.paused else None
+
+
+def prefect_api_configured() -> bool:
+    """True when an event has somewhere to go: inside a run, or with an API configured. Outside both,
+    emitting would start a throwaway ephemeral server whose automations die with this process."""
+    if in_run():
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def retrain_event(decision: Decision) -> dict[str, Any]:
+    """The event a fired decision emits (Prefect's event fields)."""
+    return {
+        "id": uuid.UUID(decision.id),
+        "event": RETRAIN_EVENT,
+        # Prefect runs on wall time; the project's clock (maybe simulated) is in the payload
+        "occurred": datetime.now(UTC),
+        "resource": {"prefect.resource.id": f"flywheel.model.{decision.model}",
+                     "prefect.resource.name": decision.model, "flywheel.model": decision.model},
+        "payload": {"reason": decision.reason, "model": decision.model, "kind": decision.kind,
+                    "decision_id": decision.id, "signal_event_id": decision.event_id,
+                    "decided_at": decision.at.isoformat(), "evidence": decision.evidence},
+    }
+
+
+def emit_retrain_event(decision: Decision) -> bool:
+    """Send the fired decision's event and wait until the server took it; False (logged) when it could not."""
+    log = run_logger("flywheel.triggers")
+    if not prefect_api_configured():
+        log.warning("decision %s fired, but no Prefect API is configured: %s not emitted", decision.id, RETRAIN_EVENT)
+        return False
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    event = Event(**retrain_event(decision))
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            await client.emit(event)
+
+    try:
+        run_coro_as_sync(send())
+    except Exception as exc:  # recorded as fired without emitted_at: visible, and the caller is told
+        log.error("decision %s fired, but %s could not be emitted: %s", decision.id, RETRAIN_EVENT, exc)
+        return False
+    return True
+
+
+def render_decision(decision: Decision) -> str:
+    """The decision as markdown (the Prefect artifact)."""
+    verdict = "**fired**" if decision.fired else f"**suppressed** ({decision.suppressed_by})"
+    lines = [
+        f"# Trigger decision: {decision.model} {decision.kind}", "",
+        f"{verdict}: {decision.reason}", "",
+        "| field | value |", "|---|---|",
+        f"| decision | `{decision.id}` |",
+        f"| at (project clock) | {decision.at.isoformat(timespec='seconds')} |",
+        f"| signal event | `{decision.event_id}` (occurred {decision.occurred.isoformat(timespec='seconds')}) |",
+    ]
+    if decision.fired:
+        sent = decision.emitted_at.isoformat(timespec="seconds") if decision.emitted_at else "not emitted"
+        lines.append(f"| event | `{RETRAIN_EVENT}` → training deployment: {sent} |")
+    lines += ["", "## Evidence", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in sorted(decision.evidence.items())]
+    return "\n".join(lines) + "\n"
+
+
+def decide_record_emit(signal: Signal, policy: TriggerPolicy, db_url: str, now: datetime,
+                       paused: bool | str | None = None, last_retrain_at: datetime | None = None) -> Decision:
+    """The one path from a signal to a training run: decide, record, emit when fired. `paused` None: ask the
+    loop control (`flywheel loop pause`)."""
+    store = TriggerDecisions(db_url)
+    try:
+        if paused is None:
+            paused = (loop_pause(db_url, signal.model) or False) if signal.automatic else False
+        decision = store.decide_and_record(signal, policy, paused, now, last_retrain_at)
+        # a repeat of a signal whose fired decision never reached Prefect sends that decision's event again
+        # (same id: should the first have arrived after all, Prefect drops the copy)
+        unsent = [d for d in store.history(signal.model, signal.event_id).decisions
+                  if d.event_id == signal.event_id and d.fired and d.emitted_at is None]
+        for fired in unsent:
+            if emit_retrain_event(fired):
+                store.mark_emitted(fired.id)
+        if decision.fired:
+            decision = store.get(decision.id) or decision
+    finally:
+        store.dispose()
+    log = run_logger("flywheel.triggers")
+    log.info("trigger %s %s (%s): %s", signal.kind, signal.model, decision.outcome, decision.reason)
+    if in_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            markdown=render_decision(decision),
+            key=f"trigger-{signal.model}".lower().replace("_", "-"),
+            description=f"{signal.kind} for {signal.model}: {decision.outcome} ({decision.reason})"[:500],
+        )
+    return decision
+
+
+# No task retries: a retry after the decision was recorded would record a duplicate of it (and re-send its
+# event if it was not sent), and return that duplicate to the caller instead of the decision.
+@task(name="decide_trigger", task_run_name="decide-{signal.kind}-{signal.model}", cache_policy=NO_CACHE)
+def decide_trigger(signal: Signal, policy: TriggerPolicy, db_url: str, now: datetime, paused: bool | str | None = None,
+                   last_retrain_at: datetime | None = None) -> Decision:
+    """Decide a signal, record the decision (and its artifact), and emit the retrain event when it fires."""
+    return decide_record_emit(signal, policy, db_url, now, paused, last_retrain_at)
+
+
+def started_run(decision_id: str) -> str | None:
+    """The flow run the decision's event started, once the training deployment's trigger acted on it."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    flt = EventFilter(event=EventNameFilter(name=[ACTION_EXECUTED]),
+                      related=EventRelatedFilter(id=[f"prefect.event.{decision_id}"]))
+    with get_client(sync_client=True) as client:
+        events = client.read_events(filter=flt, limit=10).events  # server max is 50, client default 100
+    for event in events:
+        for related in event.related:
+            if related.role == "flow-run":
+                return related.id.removeprefix("prefect.flow-run.")
+    return None
+
+
+def link_started_run(decision_id: str, db_url: str, wait_s: float, poll_s: float = 0.5) -> str | None:
+    """Wait up to `wait_s` for the run the decision started and record it on the decision; its id or None."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run_id = started_run(decision_id)
+        except Exception as exc:  # reading events is a courtesy: the decision and its event stand
+            run_logger("flywheel.triggers").warning("could not look up the run of decision %s: %s", decision_id, exc)
+            run_id = None
+        if run_id or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if run_id:
+        store = TriggerDecisions(db_url)
+        try:
+            store.link_run(decision_id, run_id)
+        finally:
+            store.dispose()
+    return run_id
+
+
+@task(name="notify_alarm", task_run_name="notify-{alarm.kind}-{alarm.model}", cache_policy=NO_CACHE)
+def notify_alarm(alarm: Alarm, cfg: NotifyConfig, db_url: str) -> list[DeliveryResult]:
+    """Send an alarm to every configured target (signed, retried); failures are recorded, never raised."""
+    log = run_logger("flywheel.notify")
+    log.warning("alarm %s: %s", alarm.kind, alarm.summary)
+    if not cfg.targets:
+        return []
+    try:
+        deliveries: NotificationLog | None = NotificationLog(db_url)
+    except Exception as exc:  # no record of it, but the alarm still goes out
+        log.warning("notification log unavailable (%s): sending without recording", exc)
+        deliveries = None
+    try:
+        return notify(alarm, cfg.targets, cfg, deliveries)
+    finally:
+        if deliveries is not None:
+            deliveries.dispose()
+
+
+@task(name="check_liveness", task_run_name="liveness-{model}", cache_policy=NO_CACHE)
+def check_liveness(model: str, last_monitoring_at: datetime | None, last_outcome_at: datetime | None,
+                   now: datetime, policy: Liveness, cfg: NotifyConfig, db_url: str,
+                   watched_since: datetime | None = None) -> list[Alarm]:
+    """A silent loop is an alarm too: raise and send the liveness alarms of `model`."""
+    alarms = liveness_alarms(last_monitoring_at, last_outcome_at, now, policy, model=model,
+                             watched_since=watched_since)
+    for alarm in alarms:
+        notify_alarm.fn(alarm, cfg, db_url)
+    return alarms
