@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flywheel.locks import LockInfo, RolloutLocks
+from flywheel.outcomes import read_outcomes
 from flywheel.rollout import (
     ABReadout,
     ABTestPlan,
@@ -28,7 +29,6 @@ from flywheel.rollout import (
     count_failures,
     error_rate,
     evaluate_guards,
-    latest_labels,
     load_plans,
     predict_request_counts,
     read_predictions,
@@ -204,7 +204,7 @@ def observe_traffic(
     service_url: str,
     token_env: str,
     log_url: str,
-    labels_file: Path,
+    outcomes_url: str,
     dataset: DatasetDefinition,
     target: RolloutTarget,
     guards: Guards,
@@ -225,14 +225,13 @@ def observe_traffic(
         client.close()
     time.sleep(SETTLE_S)  # let the service's log writer flush the window's last rows
     versions = [target.champion, target.challenger]
-    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
-                           dataset.label_timestamp, dataset.timestamp)
+    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=rollout_started - timedelta(seconds=1))
     rate = error_rate(before, after)
     started = window_start or started
     window = read_predictions(log_url, target.model, versions, started, ended)
     failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
     if shadow is not None:
-        results = shadow_guards(window, target.champion, target.challenger, shadow, labels, rate, failed)
+        results = shadow_guards(window, target.champion, target.challenger, shadow, outcomes, rate, failed)
         champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
     else:
         # the champion's reference is its traffic over the whole rollout (at 100% it gets none in a step)
@@ -240,7 +239,7 @@ def observe_traffic(
                                    ended)
         champ, _ = split_arms(history, target.champion, target.challenger)
         _, chall = split_arms(window, target.champion, target.challenger)
-        results = evaluate_guards(champ, chall, guards, labels, rate, failed)
+        results = evaluate_guards(champ, chall, guards, outcomes, rate, failed)
     readout = StepReadout(step=step, policy=policy, started_at=started, ended_at=ended,
                           champion_entities=int(champ["entity"].nunique()),
                           challenger_entities=int(chall["entity"].nunique()), guards=results)
@@ -250,14 +249,14 @@ def observe_traffic(
 
 
 @task(task_run_name="read-ab-outcome", cache_policy=NO_CACHE)
-def read_ab_outcome(log_url: str, labels_file: Path, dataset: DatasetDefinition, target: RolloutTarget,
+def read_ab_outcome(log_url: str, outcomes_url: str, dataset: DatasetDefinition, target: RolloutTarget,
                     plan: ABTestPlan, since: datetime) -> ABReadout:
-    """Per-arm outcome metric from delayed labels, with a confidence interval on the difference."""
+    """Per-arm outcome metric on the outcomes that arrived after the test's predictions, with a confidence
+    interval on the difference."""
     rows = read_predictions(log_url, target.model, [target.champion, target.challenger], since)
     champ, chall = split_arms(rows, target.champion, target.challenger)
-    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
-                           dataset.label_timestamp, dataset.timestamp)
-    return ab_readout(champ, chall, labels, plan)
+    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=since)
+    return ab_readout(champ, chall, outcomes, plan)
 
 
 # ------------------------------------------------------------------------------------- alias moves

@@ -12,6 +12,7 @@ from flywheel import migrations
 def test_upgrade_creates_declared_tables_once_and_is_idempotent(tmp_path: Path, monkeypatch) -> None:
     metadata = sa.MetaData()
     monkeypatch.setattr(migrations, "METADATA", metadata)
+    monkeypatch.setattr(migrations, "TABLE_MODULES", [])  # the real modules declare on the real METADATA
     sa.Table("flywheel_example", metadata, sa.Column("id", sa.Integer, primary_key=True))
     url = f"sqlite:///{tmp_path}/loop.db"
     assert migrations.upgrade(url) == ["flywheel_example"]
