@@ -107,7 +107,10 @@ def validate_outcomes(df: pd.DataFrame, dataset: DatasetDefinition, batch_name: 
     for col in required:
         _add(failures, "ExpectColumnValuesToNotBeNull", col, df[col].isna(), df[col], n)
     entity = df[dataset.entity]
-    bad_entity = entity.notna() & ~entity.map(lambda v: _entity_ok(v, dataset.entity_type))
+    if dataset.entity_type == "int" and pd.api.types.is_integer_dtype(entity.dtype):
+        bad_entity = pd.Series(False, index=entity.index)  # int64 / Int64: integers by type
+    else:
+        bad_entity = entity.notna() & ~entity.astype(object).map(lambda v: _entity_ok(v, dataset.entity_type))
     _add(failures, "ExpectColumnValuesToBeInTypeList", dataset.entity, bad_entity, entity, n,
          f"entity ids must be {'integers' if dataset.entity_type == 'int' else 'strings'}")
     labels = df[dataset.label]
