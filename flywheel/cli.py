@@ -145,7 +145,8 @@ def outcomes_ingest(
         for path in files:
             report = ingest_outcome_file(path, ds, settings.audit_db_url, quarantine)
             verb = "already stored, nothing added" if report.skipped else f"{report.rows} outcome(s) stored"
-            console.print(f"{path.name}: {verb} (batch {report.batch_id[:12]}; {report.total_rows} in total)")
+            console.print(f"{path.name}: {verb} (batch {report.batch_id[:12]}; {report.total_rows} in total)",
+                          soft_wrap=True)
     except FlywheelError as exc:
         _fail(exc)
 
