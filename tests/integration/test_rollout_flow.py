@@ -180,11 +180,14 @@ def _predicted_snapshots(home: Path, since: datetime) -> pd.DataFrame:
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"sqlite:///{home}/data/predictions.db")
+    # a typed parameter: a bare datetime would go through the sqlite3 adapter Feast registers process-wide
+    # (epoch seconds), and in SQLite any text is greater than any number
+    since_param = sa.bindparam("since", since.astimezone(UTC).replace(tzinfo=None), type_=sa.DateTime())
     try:
         with engine.connect() as conn:
             rows = conn.execute(sa.text(
-                "SELECT DISTINCT entity, feature_time FROM flywheel_predictions WHERE at >= :since"),
-                {"since": since.astimezone(UTC).replace(tzinfo=None)}).all()
+                "SELECT DISTINCT entity, feature_time FROM flywheel_predictions WHERE at >= :since"
+            ).bindparams(since_param)).all()
     finally:
         engine.dispose()
     return pd.DataFrame(rows, columns=["entity", "feature_time"])
