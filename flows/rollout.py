@@ -198,7 +198,8 @@ def _ab_test(run: _Run, name: str, plan: ABTestPlan, target: RolloutTarget) -> R
     run.route("canary", plan.share)  # a fixed, sticky split for the whole test
     readout = run.observe(f"A/B split {plan.share:.0%}", {"mode": "canary", "share": plan.share}, plan.duration_s,
                           target, plan)
-    ab = read_ab_outcome(run.log_url, run.outcomes_url, run.ctx.dataset, target, plan, run.started)
+    # the split's own traffic: before it the champion answered every entity, which would put them in both arms
+    ab = read_ab_outcome(run.log_url, run.outcomes_url, run.ctx.dataset, target, plan, readout.started_at)
     action = ab_next(plan, ab, judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach")
     if action == "promote":
         return _promote(run, name, plan, target, [readout], ab.detail, ab=ab)

@@ -77,7 +77,8 @@ def data_generate(
     labels: Annotated[bool, typer.Option("--labels", help="also write the outcome batches, labels_<arrival date>, "
                                          "apart from the feature batches")] = False,
     labels_out: Annotated[Path | None, typer.Option(help="folder of the outcome batches (default: the dataset's "
-                                                    "outcomes.source, else <out>_labels)")] = None,
+                                                    "outcomes.source when --out is not given, else <out>_labels)")
+                          ] = None,
     profile: ProfileOpt = None,
     config_dir: ConfigDirOpt = None,
 ) -> None:
@@ -96,12 +97,12 @@ def data_generate(
         spec = GeneratorSpec(seed=seed, days=days, rows_per_day=rows_per_day, start=date.fromisoformat(start),
                              drift=DriftSpec(covariate=covariate_drift, concept=concept_drift),
                              faults=faults, drift_from_day=drift_from_day)
-        if out is None or (labels and labels_out is None):
+        if out is None:
             from flywheel.schemas import load_dataset
 
             settings = _settings(profile, config_dir)
             ds = load_dataset(settings.resolve(settings.dataset))
-            out = out or settings.resolve(ds.source)
+            out = settings.resolve(ds.source)
             if labels and labels_out is None and ds.outcomes is not None and ds.outcomes.source is not None:
                 labels_out = settings.resolve(ds.outcomes.source)
         paths = write_batches(spec, out, fmt)

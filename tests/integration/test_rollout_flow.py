@@ -548,7 +548,7 @@ def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, c
     # outcomes that landed after the predictions, joined by entity and snapshot: both arms have them, and an
     # interval around the difference
     assert ab.n_champion >= 100 and ab.n_challenger >= 100, ab
-    assert ab.n_champion + ab.n_challenger <= landed.rows
+    assert ab.n_champion + ab.n_challenger <= landed.rows, "a sticky split: each entity in one arm, once"
     assert ab.ci_low <= ab.difference <= ab.ci_high, ab
     assert ab.significant == (ab.ci_low > 0 or ab.ci_high < 0)
     expected = {"challenger": ("Promoted", {"champion": "2"}), "champion": ("RolledBack", {"champion": "1"}),
