@@ -87,7 +87,6 @@ class _Run:
     """What every step of one rollout needs (built once from the settings)."""
 
     def __init__(self, params: RolloutParams) -> None:
-        from flywheel.featurestore import LABELS_FILE, dataset_dir
         from flywheel.runtime import start_run_context
 
         ctx = start_run_context(params.profile, params.config_dir)
@@ -97,7 +96,7 @@ class _Run:
         self.url = params.service_url or f"http://{s.serve.host}:{s.serve.port}"
         self.token_env = s.serve.admin_token_env
         self.log_url = s.store_url(s.serve.prediction_log_url)
-        self.labels_file = dataset_dir(ctx.offline_dir, ctx.dataset) / LABELS_FILE
+        self.outcomes_url = ctx.audit_db_url  # flywheel_outcomes: delayed labels, joined to the predictions
         self.cfg = s.rollout
         self.approval = self.cfg.approval_required if params.approval_required is None else params.approval_required
         self.approval_timeout = params.approval_timeout_s or self.cfg.approval_timeout_s
@@ -122,7 +121,7 @@ class _Run:
             renew_rollout_lock(self.ctx.audit_db_url, self.model, self.actor, self.cfg.lock_lease_s + hold_s)
             readout = observe_traffic(
                 step if extension == 0 else f"{step} (extended x{extension})", policy, hold_s, self.url,
-                self.token_env, self.log_url, self.labels_file, self.ctx.dataset, target, plan.guards, self.cfg,
+                self.token_env, self.log_url, self.outcomes_url, self.ctx.dataset, target, plan.guards, self.cfg,
                 self.started, shadow, readout.started_at if readout else None)
             if judge_step(readout, plan.guards, extension) != "extend":
                 break
@@ -245,7 +244,8 @@ def _ab_test(run: _Run, name: str, plan: ABTestPlan, target: RolloutTarget) -> R
     run.route("canary", plan.share)  # a fixed, sticky split for the whole test
     readout = run.observe(f"A/B split {plan.share:.0%}", {"mode": "canary", "share": plan.share}, plan.duration_s,
                           target, plan)
-    ab = read_ab_outcome(run.log_url, run.labels_file, run.ctx.dataset, target, plan, run.started)
+    # the split's own traffic: before it the champion answered every entity, which would put them in both arms
+    ab = read_ab_outcome(run.log_url, run.outcomes_url, run.ctx.dataset, target, plan, readout.started_at)
     action = ab_next(plan, ab, judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach")
     if action == "promote":
         return _promote(run, name, plan, target, [readout], ab.detail, ab=ab)

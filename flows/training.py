@@ -24,6 +24,7 @@ from tasks.features import (
     render_feature_repo,
 )
 from tasks.monitor import profile_reference
+from tasks.outcomes import build_served_training_set
 from tasks.register import load_champion, register_model, write_model_card
 from tasks.train import split_training_set, train_model
 from tasks.validate import validate_batch
@@ -75,7 +76,11 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     repo = render_feature_repo(settings.stores, settings.paths.home)
     service = apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
     materialize_features(repo, dataset, ctx.offline_dir, as_of)
-    frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
+    if dataset.training_source == "served_features":  # what the service actually used, with its outcomes
+        frame = build_served_training_set(settings.store_url(settings.serve.prediction_log_url), ctx.audit_db_url,
+                                          dataset, ctx.model_name, as_of)
+    else:
+        frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
     split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
 
     lineage = ctx.lineage(service, frame, as_of, quality)

@@ -23,7 +23,9 @@ app = typer.Typer(help="Flywheel: a continuous-training loop on Prefect, MLflow,
 data_app = typer.Typer(help="Demo data.", no_args_is_help=True)
 feature_app = typer.Typer(help="The Feast feature repository.", no_args_is_help=True)
 config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+outcomes_app = typer.Typer(help="Outcomes (delayed labels): validate and store label batches.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(outcomes_app, name="outcomes")
 app.add_typer(feature_app, name="feature")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
@@ -109,13 +111,18 @@ def data_generate(
     out_of_range: Annotated[list[str] | None, typer.Option(help="COLUMN=SHARE pushed out of range")] = None,
     rename: Annotated[list[str] | None, typer.Option(help="OLD=NEW column rename")] = None,
     retype: Annotated[list[str] | None, typer.Option(help="COLUMN=string")] = None,
+    labels: Annotated[bool, typer.Option("--labels", help="also write the outcome batches, labels_<arrival date>, "
+                                         "apart from the feature batches")] = False,
+    labels_out: Annotated[Path | None, typer.Option(help="folder of the outcome batches (default: the dataset's "
+                                                    "outcomes.source when --out is not given, else <out>_labels)")
+                          ] = None,
     profile: ProfileOpt = None,
     config_dir: ConfigDirOpt = None,
 ) -> None:
-    """Write seeded synthetic churn batches, one file per day."""
+    """Write seeded synthetic churn batches, one file per day (with --labels: their outcome batches too)."""
     from datetime import date
 
-    from flywheel.datagen import DriftSpec, FaultSpec, GeneratorSpec, write_batches
+    from flywheel.datagen import DriftSpec, FaultSpec, GeneratorSpec, write_batches, write_label_batches
 
     try:
         faults = FaultSpec(
@@ -131,11 +138,19 @@ def data_generate(
             from flywheel.schemas import load_dataset
 
             settings = _settings(profile, config_dir)
-            out = settings.resolve(load_dataset(settings.resolve(settings.dataset)).source)
+            ds = load_dataset(settings.resolve(settings.dataset))
+            out = settings.resolve(ds.source)
+            if labels and labels_out is None and ds.outcomes is not None and ds.outcomes.source is not None:
+                labels_out = settings.resolve(ds.outcomes.source)
         paths = write_batches(spec, out, fmt)
+        if labels:
+            labels_out = labels_out or out.parent / f"{out.name}_labels"
+            label_paths = write_label_batches(spec, labels_out, fmt)
     except (ValueError, FlywheelError) as exc:
         _fail(exc)
     console.print(f"wrote {len(paths)} batch(es) of {rows_per_day} rows to {out}")
+    if labels:
+        console.print(f"wrote {len(label_paths)} outcome batch(es) to {labels_out}")
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -146,6 +161,32 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
             raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+@outcomes_app.command("ingest")
+def outcomes_ingest(
+    files: Annotated[list[Path], typer.Argument(help="outcome batch files (parquet or CSV)")],
+    dataset: DatasetOpt = None,
+    profile: ProfileOpt = None,
+    config_dir: ConfigDirOpt = None,
+) -> None:
+    """Validate outcome (label) batches and store them in flywheel_outcomes; a failing batch is quarantined.
+
+    Re-ingesting a batch with the same content adds nothing. Exit 2 at the first batch that fails."""
+    from flywheel.outcomes import ingest_outcome_file
+    from flywheel.schemas import load_dataset
+
+    try:
+        settings = _settings(profile, config_dir)
+        ds = load_dataset(dataset if dataset and dataset.is_file() else settings.resolve(dataset or settings.dataset))
+        quarantine = settings.resolve(settings.paths.quarantine_dir)
+        for path in files:
+            report = ingest_outcome_file(path, ds, settings.audit_db_url, quarantine)
+            verb = "already stored, nothing added" if report.skipped else f"{report.rows} outcome(s) stored"
+            console.print(f"{path.name}: {verb} (batch {report.batch_id[:12]}; {report.total_rows} in total)",
+                          soft_wrap=True)
+    except FlywheelError as exc:
+        _fail(exc)
 
 
 @feature_app.command("apply")

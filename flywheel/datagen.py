@@ -1,7 +1,14 @@
 """Seeded synthetic customer-churn data, in daily batches, with knobs for drift and data faults.
 
-Pure: returns DataFrames; `write_batches` is the only function that touches disk. The same seed and
-arguments give the same bytes (each day draws from its own generator seeded by (seed, day)).
+Pure: returns DataFrames; `write_batches` and `write_label_batches` are the only functions that touch
+disk. The same seed and arguments give the same bytes (each day draws from its own generator seeded by
+(seed, day)).
+
+Labels (did the customer churn within 30 days of the snapshot?) become known LABEL_DELAY after the
+snapshot (`label_available_at`). Besides riding in each snapshot's row (the offline training set reads
+them there, as known at its `as_of`), they can be written as the outcome batches a production system
+would receive: `labels_<arrival date>.parquet`, one per day on which labels arrive, each row the entity,
+the snapshot's event time, the label, its arrival time and the context columns (`label_batches`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ CONTRACTS = ["monthly", "annual", "two_year"]
 PAYMENTS = ["card", "bank_transfer", "invoice", "wallet"]
 AGE_GROUPS = ["18-34", "35-54", "55+"]
 LABEL_DELAY = timedelta(days=30)
+# an outcome batch: entity, the snapshot it describes, the label, when it arrived, context (not a feature)
+LABEL_COLUMNS = ["customer_id", "event_timestamp", "churned", "label_available_at", "age_group"]
 
 
 class DriftSpec(BaseModel):
@@ -184,5 +193,32 @@ def write_batches(spec: GeneratorSpec, out_dir: Path, fmt: str = "parquet") -> l
             df.to_csv(path, index=False)
         else:
             raise ValueError(f"format must be parquet or csv, got {fmt!r}")
+        paths.append(path)
+    return paths
+
+
+def label_batches(days: list[tuple[date, pd.DataFrame]]) -> list[tuple[date, pd.DataFrame]]:
+    """The outcome batches of generated snapshot batches: their labels grouped by the UTC day they arrive
+    on (`label_available_at`), oldest first; each row LABEL_COLUMNS."""
+    frames = [df[[c for c in LABEL_COLUMNS if c in df.columns]] for _, df in days]
+    if not frames:
+        return []
+    labels = pd.concat(frames, ignore_index=True).sort_values(["label_available_at", "customer_id"], kind="stable")
+    arrival_day = labels["label_available_at"].dt.tz_convert(UTC).dt.date
+    return [(day, group.reset_index(drop=True)) for day, group in labels.groupby(arrival_day, sort=True)]
+
+
+def write_label_batches(spec: GeneratorSpec, out_dir: Path, fmt: str = "parquet") -> list[Path]:
+    """Write the outcome batches of `spec`'s snapshots, `labels_YYYY-MM-DD.<fmt>` per arrival day."""
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"format must be parquet or csv, got {fmt!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for day, df in label_batches(generate(spec)):
+        path = out_dir / f"labels_{day.isoformat()}.{fmt}"
+        if fmt == "parquet":
+            df.to_parquet(path, index=False)
+        else:
+            df.to_csv(path, index=False)
         paths.append(path)
     return paths

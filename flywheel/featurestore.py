@@ -696,6 +696,12 @@ class OnlineReader:
 
     def read(self, ids: Sequence[Any]) -> list[dict[str, Any]]:
         """Each entity's feature values (None where missing), in the order of `ids` (duplicates allowed)."""
+        return self.read_timed(ids)[0]
+
+    def read_timed(self, ids: Sequence[Any]) -> tuple[list[dict[str, Any]], list[datetime | None]]:
+        """`read`, plus each entity's snapshot time: the event time the online store holds for its row
+        (the newest over the service's views; None for an entity without a row). `online_read` returns it
+        anyway, so it costs a dict entry per entity."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 
@@ -705,11 +711,16 @@ class OnlineReader:
             for v in python_values_to_proto_values(unique, self._value_type)
         ]
         found: dict[Any, dict[str, Any]] = {e: {} for e in unique}
+        times: dict[Any, datetime] = {}
         for view, names in self.views:
             rows = self._provider.online_read(config=self._config, table=view, entity_keys=keys,
                                               requested_features=names)
-            for entity, (_, data) in zip(unique, rows, strict=True):
+            for entity, (ts, data) in zip(unique, rows, strict=True):
                 if data:
+                    if ts is not None:
+                        ts = ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)  # Redis: naive UTC
+                        if entity not in times or ts > times[entity]:
+                            times[entity] = ts
                     got = found[entity]
                     for name in names:
                         value = data.get(name)
@@ -717,4 +728,4 @@ class OnlineReader:
                         # scalars directly (a fifth of the cost); anything else through Feast's converter
                         got[name] = (None if kind is None else getattr(value, kind) if kind in _SCALAR_VALUES
                                      else feast_value_type_to_python_type(value))
-        return [{n: found[e].get(n) for n in self.features} for e in ids]
+        return [{n: found[e].get(n) for n in self.features} for e in ids], [times.get(e) for e in ids]

@@ -18,6 +18,11 @@ answered by the champion; the rollout's error-rate guard reads these per arm).
 
 The same database holds `flywheel_routing`: the service's routing policy (one row per model name),
 so a restart keeps the canary share or the active blue/green slot.
+
+Each prediction records `feature_time`: the event time of the feature snapshot it was scored on (the
+online store returns it with each read; null for raw-row requests). Outcomes describe snapshots, so this
+is what joins a prediction to its outcome (flywheel/outcomes.py). The tables are declared on
+`flywheel.migrations.METADATA`; a database created before a column existed gets it added at start.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
+from flywheel import migrations
 from flywheel.db import project_engine
 
 PREDICTIONS_TABLE = "flywheel_predictions"
@@ -68,6 +74,8 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table]:
         sa.Column("imputed", sa.Text, nullable=False),  # JSON list of feature names
         sa.Column("explanation", sa.Text, nullable=True),  # JSON, only when asked for
         sa.Column("shadow", sa.Boolean, nullable=False, default=False),
+        # event time of the feature snapshot scored (the online store's), null when unknown (raw rows)
+        sa.Column("feature_time", sa.DateTime(timezone=True), nullable=True),
     )
     errors = sa.Table(
         ERRORS_TABLE,
@@ -93,6 +101,9 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table]:
     return predictions, errors, routing
 
 
+PREDICTIONS, ERRORS, ROUTING = _tables(migrations.METADATA)
+
+
 # ------------------------------------------------------------------------------------ the writer side
 
 
@@ -101,9 +112,8 @@ class Writer:
 
     def __init__(self, url: str, max_pending: int = 200_000) -> None:
         self.engine = project_engine(url, "prediction log")
-        metadata = sa.MetaData()
-        self.predictions, self.errors, _ = _tables(metadata)
-        metadata.create_all(self.engine, checkfirst=True)
+        self.predictions, self.errors = PREDICTIONS, ERRORS
+        migrations.ensure(self.engine, [PREDICTIONS, ERRORS])
         self.max_pending = max_pending
         self.pending: deque[dict[str, Any]] = deque()
         self.written = 0
@@ -214,9 +224,8 @@ class PredictionLog:
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
         self._engine = project_engine(url, "prediction log")
-        self._metadata = sa.MetaData()
-        self.predictions, self.errors, self.routing = _tables(self._metadata)
-        self._metadata.create_all(self._engine, checkfirst=True)
+        self.predictions, self.errors, self.routing = PREDICTIONS, ERRORS, ROUTING
+        migrations.ensure(self._engine, [PREDICTIONS, ERRORS, ROUTING])
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sender: threading.Thread | None = None
@@ -414,6 +423,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "features": json.dumps(record["features"], default=_json_default),
         "imputed": json.dumps(record.get("imputed", [])),
         "explanation": None if explanation is None else json.dumps(explanation, default=_json_default),
+        "feature_time": record.get("feature_time"),
     }
 
 

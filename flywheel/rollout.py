@@ -1,7 +1,7 @@
 """Staged rollout policy: the plan (configs/rollout.yaml), guard evaluation, the A/B readout, decisions.
 
-Pure logic plus two read-only store adapters (the prediction log and the offline labels); no Prefect
-and no HTTP here (tasks/rollout.py talks to the service, flows/rollout.py tells the story).
+Pure logic plus a read-only adapter of the prediction log (outcomes are read by flywheel.outcomes); no
+Prefect and no HTTP here (tasks/rollout.py talks to the service, flows/rollout.py tells the story).
 
 Strategies (a plan is discriminated by `strategy`):
 - shadow: the challenger scores a sample of requests in the background; its predictions are compared
@@ -13,11 +13,17 @@ Strategies (a plan is discriminated by `strategy`):
 - ab_test: a fixed split for `duration_s`; per-arm outcome metrics from delayed labels and a readout
   with a bootstrap confidence interval on the difference: promote only a significantly better arm.
 
+Label-based judgements (the AUC guard, the A/B readout) use only honestly joined outcomes
+(`flywheel.outcomes.join_outcomes`): the outcome of the feature snapshot a prediction used, arrived after
+the prediction was made. A label already known at prediction time never counts; with fewer joined
+outcomes than `min_labelled` per arm they report "not enough outcomes yet".
+
 Guards compare the challenger's traffic of a step with the champion's traffic of the whole rollout
 (at 100% the champion serves nothing in that step): error rate (the worse of the challenger's failed
 share of its rows, from the service's error table, and the service-wide 5xx share of /predict from
 /metrics), prediction-distribution shift (PSI on the two arms' probabilities, mean-probability
-difference), and ROC AUC per arm when enough delayed labels exist. PSI and AUC breach only when the
+difference), and ROC AUC per arm when enough joined outcomes exist
+(outcomes that arrived after the predictions: flywheel/outcomes.py). PSI and AUC breach only when the
 difference is larger than the threshold AND significant (PSI: above the 95th percentile of a
 permutation test; AUC: the bootstrap interval of the drop excludes zero): small arms must not roll
 back a good model on noise.
@@ -49,6 +55,7 @@ Strategy = Literal["shadow", "canary", "blue_green", "ab_test"]
 Outcome = Literal["promoted", "rolled_back", "held", "rejected"]
 GuardStatus = Literal["pass", "breach", "skipped"]
 TOO_FEW = "too few"
+NOT_ENOUGH_OUTCOMES = "not enough outcomes yet"  # label-based checks: reported, never an unjudgeable step
 
 
 class RolloutError(FlywheelError):
@@ -76,9 +83,10 @@ class Guards(Strict):
     max_psi: float | None = Field(0.25, gt=0, description="PSI of challenger vs champion probabilities "
                                   "(a breach must also be significant: permutation test)")
     max_mean_probability_diff: float | None = Field(0.15, gt=0, le=1)
-    max_auc_drop: float | None = Field(0.05, ge=0, le=1, description="champion AUC - challenger AUC (labels)")
+    max_auc_drop: float | None = Field(0.05, ge=0, le=1, description="champion AUC - challenger AUC (outcomes "
+                                       "joined to the predictions, arrived after them)")
     min_predictions: int = Field(20, ge=1, description="distinct entities per arm before distributions are judged")
-    min_labelled: int = Field(200, ge=10, description="labelled entities per arm before AUC is judged")
+    min_labelled: int = Field(200, ge=10, description="entities per arm with a joined outcome before AUC is judged")
     max_extensions: int = Field(3, ge=0, le=100, description="extra holds of a step with too little traffic; "
                                 "then the rollout rolls back (a challenger is never promoted unjudged)")
     psi_bins: int = Field(10, ge=2, le=50)
@@ -141,7 +149,7 @@ class ABTestPlan(Strict):
     metric: Literal["roc_auc", "accuracy", "log_loss", "brier"] = "roc_auc"
     confidence: float = Field(0.95, gt=0.5, lt=1)
     bootstrap_samples: int = Field(1000, ge=100, le=20_000)
-    min_labelled: int = Field(100, ge=10, description="labelled entities per arm for a readout")
+    min_labelled: int = Field(100, ge=10, description="entities per arm with a joined outcome for a readout")
     on_inconclusive: Literal["hold", "rollback"] = "hold"
     seed: int = 0
     guards: Guards = Guards()
@@ -198,7 +206,7 @@ def load_plans(path: Path) -> RolloutPlans:
 # ------------------------------------------------------------------------------------ observations
 
 PREDICTION_COLUMNS = ["at", "request_id", "entity", "version", "arm", "probability", "prediction", "latency_ms",
-                      "shadow"]
+                      "shadow", "feature_time"]
 
 
 def _read_log(url: str, table_name: str, model: str, since: datetime, until: datetime | None,
@@ -230,7 +238,8 @@ def read_predictions(url: str, model: str, versions: list[str], since: datetime,
 
     frame = _read_log(
         url, PREDICTIONS_TABLE, model, since, until,
-        lambda t: (sa.select(*[t.c[c] for c in PREDICTION_COLUMNS])
+        # a log written before `feature_time` existed reads it as null (such rows never join an outcome)
+        lambda t: (sa.select(*[t.c[c] if c in t.c else sa.null().label(c) for c in PREDICTION_COLUMNS])
                    .where(t.c.version.in_([str(v) for v in versions])).order_by(t.c.id)),
         lambda conn, q: pd.DataFrame([dict(r._mapping) for r in conn.execute(q)], columns=PREDICTION_COLUMNS),
         pd.DataFrame(columns=PREDICTION_COLUMNS),
@@ -263,20 +272,6 @@ def _db_time(dt: datetime, engine: Any) -> datetime:
     return dt.replace(tzinfo=None) if engine.dialect.name == "sqlite" else dt
 
 
-def latest_labels(labels_file: Path, entity: str, label: str, positive_label: Any,
-                  label_timestamp: str | None, timestamp: str, now: datetime | None = None) -> pd.DataFrame:
-    """One outcome per entity (`entity` as str, `y` 0/1): its newest snapshot whose label has arrived."""
-    if not Path(labels_file).is_file():
-        return pd.DataFrame({"entity": pd.Series(dtype=str), "y": pd.Series(dtype=int)})
-    cols = [entity, timestamp, label] + ([label_timestamp] if label_timestamp else [])
-    df = pd.read_parquet(labels_file, columns=cols)
-    if label_timestamp:
-        df = df[pd.to_datetime(df[label_timestamp], utc=True) <= pd.Timestamp(now or datetime.now(UTC))]
-    df = df.sort_values(timestamp, kind="stable").groupby(entity).tail(1)
-    return pd.DataFrame({"entity": df[entity].astype(str).to_numpy(),
-                         "y": (df[label] == positive_label).astype(int).to_numpy()})
-
-
 def split_arms(rows: pd.DataFrame, champion: str, challenger: str, shadow: bool = False
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(champion rows, challenger rows) by version; `shadow` picks the challenger's background rows."""
@@ -289,6 +284,15 @@ def per_entity(rows: pd.DataFrame) -> pd.DataFrame:
     """The newest prediction of each entity (repeated requests must not weigh an entity more)."""
     rows = rows[rows["entity"].notna()]
     return rows.groupby("entity", sort=False).tail(1)
+
+
+def joined_arm(rows: pd.DataFrame, outcomes: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """(y, probability) of one arm: its predictions joined honestly with their outcomes, then one per entity
+    (the newest joined prediction: an entity predicted twice counts once)."""
+    from flywheel.outcomes import join_outcomes
+
+    j = per_entity(join_outcomes(rows, outcomes))
+    return j["y"].to_numpy(int), j["probability"].to_numpy(float)
 
 
 # ------------------------------------------------------------------------------------------- stats
@@ -421,7 +425,7 @@ def evaluate_guards(
     champion: pd.DataFrame,
     challenger: pd.DataFrame,
     guards: Guards,
-    labels: pd.DataFrame | None = None,
+    outcomes: pd.DataFrame | None = None,
     error_rate_value: float | None = None,
     challenger_failures: int | None = None,
     *,
@@ -448,7 +452,7 @@ def evaluate_guards(
     out.append(_psi_guard(cp_e["probability"].to_numpy(float), ch_e["probability"].to_numpy(float), guards, few))
     diff = abs(float(ch_e["probability"].mean() - cp_e["probability"].mean())) if not few else None
     out.append(_judge("mean_probability_diff", diff, guards.max_mean_probability_diff, skip=few))
-    out.append(_auc_guard(cp_e, ch_e, guards, labels))
+    out.append(_auc_guard(champion, challenger, guards, outcomes))
     return out
 
 
@@ -564,20 +568,17 @@ def _psi_guard(reference: np.ndarray, current: np.ndarray, guards: Guards, few: 
                                                + ("" if significant else " (not significant)")})
 
 
-def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: pd.DataFrame | None) -> GuardResult:
+def _auc_guard(champion: pd.DataFrame, challenger: pd.DataFrame, guards: Guards, outcomes: pd.DataFrame | None
+               ) -> GuardResult:
+    """ROC AUC per arm on the outcomes joined honestly to each arm's predictions (see joined_arm)."""
     if guards.max_auc_drop is None:
         return GuardResult(name="auc_drop", status="skipped", detail="guard off")
-    if labels is None or labels.empty:
-        return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
-                           detail="no delayed labels yet")
-    arms = []
-    for rows in (cp_e, ch_e):
-        j = rows.assign(entity=rows["entity"].astype(str)).merge(labels, on="entity", how="inner")
-        arms.append((j["y"].to_numpy(int), j["probability"].to_numpy(float)))
+    arms = [joined_arm(champion, outcomes), joined_arm(challenger, outcomes)]
     n = (len(arms[0][0]), len(arms[1][0]))
     if min(n) < guards.min_labelled:
         return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
-                           detail=f"labelled entities champion {n[0]}, challenger {n[1]}; need {guards.min_labelled}")
+                           detail=f"{NOT_ENOUGH_OUTCOMES}: entities with an outcome that arrived after their "
+                                  f"prediction: champion {n[0]}, challenger {n[1]}; need {guards.min_labelled}")
     a_c, a_h = roc_auc(*arms[0]), roc_auc(*arms[1])
     if a_c is None or a_h is None:
         return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
@@ -594,7 +595,7 @@ def _auc_guard(cp_e: pd.DataFrame, ch_e: pd.DataFrame, guards: Guards, labels: p
 
 
 def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: ShadowPlan,
-                  labels: pd.DataFrame | None = None, error_rate_value: float | None = None,
+                  outcomes: pd.DataFrame | None = None, error_rate_value: float | None = None,
                   challenger_failures: int | None = None, *, ceiling_ms: float) -> list[GuardResult]:
     """Shadow readout: agreement of the two models on the same requests, plus the usual guards (the latency
     guards compare the challenger's background scoring with the champion's requests of the same window)."""
@@ -604,7 +605,7 @@ def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: Shad
     need = plan.guards.min_predictions
     few = "" if len(pairs) >= need else f"{TOO_FEW} shadowed rows ({len(pairs)}; need {need})"
     out = [_judge("agreement", agreement, plan.min_agreement, worse_if_above=False, skip=few)]
-    return out + evaluate_guards(champ, chall, plan.guards, labels, error_rate_value, challenger_failures,
+    return out + evaluate_guards(champ, chall, plan.guards, outcomes, error_rate_value, challenger_failures,
                                  ceiling_ms=ceiling_ms)
 
 
@@ -626,19 +627,18 @@ class ABReadout(Strict):
     detail: str = ""
 
 
-def ab_readout(champion: pd.DataFrame, challenger: pd.DataFrame, labels: pd.DataFrame, plan: ABTestPlan
+def ab_readout(champion: pd.DataFrame, challenger: pd.DataFrame, outcomes: pd.DataFrame | None, plan: ABTestPlan
                ) -> ABReadout:
-    """Per-arm outcome metric and a bootstrap interval on the difference; significant if it excludes 0."""
-    arms = []
-    for rows in (per_entity(champion), per_entity(challenger)):
-        j = rows.assign(entity=rows["entity"].astype(str)).merge(labels, on="entity", how="inner")
-        arms.append((j["y"].to_numpy(int), j["probability"].to_numpy(float)))
+    """Per-arm outcome metric on honestly joined outcomes (see joined_arm) and a bootstrap interval on the
+    difference; significant if it excludes 0."""
+    arms = [joined_arm(champion, outcomes), joined_arm(challenger, outcomes)]
     n = (len(arms[0][0]), len(arms[1][0]))
     base = {"metric": plan.metric, "confidence": plan.confidence, "n_champion": n[0], "n_challenger": n[1]}
     if min(n) < plan.min_labelled:
         return ABReadout(**base, champion_value=None, challenger_value=None, difference=None, ci_low=None,
                          ci_high=None, significant=False, winner="none",
-                         detail=f"too few labelled entities (need {plan.min_labelled} per arm)")
+                         detail=f"{NOT_ENOUGH_OUTCOMES}: entities with an outcome that arrived after their "
+                                f"prediction: champion {n[0]}, challenger {n[1]} (need {plan.min_labelled} per arm)")
     vc, vh = metric_value(plan.metric, *arms[0]), metric_value(plan.metric, *arms[1])
     if vc is None or vh is None:
         return ABReadout(**base, champion_value=vc, challenger_value=vh, difference=None, ci_low=None,

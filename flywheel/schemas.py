@@ -64,6 +64,19 @@ class BehavioralSuite(Section):
     tests: list[BehavioralTest] = []
 
 
+class OutcomesSource(Section):
+    """Where a dataset's outcomes (delayed labels) arrive: their own batch files, apart from the feature
+    batches. Each row names the entity, the event time of the feature snapshot it describes (the dataset's
+    `timestamp` column), the label (the dataset's `label` column) and when it arrived (the dataset's
+    `label_timestamp` column). The dataset's context columns (slices that are not features, the protected
+    attribute) may ride along. `flywheel outcomes ingest FILE` validates a batch and stores it in
+    `flywheel_outcomes`; a batch that fails is quarantined, never deleted."""
+
+    source: Path | None = None  # a folder of label batches (labels_<date>.parquet) or one file; None: ingest by hand
+    format: Literal["parquet", "csv"] = "parquet"
+    label_values: list[str | int | bool] = Field(min_length=2)  # every value a label may take, positive_label included
+
+
 class DatasetDefinition(Section):
     """One YAML file describes a dataset; everything downstream (GX suite, Feast repo, slices, gates
     on slices and fairness, behavioral tests) is derived from it."""
@@ -78,7 +91,11 @@ class DatasetDefinition(Section):
     created_timestamp: str | None = None  # when the row arrived; defaults to the event time
     label: str
     positive_label: str | int | bool = 1
-    label_timestamp: str | None = None  # when the label became known
+    label_timestamp: str | None = None  # when the label became known (in outcome batches: their arrival time)
+    outcomes: OutcomesSource | None = None  # delayed labels arriving as their own batches (see OutcomesSource)
+    # what training reads: the offline store's point-in-time join, or the features the online service
+    # actually used (the prediction log) joined with their outcomes
+    training_source: Literal["offline_store", "served_features"] = "offline_store"
     features: list[FeatureSpec] = Field(min_length=1)
     slices: list[str] = []
     protected_attribute: str | None = None
@@ -99,6 +116,15 @@ class DatasetDefinition(Section):
         for t in self.behavioral.tests:
             if t.feature and t.feature not in names:
                 raise ValueError(f"behavioral test {t.name!r} names unknown feature {t.feature!r}")
+        if self.outcomes is not None:
+            if not self.label_timestamp:
+                raise ValueError("outcomes need `label_timestamp`: the column holding when each label arrived")
+            if self.positive_label not in self.outcomes.label_values:
+                raise ValueError(f"outcomes.label_values {self.outcomes.label_values} must include "
+                                 f"positive_label {self.positive_label!r}")
+        if self.training_source == "served_features" and self.outcomes is None:
+            raise ValueError("training_source: served_features joins served features with outcomes: "
+                             "declare `outcomes`")
         return self
 
     @property

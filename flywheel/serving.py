@@ -553,11 +553,17 @@ class ServingState:
 
         While the store is known to be unreachable, requests fail at once (no connection attempt, no
         timeout on the request path); only the poll loop's probe tries it."""
+        return self.fetch_timed(service_name, ids, probe)[0]
+
+    def fetch_timed(self, service_name: str, ids: Sequence[Any], probe: bool = False
+                    ) -> tuple[list[dict[str, Any]], list[datetime | None]]:
+        """`fetch`, plus each entity's snapshot (event) time from the online store: the prediction log
+        records it, and outcomes are joined to predictions by it."""
         if self._store_error and not probe:
             raise Unavailable(f"{self._store_error}; retried every {self.cfg.registry_poll_seconds:g} s")
         try:
             with self._store_lock:
-                rows = self._service(service_name).read(ids)
+                rows, times = self._service(service_name).read_timed(ids)
         except ServingError:
             raise
         except Exception as exc:
@@ -566,7 +572,7 @@ class ServingState:
             raise Unavailable(self._store_error) from exc
         if self._store_error:
             self._store_error = None  # recovered
-        return [{c: _clean(v) for c, v in row.items()} for row in rows]
+        return [{c: _clean(v) for c, v in row.items()} for row in rows], times
 
     # ------------------------------------------------------------------ models
 
@@ -748,13 +754,16 @@ class ServingState:
         for i, (arm, _) in enumerate(routes):
             groups.setdefault(arm, []).append(i)
         values: dict[Arm, list[dict[str, Any]]] = {}
+        row_times: list[datetime | None] = [None] * n  # the feature snapshot each row was scored on
         if entities is not None:
             unknown: list[Any] = []
             for arm, idx in groups.items():
                 slot = slots.get(arm)
                 assert slot is not None
-                got = self.fetch(slot.feature_service, [ids[i] for i in idx])
+                got, times = self.fetch_timed(slot.feature_service, [ids[i] for i in idx])
                 values[arm] = got
+                for i, t in zip(idx, times, strict=True):
+                    row_times[i] = t
                 unknown += [
                     ids[i] for i, v in zip(idx, got, strict=True) if all(v.get(f) is None for f in slot.features)
                 ]
@@ -785,9 +794,9 @@ class ServingState:
             champion, challenger = slots.champion, slots.challenger
             assert challenger is not None
             if entities is not None and champion.feature_service != challenger.feature_service:
-                got = self.fetch(champion.feature_service, [ids[i] for i in takeover])
-                for i, v in zip(takeover, got, strict=True):
-                    row_values[i] = v
+                got, times = self.fetch_timed(champion.feature_service, [ids[i] for i in takeover])
+                for i, v, t in zip(takeover, got, times, strict=True):
+                    row_values[i], row_times[i] = v, t
             try:
                 scored[takeover] = _score(champion, [row_values[i] for i in takeover])
             except Exception as exc:
@@ -811,8 +820,8 @@ class ServingState:
         now = datetime.now(UTC)
         final = [r for r in results if r is not None]
         self.log.append_many(
-            [_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False)
-             for i, r in enumerate(final)] + failures
+            [_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False,
+                     feature_time=row_times[i]) for i, r in enumerate(final)] + failures
         )
         if self.on_prediction:
             for r in final:
@@ -821,7 +830,7 @@ class ServingState:
         if shadow_idx and slots.challenger is not None:
             self._submit_shadow(
                 slots, [ids[i] for i in shadow_idx], [row_values[i] for i in shadow_idx], entities is not None,
-                request_id,
+                request_id, [row_times[i] for i in shadow_idx],
             )
         return PredictOutcome(request_id=request_id, results=final, latency_ms=latency)
 
@@ -843,7 +852,8 @@ class ServingState:
     # ------------------------------------------------------------------ shadow
 
     def _submit_shadow(
-        self, slots: Slots, ids: list[Any], rows: list[dict[str, Any]], by_entity: bool, request_id: str
+        self, slots: Slots, ids: list[Any], rows: list[dict[str, Any]], by_entity: bool, request_id: str,
+        times: list[datetime | None],
     ) -> None:
         with self._shadow_lock:
             if self._shadow_pending >= SHADOW_MAX_PENDING:
@@ -851,13 +861,14 @@ class ServingState:
                 return
             self._shadow_pending += 1
         try:
-            self._shadow.submit(self._score_shadow, slots, ids, rows, by_entity, request_id)
+            self._shadow.submit(self._score_shadow, slots, ids, rows, by_entity, request_id, times)
         except RuntimeError:  # shutting down
             with self._shadow_lock:
                 self._shadow_pending -= 1
 
     def _score_shadow(
-        self, slots: Slots, ids: list[Any], rows: list[dict[str, Any]], by_entity: bool, request_id: str
+        self, slots: Slots, ids: list[Any], rows: list[dict[str, Any]], by_entity: bool, request_id: str,
+        times: list[datetime | None],
     ) -> None:
         try:
             slot = slots.challenger
@@ -865,7 +876,7 @@ class ServingState:
             assert slot is not None and champion is not None
             t0 = time.perf_counter()
             if by_entity and slot.feature_service != champion.feature_service:
-                rows = self.fetch(slot.feature_service, ids)
+                rows, times = self.fetch_timed(slot.feature_service, ids)
             proba = slot.probabilities(rows)
             latency = (time.perf_counter() - t0) * 1000
             now = datetime.now(UTC)
@@ -875,7 +886,8 @@ class ServingState:
                 r = RowResult(entity=entity, prediction=p >= 0.5, probability=p, model=slot.name,
                               version=slot.version, arm="challenger",
                               imputed=[f for f in slot.features if _missing(rows[k].get(f))])
-                records.append(_record(r, rows[k], slot, request_id, now, latency, shadow=True))
+                records.append(_record(r, rows[k], slot, request_id, now, latency, shadow=True,
+                                       feature_time=times[k]))
                 if self.on_prediction:
                     self.on_prediction(r, latency, True)
             self.log.append_many(records)
@@ -895,13 +907,16 @@ class ServingState:
 
 def _record(
     r: RowResult, vals: dict[str, Any], slot: ModelSlot | None, request_id: str, at: datetime, latency: float,
-    shadow: bool,
+    shadow: bool, feature_time: datetime | None = None,
 ) -> dict[str, Any]:
+    """One prediction-log record; `feature_time` is the event time of the feature snapshot scored (the
+    online store's; None for raw rows), which joins the prediction to its outcome later."""
     features = {f: (None if _missing(vals.get(f)) else vals.get(f)) for f in (slot.features if slot else vals)}
     return {
         "at": at, "request_id": request_id, "entity": r.entity, "model": r.model, "version": r.version,
         "arm": r.arm, "prediction": r.prediction, "probability": r.probability, "latency_ms": latency,
         "features": features, "imputed": r.imputed, "explanation": r.explanation, "shadow": shadow,
+        "feature_time": feature_time,
     }
 
 

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flywheel.locks import LockInfo, RolloutLocks
+from flywheel.outcomes import read_outcomes
 from flywheel.rollout import (
     ABReadout,
     ABTestPlan,
@@ -29,7 +30,6 @@ from flywheel.rollout import (
     count_failures,
     error_rate,
     evaluate_guards,
-    latest_labels,
     load_plans,
     predict_request_counts,
     read_predictions,
@@ -291,7 +291,7 @@ def observe_traffic(
     service_url: str,
     token_env: str,
     log_url: str,
-    labels_file: Path,
+    outcomes_url: str,
     dataset: DatasetDefinition,
     target: RolloutTarget,
     guards: Guards,
@@ -316,7 +316,7 @@ def observe_traffic(
     log = run_logger("flywheel.rollout")
     log.info("%s: prediction log stored (%s)", step, flushed)
     started = window_start or started
-    champ, chall, results = _judge_window((started, ended), log_url, labels_file, dataset, target, guards, cfg,
+    champ, chall, results = _judge_window((started, ended), log_url, outcomes_url, dataset, target, guards, cfg,
                                           rollout_started, error_rate(counts_before, counts_after), shadow)
     readout = StepReadout(step=step, policy=policy, started_at=started, ended_at=ended,
                           champion_entities=int(champ["entity"].nunique()),
@@ -325,20 +325,20 @@ def observe_traffic(
     return readout
 
 
-def _judge_window(span: tuple[datetime, datetime], log_url: str, labels_file: Path, dataset: DatasetDefinition,
+def _judge_window(span: tuple[datetime, datetime], log_url: str, outcomes_url: str, dataset: DatasetDefinition,
                   target: RolloutTarget, guards: Guards, cfg: RolloutConfig, rollout_started: datetime,
                   rate: float | None, shadow: ShadowPlan | None) -> tuple[Any, Any, list[GuardResult]]:
     """(champion reference rows, challenger rows, every guard) for the window `span`: its logged rows, the
-    labels, the error counts and the profile's latency ceiling (the plan's guards hold no ceiling)."""
+    outcomes that arrived since the rollout began (joined to predictions only when they arrived after them),
+    the error counts and the profile's latency ceiling (the plan's guards hold no ceiling)."""
     started, ended = span
     versions = [target.champion, target.challenger]
     window = read_predictions(log_url, target.model, versions, started, ended)
-    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
-                           dataset.label_timestamp, dataset.timestamp)
+    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=rollout_started - timedelta(seconds=1))
     failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
     if shadow is not None:
         champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
-        return champ, chall, shadow_guards(window, target.champion, target.challenger, shadow, labels, rate, failed,
+        return champ, chall, shadow_guards(window, target.champion, target.challenger, shadow, outcomes, rate, failed,
                                            ceiling_ms=cfg.max_p99_latency_ms)
     champ_window, chall = split_arms(window, target.champion, target.challenger)
     # the distribution guards' reference is the champion's traffic over the whole rollout (at 100% it gets
@@ -348,20 +348,20 @@ def _judge_window(span: tuple[datetime, datetime], log_url: str, labels_file: Pa
                                ended)
     champ, _ = split_arms(history, target.champion, target.challenger)
     earlier = read_predictions(log_url, target.model, versions, started - (ended - started), started)
-    results = evaluate_guards(champ, chall, guards, labels, rate, failed, ceiling_ms=cfg.max_p99_latency_ms,
+    results = evaluate_guards(champ, chall, guards, outcomes, rate, failed, ceiling_ms=cfg.max_p99_latency_ms,
                               champion_window=champ_window, before=split_arms(earlier, *versions))
     return champ, chall, results
 
 
 @task(task_run_name="read-ab-outcome", cache_policy=NO_CACHE)
-def read_ab_outcome(log_url: str, labels_file: Path, dataset: DatasetDefinition, target: RolloutTarget,
+def read_ab_outcome(log_url: str, outcomes_url: str, dataset: DatasetDefinition, target: RolloutTarget,
                     plan: ABTestPlan, since: datetime) -> ABReadout:
-    """Per-arm outcome metric from delayed labels, with a confidence interval on the difference."""
+    """Per-arm outcome metric on the outcomes that arrived after the test's predictions, with a confidence
+    interval on the difference."""
     rows = read_predictions(log_url, target.model, [target.champion, target.challenger], since)
     champ, chall = split_arms(rows, target.champion, target.challenger)
-    labels = latest_labels(labels_file, dataset.entity, dataset.label, dataset.positive_label,
-                           dataset.label_timestamp, dataset.timestamp)
-    return ab_readout(champ, chall, labels, plan)
+    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=since)
+    return ab_readout(champ, chall, outcomes, plan)
 
 
 # ------------------------------------------------------------------------------------- alias moves

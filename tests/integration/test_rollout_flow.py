@@ -15,10 +15,18 @@ entity ids. Scenarios run in file order on that home:
    its own challenger); its end hands the newest off to challenger and emits the event, and the next
    rollout rolls it out; one queued behind a promotion goes stale; `flywheel rollout supersede` stops a
    running rollout for a queued version; a paused loop holds instead of promoting (`flywheel loop ...`).
+9. labels already known before a rollout's predictions are not counted, even when delivered again after them;
+10. the features the service logged equal the offline store's for the same snapshot, and train a model.
+
+Outcomes reach the label-based guards only as they would in production: a labels batch lands (through the
+outcome ingest) while the rollout runs, AFTER the predictions it judges, for the feature snapshots the
+service logged (`LabelsLanding`). The scenarios that need outcomes send traffic for their own entities: a
+snapshot whose label has landed once cannot judge a later prediction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import signal
@@ -61,11 +69,12 @@ PLANS = {
         "blue_green_queue": {"strategy": "blue_green", "hold_s": 2, "guards": {"min_requests": 5}},
         "shadow_promote": {"strategy": "shadow", "sample": 1.0, "duration_s": 1.5, "min_agreement": 0.6,
                            "on_pass": "promote"},
-        # step 1 holds 5% of ~1,900 entities: never the 150 labelled ones AUC needs; step 2 (100%) has them
+        # step 1: 5% of 800 entities, and no outcome has landed yet; step 2 (100%): a labels batch lands
+        # 1.5 s in, after both arms' predictions, and the AUC guard has the 150 joined outcomes it needs
         "canary_gradual": {"strategy": "canary", "rollback": "gradual", "rollback_hold_s": 0.5,
-                           "steps": [{"share": 0.05, "hold_s": 1.5}, {"share": 1.0, "hold_s": 2.5}],
+                           "steps": [{"share": 0.05, "hold_s": 1.5}, {"share": 1.0, "hold_s": 3.5}],
                            "guards": {"max_psi": None, "max_mean_probability_diff": None}},
-        "ab_fast": {"strategy": "ab_test", "share": 0.5, "duration_s": 2, "min_labelled": 100,
+        "ab_fast": {"strategy": "ab_test", "share": 0.5, "duration_s": 3.5, "min_labelled": 100,
                     "bootstrap_samples": 200, "on_inconclusive": "hold"},
     },
 }
@@ -114,10 +123,12 @@ def service(home: Path) -> Iterator[Service]:
 
 
 class Traffic:
-    """Requests of 100 random known entities each, in a background thread, until stopped."""
+    """Requests of 100 random known entities each, in a background thread, until stopped. `pools` splits the
+    known entities: `main` for most scenarios, fresh ones for each scenario that needs outcomes (`use`)."""
 
-    def __init__(self, url: str, ids: list[int]) -> None:
+    def __init__(self, url: str, ids: list[int], pools: dict[str, list[int]] | None = None) -> None:
         self.url, self.ids = url, ids
+        self.pools = pools or {"main": ids}
         self.stop = threading.Event()
         self.status: dict[int, int] = {}
         self.thread = threading.Thread(target=self._run, name="traffic", daemon=True)
@@ -139,11 +150,20 @@ class Traffic:
         self.stop.set()
         self.thread.join(30)
 
+    @contextlib.contextmanager
+    def use(self, pool: str) -> Iterator[list[int]]:
+        """Send requests for the entities of `pool` only, then back to `main`."""
+        self.ids = self.pools[pool]
+        try:
+            yield self.ids
+        finally:
+            self.ids = self.pools["main"]
+
 
 @pytest.fixture(scope="module")
 def traffic(service: Service, home: Path) -> Iterator[Traffic]:
     ids = pd.read_parquet(home / "data" / "offline" / "churn" / "features.parquet", columns=["customer_id"])
-    pool = sorted(set(ids["customer_id"].astype(int)))[:2000]
+    pool = sorted(set(ids["customer_id"].astype(int)))[:4400]
     # entities whose features fell outside the TTL are unknown online (404 for the whole request): drop them
     unknown: set[int] = set()
     for start in range(0, len(pool), 500):
@@ -151,12 +171,96 @@ def traffic(service: Service, home: Path) -> Iterator[Traffic]:
         assert r.status_code in (200, 404), r.text
         unknown |= set(r.json().get("unknown_ids") or [])
     pool = [i for i in pool if i not in unknown]
-    assert len(pool) > 1000
-    t = Traffic(service.url, pool)
+    assert len(pool) > 4000
+    pools = {"main": pool[:1900], "gradual": pool[1900:2700], "ab": pool[2700:3500], "known": pool[3500:4300]}
+    t = Traffic(service.url, pools["main"], pools)
     try:
         yield t
     finally:
         t.close()
+
+
+@pytest.fixture(scope="module")
+def offline_labels(home: Path) -> pd.DataFrame:
+    """Every snapshot's true label, from the offline store (what a labels batch will say about it)."""
+    cols = ["customer_id", "event_timestamp", "churned", "age_group"]
+    return pd.read_parquet(home / "data" / "offline" / "churn" / "labels.parquet", columns=cols)
+
+
+def _predicted_snapshots(home: Path, since: datetime) -> pd.DataFrame:
+    """(entity, feature_time) of every logged prediction since `since`, as the service recorded them."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{home}/data/predictions.db")
+    # a typed parameter: a bare datetime would go through the sqlite3 adapter Feast registers process-wide
+    # (epoch seconds), and in SQLite any text is greater than any number
+    since_param = sa.bindparam("since", since.astimezone(UTC).replace(tzinfo=None), type_=sa.DateTime())
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT DISTINCT entity, feature_time FROM flywheel_predictions WHERE at >= :since"
+            ).bindparams(since_param)).all()
+    finally:
+        engine.dispose()
+    return pd.DataFrame(rows, columns=["entity", "feature_time"])
+
+
+def _land_labels(ctx, labels: pd.DataFrame, since: datetime, name: str):
+    """A labels batch lands now: the true label of every (entity, snapshot) predicted since `since`, each
+    arriving now, written as an outcome batch file and stored through the outcome ingest."""
+    from flywheel.outcomes import ingest_outcome_file
+
+    home = ctx.settings.paths.home
+    predicted = _predicted_snapshots(home, since)
+    assert predicted["feature_time"].notna().all(), "every entity prediction records its feature snapshot"
+    keys = pd.DataFrame({"customer_id": predicted["entity"].astype("int64"),
+                         "event_timestamp": pd.to_datetime(predicted["feature_time"], utc=True)
+                         .astype("datetime64[us, UTC]")})
+    batch = keys.merge(labels, on=["customer_id", "event_timestamp"], how="inner")
+    # the snapshot the service logged is a snapshot of the offline store: every one has its label there
+    assert len(batch) == len(keys) > 0, (len(batch), len(keys))
+    batch["label_available_at"] = pd.Timestamp(datetime.now(UTC))
+    path = home / "data" / "incoming" / "churn_labels" / f"labels_{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch.to_parquet(path, index=False)
+    return ingest_outcome_file(path, ctx.dataset, ctx.audit_db_url, ctx.quarantine_dir)
+
+
+class LabelsLanding:
+    """In a thread: once the service's routing matches `when` (the rollout reached the step to judge), wait
+    `after_s` (both arms predict meanwhile), then land the labels of everything predicted since `since`."""
+
+    def __init__(self, ctx, service: Service, labels: pd.DataFrame, since: datetime, name: str,
+                 when: dict[str, Any], after_s: float = 1.5) -> None:
+        self.report: Any = None
+        self.error: BaseException | None = None
+        self.landed_at: datetime | None = None
+
+        def run() -> None:
+            try:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    policy = _routing(service)["policy"]
+                    if all(policy.get(k) == v for k, v in when.items()):
+                        break
+                    time.sleep(0.05)
+                else:
+                    raise AssertionError(f"routing never reached {when}")
+                time.sleep(after_s)
+                self.report = _land_labels(ctx, labels, since, name)
+                self.landed_at = datetime.now(UTC)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="labels-landing", daemon=True)
+        self.thread.start()
+
+    def result(self):
+        self.thread.join(120)
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None and self.report.rows > 0, self.report
+        return self.report
 
 
 def _params(service: Service, home: Path, **kw: Any):
@@ -323,15 +427,24 @@ def test_failing_challenger_is_rolled_back_while_every_request_succeeds(
     assert "error_rate" in registry.audit.entries("churn")[-1].reason
 
 
-def test_gradual_rollback_ramps_down_through_the_lower_steps(service: Service, traffic: Traffic, registry, ctx
-                                                            ) -> None:
+def test_gradual_rollback_ramps_down_through_the_lower_steps(service: Service, traffic: Traffic, registry, ctx,
+                                                            offline_labels: pd.DataFrame) -> None:
     bad = _plant_challenger(registry, ctx, "shuffled")
-    state = _run(service, ctx.settings.paths.home, strategy="canary_gradual")
+    with traffic.use("gradual"):
+        started = datetime.now(UTC)
+        landing = LabelsLanding(ctx, service, offline_labels, started, "gradual", {"mode": "canary", "share": 1.0})
+        state = _run(service, ctx.settings.paths.home, strategy="canary_gradual")
+        landed = landing.result()
     assert state.name == "RolledBack", (state, state.message)
     decision = state.result()
-    # step 1 could not judge AUC (too few labelled entities at 5%) and passed; step 2 breached on it
+    # step 1 could not judge AUC (no outcome had landed) and passed; step 2 breached on the landed outcomes
     assert [s.policy["share"] for s in decision.steps] == [0.05, 1.0]
+    auc1 = next(g for g in decision.steps[0].guards if g.name == "auc_drop")
+    assert auc1.status == "skipped" and auc1.detail.startswith("not enough outcomes yet"), auc1
     assert not decision.steps[0].breached and [g.name for g in decision.steps[1].breaches] == ["auc_drop"]
+    auc2 = decision.steps[1].breaches[0]
+    n = [int(part.split(")")[0]) for part in auc2.detail.split("(n=")[1:]]
+    assert min(n) >= 150 and max(n) <= landed.rows, (auc2.detail, landed)
     assert decision.rollback_path == [0.05, 0.0], "back through the 5% step, then out"
     last = registry.audit.entries("churn")[-1]
     assert (last.alias, last.from_version, last.to_version) == ("challenger", bad, None)
@@ -440,14 +553,20 @@ def test_cli_status_promote_and_rollback(service: Service, registry, ctx) -> Non
     assert status["audit"][-1]["to_version"] == "1"
 
 
-def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, ctx) -> None:
+def test_ab_test_readout_decides(service: Service, traffic: Traffic, registry, ctx,
+                                offline_labels: pd.DataFrame) -> None:
     assert registry.aliases("churn") == {"champion": "1"}
-    state = _run(service, ctx.settings.paths.home, strategy="ab_fast", challenger_version="2")
+    with traffic.use("ab"):
+        landing = LabelsLanding(ctx, service, offline_labels, datetime.now(UTC), "ab", {"mode": "canary", "share": 0.5})
+        state = _run(service, ctx.settings.paths.home, strategy="ab_fast", challenger_version="2")
+        landed = landing.result()
     decision = state.result()
     ab = decision.ab
     assert ab is not None and ab.metric == "roc_auc", decision
-    # delayed labels joined by entity id: both arms have outcomes, and an interval around the difference
+    # outcomes that landed after the predictions, joined by entity and snapshot: both arms have them, and an
+    # interval around the difference
     assert ab.n_champion >= 100 and ab.n_challenger >= 100, ab
+    assert ab.n_champion + ab.n_challenger <= landed.rows, "a sticky split: each entity in one arm, once"
     assert ab.ci_low <= ab.difference <= ab.ci_high, ab
     assert ab.significant == (ab.ci_low > 0 or ab.ci_high < 0)
     expected = {"challenger": ("Promoted", {"champion": "2"}), "champion": ("RolledBack", {"champion": "1"}),
@@ -672,3 +791,68 @@ def test_a_paused_loop_holds_the_rollout_and_a_person_can_still_promote(service:
     assert registry.version_tags("churn", queued.version)["flywheel.status"] == "stale"
     history = json.loads(runner.invoke(app, ["loop", "status", *base], env=env).stdout)["history"]
     assert [(e["action"], e["reason"]) for e in history] == [("pause", "incident review"), ("resume", "review done")]
+
+
+def test_labels_known_before_the_predictions_are_not_counted(service: Service, traffic: Traffic, registry, ctx,
+                                                              offline_labels: pd.DataFrame, tmp_path: Path) -> None:
+    """Every snapshot's label arrived in February 2026 (the generator's label batches, ingested now); the
+    rollout's predictions come after, and the same labels land again during it. Nothing counts: each was
+    already known when the prediction was made."""
+    from flywheel.datagen import write_label_batches
+    from flywheel.outcomes import ingest_outcome_file
+
+    history = write_label_batches(SPEC, tmp_path / "history")
+    stored = [ingest_outcome_file(p, ctx.dataset, ctx.audit_db_url, ctx.quarantine_dir) for p in history]
+    assert sum(r.rows for r in stored) == SPEC.days * SPEC.rows_per_day
+    champion = registry.aliases("churn")["champion"]
+    with traffic.use("known"):
+        landing = LabelsLanding(ctx, service, offline_labels, datetime.now(UTC), "known",
+                                {"mode": "canary", "share": 0.5})
+        state = _run(service, ctx.settings.paths.home, strategy="ab_fast",
+                     challenger_version="1" if champion == "2" else "2")
+        landed = landing.result()
+    assert landed.rows > 200, "outcomes did land after the predictions (re-delivered)"
+    decision = state.result()
+    ab = decision.ab
+    assert state.name == "Held" and (ab.n_champion, ab.n_challenger, ab.winner) == (0, 0, "none"), (state, ab)
+    assert ab.detail.startswith("not enough outcomes yet"), ab.detail
+    (auc,) = [g for g in decision.steps[0].guards if g.name == "auc_drop"]
+    assert auc.status == "skipped" and "not enough outcomes yet" in auc.detail and "champion 0, challenger 0" in \
+        auc.detail, auc
+    assert registry.aliases("churn")["champion"] == champion
+    assert _routing(service)["policy"]["mode"] == "single"
+
+
+def test_served_features_equal_the_offline_store_and_train_a_model(registry, ctx) -> None:
+    """The features the service logged, joined with their outcomes, are the offline store's values of the
+    same snapshot; a dataset with `training_source: served_features` trains on them."""
+    from flows.training import TrainingParams, training_pipeline
+    from flywheel.outcomes import load_served_training_set
+
+    ds, home = ctx.dataset, ctx.settings.paths.home
+    as_of = datetime.now(UTC)
+    log_url = ctx.settings.store_url(ctx.settings.serve.prediction_log_url)
+    served, report = load_served_training_set(log_url, ctx.audit_db_url, ds, "churn", as_of)
+    assert report.with_outcome == len(served) > 3000, report  # every predicted snapshot has a label by now
+    offline = pd.read_parquet(home / "data" / "offline" / "churn" / "features.parquet")
+    offline = offline.drop_duplicates([ds.entity, ds.timestamp], keep="last")
+    both = served.merge(offline, on=[ds.entity, ds.timestamp], suffixes=("_served", "_offline"))
+    assert len(both) == len(served), "each served snapshot is one of the offline store's"
+    for f in ds.features:
+        a, b = both[f"{f.name}_served"], both[f"{f.name}_offline"]
+        assert (a.isna() == b.isna()).all(), f.name
+        if f.is_numeric:
+            assert (a[a.notna()].astype(float) == b[b.notna()].astype(float)).all(), f.name
+        else:
+            assert (a[a.notna()].astype(str) == b[b.notna()].astype(str)).all(), f.name
+    labels = pd.read_parquet(home / "data" / "offline" / "churn" / "labels.parquet")
+    with_labels = served.merge(labels, on=[ds.entity, ds.timestamp], suffixes=("", "_offline"))
+    assert (with_labels[ds.label] == with_labels[f"{ds.label}_offline"]).all(), "the outcomes are the true labels"
+
+    served_yaml = home / "configs" / "datasets" / "churn_served.yaml"
+    served_yaml.write_text((home / "configs" / "datasets" / "churn.yaml").read_text().replace(
+        "# training_source: served_features", "training_source: served_features"))
+    result = training_pipeline(TrainingParams(dataset=str(served_yaml), profile="ci", config_dir=str(home / "configs"),
+                                              as_of=as_of), return_state=True).result()
+    tags = registry.version_tags("churn", result.version)
+    assert tags["flywheel.training_rows"] == str(len(served)), (tags, len(served))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from tests.conftest import PROJECT
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
 CEILING = 50.0  # the profile's p99 ceiling (rollout.max_p99_latency_ms) in these tests
 CI_CEILING = 200.0  # configs/ci.yaml
+SNAPSHOT = datetime(2026, 11, 1, tzinfo=UTC)  # the event time of the feature snapshot every prediction used
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -58,6 +59,7 @@ def _rows(version: str, probs: np.ndarray, start: int = 0, latency: float = 5.0,
         "prediction": probs >= 0.5,
         "latency_ms": [latency] * n,
         "shadow": [shadow] * n,
+        "feature_time": [SNAPSHOT] * n,
     })
 
 
@@ -324,12 +326,13 @@ def test_too_few_entities_are_not_judged() -> None:
     assert results["psi"].status == "skipped" and "too few" in results["psi"].detail
 
 
-def _labelled(n: int, skill: float, start: int, version: str, rng: np.random.Generator
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _labelled(n: int, skill: float, start: int, version: str, rng: np.random.Generator,
+              arrived: datetime = NOW + timedelta(hours=1)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predictions (at NOW) and the outcomes of their snapshots, arrived at `arrived`."""
     y = rng.integers(0, 2, n)
     p = np.clip(0.5 + skill * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
     rows = _rows(version, p, start=start)
-    return rows, pd.DataFrame({"entity": rows["entity"], "y": y})
+    return rows, pd.DataFrame({"entity": rows["entity"], "event_time": SNAPSHOT, "y": y, "arrived_at": arrived})
 
 
 def test_auc_drop_breaches_only_when_large_and_significant() -> None:
@@ -345,6 +348,39 @@ def test_auc_drop_breaches_only_when_large_and_significant() -> None:
     (auc,) = [r for r in evaluate_guards(champ, good, g, pd.concat([lc, lg]), ceiling_ms=CEILING)
               if r.name == "auc_drop"]
     assert auc.status == "pass", auc
+
+
+def test_auc_guard_counts_only_outcomes_that_arrived_after_the_predictions() -> None:
+    rng = np.random.default_rng(3)
+    g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
+    # the same breach as above, but every label was already known when the predictions were made
+    champ, lc = _labelled(600, 0.6, 0, "1", rng, arrived=NOW - timedelta(days=1))
+    bad, lb = _labelled(600, 0.0, 10_000, "2", rng, arrived=NOW - timedelta(days=1))
+    results = {r.name: r for r in evaluate_guards(champ, bad, g, pd.concat([lc, lb]))}
+    auc = results["auc_drop"]
+    assert auc.status == "skipped" and auc.detail.startswith("not enough outcomes yet"), auc
+    assert "champion 0, challenger 0" in auc.detail
+    # the only guard that says so; and a missing outcome never makes the step unjudgeable
+    assert [r.name for r in results.values() if "outcomes" in r.detail] == ["auc_drop"]
+    readout = StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=600,
+                          challenger_entities=600, guards=list(results.values()))
+    assert not readout.insufficient and not readout.breached
+    # outcomes of another snapshot of the same entities (an older one) do not count either
+    older = pd.concat([lc, lb]).assign(event_time=SNAPSHOT - timedelta(days=7), arrived_at=NOW + timedelta(hours=1))
+    (auc,) = [r for r in evaluate_guards(champ, bad, g, older) if r.name == "auc_drop"]
+    assert auc.status == "skipped" and "not enough outcomes yet" in auc.detail
+
+
+def test_auc_guard_counts_an_entity_predicted_twice_once_per_arm() -> None:
+    rng = np.random.default_rng(9)
+    champ, lc = _labelled(150, 0.6, 0, "1", rng)
+    chall, lh = _labelled(150, 0.6, 10_000, "2", rng)
+    g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
+    (once,) = [r for r in evaluate_guards(champ, chall, g, pd.concat([lc, lh])) if r.name == "auc_drop"]
+    twice = pd.concat([chall, chall.assign(at=NOW + timedelta(minutes=1), request_id="again")])
+    (again,) = [r for r in evaluate_guards(champ, twice, g, pd.concat([lc, lh])) if r.name == "auc_drop"]
+    assert once.detail.count("(n=150)") == 2, once.detail  # both arms: 150 entities, each once
+    assert once.detail == again.detail and once.value == again.value, (once, again)
 
 
 def test_shadow_agreement_on_the_same_requests() -> None:
@@ -462,4 +498,16 @@ def test_ab_readout_needs_enough_labels() -> None:
     champ, lc = _labelled(30, 0.4, 0, "1", rng)
     chall, lh = _labelled(30, 0.4, 10_000, "2", rng)
     r = ab_readout(champ, chall, pd.concat([lc, lh]), ABTestPlan(strategy="ab_test", duration_s=1))
-    assert r.winner == "none" and "too few" in r.detail
+    assert r.winner == "none" and r.detail.startswith("not enough outcomes yet") and r.n_champion == 30
+
+
+def test_ab_readout_ignores_labels_known_before_the_predictions() -> None:
+    rng = np.random.default_rng(6)
+    champ, lc = _labelled(800, 0.2, 0, "1", rng)
+    chall, lh = _labelled(800, 0.6, 10_000, "2", rng)
+    plan = ABTestPlan(strategy="ab_test", duration_s=1, bootstrap_samples=300)
+    # the significant win of the first A/B test, had its labels been known before the test began
+    known = pd.concat([lc, lh]).assign(arrived_at=NOW - timedelta(seconds=1))
+    r = ab_readout(champ, chall, known, plan)
+    assert (r.winner, r.n_champion, r.n_challenger) == ("none", 0, 0), r
+    assert r.detail.startswith("not enough outcomes yet") and ab_next(plan, r, guards_breached=False) == "hold"
