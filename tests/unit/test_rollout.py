@@ -356,7 +356,7 @@ def test_auc_guard_counts_only_outcomes_that_arrived_after_the_predictions() -> 
     # the same breach as above, but every label was already known when the predictions were made
     champ, lc = _labelled(600, 0.6, 0, "1", rng, arrived=NOW - timedelta(days=1))
     bad, lb = _labelled(600, 0.0, 10_000, "2", rng, arrived=NOW - timedelta(days=1))
-    results = {r.name: r for r in evaluate_guards(champ, bad, g, pd.concat([lc, lb]))}
+    results = {r.name: r for r in evaluate_guards(champ, bad, g, pd.concat([lc, lb]), ceiling_ms=CEILING)}
     auc = results["auc_drop"]
     assert auc.status == "skipped" and auc.detail.startswith("not enough outcomes yet"), auc
     assert "champion 0, challenger 0" in auc.detail
@@ -367,7 +367,7 @@ def test_auc_guard_counts_only_outcomes_that_arrived_after_the_predictions() -> 
     assert not readout.insufficient and not readout.breached
     # outcomes of another snapshot of the same entities (an older one) do not count either
     older = pd.concat([lc, lb]).assign(event_time=SNAPSHOT - timedelta(days=7), arrived_at=NOW + timedelta(hours=1))
-    (auc,) = [r for r in evaluate_guards(champ, bad, g, older) if r.name == "auc_drop"]
+    (auc,) = [r for r in evaluate_guards(champ, bad, g, older, ceiling_ms=CEILING) if r.name == "auc_drop"]
     assert auc.status == "skipped" and "not enough outcomes yet" in auc.detail
 
 
@@ -376,9 +376,9 @@ def test_auc_guard_counts_an_entity_predicted_twice_once_per_arm() -> None:
     champ, lc = _labelled(150, 0.6, 0, "1", rng)
     chall, lh = _labelled(150, 0.6, 10_000, "2", rng)
     g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
-    (once,) = [r for r in evaluate_guards(champ, chall, g, pd.concat([lc, lh])) if r.name == "auc_drop"]
+    (once,) = [r for r in evaluate_guards(champ, chall, g, pd.concat([lc, lh]), ceiling_ms=CEILING) if r.name == "auc_drop"]
     twice = pd.concat([chall, chall.assign(at=NOW + timedelta(minutes=1), request_id="again")])
-    (again,) = [r for r in evaluate_guards(champ, twice, g, pd.concat([lc, lh])) if r.name == "auc_drop"]
+    (again,) = [r for r in evaluate_guards(champ, twice, g, pd.concat([lc, lh]), ceiling_ms=CEILING) if r.name == "auc_drop"]
     assert once.detail.count("(n=150)") == 2, once.detail  # both arms: 150 entities, each once
     assert once.detail == again.detail and once.value == again.value, (once, again)
 
