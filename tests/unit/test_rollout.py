@@ -376,9 +376,10 @@ def test_auc_guard_counts_an_entity_predicted_twice_once_per_arm() -> None:
     champ, lc = _labelled(150, 0.6, 0, "1", rng)
     chall, lh = _labelled(150, 0.6, 10_000, "2", rng)
     g = Guards(max_psi=None, max_mean_probability_diff=None, min_labelled=100)
-    (once,) = [r for r in evaluate_guards(champ, chall, g, pd.concat([lc, lh]), ceiling_ms=CEILING) if r.name == "auc_drop"]
+    labels = pd.concat([lc, lh])
+    (once,) = [r for r in evaluate_guards(champ, chall, g, labels, ceiling_ms=CEILING) if r.name == "auc_drop"]
     twice = pd.concat([chall, chall.assign(at=NOW + timedelta(minutes=1), request_id="again")])
-    (again,) = [r for r in evaluate_guards(champ, twice, g, pd.concat([lc, lh]), ceiling_ms=CEILING) if r.name == "auc_drop"]
+    (again,) = [r for r in evaluate_guards(champ, twice, g, labels, ceiling_ms=CEILING) if r.name == "auc_drop"]
     assert once.detail.count("(n=150)") == 2, once.detail  # both arms: 150 entities, each once
     assert once.detail == again.detail and once.value == again.value, (once, again)
 
