@@ -1,8 +1,10 @@
 """The monitoring flow: one window of served traffic judged against the champion's reference profile.
 
 served rows (prediction log) -> drift + data quality (GX suite) + alarm after persistence -> report ->
-monitoring history -> label-free performance estimate -> a summary artifact. `flywheel monitor` judges
-a batch file the same way; both record into the same history series (model, `v<champion version>`).
+monitoring history -> label-free performance estimate -> a summary artifact -> trigger decisions (a drift
+alarm or a performance drop may start a retrain, under the cooldown, dedupe and pause rules of
+configs/triggers.yaml; a data-quality alarm never does) and alarms sent to people. `flywheel monitor`
+judges a batch file the same way; both record into the same history series (model, `v<champion version>`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tasks.monitor import (
     record_window,
     write_window_report,
 )
+from tasks.triggers import act_on_window
 
 
 class MonitoringParams(BaseModel):
@@ -47,14 +50,17 @@ class MonitoringResult(BaseModel):
     estimated_roc_auc: float | None
     window_id: int
     report: str | None
+    decisions: list[str]  # each trigger decision: "<kind>: <outcome> (<reason>)"
 
 
 @flow(name="monitoring", log_prints=True)
 def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     """Served window -> drift and data-quality verdicts vs the champion's reference -> history -> summary."""
+    from flywheel.clock import build_clock
     from flywheel.monitoring.config import load_policy
     from flywheel.monitoring.history import window_record
     from flywheel.runtime import start_run_context
+    from flywheel.trigger_policy import load_policy as load_trigger_policy
 
     params = params or MonitoringParams()
     ctx = start_run_context(params.profile, params.config_dir)
@@ -80,6 +86,11 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     window_id = record_window(ctx.audit_db_url, rec)
     estimate = estimate_window_performance(window.probabilities, ctx.train.seed)
     publish_window_summary(model, reference, start, end, assessment, estimate, report)
+    decisions = act_on_window(
+        model, f"{model}:{reference}:{start.isoformat()}/{end.isoformat()}", end, assessment.verdict, estimate,
+        str(report) if report else None, load_trigger_policy(settings.resolve(settings.triggers.policy_file)),
+        settings.notify, ctx.audit_db_url, build_clock(settings.clock).now(),
+    )
 
     verdict = assessment.verdict
     return MonitoringResult(
@@ -87,4 +98,5 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
         data_quality_alarm=verdict.data_quality_alarm, drifted_features=list(verdict.drifted_features),
         estimated_roc_auc=estimate.roc_auc.value if estimate else None, window_id=window_id,
         report=str(report) if report else None,
+        decisions=[f"{d.kind}: {d.outcome} ({d.reason})" for d in decisions],
     )

@@ -4,7 +4,8 @@
 (one source for `prefect deploy` with a worker and for this local `serve()`): entrypoint, description,
 parameters, schedules, concurrency limits and event triggers (training runs on `flywheel.retrain.requested`,
 rollout on `flywheel.model.challenger-registered`) are read from there; this process adds what depends on the
-settings: the profile and config folder every run loads, and `batch.cron` for batch scoring.
+settings: the profile and config folder every run loads, and the schedules they own (configs/triggers.yaml,
+`batch.cron` for batch scoring).
 A deployment whose entrypoint file does not exist yet is skipped with a warning.
 
 Once every deployment is registered it writes `--ready-file` (JSON: its pid and the deployment names),
@@ -37,9 +38,12 @@ log = logging.getLogger("flywheel.serve_deployments")
 API_WAIT_SECONDS = 300.0  # `flywheel up` gives up on the server sooner (stack.start_timeout_seconds)
 
 
-def _cron_from_settings(settings: Settings) -> dict[str, str]:
-    """Deployment name -> cron the settings own (prefect.yaml repeats it for `prefect deploy`)."""
-    return {"batch-scoring": settings.batch.cron}
+def _schedules_from_settings(settings: Settings) -> dict[str, Any]:
+    """Deployment name -> the schedule the settings own: configs/triggers.yaml's schedules, and `batch.cron`
+    for batch scoring (prefect.yaml repeats them for `prefect deploy`; a test compares)."""
+    from flywheel.trigger_policy import deployment_schedules, load_policy
+
+    return deployment_schedules(load_policy(settings.resolve(settings.triggers.policy_file)), settings.batch.cron)
 
 
 def load_deployment_specs(path: Path = DEPLOYMENTS_FILE) -> list[dict[str, Any]]:
@@ -91,7 +95,7 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     run_settings = {"profile": profile, "config_dir": config_dir}
-    crons = _cron_from_settings(settings)
+    owned = _schedules_from_settings(settings)
     out = []
     for dep in load_deployment_specs(path):
         name, entrypoint = dep["name"], dep["entrypoint"]
@@ -102,13 +106,11 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
         module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
         flow = getattr(module, func)
 
-        schedules = []
-        for sched in dep.get("schedules") or []:
-            cron = crons.get(name, sched["cron"])
-            schedules.append(Schedule(cron=cron, timezone=sched.get("timezone", "UTC"),
-                                      active=sched.get("active", True)))
-        if not schedules and name in crons:
-            schedules.append(Schedule(cron=crons[name], timezone="UTC"))
+        if name in owned:
+            schedules = [Schedule(cron=owned[name].cron, timezone=owned[name].timezone, active=owned[name].active)]
+        else:
+            schedules = [Schedule(cron=sched["cron"], timezone=sched.get("timezone", "UTC"),
+                                  active=sched.get("active", True)) for sched in dep.get("schedules") or []]
 
         model = _params_model(flow)
         parameters = _with_run_settings(dep.get("parameters") or {}, run_settings)

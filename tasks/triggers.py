@@ -16,6 +16,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel.monitoring.alarms import WindowVerdict
+from flywheel.monitoring.performance import Estimate
 from flywheel.notify import DeliveryResult, NotificationLog, notify
 from flywheel.settings import NotifyConfig
 from flywheel.trigger_decisions import TriggerDecisions
@@ -28,18 +30,13 @@ ACTION_EXECUTED = "prefect.automation.action.executed"  # the automation's event
 
 def loop_pause(db_url: str, model: str) -> str | None:
     """Who paused the loop of `model`, when and why (`flywheel loop pause`); None while it runs."""
-    try:
-        from flywheel.loopcontrol import LoopControl
-    except ModuleNotFoundError as exc:  # loop control is not part of this build
-        if exc.name != "flywheel.loopcontrol":
-            raise
-        return None
+    from flywheel.loopcontrol import LoopControl
+
     control = LoopControl(db_url)
     try:
-        state = control.state(model)
+        return control.trigger_suppression(model)
     finally:
         control.dispose()
-    return state.describe() if state.paused else None
 
 
 def prefect_api_configured() -> bool:
@@ -220,3 +217,34 @@ def check_liveness(model: str, last_monitoring_at: datetime | None, last_outcome
     for alarm in alarms:
         notify_alarm.fn(alarm, cfg, db_url)
     return alarms
+
+
+@task(name="act_on_window", task_run_name="act-on-window-{model}", cache_policy=NO_CACHE)
+def act_on_window(model: str, window_key: str, end: datetime, verdict: WindowVerdict, estimate: Estimate | None,
+                  report: str | None, policy: TriggerPolicy, notify: NotifyConfig, db_url: str,
+                  now: datetime) -> list[Decision]:
+    """Monitoring's verdict on one window, turned into trigger decisions (drift, estimated performance)
+    and alarms for people. A data-quality alarm is sent as itself and never triggers a retrain: bad data
+    must not become a training set."""
+    from flywheel.triggers import alarm_for, alarm_id, drift_signal, performance_signal, pick_performance
+
+    evidence = {"window": window_key, "drifted_features": list(verdict.drifted_features),
+                "share_drifted": round(verdict.share_drifted, 4), "streak": verdict.streak, "report": report}
+    drift_detail = ("data-quality alarm on this window: bad data never triggers a retrain"
+                    if verdict.data_quality_alarm else "")
+    signals = [drift_signal(verdict.alarm and not verdict.data_quality_alarm, model=model,
+                            event_id=f"drift:{window_key}", occurred=end, evidence=evidence, detail=drift_detail)]
+    rule = policy.rules.performance_degraded
+    reading = pick_performance(None, estimate, rule)
+    if reading is not None and not verdict.data_quality_alarm:
+        signals.append(performance_signal(reading, rule, model=model, event_id=f"performance:{window_key}",
+                                          occurred=end))
+    decisions = [decide_record_emit(s, policy, db_url, now) for s in signals]
+    alarms = [a for s in signals if (a := alarm_for(s, report)) is not None]
+    if verdict.data_quality_alarm:
+        alarms.append(Alarm(id=alarm_id("data_quality", window_key), kind="data_quality", model=model,
+                            summary=f"{model}: data-quality alarm: {'; '.join(verdict.data_quality_problems)[:300]}",
+                            occurred=end, severity="critical", evidence=evidence, report_url=report))
+    for alarm in alarms:
+        notify_alarm.fn(alarm, notify, db_url)
+    return decisions

@@ -1,6 +1,8 @@
 """The monitoring flow on a real champion (training flow, MLflow on SQLite) and a real prediction log:
 served windows read from the log, judged against the stored reference profile, recorded in the history,
-the drift alarm raised only after the policy's persistence, and calm traffic raising none."""
+the drift alarm raised only after the policy's persistence, and calm traffic raising none. The alarm fires
+one retrain decision (its event read back from the Prefect test server); the next drifted window inside
+the cooldown is suppressed and recorded."""
 
 from __future__ import annotations
 
@@ -97,13 +99,34 @@ def test_calm_traffic_raises_nothing_and_drift_alarms_after_persistence(home: Pa
     assert first.status == "drift" and not first.alarm, "one drifted window is not an alarm (persistence 2)"
     assert second.status == "drift" and second.alarm, second
     assert second.drifted_features, second
+    assert [d.split(" (")[0] for d in calm.decisions] == [
+        "drift_detected: suppressed", "performance_degraded: suppressed"]
+    assert first.decisions[0].startswith("drift_detected: suppressed"), first.decisions
+    assert second.decisions[0].startswith("drift_detected: fire"), second.decisions
+
+    _serve(home, 3, covariate_drift=1.0, seed=203)
+    third = _monitor(home, 3)
+    assert third.alarm and third.decisions[0].startswith("drift_detected: suppressed (cooldown"), third.decisions
+    fired = _retrain_events()
+    assert len(fired) == 1 and fired[0]["resource"]["prefect.resource.id"] == "flywheel.model.churn", fired
 
     history = MonitoringHistory(_settings(home).audit_db_url)
     try:
         recorded = history.previous("churn", "v1", before=SERVED + timedelta(hours=10))
     finally:
         history.close()
-    assert [(r.status, r.alarm) for r in recorded] == [("ok", False), ("drift", False), ("drift", True)]
+    assert [(r.status, r.alarm) for r in recorded] == [
+        ("ok", False), ("drift", False), ("drift", True), ("drift", True)]
+
+
+def _retrain_events() -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as client:
+        events = client.read_events(filter=EventFilter(event=EventNameFilter(name=["flywheel.retrain.requested"])),
+                                    limit=50).events
+    return [e.model_dump(mode="json") for e in events]
 
 
 def test_an_empty_window_is_too_few_rows_never_an_alarm(home: Path) -> None:

@@ -259,12 +259,15 @@ def test_served_deployments_carry_run_settings_cron_and_checked_trigger_params(h
 
     s = load_settings("ci", home / "configs", environ={}, overrides={"batch": {"cron": "15 4 * * *"}})
     built = {d.name: d for d in build_deployments(s, "ci", str(home / "configs"))}
-    assert set(built) == {"training", "batch-scoring", "rollout"}
+    assert set(built) == {"training", "batch-scoring", "monitoring", "rollout"}
     run_settings = {"profile": "ci", "config_dir": str(home / "configs")}
     batch = built["batch-scoring"]
     assert [sch.schedule.cron for sch in batch.schedules] == ["15 4 * * *"]  # from settings, not the yaml
     assert batch.parameters["params"] == {"alias": "champion", "skew_check": True, **run_settings}
     assert not built["training"].schedules[0].active
+    monitoring = built["monitoring"]  # configs/triggers.yaml owns its schedule
+    assert [(sch.schedule.cron, sch.active) for sch in monitoring.schedules] == [("0 * * * *", True)]
+    assert monitoring.parameters["params"] == run_settings
     [trigger] = built["rollout"].triggers
     assert isinstance(trigger, DeploymentEventTrigger)
     # a trigger's parameters replace the deployment's `params`: the run settings must be in both
