@@ -161,14 +161,21 @@ def test_paused_is_asked_of_the_loop_control_for_automatic_signals_only(tmp_path
         "an explicit request is not held by a pause, so the loop control is not asked"
 
 
-def test_loop_pause_without_loop_control_in_the_build_is_running(tmp_path: Path) -> None:
-    import importlib.util
-
+def test_loop_pause_reads_the_loop_control(tmp_path: Path) -> None:
+    from flywheel.loopcontrol import LoopControl
     from tasks.triggers import loop_pause
 
-    if importlib.util.find_spec("flywheel.loopcontrol") is not None:
-        pytest.skip("flywheel.loopcontrol is present: its own tests cover pausing")
-    assert loop_pause(f"sqlite:///{tmp_path}/flywheel.db", "churn") is None
+    url = f"sqlite:///{tmp_path}/flywheel.db"
+    assert loop_pause(url, "churn") is None, "a loop never paused runs"
+    control = LoopControl(url)
+    control.pause("churn", "user:ops", "incident review")
+    control.dispose()
+    reason = loop_pause(url, "churn")
+    assert reason is not None and "incident review" in reason, reason
+    held = TriggerDecisions(url)
+    decision = held.decide_and_record(drift("w-9"), POLICY, reason, T0)
+    held.dispose()
+    assert not decision.fired and decision.suppressed_by == "paused", decision
 
 
 def test_the_artifact_shows_the_outcome_reason_and_evidence(tmp_path: Path) -> None:
