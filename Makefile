@@ -14,10 +14,11 @@ env:
 	@$(UV) sync --frozen --quiet
 
 # The demo runs on the persistent local stack (left running: `flywheel down` stops it), with the
-# rollout plan `demo` (the canary in seconds) for the rollouts this stack starts.
+# rollout plan `demo` (the canary in seconds) for the rollouts this stack starts, and the webhook
+# receiver on a throwaway secret generated here at run time (yours, if FLYWHEEL_WEBHOOK_SECRET is set).
 demo: env
-	FLYWHEEL_ROLLOUT__STRATEGY=demo $(RUN) flywheel up
-	$(RUN) flywheel demo
+	export FLYWHEEL_WEBHOOK_SECRET="$${FLYWHEEL_WEBHOOK_SECRET:-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')}"; \
+	FLYWHEEL_ROLLOUT__STRATEGY=demo $(RUN) flywheel up && $(RUN) flywheel demo
 
 test: env
 	$(RUN) ruff check .

@@ -15,6 +15,7 @@ not happen, and `flywheel demo` exits 1 with those lines.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -28,10 +29,16 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel.demo_story import (
+    DecisionSeen,
     DemoStory,
+    LifecycleSeen,
+    RetrainSeen,
     RolloutSeen,
     RolloutSkipped,
+    Skipped,
     TrainingSeen,
+    WebhookSeen,
+    WindowSeen,
     check_story,
     skipped_checks,
 )
@@ -62,8 +69,10 @@ def run_demo(
     seed: int = 42,
     console: Console | None = None,
     rollout_timeout_s: float = 300.0,
+    lifecycle: bool = True,
 ) -> DemoStory:
-    """Run the three steps, print what happened, and return what each step observed."""
+    """Run the three steps, then (on a stack) step 4, the lifecycle; print what happened and the timeline,
+    and return what each step observed. `lifecycle` False (or FLYWHEEL_DEMO_LIFECYCLE=0): the three steps."""
     from flywheel.runtime import start_run_context
 
     console = console or Console(stderr=True)
@@ -85,6 +94,7 @@ def run_demo(
     runs: list[dict[str, Any]] = []
     seen: list[TrainingSeen] = []
     rollout: RolloutSeen | RolloutSkipped | None = None
+    timeline = Timeline()
     for (number, title, sabotage), batch_files in zip(STEPS, batches, strict=True):
         console.rule(f"{number}. {title}")
         _arrive(batch_files, ctx.source)
@@ -93,12 +103,25 @@ def run_demo(
                                 ctx.model_name)
         seen.append(step)
         runs.append(run)
+        timeline.add(f"{number}. training", f"v{step.version} {step.outcome} (run {step.state})",
+                     (f"failed: {', '.join(step.failed_rules[:4])}; " if step.failed_rules else "")
+                     + f"aliases {dict(step.aliases_before)} -> {dict(step.aliases_after)}")
         console.print(f"-> {step.state}: {ctx.model_name} v{step.version} is {step.outcome}"
                       + (f" (failed: {', '.join(step.failed_rules)})" if step.failed_rules else ""))
         if number == 2 and step.outcome == "challenger":
             rollout = _follow_rollout(ctx, console, api, registry, step.version, since, rollout_timeout_s)
-    story = DemoStory(first=seen[0], second=seen[1], rollout=rollout, sabotaged=seen[2])
+            timeline.add("2. rollout", f"rollout of v{step.version} ended "
+                         f"{getattr(rollout, 'state', None) or '(not run)'}",
+                         getattr(rollout, "detail", None) or getattr(rollout, "reason", ""))
+    story_lifecycle: LifecycleSeen | Skipped | None = None
+    if lifecycle and os.environ.get("FLYWHEEL_DEMO_LIFECYCLE", "1") != "0":
+        story_lifecycle = run_lifecycle(ctx, console, api, registry, profile, config_dir, files, seed, timeline,
+                                        max(rollout_timeout_s, 600.0))
+    story = DemoStory(first=seen[0], second=seen[1], rollout=rollout, sabotaged=seen[2], lifecycle=story_lifecycle)
     _summary(console, runs, story, ctx)
+    timeline.print(console)
+    if api:
+        console.print(f"Prefect runs (kept on the stack): {api.removesuffix('/api')}/runs", soft_wrap=True)
     return story
 
 
@@ -116,7 +139,22 @@ def report_story(console: Console, story: DemoStory) -> list[str]:
                   if isinstance(story.rollout, RolloutSeen) else f"challenger v{story.second.version} registered")
         console.print(f"[bold green]story checked[/]: champion v{story.first.version}, {second}, "
                       f"sabotaged v{story.sabotaged.version} rejected with no alias moved", soft_wrap=True)
+        if isinstance(story.lifecycle, LifecycleSeen):
+            console.print(f"[bold green]lifecycle checked[/]: {_lifecycle_line(story.lifecycle)}", soft_wrap=True)
     return failures
+
+
+def _lifecycle_line(seen: LifecycleSeen) -> str:
+    alarm = next((i + 1 for i, w in enumerate(seen.windows) if w.alarm), None)
+    cooled = sum(d.suppressed_by == "cooldown" for d in seen.drift_decisions)
+    retrain = seen.retrain
+    gated = f"retrain v{retrain.version} {retrain.outcome}" if retrain else "no retrain"
+    if seen.rollout is not None:
+        gated += f", its rollout ended {seen.rollout.state}"
+    hook = (f"webhook retrain skipped ({seen.webhook.reason})" if isinstance(seen.webhook, Skipped)
+            else f"webhook created {seen.webhook.runs_created} training run")
+    return (f"drift alarm at window {alarm}, one drift trigger fired, {cooled} suppressed by the cooldown, "
+            f"{gated}; {hook}")
 
 
 def _follow_rollout(ctx: RunContext, console: Console, api: str | None, registry: Registry, version: str,
@@ -298,3 +336,278 @@ def _summary(console: Console, runs: list[dict[str, Any]], story: DemoStory, ctx
         f"MLflow UI: uv run mlflow ui --backend-store-uri {ctx.tracking_uri} "
         "then open http://127.0.0.1:5000/#/models and the 'flywheel' experiment's runs"
     )
+
+
+# ------------------------------------------------------------------------------------------ step 4: the lifecycle
+
+TRAINING_DEPLOYMENT = "training"  # deployments/prefect.yaml: started by flywheel.retrain.requested
+LIFECYCLE_TITLE = "drift -> monitoring -> trigger -> retrain -> rollout, then a signed webhook retrain"
+DRIFT = 0.6  # covariate drift strength of the days that arrive in step 4
+DRIFT_DAYS = 2  # after the demo's days: their 30-day labels have arrived by today too
+WINDOWS = 3  # 1: drifted, no alarm (persistence 2); 2: alarm, the trigger fires; 3: alarm, cooldown
+WINDOW_ROWS = 600  # configs/monitoring.yaml alarm.min_rows is 500: a smaller window is never judged
+PREDICT_BATCH = 100
+WEBHOOK_REASON = "demo step 4: a signed webhook asks for a retrain"
+
+
+class Timeline:
+    """What happened, when, and the evidence: the table the demo ends with."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[datetime, str, str, str]] = []
+
+    def add(self, step: str, what: str, evidence: str = "", at: datetime | None = None) -> None:
+        self.rows.append((at or datetime.now(UTC), step, what, evidence))
+
+    def print(self, console: Console) -> None:
+        table = Table(title="Timeline", show_lines=True)
+        for col in ("time (UTC)", "step", "what happened", "evidence"):
+            table.add_column(col, overflow="fold")
+        for at, step, what, evidence in sorted(self.rows, key=lambda row: row[0]):  # stable: ties keep order
+            table.add_row(at.strftime("%H:%M:%S"), step, what, evidence or "-")
+        console.print(table)
+
+
+def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: Registry, profile: str | None,
+                  config_dir: Path | None, demo_files: list[Path], seed: int, timeline: Timeline,
+                  timeout_s: float = 600.0) -> LifecycleSeen | Skipped:
+    """Step 4 on the stack: drifted days arrive and are served, monitored window by window until the drift
+    trigger fires (once) and is then held by the cooldown; the retrain it starts is followed to its gates
+    (and a challenger to its rollout's decision); then a signed webhook asks for one more retrain."""
+    if not api:
+        timeline.add("4", "skipped", NO_STACK)
+        return Skipped(NO_STACK)
+    champion = registry.aliases(ctx.model_name).get("champion")
+    if not champion:
+        timeline.add("4", "skipped", "no champion to monitor")
+        return Skipped("no champion to monitor (steps 1-2 registered none)")
+    started = datetime.now(UTC)
+    rows = _drifted_days(ctx, demo_files, seed, console, timeline)
+    windows = _monitored_traffic(ctx, console, profile, config_dir, rows, timeline)
+    decisions = _drift_decisions(ctx, started)
+    for d in decisions:
+        by = f" by {d.suppressed_by}" if d.suppressed_by else ""
+        timeline.add("4. trigger", f"drift decision: {d.outcome}{by}", f"{d.reason} (decision {d.id[:8]})", at=d.at)
+    fired = next((d for d in decisions if d.outcome == "fire"), None)
+    retrain = rollout = None
+    if fired is not None:
+        retrain = _follow_retrain(ctx, console, api, registry, fired, timeline, timeout_s)
+        if retrain.outcome == "challenger" and retrain.version:
+            console.rule(f"the retrained challenger v{retrain.version} is rolled out: sending traffic")
+            rollout = watch_rollout(ctx, console, api, registry, retrain.version, started, timeout_s)
+            timeline.add("4. rollout", f"rollout of v{retrain.version} ended {rollout.state or '(not seen to end)'}",
+                         rollout.detail)
+    else:
+        console.print("-> no drift decision fired: no retrain to follow")
+    webhook = _webhook_retrain(ctx, console, timeline)
+    return LifecycleSeen(windows=tuple(windows), drift_decisions=tuple(decisions), retrain=retrain, rollout=rollout,
+                         webhook=webhook)
+
+
+def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: Console,
+                  timeline: Timeline) -> list[dict[str, Any]]:
+    """DRIFT_DAYS days after the demo's, with covariate drift (same seed, same customers), arrived in the
+    incoming folder (the retrain trains on them); their feature rows as /predict sends them, shuffled."""
+    import json
+
+    import pandas as pd
+
+    from flywheel.datagen import DriftSpec, GeneratorSpec, generate
+
+    console.rule(f"4. {LIFECYCLE_TITLE}")
+    start = date.fromisoformat(demo_files[0].stem.removeprefix("batch_"))
+    days = len(demo_files)
+    staging = ctx.settings.resolve(ctx.settings.paths.data_dir) / "demo_drift"
+    if not any(staging.glob("batch_*")):
+        rows_per_day = len(pd.read_parquet(demo_files[0], columns=[ctx.dataset.entity]))
+        spec = GeneratorSpec(seed=seed, days=days + DRIFT_DAYS, rows_per_day=rows_per_day, start=start,
+                             drift=DriftSpec(covariate=DRIFT), drift_from_day=days)
+        staging.mkdir(parents=True, exist_ok=True)
+        for day, df in generate(spec)[days:]:
+            df.to_parquet(staging / f"batch_{day.isoformat()}.parquet", index=False)
+    files = sorted(staging.glob("batch_*"))
+    _arrive(files, ctx.source)
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    columns = [ctx.dataset.entity, *(f.name for f in ctx.dataset.features)]
+    frame = frame[columns].sample(frac=1.0, random_state=seed).head(WINDOWS * WINDOW_ROWS)
+    names = ", ".join(f.stem.removeprefix("batch_") for f in files)
+    console.print(f"-> {len(files)} drifted days arrived ({names}, covariate drift {DRIFT}) in {ctx.source}")
+    timeline.add("4. drift", f"{len(files)} drifted days arrived", f"{names}; DriftSpec(covariate={DRIFT})")
+    return json.loads(frame.to_json(orient="records"))  # NaN -> null, numpy -> JSON
+
+
+def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, config_dir: Path | None,
+                       rows: list[dict[str, Any]], timeline: Timeline) -> list[WindowSeen]:
+    """Each window: its rows sent as raw-row /predict requests, the prediction log flushed, then the
+    monitoring flow on exactly the time since the previous window, as the hourly deployment would."""
+    import httpx
+
+    from flows.monitoring import MonitoringParams, monitoring
+    from flywheel.stack import admin_token_env
+    from tasks.rollout import ServiceClient
+
+    os.environ.update(admin_token_env(ctx.settings))  # the stack's token (the rollout's, for flush-log)
+    base = f"http://{ctx.settings.serve.host}:{ctx.settings.serve.port}"
+    service = ServiceClient(base, ctx.settings.serve.admin_token_env)
+    seen: list[WindowSeen] = []
+    previous = datetime.now(UTC)
+    try:
+        service.flush_log(30)  # whatever was queued before belongs to earlier windows
+        with httpx.Client(timeout=30) as http:
+            for n in range(WINDOWS):
+                chunk = rows[n * WINDOW_ROWS:(n + 1) * WINDOW_ROWS]
+                codes: Counter[int] = Counter()
+                for i in range(0, len(chunk), PREDICT_BATCH):
+                    codes[http.post(f"{base}/predict", json={"rows": chunk[i:i + PREDICT_BATCH]}).status_code] += 1
+                flushed = service.flush_log(30)
+                end = datetime.now(UTC)
+                result = monitoring(MonitoringParams(
+                    profile=profile, config_dir=str(config_dir) if config_dir else None, report=False,
+                    window_hours=max((end - previous).total_seconds(), 1.0) / 3600, end=end))
+                previous = end
+                window = WindowSeen(rows=result.rows, status=result.status, alarm=result.alarm,
+                                    decisions=tuple(result.decisions))
+                seen.append(window)
+                answers = ", ".join(f"{k} x {v}" for k, v in sorted(codes.items()))
+                drifted = ", ".join(result.drifted_features[:4]) or "none"
+                console.print(f"-> window {n + 1}: {len(chunk)} drifted rows sent ({answers}; log flushed: "
+                              f"{flushed.get('written', '?')} written); monitoring of v{result.version}: "
+                              f"{result.rows} rows, {result.status}, alarm {result.alarm}; drifted: {drifted}; "
+                              f"decisions: {'; '.join(result.decisions) or 'none'}", soft_wrap=True)
+                timeline.add(f"4. window {n + 1}",
+                             f"{len(chunk)} drifted rows served; monitoring: {result.status}"
+                             + (", ALARM" if result.alarm else ", no alarm"),
+                             f"v{result.version}, {result.rows} rows judged; drifted: {drifted}", at=end)
+    finally:
+        service.close()
+    return seen
+
+
+def _drift_decisions(ctx: RunContext, since: datetime) -> list[DecisionSeen]:
+    """The drift decisions recorded since `since`, oldest first (flywheel_trigger_decisions)."""
+    from flywheel.trigger_decisions import TriggerDecisions
+
+    store = TriggerDecisions(ctx.audit_db_url)
+    try:
+        found = [d for d in store.decisions(ctx.model_name, limit=50)
+                 if d.kind == "drift_detected" and d.at >= since - timedelta(seconds=5)]
+    finally:
+        store.dispose()
+    return [DecisionSeen(id=d.id, outcome=d.outcome, suppressed_by=d.suppressed_by, reason=d.reason,
+                         flow_run_id=d.flow_run_id, at=d.at) for d in reversed(found)]
+
+
+def _follow_retrain(ctx: RunContext, console: Console, api: str, registry: Registry, fired: DecisionSeen,
+                    timeline: Timeline, timeout_s: float) -> RetrainSeen:
+    """The training run the fired decision's event started on the stack, waited for until it ends; the
+    candidate it registered and the gates' outcome."""
+    from prefect import get_client
+
+    from tasks.triggers import link_started_run
+
+    console.rule("the drift trigger fired: the training deployment retrains on the stack")
+    before = registry.aliases(ctx.model_name)
+    run_id = fired.flow_run_id or link_started_run(fired.id, ctx.audit_db_url, wait_s=90)
+    if run_id is None:
+        timeline.add("4. retrain", "no training run found for the fired decision", f"decision {fired.id}")
+        return RetrainSeen(None, None, None, None, f"no run of the '{TRAINING_DEPLOYMENT}' deployment named "
+                           f"decision {fired.id} within 90 s (is the stack's deployments process up?)")
+    page = f"{api.removesuffix('/api')}/runs/flow-run/{run_id}"
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        timeline.add("4. retrain", f"training run {run.name} started by the drift trigger",
+                     f"parameters {(run.parameters or {}).get('params')}; {page}")
+        while not (run.state and run.state.is_final()) and time.monotonic() < deadline:
+            time.sleep(2)
+            run = client.read_flow_run(run_id)
+    state = run.state.name if run.state and run.state.is_final() else None
+    message = (run.state.message or "") if run.state else ""
+    if state is None:
+        seen = RetrainSeen(run_id, None, None, None, f"run {run.name} still "
+                           f"{run.state.name if run.state else 'without a state'} after {timeout_s:.0f} s ({page})")
+    else:
+        seen = _retrain_outcome(run_id, state, message, before, registry.aliases(ctx.model_name), page)
+    console.print(f"-> training run {run.name} ended {state or 'not seen to end'}: "
+                  f"v{seen.version or '?'} {seen.outcome or 'unknown'} {message}", soft_wrap=True)
+    timeline.add("4. gates", f"training run {run.name} ended {state or '(not seen to end)'}: "
+                 f"v{seen.version or '?'} {seen.outcome or 'unknown'}", message or page)
+    return seen
+
+
+def _retrain_outcome(run_id: str, state: str, message: str, before: Mapping[str, str], after: Mapping[str, str],
+                     page: str) -> RetrainSeen:
+    """What the retrain's candidate became: a named state (Rejected, Queued, Stale) carries its version in
+    its message; a Completed run's challenger shows as the challenger alias (or as champion when a fast
+    rollout already promoted it)."""
+    import re
+
+    named = re.search(r" v(\d+) ", message)
+    if state != "Completed":
+        return RetrainSeen(run_id, state, named.group(1) if named else None, state.lower(), f"{message} ({page})")
+    for alias in ("challenger", "champion"):
+        if after.get(alias) and after.get(alias) != before.get(alias):
+            return RetrainSeen(run_id, state, after[alias], "challenger", page)
+    return RetrainSeen(run_id, state, None, None, f"no alias moved to a new version ({page})")
+
+
+def _webhook_retrain(ctx: RunContext, console: Console, timeline: Timeline) -> WebhookSeen | Skipped:
+    """A signed POST /hooks/retrain to the stack's receiver; the training runs it created (not waited for)."""
+    import json
+    import uuid
+
+    import httpx
+    from prefect import get_client
+
+    from flywheel.hmacsig import signature_header
+    from flywheel.stack import is_running, pid_dir, read_record
+
+    console.rule("a signed webhook requests a retrain")
+    name = ctx.settings.webhook.secret_env
+    record = read_record(pid_dir(ctx.settings), "webhook")
+    secret = os.environ.get(name)
+    reason = None
+    if record is None or not is_running(record) or not record.url:
+        reason = (f"the webhook receiver is not running: `flywheel up` starts it when {name} is set "
+                  "(`make demo` sets a throwaway one)")
+    elif not secret:
+        reason = f"{name} is not set in this shell: the demo cannot sign for the running receiver"
+    if reason:
+        console.print(f"(webhook skipped: {reason})")
+        timeline.add("4. webhook", "skipped", reason)
+        return Skipped(reason)
+    raw = json.dumps({"reason": WEBHOOK_REASON}).encode()
+    delivery = f"demo-{uuid.uuid4().hex[:12]}"
+    sent = datetime.now(UTC)
+    try:
+        r = httpx.post(f"{record.url}/hooks/retrain", content=raw, timeout=30, headers={
+            "Content-Type": "application/json", "X-Flywheel-Delivery": delivery,
+            "X-Flywheel-Signature": signature_header([secret], int(time.time()), delivery, raw)})
+    except httpx.HTTPError as exc:
+        timeline.add("4. webhook", "POST /hooks/retrain failed", str(exc))
+        return WebhookSeen(None, 0, f"{record.url}: {exc}")
+    runs: list[FlowRun] = []
+    if r.status_code == 202:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 60
+            while not runs and time.monotonic() < deadline:
+                time.sleep(1)
+                runs = _webhook_runs(client, sent)
+            time.sleep(3)  # a second run, had one delivery started two, would exist by now
+            runs = _webhook_runs(client, sent)
+    states = ", ".join(f"{run.name} {run.state.name if run.state else '?'}" for run in runs)
+    console.print(f"-> webhook answered {r.status_code}; training runs created: {len(runs)} ({states or 'none'}); "
+                  "the demo does not wait for them to finish (the stack keeps them)", soft_wrap=True)
+    timeline.add("4. webhook", f"signed POST /hooks/retrain: HTTP {r.status_code}, {len(runs)} training run(s) "
+                 "created (not waited for)", f"delivery {delivery}; {states or r.text[:200]}")
+    return WebhookSeen(r.status_code, len(runs), r.text[:200] if r.status_code != 202 else "")
+
+
+def _webhook_runs(client: SyncPrefectClient, since: datetime) -> list[FlowRun]:
+    """Runs of the training deployment created at or after `since` for the demo's webhook reason."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[TRAINING_DEPLOYMENT])), limit=50)
+    return [run for run in runs if (run.created is None or run.created >= since - timedelta(seconds=5))
+            and ((run.parameters or {}).get("params") or {}).get("reason") == WEBHOOK_REASON]

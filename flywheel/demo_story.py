@@ -3,7 +3,12 @@
 1. the first model becomes **champion** (and the registry's `champion` alias points at it);
 2. the next candidate becomes **challenger**, and the canary rollout its registration event starts on
    the stack ends `Promoted` with the `champion` alias moved to it;
-3. the sabotaged candidate is **rejected** (its run ends `Rejected`) and no alias moves.
+3. the sabotaged candidate is **rejected** (its run ends `Rejected`) and no alias moves;
+4. (with a stack) drifted traffic: the monitoring flow raises the drift alarm only after its persistence
+   windows, the drift trigger fires exactly once and a later alarm is suppressed by the cooldown; the fired
+   decision starts a training run whose candidate the gates judge (challenger or rejected: both are
+   valid), a challenger's rollout ends with a decision (Promoted or RolledBack); a signed webhook
+   retrain creates exactly one training run.
 
 Pure: the demo gathers the observations (flows/demo.py), `check_story` judges them. A rollout that could
 not happen because no stack runs is reported by `skipped_checks`, not as a failure: the stack is what
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 Outcome = Literal["champion", "challenger", "rejected"]
@@ -56,19 +62,22 @@ class DemoStory:
     # None: nothing to roll out (step 2 registered no challenger)
     rollout: RolloutSeen | RolloutSkipped | None
     sabotaged: TrainingSeen
+    # step 4 (with a stack): None when not run at all (the three-step demo), Skipped with the reason
+    lifecycle: LifecycleSeen | Skipped | None = None
 
 
 def check_story(story: DemoStory) -> list[str]:
     """One line per expected outcome that did not happen, each naming its step and the reason."""
     return [*_check_first(story.first), *_check_second(story.second, story.rollout),
-            *_check_sabotaged(story.sabotaged)]
+            *_check_sabotaged(story.sabotaged), *check_lifecycle(story.lifecycle)]
 
 
 def skipped_checks(story: DemoStory) -> list[str]:
     """Checks that could not be made, each naming its step and why."""
+    skipped = []
     if isinstance(story.rollout, RolloutSkipped) and story.second.outcome == "challenger":
-        return [f"step 2: rollout of challenger v{story.second.version} skipped: {story.rollout.reason}"]
-    return []
+        skipped.append(f"step 2: rollout of challenger v{story.second.version} skipped: {story.rollout.reason}")
+    return [*skipped, *skipped_lifecycle(story.lifecycle)]
 
 
 def _rules(failed: tuple[str, ...]) -> str:
@@ -135,3 +144,144 @@ def _check_sabotaged(seen: TrainingSeen) -> list[str]:
 def _moves(before: Mapping[str, str], after: Mapping[str, str]) -> str:
     return ", ".join(f"{name} {_alias(before, name)} -> {_alias(after, name)}"
                      for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name))
+
+
+# ------------------------------------------------------------------------------------------ step 4: the lifecycle
+
+FINAL_ROLLOUT = ("Promoted", "RolledBack")  # the rollout decided: the challenger promoted, or rolled back
+GATED = ("challenger", "rejected")  # both are the gates' outcomes for a retrain under a champion
+
+
+@dataclass(frozen=True)
+class WindowSeen:
+    """One monitoring window of the drifted traffic: what the monitoring flow judged."""
+
+    rows: int
+    status: str  # ok | drift | too_few_rows
+    alarm: bool
+    decisions: tuple[str, ...] = ()  # "<kind>: <outcome> (<reason>)"
+
+
+@dataclass(frozen=True)
+class DecisionSeen:
+    """A drift trigger decision recorded during step 4 (flywheel_trigger_decisions)."""
+
+    id: str
+    outcome: str  # fire | suppressed
+    suppressed_by: str | None
+    reason: str
+    flow_run_id: str | None = None
+    at: datetime | None = None  # when it was decided (the project's clock)
+
+
+@dataclass(frozen=True)
+class RetrainSeen:
+    """The training run the fired drift decision started on the stack, as the demo saw it end (or not)."""
+
+    run_id: str | None  # None: no run was found for the decision
+    state: str | None  # its final state name (Completed, Rejected, ...); None: not seen to end
+    version: str | None
+    outcome: str | None  # challenger | rejected | champion | queued | stale; None: unknown
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookSeen:
+    """The signed POST /hooks/retrain: the receiver's answer and the training runs it created."""
+
+    status_code: int | None
+    runs_created: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A part of step 4 that could not run: why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class LifecycleSeen:
+    """Step 4: drifted traffic judged window by window, the drift trigger, the retrain and its rollout,
+    and a signed webhook retrain."""
+
+    windows: tuple[WindowSeen, ...]
+    drift_decisions: tuple[DecisionSeen, ...]
+    retrain: RetrainSeen | None  # None: no decision fired, nothing to follow
+    rollout: RolloutSeen | None  # None: the retrain registered no challenger
+    webhook: WebhookSeen | Skipped
+
+
+def check_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:
+    """Step 4's expected outcomes that did not happen, one line each naming the step."""
+    if seen is None or isinstance(seen, Skipped):
+        return []  # not run (reported by skipped_lifecycle)
+    return [*_check_alarm(seen.windows), *_check_decisions(seen.drift_decisions),
+            *_check_retrain(seen.retrain, seen.rollout), *_check_webhook(seen.webhook)]
+
+
+def skipped_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:
+    if isinstance(seen, Skipped):
+        return [f"step 4: the lifecycle (drift -> monitoring -> trigger -> retrain -> rollout) skipped: {seen.reason}"]
+    if isinstance(seen, LifecycleSeen) and isinstance(seen.webhook, Skipped):
+        return [f"step 4: the signed webhook retrain skipped: {seen.webhook.reason}"]
+    return []
+
+
+def _check_alarm(windows: tuple[WindowSeen, ...]) -> list[str]:
+    statuses = ", ".join(f"{w.status}{' (alarm)' if w.alarm else ''} on {w.rows} rows" for w in windows) or "none"
+    alarmed = [i for i, w in enumerate(windows) if w.alarm]
+    if not alarmed:
+        return [f"step 4: no drift alarm raised in {len(windows)} monitoring windows of drifted traffic ({statuses})"]
+    if alarmed[0] == 0:
+        return [f"step 4: the drift alarm was raised on the first window, before the persistence windows ({statuses})"]
+    return []
+
+
+def _check_decisions(decisions: tuple[DecisionSeen, ...]) -> list[str]:
+    fired = [d for d in decisions if d.outcome == "fire"]
+    failures = []
+    if len(fired) != 1:
+        shown = "; ".join(f"{d.outcome}: {d.reason}" for d in decisions) or "no drift decision recorded"
+        failures.append(f"step 4: expected exactly one fired drift decision, got {len(fired)} ({shown})")
+    if not any(d.suppressed_by == "cooldown" for d in decisions):
+        later = "; ".join(f"{d.outcome}: {d.reason}" for d in decisions if d.outcome != "fire") or "none"
+        failures.append(f"step 4: no drift decision was suppressed by the cooldown (the others: {later})")
+    return failures
+
+
+def _check_retrain(retrain: RetrainSeen | None, rollout: RolloutSeen | None) -> list[str]:
+    if retrain is None:
+        return []  # no fired decision: reported by _check_decisions
+    if retrain.run_id is None:
+        return [f"step 4: the fired drift decision started no training run{_why(retrain.detail)}"]
+    if retrain.state is None:
+        return [f"step 4: the training run the trigger started was not seen to end{_why(retrain.detail)}"]
+    if retrain.outcome not in GATED:
+        return [f"step 4: the retrained candidate was not gated to challenger or rejected: run ended "
+                f"{retrain.state}, outcome {retrain.outcome or 'unknown'}{_why(retrain.detail)}"]
+    if retrain.outcome != "challenger":
+        return []
+    if rollout is None:
+        return [f"step 4: challenger v{retrain.version} was registered but no rollout of it was observed"]
+    if rollout.state not in FINAL_ROLLOUT:
+        ended = f"rollout ended {rollout.state}" if rollout.state else "rollout not seen to end"
+        return [f"step 4: no rollout decision on challenger v{retrain.version}: {ended}{_why(rollout.detail)}"]
+    return []
+
+
+def _check_webhook(webhook: WebhookSeen | Skipped) -> list[str]:
+    if isinstance(webhook, Skipped):
+        return []  # reported by skipped_lifecycle
+    if webhook.status_code != 202:
+        return [f"step 4: the signed webhook retrain was not accepted: HTTP {webhook.status_code}"
+                f"{_why(webhook.detail)}"]
+    if webhook.runs_created != 1:
+        return [f"step 4: the signed webhook retrain created {webhook.runs_created} training runs, not 1"
+                f"{_why(webhook.detail)}"]
+    return []
+
+
+def _why(detail: str) -> str:
+    return f" ({detail})" if detail else ""

@@ -12,10 +12,16 @@ import pytest
 import typer
 
 from flywheel.demo_story import (
+    DecisionSeen,
     DemoStory,
+    LifecycleSeen,
+    RetrainSeen,
     RolloutSeen,
     RolloutSkipped,
+    Skipped,
     TrainingSeen,
+    WebhookSeen,
+    WindowSeen,
     check_story,
     skipped_checks,
 )
@@ -179,3 +185,108 @@ def test_the_demo_command_returns_when_the_story_holds(capsys: pytest.CaptureFix
     err = " ".join(capsys.readouterr().err.split())
     assert "story checked: champion v1, challenger v2 promoted by the canary rollout, sabotaged v3 rejected" in err
     assert "FAILED" not in err
+
+
+# ------------------------------------------------------------------------------------------ step 4: the lifecycle
+
+WINDOWS = (WindowSeen(rows=600, status="drift", alarm=False, decisions=("drift_detected: suppressed (no alarm)",)),
+           WindowSeen(rows=600, status="drift", alarm=True, decisions=("drift_detected: fire (drift alarm)",)),
+           WindowSeen(rows=600, status="drift", alarm=True, decisions=("drift_detected: suppressed (cooldown)",)))
+NO_ALARM = DecisionSeen(id="d0", outcome="suppressed", suppressed_by="below_threshold", reason="no drift alarm")
+FIRED = DecisionSeen(id="d1", outcome="fire", suppressed_by=None, reason="drift alarm", flow_run_id="r1")
+COOLED = DecisionSeen(id="d2", outcome="suppressed", suppressed_by="cooldown", reason="cooldown until 14:00")
+RETRAIN = RetrainSeen(run_id="r1", state="Completed", version="4", outcome="challenger")
+LIFECYCLE = LifecycleSeen(windows=WINDOWS, drift_decisions=(NO_ALARM, FIRED, COOLED), retrain=RETRAIN,
+                          rollout=PROMOTED, webhook=WebhookSeen(status_code=202, runs_created=1))
+
+
+def _only4(seen: LifecycleSeen) -> str:
+    return _only(replace(GOOD, lifecycle=seen))
+
+
+def test_the_lifecycle_as_told_passes() -> None:
+    assert check_story(replace(GOOD, lifecycle=LIFECYCLE)) == []
+    assert skipped_checks(replace(GOOD, lifecycle=LIFECYCLE)) == []
+
+
+def test_a_rejected_retrain_and_a_rolled_back_one_are_valid_outcomes() -> None:
+    rejected = replace(RETRAIN, state="Rejected", outcome="rejected")
+    assert check_story(replace(GOOD, lifecycle=replace(LIFECYCLE, retrain=rejected, rollout=None))) == []
+    rolled_back = RolloutSeen(state="RolledBack", detail="guard breach", aliases_after={"champion": "2"})
+    assert check_story(replace(GOOD, lifecycle=replace(LIFECYCLE, rollout=rolled_back))) == []
+
+
+def test_no_drift_alarm_in_any_window_fails() -> None:
+    quiet = tuple(replace(w, alarm=False) for w in WINDOWS)
+    line = _only4(replace(LIFECYCLE, windows=quiet))
+    assert line.startswith("step 4: no drift alarm raised in 3 monitoring windows"), line
+
+
+def test_an_alarm_on_the_first_window_ignores_persistence() -> None:
+    early = (replace(WINDOWS[0], alarm=True), *WINDOWS[1:])
+    line = _only4(replace(LIFECYCLE, windows=early))
+    assert line.startswith("step 4: the drift alarm was raised on the first window, before the persistence"), line
+
+
+def test_no_fired_drift_decision_fails() -> None:
+    line = _only4(replace(LIFECYCLE, drift_decisions=(NO_ALARM, COOLED), retrain=None, rollout=None))
+    assert line.startswith("step 4: expected exactly one fired drift decision, got 0"), line
+
+
+def test_two_fired_drift_decisions_fail() -> None:
+    line = _only4(replace(LIFECYCLE, drift_decisions=(FIRED, replace(FIRED, id="d3"), COOLED)))
+    assert line.startswith("step 4: expected exactly one fired drift decision, got 2"), line
+
+
+def test_no_decision_suppressed_by_the_cooldown_fails() -> None:
+    line = _only4(replace(LIFECYCLE, drift_decisions=(NO_ALARM, FIRED)))
+    assert line.startswith("step 4: no drift decision was suppressed by the cooldown"), line
+
+
+def test_a_fired_decision_that_started_no_training_run_fails() -> None:
+    line = _only4(replace(LIFECYCLE, retrain=RetrainSeen(None, None, None, None, "no run within 90 s"), rollout=None))
+    assert line == "step 4: the fired drift decision started no training run (no run within 90 s)"
+
+
+def test_a_retrain_not_seen_to_end_fails() -> None:
+    line = _only4(replace(LIFECYCLE, retrain=RetrainSeen("r1", None, None, None, "still Running"), rollout=None))
+    assert line == "step 4: the training run the trigger started was not seen to end (still Running)"
+
+
+def test_a_retrain_not_gated_fails() -> None:
+    failed = RetrainSeen("r1", "Failed", None, "failed", "boom")
+    line = _only4(replace(LIFECYCLE, retrain=failed, rollout=None))
+    assert line.startswith("step 4: the retrained candidate was not gated to challenger or rejected: run ended "
+                           "Failed"), line
+
+
+def test_a_retrained_challenger_without_a_rollout_fails() -> None:
+    line = _only4(replace(LIFECYCLE, rollout=None))
+    assert line == "step 4: challenger v4 was registered but no rollout of it was observed"
+
+
+def test_a_retrained_challenger_whose_rollout_made_no_decision_fails() -> None:
+    held = RolloutSeen(state=None, detail="rollout run calm-fox still Running after 600 s")
+    line = _only4(replace(LIFECYCLE, rollout=held))
+    assert line == ("step 4: no rollout decision on challenger v4: rollout not seen to end (rollout run calm-fox "
+                    "still Running after 600 s)")
+
+
+def test_a_webhook_retrain_that_created_no_run_fails() -> None:
+    line = _only4(replace(LIFECYCLE, webhook=WebhookSeen(status_code=202, runs_created=0)))
+    assert line == "step 4: the signed webhook retrain created 0 training runs, not 1"
+
+
+def test_a_refused_webhook_fails() -> None:
+    line = _only4(replace(LIFECYCLE, webhook=WebhookSeen(status_code=401, runs_created=0, detail="bad signature")))
+    assert line == "step 4: the signed webhook retrain was not accepted: HTTP 401 (bad signature)"
+
+
+def test_a_skipped_webhook_or_lifecycle_is_stated_not_failed() -> None:
+    story = replace(GOOD, lifecycle=replace(LIFECYCLE, webhook=Skipped("the webhook receiver is not running")))
+    assert check_story(story) == []
+    assert skipped_checks(story) == ["step 4: the signed webhook retrain skipped: the webhook receiver is not running"]
+    story = replace(GOOD, lifecycle=Skipped("no stack running"))
+    assert check_story(story) == []
+    assert skipped_checks(story) == ["step 4: the lifecycle (drift -> monitoring -> trigger -> retrain -> rollout) "
+                                     "skipped: no stack running"]
