@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,22 @@ def postgres_or_skip() -> None:
         psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc}); the production profile needs it")
+
+
+@contextmanager
+def throwaway_database(prefix: str) -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (skipped when it is absent), dropped on exit: its URL."""
+    import psycopg
+
+    postgres_or_skip()
+    name = f"{prefix}_t{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def redis_or_skip(port: int = 6379, db: int = REDIS_DB):

@@ -14,24 +14,15 @@ import pytest
 from flywheel.locks import LockLost, RolloutLocked, RolloutLocks
 
 T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A throwaway database on the local PostgreSQL (skipped when there is none)."""
-    import psycopg
+    from tests.production.conftest import throwaway_database
 
-    try:
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc})")
-    db = f"flywheel_locks_t{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
-    yield f"{PG}/{db}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    with throwaway_database("flywheel_locks") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -5,7 +5,6 @@ run columns filled once; and the decide_trigger path outside Prefect (recorded, 
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,24 +19,15 @@ from flywheel.triggers import drift_signal, request_signal
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POLICY = TriggerPolicy()
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A throwaway database on the local PostgreSQL (skipped when there is none)."""
-    import psycopg
+    from tests.production.conftest import throwaway_database
 
-    try:
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({exc})")
-    db = f"flywheel_triggers_t{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
-    yield f"{PG}/{db}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    with throwaway_database("flywheel_triggers") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

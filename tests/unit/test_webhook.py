@@ -136,19 +136,10 @@ def test_events_have_the_rest_shape_of_prefects_event_and_a_deterministic_id() -
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database of this test's own (dropped after); skipped when PostgreSQL is absent."""
-    import psycopg
+    from tests.production.conftest import throwaway_database
 
-    from tests.production.conftest import PG, postgres_or_skip
-
-    postgres_or_skip()
-    name = f"flywheel_hooks_t{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database("flywheel_hooks") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.production)])
