@@ -36,13 +36,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_prefect_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+def start_prefect_server(workdir: Path, db_url: str | None = None) -> tuple[subprocess.Popen[bytes], str, float]:
+    """`prefect server start` on a free port, its database at `db_url` (default: SQLite in `workdir`);
+    (process, API URL, seconds to healthy)."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(workdir / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir}/prefect.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": db_url or f"sqlite+aiosqlite:///{workdir}/prefect.db",
         "PREFECT_UI_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",

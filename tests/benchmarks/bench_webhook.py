@@ -42,35 +42,11 @@ import httpx
 import psutil
 
 from flywheel.hmacsig import signature_header
-from tests.benchmarks.bench_training import _free_port, stop
+from tests.benchmarks.bench_training import _free_port, start_prefect_server, stop
 
 PROJECT = Path(__file__).resolve().parents[2]
 SECRET = "bench-webhook-secret-0123456789"
 TARGET_P99_MS = 20.0
-
-
-def start_prefect(workdir: Path, db_url: str) -> tuple[subprocess.Popen[bytes], str, float]:
-    """`prefect server start` on a free port with its database at `db_url`; (process, API URL, seconds)."""
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_API_DATABASE_CONNECTION_URL": db_url,
-           "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    env.pop("PREFECT_API_URL", None)
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=(workdir / "server.log").open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    while time.perf_counter() < started + 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited early, see {workdir / 'server.log'}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return proc, api, time.perf_counter() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError("prefect server did not become healthy in 180 s")
 
 
 @contextmanager
@@ -80,16 +56,10 @@ def prefect_database(kind: str, workdir: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite+aiosqlite:///{workdir}/prefect.db"
         return
-    import psycopg
+    from tests.production.conftest import throwaway_database
 
-    name = f"bench_webhook_prefect_{os.getpid()}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database("bench_webhook_prefect") as url:
+        yield url.replace("postgresql+psycopg://", "postgresql+asyncpg://")  # Prefect's server is async
 
 
 def start_receiver(home: Path, api: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -241,7 +211,7 @@ def main() -> None:
     try:
         with prefect_database(args.prefect_db, workdir) as db_url:
             console.print(f"starting a Prefect server ({args.prefect_db}) ...")
-            server, api, startup = start_prefect(workdir, db_url)
+            server, api, startup = start_prefect_server(workdir, db_url)
             try:
                 console.print(f"server healthy after {startup:.1f} s at {api}")
                 measure(console, home, api, args.rate, args.seconds or (5.0 if args.quick else 20.0))
