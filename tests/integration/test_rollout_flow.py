@@ -62,7 +62,9 @@ PLANS = {
     "default": "canary_fast",
     "guards": LENIENT,
     "plans": {
-        "canary_fast": {"strategy": "canary", "steps": [{"share": 0.3, "hold_s": 2}, {"share": 1.0, "hold_s": 2}]},
+        # the first step holds long enough for a second flow run to start and meet the lock: on a loaded CI
+        # machine a 2-second step let the whole rollout finish before the second run reached the lock
+        "canary_fast": {"strategy": "canary", "steps": [{"share": 0.3, "hold_s": 8}, {"share": 1.0, "hold_s": 2}]},
         "blue_green_fast": {"strategy": "blue_green", "hold_s": 1.5},
         # the queue/supersede/loop tests are about what happens around a rollout, not its latency guard: the
         # champion's p99 comes from the window before the switch, a few dozen requests on a loaded machine
