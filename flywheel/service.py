@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from flywheel.monitoring.exporter import MonitoringCollector
 from flywheel.serving import RoutingPolicy, RowResult, ServingError, ServingState, UnknownEntities
 
 if TYPE_CHECKING:
@@ -243,6 +244,9 @@ def create_app(
     token = admin_token if admin_token is not None else os.environ.get(settings.serve.admin_token_env) or None
     state = ServingState(settings, dataset, admin_token=token)
     metrics = Metrics()
+    # monitoring's outcome (drift, alarms, trigger decisions), read from the project database per scrape
+    monitoring = MonitoringCollector(settings.audit_db_url)
+    metrics.registry.register(monitoring)
     state.on_prediction = lambda r, _lat, shadow: (
         metrics.predictions.labels(r.model, r.version, r.arm, "true").inc() if shadow else None
     )
@@ -266,6 +270,7 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(state.stop)
+            monitoring.close()
 
     app = FastAPI(
         title="Flywheel prediction service",

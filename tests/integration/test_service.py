@@ -455,6 +455,8 @@ def test_metrics_count_requests_per_version_and_arm(service: Service) -> None:
     assert "flywheel_predict_seconds_bucket" in text
     assert 'flywheel_model_loaded{arm="challenger",version="2"} 1.0' in text
     assert 'flywheel_http_requests_total{method="POST",path="/predict",status="404"}' in text
+    # the monitoring history (empty here) was read from the project database at this scrape
+    assert "flywheel_monitoring_up 1.0" in text
     # this test process imported Feast, which set PROMETHEUS_MULTIPROC_DIR for its children: the service
     # keeps its metrics in memory all the same (no files in Feast's temp folder, no warning per scrape)
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "precondition: Feast set it in this process"
