@@ -1,10 +1,13 @@
 """The monitoring flow: one window of served traffic judged against the champion's reference profile.
 
 served rows (prediction log) -> drift + data quality (GX suite) + alarm after persistence -> report ->
-monitoring history -> label-free performance estimate -> a summary artifact -> trigger decisions (a drift
-alarm or a performance drop may start a retrain, under the cooldown, dedupe and pause rules of
-configs/triggers.yaml; a data-quality alarm never does) and alarms sent to people. `flywheel monitor`
-judges a batch file the same way; both record into the same history series (model, `v<champion version>`).
+label-free performance estimate -> monitoring history -> the realized performance of recent windows whose
+outcomes have arrived since, beside their estimates -> a summary artifact -> trigger decisions (a drift
+alarm or a performance drop, realized or estimated, may start a retrain, and so may the volume of new
+labels since the champion's training or the champion's age, under the cooldown, dedupe and pause rules of
+configs/triggers.yaml; a data-quality alarm never does) and alarms sent to people, a silent loop's too.
+`flywheel monitor` judges a batch file the same way; both record into the same history series (model,
+`v<champion version>`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from tasks.monitor import (
     publish_window_summary,
     read_window,
     record_window,
+    refresh_realized_performance,
     write_window_report,
 )
-from tasks.triggers import act_on_window
+from tasks.triggers import act_on_champion_state, act_on_realized, act_on_window, read_champion_state
 
 
 class MonitoringParams(BaseModel):
@@ -48,9 +52,13 @@ class MonitoringResult(BaseModel):
     data_quality_alarm: bool
     drifted_features: list[str]
     estimated_roc_auc: float | None
+    realized_roc_auc: float | None  # this window's, once enough of its outcomes arrived (rarely at once)
+    realized: list[str]  # windows whose realized figures filled in this run: "<window key>: <summary>"
     window_id: int
+    window: str  # its key: "<model>:<reference>:<start>/<end>" (trigger event ids, realized evaluations)
     report: str | None
-    decisions: list[str]  # each trigger decision: "<kind>: <outcome> (<reason>)"
+    decisions: list[str]  # each trigger decision: "<kind>: <outcome> (<reason>)", volume and staleness last
+    liveness_alarms: list[str]  # a silent loop (monitoring, outcomes): each alarm's summary
 
 
 @flow(name="monitoring", log_prints=True)
@@ -71,6 +79,9 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     policy = load_policy(settings.resolve(settings.monitor.policy_file)).for_dataset(dataset.name)
 
     version, profile = load_reference_profile(ctx.tracking_uri, ctx.audit_db_url, model, "champion")
+    now = build_clock(settings.clock).now()
+    # read before this window is recorded: liveness asks when monitoring last ran before now
+    champion = read_champion_state(ctx.tracking_uri, ctx.audit_db_url, dataset.name, model, version, now)
     window = read_window(settings.store_url(settings.serve.prediction_log_url), model, version, start, end, dataset)
     reference = f"v{version}"
     previous = previous_window_statuses(ctx.audit_db_url, model, reference, start)
@@ -81,22 +92,31 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
         folder = settings.resolve(settings.paths.reports_dir) / "monitoring" / model / reference
         report = write_window_report(profile, window.frame, assessment.drift,
                                      folder / f"{start:%Y%m%dT%H%M%S}_{end:%Y%m%dT%H%M%S}.html", policy)
+    perf = policy.performance
+    estimate = estimate_window_performance(window.probabilities, ctx.train.seed, perf.n_boot, perf.confidence)
     rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality,
-                        assessment.verdict, str(report) if report else None)
+                        assessment.verdict, str(report) if report else None, estimate=estimate)
     window_id = record_window(ctx.audit_db_url, rec)
-    estimate = estimate_window_performance(window.probabilities, ctx.train.seed)
-    publish_window_summary(model, reference, start, end, assessment, estimate, report)
-    decisions = act_on_window(
-        model, f"{model}:{reference}:{start.isoformat()}/{end.isoformat()}", end, assessment.verdict, estimate,
-        str(report) if report else None, load_trigger_policy(settings.resolve(settings.triggers.policy_file)),
-        settings.notify, ctx.audit_db_url, build_clock(settings.clock).now(),
-    )
+    triggers = load_trigger_policy(settings.resolve(settings.triggers.policy_file))
+    # outcomes known by the end of the judged window (now, for the scheduled run) fill in earlier windows
+    realized = refresh_realized_performance(
+        ctx.audit_db_url, settings.store_url(settings.serve.prediction_log_url), ctx.audit_db_url, dataset, model,
+        end, perf, triggers.rules.performance_degraded.min_labelled_rows, ctx.train.seed, now)
+    publish_window_summary(model, reference, start, end, assessment, estimate, report, realized)
+    current = next((u for u in realized if u.key == rec.key), None)
+    decisions = act_on_window(model, rec.key, end, assessment.verdict, estimate, str(report) if report else None,
+                              triggers, settings.notify, ctx.audit_db_url, now, current)
+    decisions += act_on_realized(model, realized, rec.key, triggers, settings.notify, ctx.audit_db_url, now)
+    loop_decisions, silences = act_on_champion_state(champion, triggers, settings.notify, ctx.audit_db_url, now)
 
     verdict = assessment.verdict
     return MonitoringResult(
         model_name=model, version=version, rows=window.rows, status=verdict.status, alarm=verdict.alarm,
         data_quality_alarm=verdict.data_quality_alarm, drifted_features=list(verdict.drifted_features),
-        estimated_roc_auc=estimate.roc_auc.value if estimate else None, window_id=window_id,
+        estimated_roc_auc=estimate.roc_auc.value if estimate else None,
+        realized_roc_auc=current.realized_roc_auc if current else None,
+        realized=[f"{u.key}: {u.summary()}" for u in realized], window_id=window_id, window=rec.key,
         report=str(report) if report else None,
-        decisions=[f"{d.kind}: {d.outcome} ({d.reason})" for d in decisions],
+        decisions=[f"{d.kind}: {d.outcome} ({d.reason})" for d in [*decisions, *loop_decisions]],
+        liveness_alarms=[a.summary for a in silences],
     )

@@ -664,7 +664,7 @@ def monitor(
 
     Exit 0: no alarm; 3: the drift alarm is raised (after persistence over the recorded windows); 4: a
     data-quality alarm (never a drift alarm); 2: bad input. Call it once per batch, in time order."""
-    from flywheel.monitoring.batch import prepare_batch
+    from flywheel.monitoring.batch import batch_performance, prepare_batch
     from flywheel.monitoring.config import load_policy
     from flywheel.monitoring.history import MonitoringHistory
     from flywheel.monitoring.window import monitor_window
@@ -686,17 +686,19 @@ def monitor(
             series = batch.reference.replace(":", "-")
             folder = settings.resolve(settings.paths.reports_dir) / "monitoring" / name / series
             report_path = folder / f"{batch.start:%Y%m%dT%H%M%S}_{batch.end:%Y%m%dT%H%M%S}.html"
+        perf = batch_performance(batch, ds, policy.performance.n_boot, policy.performance.confidence,
+                                 settings.train.seed)
         history = MonitoringHistory(settings.audit_db_url)
         try:
             done = monitor_window(batch.profile, batch.window, policy, history, model=name, version=batch.version,
                                   reference=batch.reference, start=batch.start, end=batch.end,
                                   predictions=batch.predictions, dataset=ds, validate_cfg=settings.validate_,
-                                  report_path=report_path)
+                                  report_path=report_path, estimate=perf.estimate)
         finally:
             history.close()
     except FlywheelError as exc:
         _fail(exc)
-    _print_window(batch, done, policy)
+    _print_window(batch, done, policy, perf)
     verdict = done.assessment.verdict
     if verdict.alarm:
         raise typer.Exit(code=EXIT_DRIFT_ALARM)
@@ -704,7 +706,7 @@ def monitor(
         raise typer.Exit(code=EXIT_DATA_QUALITY)
 
 
-def _print_window(batch, done, policy) -> None:
+def _print_window(batch, done, policy, perf=None) -> None:
     import shutil
 
     from rich.table import Table
@@ -746,11 +748,31 @@ def _print_window(batch, done, policy) -> None:
         out.print("data-quality problems (not an alarm: too few rows):")
     for problem in v.data_quality_problems:
         out.print(f"  - {problem}", markup=False)
+    if perf is not None and perf.estimate is not None:
+        for line in _performance_lines(perf):
+            out.print(line, markup=False)
     if done.report_path:
         out.print(f"report: {done.report_path}", markup=False)
     if done.report_error:
         out.print(f"report failed: {done.report_error}", markup=False)
     out.print(f"recorded as window {done.record.id} of series {batch.model} / {batch.reference}", markup=False)
+
+
+def _performance_lines(perf) -> list[str]:
+    """The estimate of the batch's predictions, and the realized figures beside it when it carries labels."""
+    est = perf.estimate
+    r, a = est.roc_auc, est.accuracy
+    lines = [f"performance estimated without labels ({est.n} rows): ROC AUC {r.value:.3f} [{r.lower:.3f}, "
+             f"{r.upper:.3f}], accuracy {a.value:.3f} [{a.lower:.3f}, {a.upper:.3f}]"]
+    if perf.realized is None:
+        lines.append("performance realized: the batch carries no labels")
+    else:
+        real, err = perf.realized, perf.error
+        auc = "n/a (one class)" if real.roc_auc != real.roc_auc else f"{real.roc_auc:.3f}"
+        lines.append(f"performance realized on its {perf.labelled} labelled rows: ROC AUC {auc} (estimate on the same "
+                     f"rows off by {err.roc_auc.error:+.3f}), accuracy {real.accuracy:.3f} (off by "
+                     f"{err.accuracy.error:+.3f})")
+    return lines
 
 
 @rollout_app.command("supersede")

@@ -26,6 +26,7 @@ METADATA = sa.MetaData()
 # modules declaring tables on METADATA (imported by `upgrade`, never at import time of this module)
 TABLE_MODULES: list[str] = [
     "flywheel.predictionlog", "flywheel.outcomes", "flywheel.webhook", "flywheel.monitoring.history",
+    "flywheel.monitoring.realized",
     "flywheel.loopcontrol", "flywheel.rollout_controls", "flywheel.trigger_decisions", "flywheel.notify",
 ]
 

@@ -297,6 +297,19 @@ class OutcomeStore:
             return int(conn.execute(sa.select(sa.func.count()).select_from(OUTCOMES)
                                     .where(OUTCOMES.c.dataset == dataset)).scalar_one())
 
+    def arrivals(self, dataset: str, after: datetime | None, as_of: datetime) -> tuple[int, datetime | None]:
+        """(outcome rows that arrived in (`after`, `as_of`], the latest arrival at or before `as_of`): what the
+        volume trigger counts and the liveness check watches."""
+        o = OUTCOMES
+        known = sa.and_(o.c.dataset == dataset, o.c.arrived_at <= self._time(as_of))
+        count = sa.select(sa.func.count()).select_from(o).where(known)
+        if after is not None:
+            count = count.where(o.c.arrived_at > self._time(after))
+        with self.engine.connect() as conn:
+            n = int(conn.execute(count).scalar_one())
+            last = conn.execute(sa.select(sa.func.max(o.c.arrived_at)).where(known)).scalar_one()
+        return n, (_stamp(last).to_pydatetime() if last is not None else None)
+
     def read(self, dataset: DatasetDefinition, as_of: datetime | None = None,
              arrived_since: datetime | None = None) -> pd.DataFrame:
         """The dataset's outcomes known at `as_of` (default now): OUTCOME_COLUMNS, `y` 1 for the positive

@@ -339,3 +339,33 @@ def alarm_for(signal: Signal, report_url: str | None = None) -> Alarm | None:
     return Alarm(id=alarm_id("signal", signal.kind, signal.event_id), kind=kinds[signal.kind],  # type: ignore[arg-type]
                  model=signal.model, summary=f"{signal.model}: {signal.detail}", occurred=signal.occurred,
                  evidence=signal.evidence, report_url=report_url)
+
+
+# ---------------------------------------------------------------------------- the loop's own state
+
+
+class ChampionState(_Strict):
+    """What the volume, staleness and liveness checks read, gathered once per monitoring run."""
+
+    model: str
+    version: str  # the champion's
+    registered_at: AwareDatetime  # the champion's registration (its training): volume counts from it
+    new_labelled_rows: int = Field(ge=0)  # outcome rows arrived since `registered_at`
+    last_outcome_at: AwareDatetime | None = None  # the latest outcome arrival (any snapshot)
+    last_monitoring_at: AwareDatetime | None = None  # the latest judged window before this run
+
+
+def loop_signals(state: ChampionState, policy: TriggerPolicy, now: datetime) -> list[Signal]:
+    """The volume and staleness signals of the champion. Event ids name the champion version and, for
+    volume, how many times over the threshold it is (`volume_reached:<model>:v<version>:x<k>`: it fires once
+    per multiple of `min_new_labelled_rows`, so a condition held by the cooldown is decided again only when
+    the volume doubles), for staleness how many `max_age` periods it has served."""
+    volume = policy.rules.volume_reached
+    multiple = state.new_labelled_rows // volume.min_new_labelled_rows
+    signals = [volume_signal(state.new_labelled_rows, volume, model=state.model, occurred=now,
+                             since=state.registered_at,
+                             event_id=f"volume_reached:{state.model}:v{state.version}:x{max(multiple, 1)}")]
+    signals.append(staleness_signal(state.registered_at, now, policy.rules.model_stale, model=state.model,
+                                     version=state.version))
+    # the evidence names the champion the figures are about
+    return [s.model_copy(update={"evidence": {"version": state.version, **s.evidence}}) for s in signals]

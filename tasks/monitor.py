@@ -14,11 +14,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.monitoring.alarms import WindowStatus
-from flywheel.monitoring.config import DatasetPolicy
+from flywheel.monitoring.config import DatasetPolicy, PerformanceSettings
 from flywheel.monitoring.drift import DriftResult
 from flywheel.monitoring.history import WindowRecord
 from flywheel.monitoring.performance import Estimate
 from flywheel.monitoring.profile import ReferenceProfile
+from flywheel.monitoring.realized import WindowPerformance
 from flywheel.monitoring.serving import ServingWindow
 from flywheel.monitoring.window import WindowAssessment
 from flywheel.schemas import DatasetDefinition
@@ -129,10 +130,49 @@ def estimate_window_performance(probabilities: np.ndarray, seed: int, n_boot: in
     return estimate_performance(np.asarray(probabilities, float), n_boot, confidence, seed)
 
 
+@task(name="refresh_realized_performance", task_run_name="realized-{model_name}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def refresh_realized_performance(history_url: str, log_url: str, outcomes_url: str, dataset: DatasetDefinition,
+                                 model_name: str, as_of: datetime, settings: PerformanceSettings,
+                                 min_labelled_rows: int, seed: int, now: datetime | None = None
+                                 ) -> list[WindowPerformance]:
+    """Fill in the realized performance of the recent windows whose outcomes arrived by `as_of` (appended
+    evaluations dated `now`; flywheel/monitoring/realized.py)."""
+    from flywheel.monitoring.realized import refresh_realized
+
+    updates = refresh_realized(history_url, log_url, outcomes_url, dataset, model_name, as_of, settings.lookback,
+                               min_labelled_rows, n_boot=settings.n_boot, confidence=settings.confidence, seed=seed,
+                               evaluated_at=now)
+    log = run_logger("flywheel.monitor")
+    for u in updates:
+        log.info("window %s: %s", u.key, u.summary())
+    return updates
+
+
+def realized_markdown(updates: Sequence[WindowPerformance]) -> str:
+    """The windows whose realized figures filled in this run, beside their estimates (markdown)."""
+    if not updates:
+        return ""
+    lines = ["### Realized beside the estimate (outcomes that arrived since)", "",
+             "| window | labelled / scored | ROC AUC realized | estimated | error | accuracy realized | estimated "
+             "| error |", "|---|---|---|---|---|---|---|---|"]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for u in updates:
+        lines.append(f"| {u.reference} {u.window_start:%Y-%m-%d %H:%M} - {u.window_end:%H:%M} | {u.labelled_rows} / "
+                     f"{u.scored_rows} | {f(u.realized_roc_auc)} | {f(u.estimated_roc_auc)} | {f(u.roc_auc_error)} | "
+                     f"{f(u.realized_accuracy)} | {f(u.estimated_accuracy)} | {f(u.accuracy_error)} |")
+    return "\n".join(lines)
+
+
 @task(name="publish_window_summary", task_run_name="summary-{model_name}-{reference}", cache_policy=NO_CACHE)
 def publish_window_summary(model_name: str, reference: str, start: datetime, end: datetime,
-                           assessment: WindowAssessment, estimate: Estimate | None, report: Path | None) -> str:
-    """The window's verdict, estimate and report link as markdown; a Prefect artifact inside a run."""
+                           assessment: WindowAssessment, estimate: Estimate | None, report: Path | None,
+                           realized: Sequence[WindowPerformance] = ()) -> str:
+    """The window's verdict, estimate, the realized figures filled in this run and the report link as
+    markdown; a Prefect artifact inside a run."""
     from flywheel.monitoring.window import verdict_markdown
     from tasks._prefect import in_run
 
@@ -142,6 +182,8 @@ def publish_window_summary(model_name: str, reference: str, start: datetime, end
         markdown += (f"\n\nEstimated without labels ({estimate.n} rows): ROC AUC {r.value:.3f} "
                      f"[{r.lower:.3f}, {r.upper:.3f}], accuracy {a.value:.3f} [{a.lower:.3f}, {a.upper:.3f}] "
                      "(label noise only; concept drift is invisible to it)")
+    if realized:
+        markdown += "\n\n" + realized_markdown(realized)
     if report is not None:
         markdown += f"\n\nEvidently report: `{report}`"
     if in_run():

@@ -10,6 +10,7 @@ triggering event, which is how `started_run` finds the training run a decision s
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,12 +19,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel.monitoring.alarms import WindowVerdict
 from flywheel.monitoring.performance import Estimate
+from flywheel.monitoring.realized import WindowPerformance
 from flywheel.notify import DeliveryResult, NotificationLog, notify
 from flywheel.settings import NotifyConfig
 from flywheel.trigger_decisions import TriggerDecisions
 from flywheel.trigger_policy import Liveness, TriggerPolicy
-from flywheel.triggers import RETRAIN_EVENT, Alarm, Decision, Signal, liveness_alarms
-from tasks._prefect import in_run, run_logger
+from flywheel.triggers import RETRAIN_EVENT, Alarm, ChampionState, Decision, Signal, liveness_alarms
+from tasks._prefect import in_run, retry_transient, run_logger
 
 ACTION_EXECUTED = "prefect.automation.action.executed"  # the automation's event naming the run it started
 
@@ -222,10 +224,11 @@ def check_liveness(model: str, last_monitoring_at: datetime | None, last_outcome
 @task(name="act_on_window", task_run_name="act-on-window-{model}", cache_policy=NO_CACHE)
 def act_on_window(model: str, window_key: str, end: datetime, verdict: WindowVerdict, estimate: Estimate | None,
                   report: str | None, policy: TriggerPolicy, notify: NotifyConfig, db_url: str,
-                  now: datetime) -> list[Decision]:
-    """Monitoring's verdict on one window, turned into trigger decisions (drift, estimated performance)
-    and alarms for people. A data-quality alarm is sent as itself and never triggers a retrain: bad data
-    must not become a training set."""
+                  now: datetime, realized: WindowPerformance | None = None) -> list[Decision]:
+    """Monitoring's verdict on one window, turned into trigger decisions (drift; performance, realized once
+    enough of the window's outcomes arrived, else estimated) and alarms for people. A data-quality alarm is
+    sent as itself and never triggers a retrain: bad data must not become a training set."""
+    from flywheel.monitoring.realized import realized_reading
     from flywheel.triggers import alarm_for, alarm_id, drift_signal, performance_signal, pick_performance
 
     evidence = {"window": window_key, "drifted_features": list(verdict.drifted_features),
@@ -235,7 +238,7 @@ def act_on_window(model: str, window_key: str, end: datetime, verdict: WindowVer
     signals = [drift_signal(verdict.alarm and not verdict.data_quality_alarm, model=model,
                             event_id=f"drift:{window_key}", occurred=end, evidence=evidence, detail=drift_detail)]
     rule = policy.rules.performance_degraded
-    reading = pick_performance(None, estimate, rule)
+    reading = pick_performance(realized_reading(realized), estimate, rule)
     if reading is not None and not verdict.data_quality_alarm:
         signals.append(performance_signal(reading, rule, model=model, event_id=f"performance:{window_key}",
                                           occurred=end))
@@ -248,3 +251,67 @@ def act_on_window(model: str, window_key: str, end: datetime, verdict: WindowVer
     for alarm in alarms:
         notify_alarm.fn(alarm, notify, db_url)
     return decisions
+
+
+@task(name="act_on_realized", task_run_name="act-on-realized-{model}", cache_policy=NO_CACHE)
+def act_on_realized(model: str, updates: Sequence[WindowPerformance], skip_key: str, policy: TriggerPolicy,
+                    notify: NotifyConfig, db_url: str, now: datetime) -> list[Decision]:
+    """Earlier windows whose realized performance just filled in (their outcomes arrived late), each judged
+    by the performance rule on its realized figure. Same event id as the window's estimate decision: a window
+    whose estimate already fired is a duplicate, one whose estimate looked fine may fire now. `skip_key`:
+    the current window, judged by act_on_window."""
+    from flywheel.monitoring.realized import realized_reading
+    from flywheel.triggers import alarm_for, performance_signal
+
+    rule = policy.rules.performance_degraded
+    decisions = []
+    for u in updates:
+        reading = realized_reading(u)
+        if u.key == skip_key or reading is None:
+            continue
+        signal = performance_signal(reading, rule, model=model, event_id=f"performance:{u.key}",
+                                    occurred=u.window_end)
+        decisions.append(decide_record_emit(signal, policy, db_url, now))
+        if (alarm := alarm_for(signal)) is not None:
+            notify_alarm.fn(alarm, notify, db_url)
+    return decisions
+
+
+@task(name="read_champion_state", task_run_name="champion-state-{model}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def read_champion_state(tracking_uri: str, db_url: str, dataset: str, model: str, version: str, now: datetime
+                    ) -> ChampionState:
+    """The champion's registration, the outcomes arrived since (and the latest), and when monitoring last
+    judged a window: what the volume, staleness and liveness checks read."""
+    from flywheel.audit import AuditLog
+    from flywheel.monitoring.history import MonitoringHistory
+    from flywheel.outcomes import OutcomeStore
+    from flywheel.registry import Registry
+
+    mv = Registry(tracking_uri, AuditLog(db_url)).model_version(model, version)
+    registered = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    store = OutcomeStore(db_url)
+    try:
+        new_rows, last_outcome = store.arrivals(dataset, registered, now)
+    finally:
+        store.close()
+    history = MonitoringHistory(db_url)
+    try:
+        last_judged = history.last_judged(model)
+    finally:
+        history.close()
+    return ChampionState(model=model, version=str(version), registered_at=registered, new_labelled_rows=new_rows,
+                     last_outcome_at=last_outcome, last_monitoring_at=last_judged)
+
+
+@task(name="act_on_champion_state", task_run_name="act-on-champion-state-{state.model}", cache_policy=NO_CACHE)
+def act_on_champion_state(state: ChampionState, policy: TriggerPolicy, notify: NotifyConfig, db_url: str, now: datetime
+                      ) -> tuple[list[Decision], list[Alarm]]:
+    """Volume and staleness as automatic trigger signals (dedupe, pause and cooldown apply; each decision
+    recorded), and the liveness alarms of a silent loop (sent to people; a silence is sent once)."""
+    from flywheel.triggers import loop_signals
+
+    decisions = [decide_record_emit(s, policy, db_url, now) for s in loop_signals(state, policy, now)]
+    alarms = check_liveness.fn(state.model, state.last_monitoring_at, state.last_outcome_at, now, policy.liveness,
+                               notify, db_url, watched_since=state.registered_at)
+    return decisions, alarms

@@ -112,3 +112,40 @@ def prepare_batch(current: Path, dataset: DatasetDefinition, model: str, *, refe
         note = "no predictions for the window (give --prediction-column)"
     return BatchWindow(profile=profile, window=window, predictions=predictions, prediction_note=note, model=model,
                        version=version, reference=key, reference_label=label, start=start, end=end)
+
+
+class BatchPerformance(BaseModel):
+    """The batch's label-free estimate and, when it carries labels, the realized figures beside it."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    estimate: Any = None  # performance.Estimate of every scored row
+    realized: Any = None  # performance.Performance on the labelled rows
+    error: Any = None  # performance.EstimateError: the estimate on those same rows minus realized
+    labelled: int = 0
+
+
+def batch_performance(batch: BatchWindow, dataset: DatasetDefinition, n_boot: int = 200, confidence: float = 0.95,
+                      seed: int = 0) -> BatchPerformance:
+    """Estimate of the batch's predictions; realized on its rows whose label is set (a batch file's labels
+    are what happened to those rows: judged as they are)."""
+    from flywheel.monitoring.performance import estimate_error, estimate_performance, realized_performance
+
+    if batch.predictions is None or len(batch.predictions) == 0:
+        return BatchPerformance()
+    p = np.asarray(batch.predictions, float)
+    ok = np.isfinite(p)
+    if not ok.any():
+        return BatchPerformance()
+    estimate = estimate_performance(p[ok], n_boot, confidence, seed)
+    if dataset.label not in batch.window.columns:
+        return BatchPerformance(estimate=estimate)
+    labels = batch.window[dataset.label]
+    labelled = ok & labels.notna().to_numpy()
+    if not labelled.any():
+        return BatchPerformance(estimate=estimate)
+    y = (labels[labelled].astype(str) == str(dataset.positive_label)).to_numpy(int)
+    realized = realized_performance(y, p[labelled])
+    same_rows = estimate_performance(p[labelled], n_boot, confidence, seed)
+    return BatchPerformance(estimate=estimate, realized=realized, error=estimate_error(same_rows, realized),
+                            labelled=int(labelled.sum()))

@@ -8,12 +8,14 @@ exist or a threshold out of range fails at load, naming the file and the key.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flywheel.errors import ConfigError
+from flywheel.trigger_policy import Duration
 
 # Evidently 0.7's names for its tests; "auto" is its default choice per column (see drift.py)
 Method = Literal["auto", "wasserstein", "jensenshannon", "psi", "ks", "chisquare", "z"]
@@ -96,11 +98,30 @@ class ReportSettings(Strict):
     seed: int = 0
 
 
+class PerformanceSettings(Strict):
+    """The label-free estimate of each window, and its realized figures as the outcomes land
+    (flywheel/monitoring/realized.py). The minimum of labelled rows is the trigger rule's
+    (`rules.performance_degraded.min_labelled_rows` in configs/triggers.yaml): one number for both."""
+
+    lookback: Duration = Field(timedelta(days=35), description="windows that ended within this long are joined "
+                               "again to the outcomes each run (cover the labels' delay)")
+    n_boot: int = Field(200, ge=1, le=10_000, description="label draws of the estimate's interval")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the estimate's interval")
+
+    @field_validator("lookback")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("lookback must be positive")
+        return value
+
+
 class DatasetPolicy(Strict):
     drift: DriftSettings = DriftSettings()
     alarm: AlarmSettings = AlarmSettings()
     quality: QualitySettings = QualitySettings()
     report: ReportSettings = ReportSettings()
+    performance: PerformanceSettings = PerformanceSettings()
 
     def check_columns(self, numeric: list[str], categorical: list[str], source: str) -> None:
         """ConfigError naming every key or per-column entry that is not a feature of the profile."""

@@ -12,8 +12,9 @@ offset), through SQLAlchemy Core only: the same code on SQLite and PostgreSQL. T
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -24,6 +25,9 @@ from flywheel.db import project_engine
 from flywheel.monitoring.alarms import WindowStatus, WindowVerdict
 from flywheel.monitoring.drift import DriftResult
 from flywheel.monitoring.quality import QualityResult
+
+if TYPE_CHECKING:
+    from flywheel.monitoring.performance import Estimate
 
 WINDOWS_TABLE = "flywheel_monitoring_windows"
 
@@ -50,8 +54,21 @@ windows = sa.Table(
     sa.Column("data_quality_alarm", sa.Boolean, nullable=False),
     sa.Column("data_quality", sa.Text, nullable=False),  # JSON {problems, features: {...}}
     sa.Column("report_path", sa.Text),
+    # the label-free performance estimate of the window's served rows (null: no probabilities, empty window);
+    # the realized figures fill in later, in flywheel_monitoring_performance (realized.py)
+    sa.Column("estimated_roc_auc", sa.Float),
+    sa.Column("estimated_roc_auc_lower", sa.Float),
+    sa.Column("estimated_roc_auc_upper", sa.Float),
+    sa.Column("estimated_accuracy", sa.Float),
+    sa.Column("estimated_accuracy_lower", sa.Float),
+    sa.Column("estimated_accuracy_upper", sa.Float),
     sa.Index("ix_flywheel_monitoring_windows_series", "model", "reference", "window_end"),
 )
+
+
+def window_key(model: str, reference: str, start: datetime, end: datetime) -> str:
+    """A window's name in trigger event ids and alarms: `<model>:<reference>:<start>/<end>` (ISO, UTC)."""
+    return f"{model}:{reference}:{_aware(start).isoformat()}/{_aware(end).isoformat()}"
 
 
 def _naive(dt: datetime) -> datetime:
@@ -87,11 +104,36 @@ class WindowRecord(BaseModel):
     data_quality_alarm: bool
     data_quality: dict[str, Any]
     report_path: str | None = None
+    estimated_roc_auc: float | None = None
+    estimated_roc_auc_lower: float | None = None
+    estimated_roc_auc_upper: float | None = None
+    estimated_accuracy: float | None = None
+    estimated_accuracy_lower: float | None = None
+    estimated_accuracy_upper: float | None = None
+
+    @property
+    def key(self) -> str:
+        return window_key(self.model, self.reference, self.window_start, self.window_end)
+
+
+def _estimate_columns(estimate: Estimate | None) -> dict[str, float | None]:
+    if estimate is None:
+        return {}
+
+    def num(v: float) -> float | None:
+        return None if math.isnan(v) else float(v)
+
+    out = {}
+    for name, m in (("roc_auc", estimate.roc_auc), ("accuracy", estimate.accuracy)):
+        out.update({f"estimated_{name}": num(m.value), f"estimated_{name}_lower": num(m.lower),
+                    f"estimated_{name}_upper": num(m.upper)})
+    return out
 
 
 def window_record(model: str, version: str | None, reference: str, start: datetime, end: datetime,
                   drift: DriftResult, quality: QualityResult, verdict: WindowVerdict,
-                  report_path: str | None = None, judged_at: datetime | None = None) -> WindowRecord:
+                  report_path: str | None = None, judged_at: datetime | None = None,
+                  estimate: Estimate | None = None) -> WindowRecord:
     """The row of a judged window (pure: nothing is written)."""
     scores = {c.column: {"method": c.method, "score": c.score, "threshold": c.threshold, "drifted": c.drifted,
                          "note": c.note} for c in drift.columns}
@@ -107,7 +149,7 @@ def window_record(model: str, version: str | None, reference: str, start: dateti
         prediction_score=drift.prediction.score if drift.prediction else None,
         prediction_drifted=drift.prediction.drifted if drift.prediction else None,
         alarm=verdict.alarm, streak=verdict.streak, data_quality_alarm=verdict.data_quality_alarm,
-        data_quality=dq, report_path=report_path,
+        data_quality=dq, report_path=report_path, **_estimate_columns(estimate),
     )
 
 
@@ -154,6 +196,13 @@ class MonitoringHistory:
              .order_by(windows.c.window_end.desc(), windows.c.id.desc()).limit(limit))
         return list(reversed(self._records(q)))
 
+    def last_judged(self, model: str) -> datetime | None:
+        """When a window of `model` was last judged (any series); None if never."""
+        with self._engine.connect() as conn:
+            last = conn.execute(sa.select(sa.func.max(windows.c.judged_at)).where(windows.c.model == model)
+                                ).scalar_one()
+        return _aware(last) if last is not None else None
+
     def windows(self, model: str, reference: str | None = None) -> list[WindowRecord]:
         """Every recorded window of `model` (one series when `reference` is given), in time order."""
         q = sa.select(windows).where(windows.c.model == model)
@@ -169,5 +218,6 @@ class MonitoringHistory:
             "window_start": r.window_start, "window_end": r.window_end, "reference": r.reference, "rows": r.rows,
             "status": r.status, "share_drifted": r.share_drifted, "alarm": r.alarm, "streak": r.streak,
             "data_quality_alarm": r.data_quality_alarm, "prediction_score": r.prediction_score,
+            "estimated_roc_auc": r.estimated_roc_auc, "estimated_accuracy": r.estimated_accuracy,
             **{f"score.{name}": s.get("score") for name, s in r.scores.items()},
         } for r in recs])

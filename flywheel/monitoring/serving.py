@@ -69,3 +69,37 @@ def read_serving_window(log_url: str, model: str, version: str, start: datetime,
             frame[col] = at
     return ServingWindow(frame=frame, probabilities=np.array([r["probability"] for r in rows], dtype=float),
                          version=str(version), start=start, end=end)
+
+
+def read_served_predictions(log_url: str, model: str, version: str, start: datetime, end: datetime) -> pd.DataFrame:
+    """The champion v`version`'s answers of `model` in [start, end) that recorded their feature snapshot:
+    entity (text), at, feature_time, probability; what the outcome join needs, without the features."""
+    import sqlalchemy as sa
+
+    from flywheel.predictionlog import PREDICTIONS_TABLE
+    from flywheel.rollout import _db_time
+
+    cols = ["entity", "at", "feature_time", "probability"]
+    engine = sa.create_engine(log_url)
+    try:
+        try:
+            t = sa.Table(PREDICTIONS_TABLE, sa.MetaData(), autoload_with=engine)
+        except sa.exc.NoSuchTableError:
+            return pd.DataFrame(columns=cols)
+        if "feature_time" not in t.c:  # a log written before snapshots were recorded: nothing joins
+            return pd.DataFrame(columns=cols)
+        q = (sa.select(t.c.entity, t.c.at, t.c.feature_time, t.c.probability)
+             .where(t.c.model == model, t.c.version == str(version), t.c.arm == "champion", t.c.shadow.is_(False),
+                    t.c.feature_time.is_not(None), t.c.entity.is_not(None), t.c.probability.is_not(None),
+                    t.c.at >= _db_time(start, engine), t.c.at < _db_time(end, engine))
+             .order_by(t.c.id))
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(q)]
+    finally:
+        engine.dispose()
+    frame = pd.DataFrame(rows, columns=cols)
+    frame["entity"] = frame["entity"].astype(str)
+    frame["at"] = pd.to_datetime(frame["at"], utc=True)
+    frame["feature_time"] = pd.to_datetime(frame["feature_time"], utc=True)
+    frame["probability"] = frame["probability"].astype(float)
+    return frame

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from flywheel.monitoring.profile import MonitoringError, ReferenceProfile
 from flywheel.monitoring.quality import QualityResult, expectation_failures, profile_quality, with_expectations
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import ValidateConfig
+
+if TYPE_CHECKING:
+    from flywheel.monitoring.performance import Estimate
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ def monitor_window(profile: ReferenceProfile, window: pd.DataFrame, policy: Data
                    history: MonitoringHistory, *, model: str, version: str | None, reference: str,
                    start: datetime, end: datetime, predictions: np.ndarray | None = None,
                    dataset: DatasetDefinition | None = None, validate_cfg: ValidateConfig | None = None,
-                   report_path: Path | None = None) -> MonitoredWindow:
+                   report_path: Path | None = None, estimate: Estimate | None = None) -> MonitoredWindow:
     """Judge one window against the recorded windows of its series (model, reference) that ended before
     it began, write its report (when `report_path` is given) and record it."""
     if end < start:
@@ -88,7 +92,7 @@ def monitor_window(profile: ReferenceProfile, window: pd.DataFrame, policy: Data
             error = f"{type(exc).__name__}: {exc}"
             log.warning("the report of window %s - %s failed: %s", start, end, error)
     rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality,
-                        assessment.verdict, str(written) if written else None)
+                        assessment.verdict, str(written) if written else None, estimate=estimate)
     rec = rec.model_copy(update={"id": history.record(rec)})
     return MonitoredWindow(assessment=assessment, record=rec, report_path=written, report_error=error)
 

@@ -89,6 +89,9 @@ def test_batches_judged_in_time_order_raise_the_drift_alarm_after_persistence(sc
     calm = _monitor(scenario, "--current", str(files["calm"]))
     assert calm.exit_code == 0, calm.output
     assert "no drift" in calm.output and "drift alarm: not raised" in calm.output
+    flat = " ".join(calm.output.split())
+    assert "performance estimated without labels (600 rows): ROC AUC" in flat, calm.output
+    assert "performance realized on its 600 labelled rows: ROC AUC" in flat, "the batch carries its labels"
     report = next((scenario["home"] / "data" / "reports" / "monitoring" / "churn").rglob("*.html"))
     html = report.read_text()
     assert "Dataset Drift" in html and "Wasserstein distance (normed)" in html and "payment_method" in html
@@ -106,6 +109,7 @@ def test_batches_judged_in_time_order_raise_the_drift_alarm_after_persistence(sc
     finally:
         history.close()
     assert [r.status for r in recs] == ["ok", "drift", "drift"] and [r.alarm for r in recs] == [False, False, True]
+    assert recs[0].estimated_roc_auc is not None and recs[0].estimated_roc_auc_lower <= recs[0].estimated_roc_auc
     assert recs[0].report_path is not None and recs[1].report_path is None
     assert recs[2].prediction_drifted, "the champion scored the batch: its predictions drifted too"
     assert "support_tickets_30d" in recs[2].drifted_features and not recs[2].data_quality_alarm

@@ -47,8 +47,10 @@ def _settings(home: Path):
     return load_settings(profile="ci", config_dir=home / "configs", environ={})
 
 
-def _serve(home: Path, hour: int, covariate_drift: float, seed: int) -> None:
-    """Log one hour of the champion's answers on generated rows, as the service's writer stores them."""
+def _serve(home: Path, hour: int, covariate_drift: float, seed: int, snapshots: bool = False) -> pd.DataFrame:
+    """Log one hour of the champion's answers on generated rows, as the service's writer stores them. With
+    `snapshots`, each answer records its feature snapshot (entity = the row's customer, feature_time = its
+    event time), as entity requests do, so outcomes can join it. The served rows (with their labels)."""
     from flywheel.audit import AuditLog
     from flywheel.datagen import DriftSpec, GeneratorSpec, generate
     from flywheel.predictionlog import Writer
@@ -66,15 +68,18 @@ def _serve(home: Path, hour: int, covariate_drift: float, seed: int) -> None:
     records = []
     for i, (row, prob) in enumerate(zip(rows[dataset.feature_names].to_dict("records"), p, strict=True)):
         features = {k: (None if pd.isna(v) else v) for k, v in row.items()}
-        records.append({"at": at + timedelta(seconds=i), "request_id": uuid.uuid4().hex, "entity": str(i),
+        records.append({"at": at + timedelta(seconds=i), "request_id": uuid.uuid4().hex,
+                        "entity": str(rows[dataset.entity].iloc[i]) if snapshots else str(i),
                         "model": "churn", "version": str(loaded.version), "arm": "champion",
                         "prediction": bool(prob >= 0.5), "probability": float(prob), "latency_ms": 1.0,
                         "features": json.loads(json.dumps(features)), "imputed": [], "explanation": None,
-                        "shadow": False})
+                        "shadow": False,
+                        "feature_time": rows[dataset.timestamp].iloc[i].to_pydatetime() if snapshots else None})
     writer = Writer(settings.store_url(settings.serve.prediction_log_url))
     writer.add(records)
     assert writer.flush() == len(records)
     writer.engine.dispose()
+    return rows.assign(_p=p, _at=[r["at"] for r in records])
 
 
 def _monitor(home: Path, hour: int):
@@ -100,7 +105,11 @@ def test_calm_traffic_raises_nothing_and_drift_alarms_after_persistence(home: Pa
     assert second.status == "drift" and second.alarm, second
     assert second.drifted_features, second
     assert [d.split(" (")[0] for d in calm.decisions] == [
-        "drift_detected: suppressed", "performance_degraded: suppressed"]
+        "drift_detected: suppressed", "performance_degraded: suppressed", "volume_reached: suppressed",
+        "model_stale: suppressed"]
+    assert "too few rows: 0 new labelled rows since" in calm.decisions[2], calm.decisions
+    assert "below threshold: champion v1 is" in calm.decisions[3], calm.decisions
+    assert calm.liveness_alarms == [], "monitoring and outcomes are within their silences of the champion's start"
     assert first.decisions[0].startswith("drift_detected: suppressed"), first.decisions
     assert second.decisions[0].startswith("drift_detected: fire"), second.decisions
 
@@ -132,3 +141,73 @@ def _retrain_events() -> list[dict]:
 def test_an_empty_window_is_too_few_rows_never_an_alarm(home: Path) -> None:
     result = _monitor(home, 50)  # nothing was served then
     assert (result.rows, result.status, result.alarm) == (0, "too_few_rows", False), result
+
+
+def _land_outcomes(home: Path, rows: pd.DataFrame, arrived: datetime) -> None:
+    """The served rows' labels as one outcome batch that arrived at `arrived` (stored as the ingest does)."""
+    from flywheel.outcomes import OutcomeStore, outcome_rows
+    from flywheel.schemas import load_dataset
+
+    settings = _settings(home)
+    dataset = load_dataset(settings.resolve(settings.dataset))
+    batch = rows[[dataset.entity, dataset.timestamp, dataset.label]].assign(
+        **{dataset.label_timestamp: pd.Timestamp(arrived)})
+    store = OutcomeStore(settings.audit_db_url)
+    try:
+        assert store.ingest(outcome_rows(batch, dataset), dataset, source="test").rows == len(batch)
+    finally:
+        store.close()
+
+
+def test_late_outcomes_fill_in_the_realized_metric_beside_the_estimate(home: Path) -> None:
+    """Window 20 is served with recorded snapshots; its labels land an hour after it. The next run (window
+    21) fills in window 20's realized ROC AUC and accuracy beside the estimate on the same rows. Labels of
+    100 of its rows were already known before they were predicted (then delivered again): never used."""
+    import numpy as np
+
+    from flywheel.monitoring.performance import estimate_performance, realized_performance
+    from flywheel.monitoring.realized import PerformanceHistory
+    from flywheel.trigger_decisions import TriggerDecisions
+
+    served = _serve(home, 20, covariate_drift=0.0, seed=320, snapshots=True)
+    judged = _monitor(home, 20)
+    assert judged.rows == WINDOW_ROWS and judged.realized_roc_auc is None and judged.estimated_roc_auc, judged
+    assert not [r for r in judged.realized if ":2030-01-01T20:00:00+00:00/" in r], "no outcome has arrived yet"
+
+    known_early, late = served.iloc[:100], served.iloc[100:]
+    _land_outcomes(home, known_early, SERVED + timedelta(hours=19))  # before the predictions were made
+    _land_outcomes(home, served, SERVED + timedelta(hours=21, minutes=30))  # every label, after the window
+    assert late["_at"].max() < SERVED + timedelta(hours=21, minutes=30)
+
+    later = _monitor(home, 21)  # nothing served in hour 21: the run still fills in window 20
+    filled = [r for r in later.realized if ":2030-01-01T20:00:00+00:00/" in r]
+    assert len(filled) == 1 and "ROC AUC realized" in filled[0], later.realized
+
+    settings = _settings(home)
+    history = PerformanceHistory(settings.audit_db_url)
+    try:
+        (rec,) = [e for e in history.evaluations("churn", "v1") if e.window_start == SERVED + timedelta(hours=20)]
+    finally:
+        history.close()
+    y = (late["churned"] == "yes").to_numpy(int)
+    p = late["_p"].to_numpy(float)
+    truth, est = realized_performance(y, p), estimate_performance(p, 200, 0.95, 42)
+    assert (rec.scored_rows, rec.labelled_rows) == (WINDOW_ROWS, WINDOW_ROWS - 100), rec
+    assert rec.realized_roc_auc == pytest.approx(truth.roc_auc) and rec.realized_accuracy == pytest.approx(
+        truth.accuracy), (rec, truth)
+    assert rec.estimated_roc_auc == pytest.approx(est.roc_auc.value), "the estimate on the same labelled rows"
+    assert rec.roc_auc_error == pytest.approx(est.roc_auc.value - truth.roc_auc)
+    assert np.isclose(rec.accuracy_error, est.accuracy.value - truth.accuracy)
+
+    # the realized figure was judged by the performance rule, on the window's own event id
+    store = TriggerDecisions(settings.audit_db_url)
+    try:
+        decided = [d for d in store.decisions("churn", limit=200)
+                   if d.kind == "performance_degraded" and d.event_id == f"performance:{rec.key}"]
+    finally:
+        store.dispose()
+    assert [d.evidence["source"] for d in decided] == ["realized", "estimated"] or \
+        [d.evidence["source"] for d in decided] == ["estimated", "realized"], decided
+
+    again = _monitor(home, 22)  # no new outcome: nothing is evaluated again, nothing appended
+    assert not [r for r in again.realized if ":2030-01-01T20:00:00+00:00/" in r], again.realized
