@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, State
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tasks.evaluate import evaluate_candidate
 from tasks.features import (
@@ -27,6 +27,7 @@ from tasks.monitor import profile_reference
 from tasks.outcomes import build_served_training_set
 from tasks.register import load_champion, register_model, write_model_card
 from tasks.train import split_training_set, train_model
+from tasks.triggers import link_decision_run
 from tasks.validate import validate_batch
 
 
@@ -43,6 +44,22 @@ class TrainingParams(BaseModel):
         False, description="Fault injection for demos and tests: train on permuted labels (the gates must reject it)"
     )
     reason: str | None = Field(None, description="Why this run was requested (a retrain webhook's reason)")
+    # set by the training deployment's trigger from the retrain event; empty when the event did not carry them
+    decision_id: str | None = Field(None, description="The trigger decision that started this run (recorded on it)")
+    trigger: str | None = Field(None, description="What kind of trigger started it (drift_detected, retrain_requested, "
+                                                  "...): recorded on the registered version, picks its rollout plan")
+
+    @field_validator("decision_id", "trigger", "reason", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None  # a trigger's template renders a field its event lacks as ""
+
+
+def trigger_tag(trigger: str | None) -> dict[str, str]:
+    """The registered version's tag saying why its training ran (the rollout picks its plan by it)."""
+    from flywheel.registry import TAG_TRIGGER
+
+    return {TAG_TRIGGER: trigger[:64]} if trigger else {}
 
 
 class TrainingResult(BaseModel):
@@ -65,6 +82,8 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     ctx = start_run_context(params.profile, params.config_dir, params.dataset, params.seed)
     settings, dataset, gates = ctx.settings, ctx.dataset, ctx.gates
     logger = get_run_logger()
+    if params.decision_id:  # the decision (webhook, CLI, monitoring) links to the run it started
+        link_decision_run(params.decision_id, ctx.audit_db_url)
     as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
@@ -95,7 +114,8 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
     card = write_model_card(ctx.model_name, dataset, service, trained, report, lineage)
     registered = register_model(
         trained.pipeline, split.holdout[dataset.feature_names].head(5), trained.run_id, ctx.model_name,
-        report, card, {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, ctx.actor(),
+        report, card, {**lineage, **trained.lineage(), **trigger_tag(params.trigger)}, ctx.tracking_uri,
+        ctx.audit_db_url, ctx.actor(),
     )
 
     result = TrainingResult(

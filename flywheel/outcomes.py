@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -291,6 +291,12 @@ class OutcomeStore:
             skipped = True  # the same content, stored meanwhile by another process
         return OutcomeIngestReport(dataset=dataset.name, batch_id=batch, source=source, skipped=skipped,
                                    rows=0 if skipped else len(records), total_rows=self.count(dataset.name))
+
+    def rows_ingested(self, dataset: str, when: Callable[[datetime], bool]) -> int:
+        """How many outcomes the dataset's batches stored whose ingestion time passes `when`."""
+        q = sa.select(OUTCOME_BATCHES.c.rows, OUTCOME_BATCHES.c.ingested_at).where(OUTCOME_BATCHES.c.dataset == dataset)
+        with self.engine.connect() as conn:
+            return sum(int(r.rows) for r in conn.execute(q) if when(r.ingested_at))
 
     def count(self, dataset: str) -> int:
         with self.engine.connect() as conn:

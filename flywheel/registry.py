@@ -63,6 +63,7 @@ TAG_GATE_REPORT = "flywheel.gate_report"
 TAG_GATE_REPORT_ARTIFACT = "flywheel.gate_report_artifact"
 TAG_MODEL_CARD_ARTIFACT = "flywheel.model_card_artifact"
 TAG_GATED_AGAINST = "flywheel.gated_against"  # the champion version the gates compared it with ("none")
+TAG_TRIGGER = "flywheel.trigger"  # why its training ran (drift_detected, retrain_requested...): its rollout plan
 TAG_QUEUED_REASON = "flywheel.queued_reason"  # why it waits for the challenger alias (or why it left the queue)
 
 CHAMPION = "champion"

@@ -79,11 +79,14 @@ class TriggerDecisions:
     def engine(self) -> sa.Engine:
         return self._engine
 
-    def history(self, model: str, event_id: str, last_retrain_at: datetime | None = None) -> History:
-        """What `decide` needs: the model's decisions and every decision about `event_id`."""
-        q = (sa.select(DECISIONS)
-             .where(sa.or_(DECISIONS.c.model == model, DECISIONS.c.event_id == event_id))
-             .order_by(DECISIONS.c.at, DECISIONS.c.recorded_at))
+    def history(self, model: str, event_id: str, last_retrain_at: datetime | None = None,
+                model_history: bool = True) -> History:
+        """What `decide` needs: the model's decisions and every decision about `event_id`. An explicit request
+        needs only the latter (`model_history=False`: no cooldown applies), which keeps the webhook's insert
+        path one indexed lookup however long the history grows."""
+        where = sa.or_(DECISIONS.c.model == model, DECISIONS.c.event_id == event_id) if model_history else (
+            DECISIONS.c.event_id == event_id)
+        q = sa.select(DECISIONS).where(where).order_by(DECISIONS.c.at, DECISIONS.c.recorded_at)
         with self._engine.connect() as conn:
             decisions = tuple(_decision(r) for r in conn.execute(q))
         return History(decisions=decisions, last_retrain_at=last_retrain_at)
@@ -108,13 +111,22 @@ class TriggerDecisions:
         """Decide `signal` on the recorded history and record the decision (retried when a concurrent
         decision of the same event id got in first)."""
         for _ in range(attempts):
-            decision = decide(signal, self.history(signal.model, signal.event_id, last_retrain_at), policy, paused,
-                              now)
+            history = self.history(signal.model, signal.event_id, last_retrain_at, model_history=signal.automatic)
+            decision = decide(signal, history, policy, paused, now)
             try:
                 return self.record(decision)
             except DecisionConflict:
                 continue
         raise DecisionConflict(f"could not record a decision for event {signal.event_id} after {attempts} attempts")
+
+    def fired_for(self, event_id: str) -> Decision | None:
+        """The decision that fired for a signal's event id, if one did (a retry of that signal is its duplicate
+        and must re-send this decision's event, not start another)."""
+        q = (sa.select(DECISIONS).where(DECISIONS.c.event_id == event_id, DECISIONS.c.outcome == "fire")
+             .order_by(DECISIONS.c.at, DECISIONS.c.recorded_at).limit(1))
+        with self._engine.connect() as conn:
+            row = conn.execute(q).first()
+        return _decision(row) if row is not None else None
 
     def _fill(self, decision_id: str, column: str, value: Any) -> bool:
         col = DECISIONS.c[column]

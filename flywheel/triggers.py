@@ -206,10 +206,12 @@ def drift_signal(alarm: bool, *, model: str, event_id: str, occurred: datetime,
 
 
 def request_signal(*, model: str, reason: str, actor: str, event_id: str, occurred: datetime,
-                   source: str = "cli") -> Signal:
-    """An explicit retrain request (webhook or CLI)."""
-    return Signal(kind="retrain_requested", model=model, event_id=event_id, occurred=occurred,
-                  evidence={"reason": reason, "actor": actor, "source": source},
+                   source: str = "cli", delivery: str | None = None) -> Signal:
+    """An explicit retrain request (webhook or CLI); `delivery`: the webhook delivery id it came with."""
+    evidence = {"reason": reason, "actor": actor, "source": source}
+    if delivery is not None:
+        evidence["delivery"] = delivery
+    return Signal(kind="retrain_requested", model=model, event_id=event_id, occurred=occurred, evidence=evidence,
                   detail=f"requested by {actor} via {source}: {reason}")
 
 

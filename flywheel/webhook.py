@@ -6,6 +6,9 @@ has no auth beyond basic auth, so outside systems call this receiver instead:
 - POST /hooks/retrain        {"reason": "...", "model": "churn"?}    -> event flywheel.retrain.requested
 - POST /hooks/data-landed    {"dataset": "churn", "uri": "...", "rows": 1000?} -> flywheel.data.landed
 - POST /hooks/labels-landed  {"dataset": "churn", "uri": "...", "rows": 1000?} -> flywheel.labels.landed
+  (`uri`: a batch file under the dataset's incoming folder, `source` / `outcomes.source`, which must exist:
+  else 422; the event's payload adds its absolute `path`, which the `ingest` / `outcomes` deployments
+  validate and ingest)
 - GET  /health               200 when the deliveries table and the Prefect API answer, else 503
 - GET  /metrics              Prometheus text: requests by endpoint and status, events emitted, latency
 
@@ -22,14 +25,22 @@ A request is checked in this order, and stops at the first failure with nothing 
    emitted answers 200 {"duplicate": true, "of": <event id>} and starts nothing; the same delivery id with
    another body or endpoint is a 409; concurrent copies race on the primary-key insert and exactly one
    emits (the others wait for it and answer duplicate).
-5. the event (202): POST {PREFECT_API_URL}/events with one event whose id is derived from the delivery id
-   (uuid5), so Prefect's own de-duplication by event id holds as well. Transient failures are retried
+5. for /hooks/retrain, the trigger decision (`flywheel_trigger_decisions`, beside the automatic ones): an explicit
+   request, held by neither the cooldown nor a pause, only by dedupe on the delivery id (its signal's event id
+   is `webhook:<delivery id>`); its evidence names the delivery and the reason. The event it emits carries the
+   decision's id (as every fired decision's event does) and `decision_id` in its payload, which the training
+   run records on the decision when it starts. A retry of a delivery whose event did not go out re-sends
+   that same decision's event; a disabled `retrain_requested` rule answers 403, recorded as suppressed.
+6. the event (202): POST {PREFECT_API_URL}/events with one event whose id is derived from the delivery id
+   (uuid5; for /hooks/retrain the decision's id, itself derived from it), so Prefect's own de-duplication by
+   event id holds as well. Transient failures are retried
    (tenacity); an unreachable Prefect API answers 503 and the delivery is recorded as `failed`, not done,
    so the sender's retry emits it. A record left `pending` by a crash is taken over after a lease.
 
-Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig; the dataset
-definition for the default model name), never tasks, flows, Prefect, MLflow, Feast or scikit-learn
-(`tests/unit/test_webhook.py` checks it in a fresh interpreter).
+Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig, the trigger
+decisions store and its pure rules, the clock; the dataset definition for the default model name),
+never tasks, flows, Prefect, MLflow, Feast or scikit-learn (`tests/unit/test_webhook.py` checks it in a fresh
+interpreter).
 """
 
 from __future__ import annotations
@@ -43,8 +54,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import httpx
@@ -57,9 +69,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from flywheel import migrations
+from flywheel.clock import Clock, WallClock, build_clock
 from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 from flywheel.hmacsig import DELIVERY_HEADER, SIGNATURE_HEADER, Secret, SignatureError, Verified, verify
+from flywheel.landing import NotALandedBatch, incoming_folder, resolve_landed
+from flywheel.trigger_decisions import TriggerDecisions
+from flywheel.trigger_policy import TriggerPolicy, load_policy
+from flywheel.triggers import Decision, request_signal
 
 if TYPE_CHECKING:
     from flywheel.settings import Settings
@@ -110,12 +127,14 @@ class RetrainBody(HookBody):
 
 
 class BatchLandedBody(HookBody):
-    """A batch is ready where `uri` says (the receiver records and announces it; it never reads it)."""
+    """A batch is ready where `uri` says (the receiver checks it is a file under the incoming folder and
+    announces it; it never reads it)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"dataset": "churn", "uri": "s3://bucket/churn/2026-03-01.parquet", "rows": 1000}]})
+        {"dataset": "churn", "uri": "batch_2026-03-01.parquet", "rows": 1000}]})
     dataset: Name = Field(description="dataset name (its definition's `name`)")
-    uri: Uri = Field(description="path or URI of the batch")
+    uri: Uri = Field(description="the batch file: relative to the dataset's incoming folder (`source` for data, "
+                                 "`outcomes.source` for labels), or an absolute path / file:// URI under it")
     rows: StrictInt | None = Field(None, ge=0, description="row count, if the sender knows it")
 
 
@@ -125,6 +144,7 @@ class Accepted(BaseModel):
     event: str = Field(description="the Prefect event emitted")
     event_id: str = Field(description="its id (uuid5 of the delivery id): find it in the Prefect UI's event feed")
     resource: str = Field(description="the event's prefect.resource.id, what triggers match on")
+    decision: str | None = Field(None, description="retrain: the trigger decision recorded (`flywheel triggers list`)")
 
 
 class Duplicate(BaseModel):
@@ -161,9 +181,26 @@ def event_id_for(delivery_id: str) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, delivery_id)
 
 
-def build_event(hook: Hook, body: HookBody, delivery_id: str, occurred: datetime, model: str) -> dict[str, Any]:
-    """The Prefect event (REST shape of prefect.server.events.schemas.events.Event) for one delivery."""
-    payload = {**body.model_dump(mode="json"), "delivery": delivery_id}
+def retrain_signal_id(delivery_id: str) -> str:
+    """The event id of the trigger signal a retrain delivery becomes: dedupe keys on it."""
+    return f"webhook:{delivery_id}"
+
+
+def retrain_event_id(delivery_id: str) -> str:
+    """The id of the event (and of the trigger decision) an accepted retrain delivery emits: its signal's first
+    decision (flywheel/triggers.py `decision_id`)."""
+    from flywheel.triggers import decision_id
+
+    return decision_id(retrain_signal_id(delivery_id), 0)
+
+
+def build_event(hook: Hook, body: HookBody, delivery_id: str, occurred: datetime, model: str,
+                decision: Decision | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The Prefect event (REST shape of prefect.server.events.schemas.events.Event) for one delivery; a retrain's
+    carries the id of its trigger decision (as the event's id and in its payload, with the signal's kind)."""
+    payload = {**body.model_dump(mode="json"), **(extra or {}), "delivery": delivery_id}
+    if decision is not None:
+        payload.update(decision_id=decision.id, kind=decision.kind)
     if isinstance(body, RetrainBody):
         payload["model"] = model  # resolved default, so the event says which model it is about
         resource = {"prefect.resource.id": f"flywheel.model.{model}", "prefect.resource.name": model,
@@ -172,7 +209,8 @@ def build_event(hook: Hook, body: HookBody, delivery_id: str, occurred: datetime
         dataset = payload["dataset"]
         resource = {"prefect.resource.id": f"flywheel.dataset.{dataset}", "prefect.resource.name": dataset,
                     "flywheel.dataset": dataset}
-    return {"id": str(event_id_for(delivery_id)), "occurred": occurred.isoformat(), "event": hook.event,
+    event_id = decision.id if decision is not None else str(event_id_for(delivery_id))
+    return {"id": event_id, "occurred": occurred.isoformat(), "event": hook.event,
             "resource": resource, "payload": payload}
 
 
@@ -280,11 +318,11 @@ class DeliveryStore:
             row = self.get(d.delivery_id) or row
         return row
 
-    def finish(self, delivery_id: str, token: str, now: datetime) -> None:
-        self._close(delivery_id, token, now, "emitted", None)
+    def finish(self, delivery_id: str, token: str, now: datetime, event_id: str | None = None) -> None:
+        self._close(delivery_id, token, now, "emitted", None, event_id)
 
-    def fail(self, delivery_id: str, token: str, now: datetime, detail: str) -> None:
-        self._close(delivery_id, token, now, "failed", detail[:500])
+    def fail(self, delivery_id: str, token: str, now: datetime, detail: str, event_id: str | None = None) -> None:
+        self._close(delivery_id, token, now, "failed", detail[:500], event_id)
 
     def get(self, delivery_id: str) -> sa.Row[Any] | None:
         with _db_errors(), self.engine.connect() as conn:
@@ -294,12 +332,15 @@ class DeliveryStore:
         with _db_errors(), self.engine.connect() as conn:
             conn.execute(sa.select(sa.func.count()).select_from(DELIVERIES).where(sa.false()))
 
-    def _close(self, delivery_id: str, token: str, now: datetime, outcome: str, detail: str | None) -> None:
+    def _close(self, delivery_id: str, token: str, now: datetime, outcome: str, detail: str | None,
+               event_id: str | None = None) -> None:
         # only while our claim holds: a request that lost its lease leaves the row to its successor
+        values: dict[str, Any] = {"outcome": outcome, "finished_at": _naive_utc(now), "detail": detail}
+        if event_id is not None:  # a retrain's event is its decision's: known only once decided
+            values["event_id"] = event_id
         with _db_errors(), self.engine.begin() as conn:
             conn.execute(DELIVERIES.update().where(
-                DELIVERIES.c.delivery_id == delivery_id, DELIVERIES.c.claim == token,
-            ).values(outcome=outcome, finished_at=_naive_utc(now), detail=detail))
+                DELIVERIES.c.delivery_id == delivery_id, DELIVERIES.c.claim == token).values(**values))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -408,8 +449,13 @@ class Receiver:
     models: frozenset[str]  # the models `retrain` may name (the training deployment trains these)
     default_model: str
     tolerance_s: float
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.time  # wall time: signatures, delivery records
     wait_step_s: float = 0.02
+    decisions: TriggerDecisions | None = None  # where retrain requests are recorded as trigger decisions
+    policy: TriggerPolicy = field(default_factory=TriggerPolicy)
+    project_clock: Clock = field(default_factory=WallClock)  # the project clock (maybe simulated): decisions
+    dataset: str | None = None  # the dataset the batch endpoints may name (None: any, no folder check)
+    incoming: Mapping[str, Path | None] = field(default_factory=dict)  # hook name -> its incoming folder
 
     def verify(self, headers: Mapping[str, str], raw: bytes) -> Verified:
         try:
@@ -429,7 +475,25 @@ class Receiver:
             raise Refused(422, "invalid body: " + problem, [problem])
         return body
 
-    def deliver(self, hook: Hook, verified: Verified, body: HookBody, raw: bytes) -> tuple[int, BaseModel]:
+    def landed(self, hook: Hook, body: HookBody) -> dict[str, Any]:
+        """A batch endpoint's checked file: {"path": <absolute path>}; Refused 422 naming the field otherwise
+        (another dataset, a path outside its incoming folder, no such file). Nothing for other endpoints."""
+        if not isinstance(body, BatchLandedBody) or self.dataset is None:
+            return {}
+        if body.dataset != self.dataset:
+            problem = f"dataset: {body.dataset!r} is not the dataset here ({self.dataset!r})"
+            raise Refused(422, "invalid body: " + problem, [problem])
+        folder = self.incoming.get(hook.name)
+        if folder is None:
+            problem = f"dataset: {self.dataset!r} declares no incoming folder for {hook.name} (outcomes.source)"
+            raise Refused(422, "invalid body: " + problem, [problem])
+        try:
+            return {"path": str(resolve_landed(body.uri, folder))}
+        except NotALandedBatch as exc:
+            raise Refused(422, f"invalid body: uri: {exc}", [f"uri: {exc}"]) from None
+
+    def deliver(self, hook: Hook, verified: Verified, body: HookBody, raw: bytes,
+                extra: Mapping[str, Any] | None = None) -> tuple[int, BaseModel]:
         """Record, emit, answer: (202, Accepted) or (200, Duplicate); Refused otherwise."""
         d = Delivery(verified.delivery_id, hook.name, hashlib.sha256(raw).hexdigest(), hook.event,
                      str(event_id_for(verified.delivery_id)), verified.secret)
@@ -437,23 +501,52 @@ class Receiver:
         if isinstance(claim, Duplicate):
             return 200, claim
         model = getattr(body, "model", None) or self.default_model
-        event = build_event(hook, body, d.delivery_id, claim.received_at.replace(tzinfo=UTC), model)
+        occurred = claim.received_at.replace(tzinfo=UTC)
+        decision = self._decide(body, model, d, claim) if isinstance(body, RetrainBody) else None
+        event = build_event(hook, body, d.delivery_id, occurred, model, decision, extra)
+        event_id = event["id"]
         try:
             self.events.emit(event)
         except EmitFailed as exc:
-            self._store(self.store.fail, d.delivery_id, claim.token, self._now(), str(exc))
+            self._store(self.store.fail, d.delivery_id, claim.token, self._now(), str(exc), event_id)
             log.warning("delivery %s (%s): not emitted: %s", d.delivery_id, hook.name, exc)
             raise Refused(exc.status, str(exc), headers={"Retry-After": "5"}) from None
         # the event is out: a failure to note it here leaves the row pending, and the lease hands a retry
         # the same event id, which Prefect de-duplicates; so the sender still hears 202
         try:
-            self.store.finish(d.delivery_id, claim.token, self._now())
-        except StoreUnavailable as exc:
-            log.error("delivery %s emitted as %s but not marked done: %s", d.delivery_id, d.event_id, exc)
+            self.store.finish(d.delivery_id, claim.token, self._now(), event_id)
+            if decision is not None and self.decisions is not None:
+                self.decisions.mark_emitted(decision.id, self._now())
+        except (StoreUnavailable, sa.exc.SQLAlchemyError) as exc:
+            log.error("delivery %s emitted as %s but not marked done: %s", d.delivery_id, event_id, exc)
         log.info("delivery %s (%s, signed with %s): emitted %s %s", d.delivery_id, hook.name, d.signed_with,
-                 hook.event, d.event_id)
-        return 202, Accepted(delivery=d.delivery_id, event=hook.event, event_id=d.event_id,
-                             resource=event["resource"]["prefect.resource.id"])
+                 hook.event, event_id)
+        return 202, Accepted(delivery=d.delivery_id, event=hook.event, event_id=event_id,
+                             resource=event["resource"]["prefect.resource.id"],
+                             decision=decision.id if decision is not None else None)
+
+    def _decide(self, body: RetrainBody, model: str, d: Delivery, claim: Claimed) -> Decision | None:
+        """Record the request as a trigger decision; the fired decision whose event to emit (this one, or the
+        one a failed earlier attempt of this delivery recorded). Refused 403 when the rule is disabled."""
+        if self.decisions is None:
+            return None
+        signal = request_signal(model=model, reason=body.reason, actor="webhook", source="webhook",
+                                event_id=retrain_signal_id(d.delivery_id), delivery=d.delivery_id,
+                                occurred=claim.received_at.replace(tzinfo=UTC))
+        try:
+            decision = self.decisions.decide_and_record(signal, self.policy, False, self.project_clock.now())
+            if decision.suppressed_by == "duplicate":  # this delivery's retry: its first decision fired
+                decision = self.decisions.fired_for(signal.event_id) or decision
+        except sa.exc.SQLAlchemyError as exc:
+            detail = f"trigger decisions database: {type(exc).__name__}"
+            self._store(self.store.fail, d.delivery_id, claim.token, self._now(), detail)
+            raise Refused(503, f"{detail}; nothing was started: retry this delivery",
+                          headers={"Retry-After": "5"}) from None
+        if not decision.fired:
+            detail = f"retrain request not carried out: {decision.reason} (decision {decision.id})"
+            self._store(self.store.fail, d.delivery_id, claim.token, self._now(), detail)
+            raise Refused(403, detail)
+        return decision
 
     def _claim(self, d: Delivery) -> Claimed | Duplicate:
         """Own the delivery, or the answer to a repeat (Duplicate); Refused 409: another body under this id,
@@ -497,6 +590,16 @@ def default_model_name(settings: Settings) -> str:
     from flywheel.schemas import load_dataset  # pydantic only: the dataset definition's name
 
     return load_dataset(settings.resolve(settings.dataset)).name
+
+
+def landing_folders(settings: Settings) -> tuple[str, dict[str, Path | None]]:
+    """The dataset this stack ingests and the folder each batch endpoint's files must be under."""
+    from flywheel.schemas import load_dataset  # pydantic only
+
+    ds = load_dataset(settings.resolve(settings.dataset))
+    labels = ds.outcomes.source if ds.outcomes is not None else None
+    return ds.name, {"data-landed": incoming_folder(settings.resolve(ds.source)),
+                     "labels-landed": incoming_folder(settings.resolve(labels)) if labels is not None else None}
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -546,8 +649,12 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
     store = DeliveryStore(settings.webhook_deliveries_url, lease_seconds(settings))
     events = PrefectEvents(prefect_api_url, wh.emit_timeout_s, wh.emit_attempts,
                            os.environ if environ is None else environ)
+    decisions = TriggerDecisions(settings.audit_db_url)
+    policy = load_policy(settings.resolve(settings.triggers.policy_file))
+    dataset, incoming = landing_folders(settings)
     receiver = Receiver(secrets=secrets, store=store, events=events, models=frozenset({default}),
-                        default_model=default, tolerance_s=wh.tolerance_s, clock=clock)
+                        default_model=default, tolerance_s=wh.tolerance_s, clock=clock, decisions=decisions,
+                        policy=policy, project_clock=build_clock(settings.clock), dataset=dataset, incoming=incoming)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -557,6 +664,7 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
         finally:
             events.close()
             store.dispose()
+            decisions.dispose()
 
     app = FastAPI(title="Flywheel webhook receiver", version="1", lifespan=lifespan,
                   description="HMAC-signed deliveries in, Prefect events out. See README.md, 'Webhook receiver'.")
@@ -570,7 +678,8 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
             verified = receiver.verify(request.headers, raw)
             metrics.verified.labels(verified.secret).inc()
             body = receiver.parse(hook, raw)
-            status, answer = await run_in_threadpool(receiver.deliver, hook, verified, body, raw)
+            extra = receiver.landed(hook, body)
+            status, answer = await run_in_threadpool(receiver.deliver, hook, verified, body, raw, extra)
             if status == 202:
                 metrics.emitted.labels(hook.event).inc()
             response = JSONResponse(answer.model_dump(), status_code=status)

@@ -190,6 +190,23 @@ def link_started_run(decision_id: str, db_url: str, wait_s: float, poll_s: float
     return run_id
 
 
+@task(name="link_decision_run", task_run_name="link-decision-{decision_id}", cache_policy=NO_CACHE)
+def link_decision_run(decision_id: str, db_url: str) -> bool:
+    """Record this flow run on the trigger decision that started it (once; False when already linked, or no
+    such decision). A courtesy: a failure is logged, never fails the run."""
+    from prefect.runtime import flow_run
+
+    try:
+        store = TriggerDecisions(db_url)
+        try:
+            return store.link_run(decision_id, str(flow_run.id))
+        finally:
+            store.dispose()
+    except Exception as exc:
+        run_logger("flywheel.triggers").warning("could not link decision %s to this run: %s", decision_id, exc)
+        return False
+
+
 @task(name="notify_alarm", task_run_name="notify-{alarm.kind}-{alarm.model}", cache_policy=NO_CACHE)
 def notify_alarm(alarm: Alarm, cfg: NotifyConfig, db_url: str) -> list[DeliveryResult]:
     """Send an alarm to every configured target (signed, retried); failures are recorded, never raised."""

@@ -173,7 +173,10 @@ def test_a_signed_retrain_webhook_starts_exactly_one_training_run(stack: Stack) 
     print(f"\nwebhook -> training run created {created:.1f} s")
     assert len(found) == 1, [r["id"] for r in found]
     assert found[0]["parameters"]["params"] == {"reason": "e2e: labels reviewed", "profile": "ci",
-                                                "config_dir": str(stack.home / "configs")}
+                                                "config_dir": str(stack.home / "configs"),
+                                                # the run records itself on the webhook's trigger decision
+                                                "decision_id": first.json()["decision"],
+                                                "trigger": "retrain_requested"}
 
 
 def test_active_api_url_finds_the_running_stack(stack: Stack) -> None:

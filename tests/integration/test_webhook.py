@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import sqlalchemy as sa
 
 from flywheel.hmacsig import Secret, signature_header
 from flywheel.settings import Settings, load_settings
-from flywheel.webhook import DELIVERIES, create_app, event_id_for
+from flywheel.trigger_decisions import TriggerDecisions
+from flywheel.webhook import DELIVERIES, create_app, event_id_for, retrain_event_id
 from tests.conftest import PROJECT, make_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -143,15 +145,26 @@ def events(api: str, **flt: Any) -> list[dict]:
     return resp.json()["events"]
 
 
-def wait_for_event(api: str, delivery: str, timeout: float = 30) -> dict:
+def wait_for_event(api: str, delivery: str, timeout: float = 30, event_id: str | None = None) -> dict:
     """The event of an accepted delivery; the server persists events asynchronously, so poll."""
     deadline = time.monotonic() + timeout
+    # a retrain's event carries its trigger decision's id; the batch endpoints' the delivery's uuid5
+    ids = [event_id] if event_id else [str(event_id_for(delivery)), retrain_event_id(delivery)]
     while time.monotonic() < deadline:
-        found = events(api, id={"id": [str(event_id_for(delivery))]})
+        found = events(api, id={"id": ids})
         if found:
             return found[0]
         time.sleep(0.3)
     raise AssertionError(f"no event for delivery {delivery} within {timeout} s")
+
+
+def decisions(settings: Settings, model: str) -> list[Any]:
+    """The trigger decisions recorded for `model` (oldest first)."""
+    store = TriggerDecisions(settings.audit_db_url)
+    try:
+        return list(reversed(store.decisions(model, limit=100)))
+    finally:
+        store.dispose()
 
 
 def model_events(api: str, model: str) -> list[dict]:
@@ -173,15 +186,15 @@ def test_an_accepted_delivery_emits_exactly_one_event_readable_from_prefect(rece
     body = {"reason": "labels for March reviewed", "model": model}
     resp = receiver.post("retrain", body, "acc-1")
     assert resp.status_code == 202, resp.text
-    event_id = str(event_id_for("acc-1"))
+    event_id = retrain_event_id("acc-1")
     assert resp.json() == {"accepted": True, "delivery": "acc-1", "event": "flywheel.retrain.requested",
-                           "event_id": event_id, "resource": f"flywheel.model.{model}"}
+                           "event_id": event_id, "resource": f"flywheel.model.{model}", "decision": event_id}
 
     event = wait_for_event(prefect_api, "acc-1")
     assert event["id"] == event_id and event["event"] == "flywheel.retrain.requested"
     assert event["resource"]["prefect.resource.id"] == f"flywheel.model.{model}"
     assert event["resource"]["flywheel.model"] == model
-    assert event["payload"] == {**body, "delivery": "acc-1"}
+    assert event["payload"] == {**body, "delivery": "acc-1", "decision_id": event_id, "kind": "retrain_requested"}
     assert len(model_events(prefect_api, model)) == 1 and receiver.emitted == 1
 
     row = rows(settings)["acc-1"]
@@ -191,14 +204,18 @@ def test_an_accepted_delivery_emits_exactly_one_event_readable_from_prefect(rece
 
     # the model is optional: the one this stack trains; the batch endpoints name a dataset
     assert receiver.post("retrain", {"reason": "nightly"}, "acc-2").json()["resource"] == f"flywheel.model.{model}"
-    dataset = f"ds{uuid.uuid4().hex[:6]}"
-    for i, endpoint in enumerate(("data-landed", "labels-landed")):
-        resp = receiver.post(endpoint, {"dataset": dataset, "uri": f"s3://bucket/{endpoint}.parquet", "rows": 10},
-                             f"acc-b{i}")
+    # the batch endpoints name a file under the dataset's incoming folder; the event adds its absolute path
+    files = {"data-landed": settings.paths.home / "data/incoming/churn/batch_2026-03-01.parquet",
+             "labels-landed": settings.paths.home / "data/incoming/churn_labels/labels_2026-03-31.parquet"}
+    for i, (endpoint, path) in enumerate(files.items()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not read by the receiver")
+        resp = receiver.post(endpoint, {"dataset": "churn", "uri": path.name, "rows": 10}, f"acc-b{i}")
         assert resp.status_code == 202, resp.text
     landed = [wait_for_event(prefect_api, f"acc-b{i}") for i in range(2)]
     assert [e["event"] for e in landed] == ["flywheel.data.landed", "flywheel.labels.landed"]
-    assert {e["resource"]["prefect.resource.id"] for e in landed} == {f"flywheel.dataset.{dataset}"}
+    assert {e["resource"]["prefect.resource.id"] for e in landed} == {"flywheel.dataset.churn"}
+    assert [e["payload"]["path"] for e in landed] == [str(p.resolve()) for p in files.values()]
 
 
 # ---------------------------------------------------------------------------------------------- refused
@@ -237,6 +254,17 @@ REFUSED: list[Case] = [
     ("batch without uri", lambda r: r.post("data-landed", {"dataset": "churn"}, "rej-17"), 422, "uri: Field required"),
     ("body is a list", lambda r: r.post("labels-landed", b"[]", "rej-18"), 422, "body: Input should be an object"),
     ("unknown endpoint", lambda r: r.post("drop-tables", {"reason": "x"}, "rej-19"), 404, "Not Found"),
+    ("batch outside the incoming folder", lambda r: r.post("data-landed", {"dataset": "churn",
+                                                                           "uri": "../../../configs/x.parquet"},
+                                                           "rej-22"), 422, "is outside the incoming folder"),
+    ("absolute path elsewhere", lambda r: r.post("data-landed", {"dataset": "churn", "uri": "/etc/passwd"},
+                                                 "rej-23"), 422, "is outside the incoming folder"),
+    ("batch not there", lambda r: r.post("data-landed", {"dataset": "churn", "uri": "batch_1999-01-01.parquet"},
+                                         "rej-24"), 422, "no such file"),
+    ("remote uri", lambda r: r.post("labels-landed", {"dataset": "churn", "uri": "s3://bucket/l.parquet"}, "rej-25"),
+     422, "only local paths"),
+    ("another dataset", lambda r: r.post("data-landed", {"dataset": "fraud", "uri": "b.parquet"}, "rej-26"), 422,
+     "dataset: 'fraud' is not the dataset here"),
     ("wrong method", lambda r: r.http.get("/hooks/retrain"), 405, "Method Not Allowed"),
     ("declared 10 MB, nothing sent", lambda r: _raw_request(
         r.port, "POST /hooks/retrain HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -265,8 +293,9 @@ def test_each_refused_request_starts_nothing(receiver: Running, settings: Settin
     assert receiver.post("retrain", {"reason": "sentinel"}, "rej-sentinel").status_code == 202
     wait_for_event(prefect_api, "rej-sentinel")
     assert list(rows(settings)) == ["rej-sentinel"], "a refused request left a delivery row"
-    refused_ids = [str(event_id_for(f"rej-{i}")) for i in range(1, 22)]
+    refused_ids = [i for n in range(1, 27) for i in (str(event_id_for(f"rej-{n}")), retrain_event_id(f"rej-{n}"))]
     assert events(prefect_api, id={"id": refused_ids}) == []
+    assert [d.event_id for d in decisions(settings, model)] == ["webhook:rej-sentinel"], "a refused request decided"
     assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["rej-sentinel"]
     assert receiver.emitted == 1
 
@@ -322,11 +351,12 @@ def test_concurrent_copies_of_a_delivery_start_it_once(receiver: Running, settin
         answers = list(pool.map(send, range(8)))
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200] * 7 + [202], [a.text for a in answers]
-    event_id = str(event_id_for("burst-1"))
+    event_id = retrain_event_id("burst-1")
     assert {a.json().get("of", a.json().get("event_id")) for a in answers} == {event_id}
     assert receiver.emitted == 1 and list(rows(settings)) == ["burst-1"]
     wait_for_event(prefect_api, "burst-1")
     assert len(model_events(prefect_api, model)) == 1
+    assert [(d.id, d.outcome) for d in decisions(settings, model)] == [(event_id, "fire")], "one decision"
 
 
 # ---------------------------------------------------------------------------------------------- rotation
@@ -431,12 +461,16 @@ def test_prefect_down_answers_503_and_the_retry_once_it_is_back_is_accepted_once
         plug.up()
         retry = running.post("retrain", body, "out-1")  # the sender's retry, signed again
         assert retry.status_code == 202, retry.text
-        assert retry.json()["event_id"] == str(event_id_for("out-1"))
+        assert retry.json()["event_id"] == retrain_event_id("out-1")
         assert running.post("retrain", body, "out-1").status_code == 200  # and then it is a duplicate
         assert running.emitted == 1
         assert (rows(settings)["out-1"].outcome, rows(settings)["out-1"].attempts) == ("emitted", 2)
         wait_for_event(prefect_api, "out-1")
         assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["out-1"]
+        # the retry decided again (a duplicate of the first, recorded) and re-sent the first decision's event
+        first, again = decisions(settings, model)
+        assert (first.id, first.outcome, again.suppressed_by) == (retrain_event_id("out-1"), "fire", "duplicate")
+        assert first.emitted_at is not None
     finally:
         running.stop()
         plug.down()
@@ -454,7 +488,7 @@ def test_a_deliveries_database_that_fails_answers_503_and_emits_nothing(receiver
     assert health.status_code == 503 and health.json()["deliveries_db"].startswith("deliveries database")
     assert receiver.emitted == 0
     time.sleep(3)  # an event, had one been posted, would be stored by now
-    assert events(prefect_api, id={"id": [str(event_id_for("db-1"))]}) == []
+    assert events(prefect_api, id={"id": [str(event_id_for("db-1")), retrain_event_id("db-1")]}) == []
 
 
 def test_prefect_deduplicates_a_re_emitted_event_id(prefect_api: str) -> None:
@@ -494,3 +528,96 @@ def test_the_readme_curl_recipe_is_accepted(receiver: Running, settings: Setting
     again = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60)
     assert " 200 " in again.stdout.splitlines()[0] and '"duplicate":true' in again.stdout
     assert wait_for_event(prefect_api, delivery)["payload"]["reason"] == "from the README's recipe"
+
+
+# ------------------------------------------------------------------------------------ trigger decisions
+
+
+def test_a_retrain_delivery_is_a_trigger_decision_listed_with_the_automatic_ones_and_linked_to_its_run(
+    receiver: Running, settings: Settings, prefect_api: str, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /hooks/retrain records an explicit decision (not held by the cooldown a drift retrain just started),
+    the training deployment's trigger (as prefect.yaml declares it) starts a run whose parameters name the
+    decision, the run records itself on the decision, and `flywheel triggers list` shows both decisions."""
+    import yaml
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.events import DeploymentEventTrigger
+    from prefect.flow_engine import run_flow
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from flywheel.trigger_policy import TriggerPolicy
+    from flywheel.triggers import drift_signal
+    from tasks.triggers import link_decision_run, started_run
+
+    url = settings.audit_db_url
+    store = TriggerDecisions(url)  # a drift retrain fired a minute ago: the model is in its cooldown
+    drift = store.decide_and_record(drift_signal(True, model=model, event_id=f"drift:{model}", occurred=datetime.now(
+        UTC)), TriggerPolicy(), False, datetime.now(UTC) - timedelta(minutes=1))
+    store.dispose()
+    assert drift.fired
+
+    spec = yaml.safe_load((PROJECT / "deployments" / "prefect.yaml").read_text())
+    (trig,) = next(d for d in spec["deployments"] if d["name"] == "training")["triggers"]
+
+    @flow(name=f"train-{model}")
+    def fake_training(params: dict) -> str | None:
+        link_decision_run(params["decision_id"], url)  # what flows/training.py does first
+        return params["reason"]
+
+    trigger = DeploymentEventTrigger(match={"prefect.resource.id": f"flywheel.model.{model}"},
+                                     expect=set(trig["expect"]), parameters=trig["parameters"])
+    deployment_id = fake_training.to_deployment(name="training", triggers=[trigger]).apply()
+    time.sleep(2)  # the triggers service loads new automations
+
+    resp = receiver.post("retrain", {"reason": "labels for March reviewed"}, "dec-1")
+    assert resp.status_code == 202, resp.text
+    decision_id = resp.json()["decision"]
+    assert decision_id == resp.json()["event_id"] == retrain_event_id("dec-1")
+    recorded = {d.id: d for d in decisions(settings, model)}[decision_id]
+    assert (recorded.kind, recorded.outcome, recorded.event_id) == ("retrain_requested", "fire", "webhook:dec-1")
+    assert recorded.evidence == {"reason": "labels for March reviewed", "actor": "webhook", "source": "webhook",
+                                 "delivery": "dec-1"}
+    assert "labels for March reviewed" in recorded.reason and recorded.emitted_at is not None
+
+    deadline = time.monotonic() + 60
+    while (run_id := started_run(decision_id)) is None:
+        assert time.monotonic() < deadline, "the training deployment's trigger started no run"
+        time.sleep(0.5)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(run_id))
+    assert run.deployment_id == deployment_id
+    assert run.parameters["params"] == {"reason": "labels for March reviewed", "decision_id": decision_id,
+                                        "trigger": "retrain_requested"}
+    assert run_flow(fake_training, flow_run=run, parameters=run.parameters) == "labels for March reviewed"
+    (linked,) = [d for d in decisions(settings, model) if d.id == decision_id]
+    assert linked.flow_run_id == run_id
+
+    monkeypatch.setenv("COLUMNS", "250")
+    listed = CliRunner().invoke(app, ["triggers", "list", "--model", model, "--profile", "ci", "--config-dir",
+                                      str(settings.paths.home / "configs")])
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.output.splitlines() if model in line]
+    assert [("retrain_requested" in line, "drift_detected" in line) for line in lines] == [(True, False),
+                                                                                         (False, True)]
+    assert run_id in lines[0] and "webhook" in lines[0]
+
+
+def test_a_disabled_retrain_rule_answers_403_recorded_and_starts_nothing(receiver: Running, settings: Settings,
+                                                                         prefect_api: str, model: str) -> None:
+    from flywheel.trigger_policy import RequestRule, Rules, TriggerPolicy
+
+    receiver.app.state.receiver.policy = TriggerPolicy(rules=Rules(retrain_requested=RequestRule(enabled=False)))
+    resp = receiver.post("retrain", {"reason": "x"}, "off-1")
+    assert resp.status_code == 403 and "rule retrain_requested is disabled" in resp.json()["detail"], resp.text
+    (held,) = decisions(settings, model)
+    assert (held.outcome, held.suppressed_by) == ("suppressed", "disabled")
+    assert rows(settings)["off-1"].outcome == "failed"  # final for now, taken again once the rule is on
+
+    receiver.app.state.receiver.policy = TriggerPolicy()
+    again = receiver.post("retrain", {"reason": "x"}, "off-1")
+    assert again.status_code == 202, again.text
+    wait_for_event(prefect_api, "off-1", event_id=again.json()["event_id"])
+    assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["off-1"]
+    assert [d.outcome for d in decisions(settings, model)] == ["suppressed", "fire"]

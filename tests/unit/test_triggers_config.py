@@ -164,4 +164,4 @@ def test_prefect_yaml_schedules_agree_with_the_policy(home: Path) -> None:
             want = wanted[dep["name"]]
             assert (sched["cron"], sched.get("active", True)) == (want.cron, want.active), dep["name"]
             checked.append(dep["name"])
-    assert {"training", "batch-scoring", "monitoring"} <= set(checked)
+    assert {"training", "batch-scoring", "monitoring", "materialization"} <= set(checked)

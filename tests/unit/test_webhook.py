@@ -18,6 +18,8 @@ import sqlalchemy as sa
 from flywheel import migrations
 from flywheel.errors import ConfigError
 from flywheel.settings import load_settings
+from flywheel.trigger_policy import TriggerPolicy
+from flywheel.triggers import History, decide
 from flywheel.webhook import (
     DELIVERIES_TABLE,
     HOOKS,
@@ -29,6 +31,8 @@ from flywheel.webhook import (
     body_problems,
     build_event,
     event_id_for,
+    retrain_event_id,
+    retrain_signal_id,
 )
 from tests.conftest import PROJECT
 
@@ -45,7 +49,10 @@ def test_the_receiver_imports_only_the_core() -> None:
     assert not top & {"prefect", "mlflow", "feast", "sklearn", "pandas", "numpy", "great_expectations", "evidently",
                       "shap", "onnxruntime", "tasks", "flows"}
     ours = {m for m in result["modules"] if m.startswith("flywheel.")}
-    assert ours == {"flywheel.webhook", "flywheel.hmacsig", "flywheel.migrations", "flywheel.db", "flywheel.errors"}
+    # the trigger decisions store and its pure rules: a retrain request is recorded as a decision
+    assert ours == {"flywheel.webhook", "flywheel.hmacsig", "flywheel.migrations", "flywheel.db", "flywheel.errors",
+                    "flywheel.trigger_decisions", "flywheel.triggers", "flywheel.trigger_policy", "flywheel.clock",
+                    "flywheel.landing"}
     print(f"import flywheel.webhook: {result['seconds']:.2f} s")
 
 
@@ -126,6 +133,17 @@ def test_events_have_the_rest_shape_of_prefects_event_and_a_deterministic_id() -
     for event in (retrain, landed):
         assert str(Event.model_validate(event).id) == event["id"]
     assert event_id_for("d-1") == event_id_for("d-1") != event_id_for("d-2")
+    # a retrain's event is its trigger decision's: that id, and the decision named in the payload
+    from flywheel.triggers import request_signal
+
+    decision = decide(request_signal(model="churn", reason="drift", actor="webhook", source="webhook",
+                                     event_id=retrain_signal_id("d-1"), occurred=T0), History(), TriggerPolicy(),
+                      False, T0)
+    decided = build_event(HOOKS["retrain"], RetrainBody(reason="drift"), "d-1", T0, "churn", decision)
+    assert decided["id"] == decision.id == retrain_event_id("d-1")
+    assert decided["payload"] == {"reason": "drift", "model": "churn", "delivery": "d-1", "decision_id": decision.id,
+                                  "kind": "retrain_requested"}
+    assert str(Event.model_validate(decided).id) == decision.id
     assert {h.event for h in HOOKS.values()} == {"flywheel.retrain.requested", "flywheel.data.landed",
                                                  "flywheel.labels.landed"}
 

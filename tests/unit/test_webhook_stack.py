@@ -51,7 +51,9 @@ def test_prefect_yaml_runs_training_on_retrain_requests_one_at_a_time() -> None:
     assert trigger["expect"] == ["flywheel.retrain.requested"]
     assert trigger["match"] == {"prefect.resource.id": "flywheel.model.*"}
     assert "flywheel.retrain.requested" in trigger["name"] and "flywheel.retrain.requested" in trigger["description"]
-    assert trigger["parameters"]["params"] == {"reason": "{{ event.payload.reason }}"}
+    assert trigger["parameters"]["params"] == {"reason": "{{ event.payload.reason }}",
+                                               "decision_id": "{{ event.payload.decision_id }}",
+                                               "trigger": "{{ event.payload.kind }}"}
     # the event the receiver builds has exactly what the trigger reads
     from flywheel.webhook import HOOKS, RetrainBody, build_event
 
@@ -77,7 +79,9 @@ def test_served_training_deployment_has_the_trigger_and_the_enqueueing_limit(hom
     assert trigger.name == "train on flywheel.retrain.requested"
     assert trigger.expect == {"flywheel.retrain.requested"}
     # checked against TrainingParams at start; the run settings ride along (a trigger replaces `params`)
-    assert trigger.parameters["params"] == {"reason": "{{ event.payload.reason }}", "profile": "ci",
+    assert trigger.parameters["params"] == {"reason": "{{ event.payload.reason }}",
+                                            "decision_id": "{{ event.payload.decision_id }}",
+                                            "trigger": "{{ event.payload.kind }}", "profile": "ci",
                                             "config_dir": str(home / "configs")}
     assert built["batch-scoring"].concurrency_limit is None  # only training is limited
     assert built["rollout"].concurrency_limit is None
