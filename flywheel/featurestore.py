@@ -1,9 +1,15 @@
 """Feast adapter: the repository, versioned feature services, offline ingest, online loads, point-in-time joins.
 
-Layout of the offline store (one folder per dataset under `paths.offline_dir`):
-  <dataset>/features.parquet  entity, event time, created (arrival) time, features, batch id
-  <dataset>/labels.parquet    entity, event time (the prediction time), label, label time, context, batch id
-  <dataset>/ledger.json       batch id -> rows written (a summary; the batch id column is the guard)
+Layout of the offline store (one folder per dataset under `paths.offline_dir`), append-only:
+  <dataset>/features.parquet/  one part file per batch (entity, event time, created (arrival) time, features,
+                               batch id), named `<sequence>_<batch id>.parquet` so name order is ingest order
+  <dataset>/labels.parquet/    the same for label rows (entity, event (prediction) time, label, label time,
+                               context, batch id)
+  <dataset>/ledger.json        the manifest: batch id -> content digest, part files, row counts, event-time span,
+                               load time; duplicates are found here, without reading any stored rows
+The `.parquet` folders read as one table with pandas/pyarrow (`pd.read_parquet(folder)`), DuckDB and Feast's
+DuckDB and file offline stores, so the Feast source path (and every service name hashed from it) is unchanged
+from the single-file layout of earlier versions, which the next ingest migrates (migrate_offline_store).
 
 Versioning: a feature service is the contract between a model and its features, and Feast services
 have no version field. So the service AND its feature view are named `<dataset>_<hash>` /
@@ -23,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -63,6 +71,7 @@ class IngestReport(Result):
     dataset: str
     batch_id: str
     skipped: bool  # True: this batch was already in the offline store; nothing was written
+    duplicate_of: str | None = None  # skipped because these rows are stored under this other batch id
     feature_rows: int
     label_rows: int
     total_feature_rows: int
@@ -400,9 +409,15 @@ def _missing_columns(df: pd.DataFrame, dataset: DatasetDefinition) -> list[str]:
     return [c for c in dataset.required_columns if c not in df.columns]
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """One writer per dataset folder at a time (read-modify-write of the parquet files)."""
+    """One writer per dataset folder at a time (the ledger is read-modify-write)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -412,34 +427,143 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _has_batch(path: Path, batch_id: str) -> bool:
-    if not path.exists():
-        return False
-    ids = pq.read_table(path, columns=[BATCH_COLUMN]).column(BATCH_COLUMN)
-    return batch_id in set(ids.to_pylist())
+def _feature_schema(dataset: DatasetDefinition) -> pa.Schema:
+    """One arrow schema for every batch file of a dataset, from its definition (readers of the folder take the
+    first file's schema, so a batch whose optional column happens to be all-null must not store it as `null`)."""
+    kinds = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "category": pa.string(),
+             "string": pa.string()}
+    ts = pa.timestamp("us", tz="UTC")
+    fields = [pa.field(dataset.entity, pa.int64() if dataset.entity_type == "int" else pa.string()),
+              pa.field(dataset.timestamp, ts), pa.field(created_column(dataset), ts)]
+    fields += [pa.field(f.name, kinds[f.type]) for f in dataset.features]
+    return pa.schema([*dict((f.name, f) for f in [*fields, pa.field(BATCH_COLUMN, pa.string())]).values()])
 
 
-def _append_parquet(path: Path, rows: pd.DataFrame) -> int:
-    """Append by rewriting to a temp file and renaming it over the old one (readers never see half a file)."""
-    frame = pd.concat([pd.read_parquet(path), rows], ignore_index=True) if path.exists() else rows
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return len(frame)
+def _label_table(labels: pd.DataFrame, dataset: DatasetDefinition, like: Path | None) -> pa.Table:
+    """The label rows as arrow, typed like the stored label files (`like`: one of them) where they agree."""
+    table = pa.Table.from_pandas(labels, preserve_index=False)
+    if like is None:
+        return table
+    stored = pq.read_schema(like)
+    fields = []
+    for f in table.schema:
+        old = stored.field(f.name) if f.name in stored.names else None
+        fields.append(f if old is None or pa.types.is_null(old.type) else f.with_type(old.type))
+    try:
+        return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise FlywheelError(f"dataset {dataset.name!r}: label rows do not fit the stored label columns' types: {exc}") \
+            from exc
 
 
-def _parquet_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+def _digest(*frames: pd.DataFrame) -> str:
+    """The batch's content (rows, values, column names), independent of its id."""
+    h = hashlib.sha256()
+    for frame in frames:
+        body = frame.drop(columns=[BATCH_COLUMN])
+        h.update(json.dumps(list(body.columns)).encode())
+        h.update(pd.util.hash_pandas_object(body, index=False).to_numpy().tobytes())
+    return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _parts(path: Path) -> list[Path]:
+    """The parquet files of a partitioned table (a legacy single file is its own only part)."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*.parquet")) if path.is_dir() else []
+
+
+def _read_ledger(folder: Path) -> dict[str, dict[str, Any]]:
+    path = folder / LEDGER_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_ledger(folder: Path, ledger: dict[str, dict[str, Any]]) -> None:
+    _atomic_write_text(folder / LEDGER_FILE, json.dumps(ledger, indent=1, sort_keys=True))
+
+
+def _part_name(seq: int, batch_id: str) -> str:
+    # the sequence number first: readers list the files in name order, so rows keep their ingest order
+    return f"{seq:07d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', batch_id)[:80]}.parquet"
+
+
+def _write_part(table: pa.Table, folder: Path, target: Path) -> None:
+    """Write next to the dataset folder, then rename into the table's folder: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.parent.name}.{target.name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+
+
+def _remove_orphans(folder: Path, ledger: dict[str, dict[str, Any]]) -> list[str]:
+    """Delete part files no ledger entry names (a writer died between the file and the ledger) and temp files."""
+    named = {e.get(key) for e in ledger.values() for key in ("features_file", "labels_file")}
+    removed = []
+    for table in (FEATURES_FILE, LABELS_FILE):
+        for p in _parts(folder / table):
+            if p.is_relative_to(folder / table) and p.name not in named:
+                p.unlink()
+                removed.append(f"{table}/{p.name}")
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink()
+    return removed
+
+
+def _batch_stats(rows: pd.DataFrame, dataset: DatasetDefinition) -> dict[str, Any]:
+    """What materialization needs to know about a batch without reading it: its event-time span, newest arrival."""
+    if rows.empty:
+        return {"event_min": None, "event_max": None, "arrived_max": None}
+    event, arrived = rows[dataset.timestamp], rows[created_column(dataset)]
+    return {"event_min": event.min().isoformat(), "event_max": event.max().isoformat(),
+            "arrived_max": arrived.max().isoformat()}
+
+
+def migrate_offline_store(dataset: DatasetDefinition, offline_dir: Path) -> bool:
+    """One-off, run by the next ingest or load: turn single-file tables into partitioned folders.
+
+    The old file moves into the folder as its first part (same rows, same order); its batches' ledger entries
+    get the file name and their event-time span, read once from the old file. True when something moved.
+    """
+    folder = dataset_dir(offline_dir, dataset)
+    with _locked(folder):
+        return _migrate_locked(folder, dataset)
+
+
+def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
+    moved = False
+    ledger = _read_ledger(folder)
+    for table, key in ((FEATURES_FILE, "features_file"), (LABELS_FILE, "labels_file")):
+        path, parked = folder / table, folder / f".{table}.legacy"
+        if path.is_file():  # step 1: park the old file (a crash after this resumes at step 2)
+            os.replace(path, parked)
+        if not parked.exists():
+            continue
+        name = _part_name(0, "legacy")
+        if table == FEATURES_FILE:
+            cols = list(dict.fromkeys([dataset.timestamp, created_column(dataset), BATCH_COLUMN]))
+            rows = pq.read_table(parked, columns=cols).to_pandas()
+            for b, part in rows.groupby(BATCH_COLUMN):
+                ledger.setdefault(str(b), {"feature_rows": len(part), "label_rows": 0}).update(
+                    _batch_stats(part, dataset))
+        ids = set(pq.read_table(parked, columns=[BATCH_COLUMN]).column(BATCH_COLUMN).to_pylist())
+        for b in ids:
+            ledger.setdefault(str(b), {"feature_rows": 0, "label_rows": 0})[key] = name
+            ledger[str(b)].setdefault("seq", 0)
+        _write_ledger(folder, ledger)
+        path.mkdir()  # step 2: the folder, the old file as its first part
+        os.replace(parked, path / name)
+        moved = True
+    return moved
 
 
 def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str) -> IngestReport:
-    """Append a validated batch to the dataset's offline files; re-ingesting a batch id adds nothing."""
+    """Add a validated batch to the dataset's offline store as one new part file per table.
+
+    Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
+    recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
+    batch needs a new id, or the stored one would silently differ from the file). Duplicates are found in the
+    ledger (batch id -> content digest, files, row counts, event-time span): nothing already stored is read.
+    """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
     missing = _missing_columns(df, dataset)
@@ -448,32 +572,45 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     folder = dataset_dir(offline_dir, dataset)
     fpath, lpath = folder / FEATURES_FILE, folder / LABELS_FILE
     features, labels = _feature_rows(df, dataset, batch_id), _label_rows(df, dataset, batch_id)
+    digest = _digest(features, labels)
     with _locked(folder):
-        # Each file is checked on its own, so a crash between the two writes heals on the retry.
-        wrote_f = not _has_batch(fpath, batch_id)
-        wrote_l = not _has_batch(lpath, batch_id)
-        if wrote_f:
-            _append_parquet(fpath, features)
-        if wrote_l:
-            _append_parquet(lpath, labels)
-        ledger_path = folder / LEDGER_FILE
-        ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
-        skipped = not (wrote_f or wrote_l)
+        _migrate_locked(folder, dataset)
+        ledger = _read_ledger(folder)
+        known = ledger.get(batch_id)
+        twin = next((b for b, e in ledger.items() if e.get("digest") == digest), None)
+        if known is not None and known.get("digest") not in (None, digest):
+            raise FlywheelError(
+                f"batch {batch_id!r} of dataset {dataset.name!r} was ingested already with different rows "
+                f"(digest {known['digest'][:12]} stored, {digest[:12]} now); give the corrected batch a new id"
+            )
+        skipped = known is not None or twin is not None
         if not skipped:
-            ledger[batch_id] = {
-                "feature_rows": len(features),
-                "label_rows": len(labels),
-                "ingested_at": datetime.now(UTC).isoformat(),
+            _remove_orphans(folder, ledger)
+            seq = max((e.get("seq", 0) for e in ledger.values()), default=0) + 1
+            entry: dict[str, Any] = {
+                "seq": seq, "digest": digest, "feature_rows": len(features), "label_rows": len(labels),
+                "features_file": _part_name(seq, batch_id), "labels_file": _part_name(seq, batch_id),
+                "ingested_at": datetime.now(UTC).isoformat(), **_batch_stats(features, dataset),
             }
-            _atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True))
+            like = next((lpath / e["labels_file"] for e in ledger.values() if e.get("labels_file")), None)
+            _write_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
+                        folder, fpath / entry["features_file"])
+            _write_part(_label_table(labels, dataset, like), folder, lpath / entry["labels_file"])
+            ledger[batch_id] = entry  # the commit point: until the ledger names them, the files are orphans
+            _write_ledger(folder, ledger)
+        elif known is None:  # the same rows under a new id: remember the id, store nothing
+            ledger[batch_id] = {"digest": digest, "duplicate_of": twin, "feature_rows": 0, "label_rows": 0,
+                                "ingested_at": datetime.now(UTC).isoformat()}
+            _write_ledger(folder, ledger)
         return IngestReport(
             dataset=dataset.name,
             batch_id=batch_id,
             skipped=skipped,
-            feature_rows=len(features) if wrote_f else 0,
-            label_rows=len(labels) if wrote_l else 0,
-            total_feature_rows=_parquet_rows(fpath),
-            total_label_rows=_parquet_rows(lpath),
+            duplicate_of=twin if known is None else None,
+            feature_rows=0 if skipped else len(features),
+            label_rows=0 if skipped else len(labels),
+            total_feature_rows=sum(e.get("feature_rows", 0) for e in ledger.values()),
+            total_label_rows=sum(e.get("label_rows", 0) for e in ledger.values()),
             features_path=str(fpath),
             labels_path=str(lpath),
         )
@@ -484,17 +621,16 @@ def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
     if not batch_ids:
         return
     with _locked(folder):
-        path = folder / LEDGER_FILE
-        ledger = json.loads(path.read_text()) if path.exists() else {}
+        ledger = _read_ledger(folder)
         now = datetime.now(UTC).isoformat()
         for b in batch_ids & set(ledger):
             ledger[b]["materialized_at"] = now
-        _atomic_write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+        _write_ledger(folder, ledger)
 
 
 def ingested_batches(dataset: DatasetDefinition, offline_dir: Path) -> dict[str, dict[str, Any]]:
-    path = dataset_dir(offline_dir, dataset) / LEDGER_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The ledger: batch id -> digest, part files, row counts, event-time span, load time."""
+    return _read_ledger(dataset_dir(offline_dir, dataset))
 
 
 # ----------------------------------------------------------------------------------- materialize
