@@ -92,10 +92,15 @@ def test_a_write_that_died_before_the_ledger_leaves_nothing_behind(dataset, offl
     # what a writer killed between its part file and the ledger leaves: a part no ledger entry names, a temp file
     (folder / "0000002_lost.parquet").write_bytes((folder / "0000001_day0.parquet").read_bytes())
     (folder.parent / ".features.parquet.0000002_day1.parquet.99.tmp").write_bytes(b"half")
+    with open(folder.parent / fs.LEDGER_FILE, "a") as fh:  # and the torn start of its ledger record
+        fh.write('{"batch": "lost", "feature_rows": 30')
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0"], "a torn record is not committed"
     fs.ingest_batch(small_batches[1], dataset, offline, "day1")
     stored = pd.read_parquet(folder)
     assert stored[fs.BATCH_COLUMN].value_counts().to_dict() == {"day0": 300, "day1": 300}
     assert not list(folder.parent.glob(".*.tmp"))
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0", "day1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["0000001_day0.parquet", "0000002_day1.parquet"]
 
 
 def test_all_null_optional_column_in_the_first_batch_keeps_the_table_readable(dataset, offline, small_batches):
@@ -114,7 +119,7 @@ def test_a_single_file_store_is_migrated_by_the_next_ingest(dataset, offline, sm
     pd.concat(old, ignore_index=True).to_parquet(folder / fs.FEATURES_FILE, index=False)
     labels = [fs._label_rows(b, dataset, f"day{i}") for i, b in enumerate(small_batches[:2])]
     pd.concat(labels, ignore_index=True).to_parquet(folder / fs.LABELS_FILE, index=False)
-    (folder / fs.LEDGER_FILE).write_text(
+    (folder / fs.OLD_LEDGER_FILE).write_text(
         '{"day0": {"feature_rows": 300, "label_rows": 300, "materialized_at": "2026-01-02T00:00:00+00:00"},'
         ' "day1": {"feature_rows": 300, "label_rows": 300}}')
     before = pd.read_parquet(folder / fs.FEATURES_FILE)
@@ -131,3 +136,4 @@ def test_a_single_file_store_is_migrated_by_the_next_ingest(dataset, offline, sm
     assert pd.Timestamp(ledger["day1"]["event_max"]) == small_batches[1][dataset.timestamp].max()
     assert len(pd.read_parquet(folder / fs.LABELS_FILE)) == 900
     assert not fs.migrate_offline_store(dataset, offline), "a second migration has nothing to do"
+    assert not (folder / fs.OLD_LEDGER_FILE).exists()
