@@ -1,9 +1,16 @@
 """Feast adapter: the repository, versioned feature services, offline ingest, online loads, point-in-time joins.
 
-Layout of the offline store (one folder per dataset under `paths.offline_dir`):
-  <dataset>/features.parquet  entity, event time, created (arrival) time, features, batch id
-  <dataset>/labels.parquet    entity, event time (the prediction time), label, label time, context, batch id
-  <dataset>/ledger.json       batch id -> rows written (a summary; the batch id column is the guard)
+Layout of the offline store (one folder per dataset under `paths.offline_dir`), append-only:
+  <dataset>/features.parquet/  one part file per batch (entity, event time, created (arrival) time, features,
+                               batch id), named `<sequence>_<batch id>.parquet` so name order is ingest order
+  <dataset>/labels.parquet/    the same for label rows (entity, event (prediction) time, label, label time,
+                               context, batch id)
+  <dataset>/ledger.jsonl       the manifest, one JSON line appended per ingest or load: batch id -> content
+                               digest, part files, row counts, event-time span, load time; duplicates are found
+                               here, without reading any stored rows
+The `.parquet` folders read as one table with pandas/pyarrow (`pd.read_parquet(folder)`), DuckDB and Feast's
+DuckDB and file offline stores, so the Feast source path (and every service name hashed from it) is unchanged
+from the single-file layout of earlier versions, which the next ingest migrates (migrate_offline_store).
 
 Versioning: a feature service is the contract between a model and its features, and Feast services
 have no version field. So the service AND its feature view are named `<dataset>_<hash>` /
@@ -23,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -47,7 +56,8 @@ if TYPE_CHECKING:
 PROJECT = "flywheel"
 FEATURES_FILE = "features.parquet"
 LABELS_FILE = "labels.parquet"
-LEDGER_FILE = "ledger.json"
+LEDGER_FILE = "ledger.jsonl"
+OLD_LEDGER_FILE = "ledger.json"  # the rewritten-per-ingest JSON ledger of earlier versions
 BATCH_COLUMN = "flywheel_batch_id"
 DEFAULT_CREATED_COLUMN = "flywheel_created_at"  # when the dataset has no arrival-time column
 TEMPLATE_DIR = "feature_repo"  # the repository template, relative to the project home
@@ -63,6 +73,7 @@ class IngestReport(Result):
     dataset: str
     batch_id: str
     skipped: bool  # True: this batch was already in the offline store; nothing was written
+    duplicate_of: str | None = None  # skipped because these rows are stored under this other batch id
     feature_rows: int
     label_rows: int
     total_feature_rows: int
@@ -78,6 +89,7 @@ class ViewLoad(Result):
     mode: Literal["full", "incremental", "up-to-date"]
     start: datetime | None  # None when up to date
     end: datetime
+    rows: int = 0  # entity rows written to the online store (the newest row per entity in the window)
 
 
 class MaterializeReport(Result):
@@ -400,9 +412,15 @@ def _missing_columns(df: pd.DataFrame, dataset: DatasetDefinition) -> list[str]:
     return [c for c in dataset.required_columns if c not in df.columns]
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """One writer per dataset folder at a time (read-modify-write of the parquet files)."""
+    """One writer per dataset folder at a time (the ledger is read-modify-write)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -412,34 +430,171 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _has_batch(path: Path, batch_id: str) -> bool:
+def _feature_schema(dataset: DatasetDefinition) -> pa.Schema:
+    """One arrow schema for every batch file of a dataset, from its definition (readers of the folder take the
+    first file's schema, so a batch whose optional column happens to be all-null must not store it as `null`)."""
+    kinds = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "category": pa.string(),
+             "string": pa.string()}
+    ts = pa.timestamp("us", tz="UTC")
+    fields = [pa.field(dataset.entity, pa.int64() if dataset.entity_type == "int" else pa.string()),
+              pa.field(dataset.timestamp, ts), pa.field(created_column(dataset), ts)]
+    fields += [pa.field(f.name, kinds[f.type]) for f in dataset.features]
+    return pa.schema([*dict((f.name, f) for f in [*fields, pa.field(BATCH_COLUMN, pa.string())]).values()])
+
+
+def _label_table(labels: pd.DataFrame, dataset: DatasetDefinition, like: Path | None) -> pa.Table:
+    """The label rows as arrow, typed like the stored label files (`like`: one of them) where they agree."""
+    table = pa.Table.from_pandas(labels, preserve_index=False)
+    if like is None:
+        return table
+    stored = pq.read_schema(like)
+    fields = []
+    for f in table.schema:
+        old = stored.field(f.name) if f.name in stored.names else None
+        fields.append(f if old is None or pa.types.is_null(old.type) else f.with_type(old.type))
+    try:
+        return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise FlywheelError(f"dataset {dataset.name!r}: label rows do not fit the stored label columns' types: {exc}") \
+            from exc
+
+
+def _digest(*frames: pd.DataFrame) -> str:
+    """The batch's content (rows, values, column names), independent of its id."""
+    h = hashlib.sha256()
+    for frame in frames:
+        body = frame.drop(columns=[BATCH_COLUMN])
+        h.update(json.dumps(list(body.columns)).encode())
+        h.update(pd.util.hash_pandas_object(body, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _parts(path: Path) -> list[str]:
+    """The part file names of a partitioned table."""
+    return [e.name for e in os.scandir(path) if e.name.endswith(".parquet")] if path.is_dir() else []
+
+
+def _read_ledger(folder: Path) -> dict[str, dict[str, Any]]:
+    """The ledger folded from its records (later fields win). A last line without its newline is an append
+    that died half-way: not committed, ignored."""
+    path = folder / LEDGER_FILE
     if not path.exists():
-        return False
-    ids = pq.read_table(path, columns=[BATCH_COLUMN]).column(BATCH_COLUMN)
-    return batch_id in set(ids.to_pylist())
+        return {}
+    ledger: dict[str, dict[str, Any]] = {}
+    text = path.read_text()
+    for line in text[: text.rfind("\n") + 1].splitlines():
+        record = json.loads(line)
+        ledger.setdefault(record.pop("batch"), {}).update(record)
+    return ledger
 
 
-def _append_parquet(path: Path, rows: pd.DataFrame) -> int:
-    """Append by rewriting to a temp file and renaming it over the old one (readers never see half a file)."""
-    frame = pd.concat([pd.read_parquet(path), rows], ignore_index=True) if path.exists() else rows
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return len(frame)
+def _append_ledger(folder: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Append one JSON line per batch: the commit point of an ingest or a load. Appending, not rewriting,
+    keeps its cost independent of the history (rewriting a file by rename flushed the whole file on ext4)."""
+    path = folder / LEDGER_FILE
+    with open(path, "ab+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size:  # drop the torn tail of an append that died half-way
+            fh.seek(max(0, size - 4096))
+            tail = fh.read()
+            keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+            if keep != size:
+                fh.truncate(keep)
+        fh.write(b"".join(json.dumps({"batch": b, **r}, sort_keys=True).encode() + b"\n"
+                          for b, r in records.items()))
 
 
-def _parquet_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+def _part_name(seq: int, batch_id: str) -> str:
+    # the sequence number first: readers list the files in name order, so rows keep their ingest order
+    return f"{seq:07d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', batch_id)[:80]}.parquet"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_part(table: pa.Table, folder: Path, target: Path) -> None:
+    """Write next to the dataset folder, then rename into the table's folder: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.parent.name}.{target.name}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+
+
+def _remove_orphans(folder: Path, ledger: dict[str, dict[str, Any]]) -> list[str]:
+    """Delete part files no ledger entry names (a writer died between the file and the ledger) and temp files."""
+    named = {e.get(key) for e in ledger.values() for key in ("features_file", "labels_file")}
+    removed = []
+    for table in (FEATURES_FILE, LABELS_FILE):
+        for name in _parts(folder / table):
+            if name not in named:
+                (folder / table / name).unlink()
+                removed.append(f"{table}/{name}")
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink()
+    return removed
+
+
+def _batch_stats(rows: pd.DataFrame, dataset: DatasetDefinition) -> dict[str, Any]:
+    """What materialization needs to know about a batch without reading it: its event-time span, newest arrival."""
+    if rows.empty:
+        return {"event_min": None, "event_max": None, "arrived_min": None, "arrived_max": None}
+    event, arrived = rows[dataset.timestamp], rows[created_column(dataset)]
+    return {"event_min": event.min().isoformat(), "event_max": event.max().isoformat(),
+            "arrived_min": arrived.min().isoformat(), "arrived_max": arrived.max().isoformat()}
+
+
+def migrate_offline_store(dataset: DatasetDefinition, offline_dir: Path) -> bool:
+    """One-off, run by the next ingest or load: turn single-file tables into partitioned folders.
+
+    The old file moves into the folder as its first part (same rows, same order); its batches' ledger entries
+    get the file name and their event-time span, read once from the old file. True when something moved.
+    """
+    folder = dataset_dir(offline_dir, dataset)
+    with _locked(folder):
+        return _migrate_locked(folder, dataset)
+
+
+def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
+    moved = False
+    old = folder / OLD_LEDGER_FILE
+    if old.exists():  # the JSON ledger becomes the first records of the append-only one
+        if not (folder / LEDGER_FILE).exists():
+            records = json.loads(old.read_text())
+            tmp = folder / f".{LEDGER_FILE}.{os.getpid()}.tmp"
+            tmp.write_text("".join(json.dumps({"batch": b, **r}, sort_keys=True) + "\n" for b, r in records.items()))
+            os.replace(tmp, folder / LEDGER_FILE)
+        old.unlink()
+        moved = True
+    ledger = _read_ledger(folder)
+    for table, key in ((FEATURES_FILE, "features_file"), (LABELS_FILE, "labels_file")):
+        path, parked = folder / table, folder / f".{table}.legacy"
+        if path.is_file():  # step 1: park the old file (a crash after this resumes at step 2)
+            os.replace(path, parked)
+        if not parked.exists():
+            continue
+        name = _part_name(0, "legacy")
+        if table == FEATURES_FILE:
+            cols = list(dict.fromkeys([dataset.timestamp, created_column(dataset), BATCH_COLUMN]))
+            rows = pq.read_table(parked, columns=cols).to_pandas()
+            for b, part in rows.groupby(BATCH_COLUMN):
+                ledger.setdefault(str(b), {"feature_rows": len(part), "label_rows": 0}).update(
+                    _batch_stats(part, dataset))
+        ids = {str(b) for b in pq.read_table(parked, columns=[BATCH_COLUMN]).column(BATCH_COLUMN).to_pylist()}
+        for b in ids:
+            ledger.setdefault(b, {"feature_rows": 0, "label_rows": 0})[key] = name
+            ledger[b].setdefault("seq", 0)
+        _append_ledger(folder, {b: ledger[b] for b in ids})
+        path.mkdir()  # step 2: the folder, the old file as its first part
+        os.replace(parked, path / name)
+        moved = True
+    return moved
 
 
 def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str) -> IngestReport:
-    """Append a validated batch to the dataset's offline files; re-ingesting a batch id adds nothing."""
+    """Add a validated batch to the dataset's offline store as one new part file per table.
+
+    Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
+    recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
+    batch needs a new id, or the stored one would silently differ from the file). Duplicates are found in the
+    ledger (batch id -> content digest, files, row counts, event-time span): nothing already stored is read.
+    """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
     missing = _missing_columns(df, dataset)
@@ -448,32 +603,45 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     folder = dataset_dir(offline_dir, dataset)
     fpath, lpath = folder / FEATURES_FILE, folder / LABELS_FILE
     features, labels = _feature_rows(df, dataset, batch_id), _label_rows(df, dataset, batch_id)
+    digest = _digest(features, labels)
     with _locked(folder):
-        # Each file is checked on its own, so a crash between the two writes heals on the retry.
-        wrote_f = not _has_batch(fpath, batch_id)
-        wrote_l = not _has_batch(lpath, batch_id)
-        if wrote_f:
-            _append_parquet(fpath, features)
-        if wrote_l:
-            _append_parquet(lpath, labels)
-        ledger_path = folder / LEDGER_FILE
-        ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
-        skipped = not (wrote_f or wrote_l)
+        _migrate_locked(folder, dataset)
+        ledger = _read_ledger(folder)
+        known = ledger.get(batch_id)
+        twin = next((b for b, e in ledger.items() if e.get("digest") == digest), None)
+        if known is not None and known.get("digest") not in (None, digest):
+            raise FlywheelError(
+                f"batch {batch_id!r} of dataset {dataset.name!r} was ingested already with different rows "
+                f"(digest {known['digest'][:12]} stored, {digest[:12]} now); give the corrected batch a new id"
+            )
+        skipped = known is not None or twin is not None
         if not skipped:
-            ledger[batch_id] = {
-                "feature_rows": len(features),
-                "label_rows": len(labels),
-                "ingested_at": datetime.now(UTC).isoformat(),
+            _remove_orphans(folder, ledger)
+            seq = max((e.get("seq", 0) for e in ledger.values()), default=0) + 1
+            entry: dict[str, Any] = {
+                "seq": seq, "digest": digest, "feature_rows": len(features), "label_rows": len(labels),
+                "features_file": _part_name(seq, batch_id), "labels_file": _part_name(seq, batch_id),
+                "ingested_at": datetime.now(UTC).isoformat(), **_batch_stats(features, dataset),
             }
-            _atomic_write_text(ledger_path, json.dumps(ledger, indent=1, sort_keys=True))
+            like = next((lpath / e["labels_file"] for e in ledger.values() if e.get("labels_file")), None)
+            _write_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
+                        folder, fpath / entry["features_file"])
+            _write_part(_label_table(labels, dataset, like), folder, lpath / entry["labels_file"])
+            ledger[batch_id] = entry  # the commit point: until the ledger names them, the files are orphans
+            _append_ledger(folder, {batch_id: entry})
+        elif known is None:  # the same rows under a new id: remember the id, store nothing
+            ledger[batch_id] = {"digest": digest, "duplicate_of": twin, "feature_rows": 0, "label_rows": 0,
+                                "ingested_at": datetime.now(UTC).isoformat()}
+            _append_ledger(folder, {batch_id: ledger[batch_id]})
         return IngestReport(
             dataset=dataset.name,
             batch_id=batch_id,
             skipped=skipped,
-            feature_rows=len(features) if wrote_f else 0,
-            label_rows=len(labels) if wrote_l else 0,
-            total_feature_rows=_parquet_rows(fpath),
-            total_label_rows=_parquet_rows(lpath),
+            duplicate_of=twin if known is None else None,
+            feature_rows=0 if skipped else len(features),
+            label_rows=0 if skipped else len(labels),
+            total_feature_rows=sum(e.get("feature_rows", 0) for e in ledger.values()),
+            total_label_rows=sum(e.get("label_rows", 0) for e in ledger.values()),
             features_path=str(fpath),
             labels_path=str(lpath),
         )
@@ -484,20 +652,98 @@ def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
     if not batch_ids:
         return
     with _locked(folder):
-        path = folder / LEDGER_FILE
-        ledger = json.loads(path.read_text()) if path.exists() else {}
         now = datetime.now(UTC).isoformat()
-        for b in batch_ids & set(ledger):
-            ledger[b]["materialized_at"] = now
-        _atomic_write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+        _append_ledger(folder, {b: {"materialized_at": now} for b in sorted(batch_ids & set(_read_ledger(folder)))})
 
 
 def ingested_batches(dataset: DatasetDefinition, offline_dir: Path) -> dict[str, dict[str, Any]]:
-    path = dataset_dir(offline_dir, dataset) / LEDGER_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The ledger: batch id -> digest, part files, row counts, event-time span, load time."""
+    return _read_ledger(dataset_dir(offline_dir, dataset))
 
 
 # ----------------------------------------------------------------------------------- materialize
+
+_PROTO_FIELD = {"DOUBLE": "double_val", "FLOAT": "float_val", "INT64": "int64_val", "INT32": "int32_val",
+                "STRING": "string_val", "BOOL": "bool_val"}
+LOAD_CHUNK = 20_000  # entity rows per online_write_batch call: bounds memory, one transaction each in SQLite
+
+
+def _proto_values(column: pa.ChunkedArray, value_type: Any) -> list[Any]:
+    """Feast ValueProtos for one column, as Feast's `_convert_arrow_to_proto` makes them (tested equal): a null
+    is an empty Value. Scalars are set directly; other types go through Feast's own converter."""
+    from feast.protos.feast.types.Value_pb2 import Value
+    from feast.type_map import python_values_to_proto_values
+
+    field = _PROTO_FIELD.get(value_type.name)
+    if field is None:
+        return python_values_to_proto_values(column.to_numpy(zero_copy_only=False), value_type)
+    out = []
+    for v in column.to_pylist():
+        proto = Value()
+        if v is not None and v == v:  # NaN is missing too, as in Feast
+            setattr(proto, field, v)
+        out.append(proto)
+    return out
+
+
+def _online_rows(table: pa.Table, view: FeatureView) -> list[tuple[Any, dict[str, Any], datetime, datetime | None]]:
+    """(entity key, feature values, event time, created time) per row: the input of `online_write_batch`."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+
+    (key,) = view.entity_columns
+    keys = _proto_values(table.column(key.name), key.dtype.to_value_type())
+    names = [f.name for f in view.features]
+    values = [_proto_values(table.column(f.name), f.dtype.to_value_type()) for f in view.features]
+    src = view.batch_source
+
+    def naive_utc(column: str) -> list[datetime]:  # what Feast hands the store: naive datetimes in UTC
+        return table.column(column).cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).to_pylist()
+
+    events = naive_utc(src.timestamp_field)
+    created = naive_utc(src.created_timestamp_column) if src.created_timestamp_column else [None] * table.num_rows
+    return [
+        (EntityKey(join_keys=[key.name], entity_values=[k]), dict(zip(names, vals, strict=True)), e, c)
+        for k, vals, e, c in zip(keys, zip(*values, strict=True), events, created, strict=True)
+    ]
+
+
+def _latest_rows(files: list[Path], view: FeatureView, start: datetime, end: datetime) -> pa.Table:
+    """Per entity, its newest row with event time in [start, end] (ties: the newest arrival, then the latest
+    ingested part): what Feast's materialize selects, read from just the part files that can hold such rows."""
+    import duckdb
+
+    src = view.batch_source
+    (key,) = (c.name for c in view.entity_columns)
+    ts, created = src.timestamp_field, src.created_timestamp_column
+    cols = ", ".join(f'"{c}"' for c in dict.fromkeys([key, *(f.name for f in view.features), ts, created] if created
+                                                      else [key, *(f.name for f in view.features), ts]))
+    order = f'"{ts}" DESC' + (f', "{created}" DESC' if created else "") + ", filename DESC"
+    with duckdb.connect() as con:
+        return con.sql(
+            f"SELECT {cols} FROM read_parquet($files, filename = true) WHERE \"{ts}\" BETWEEN $start AND $end "
+            f'QUALIFY row_number() OVER (PARTITION BY "{key}" ORDER BY {order}) = 1 ORDER BY "{key}"',
+            params={"files": [str(f) for f in files], "start": start, "end": end},
+        ).to_arrow_table()
+
+
+def load_view(store: FeatureStore, view: FeatureView, files: list[Path], start: datetime, end: datetime) -> int:
+    """Materialize one view over [start, end] in bulk: the same rows Feast's `materialize` writes, through the
+    online store's own `online_write_batch` (SQLite, Redis, any store), recorded in the registry the same way.
+
+    Why not `store.materialize`: for 100k entities x 10 features it spent ~6 s assembling rows into protos
+    row by row (Feast's per-value type dispatch) on top of the store's write (17.6 s SQLite, 3.2 s Redis).
+    Returns the entity rows handed to the store.
+    """
+    table = _latest_rows(files, view, start, end) if files else None
+    written = 0
+    if table is not None and table.num_rows:
+        provider = store._get_provider()  # the provider of the store's online store (no public accessor)
+        for batch in table.to_batches(max_chunksize=LOAD_CHUNK):
+            rows = _online_rows(pa.Table.from_batches([batch]), view)
+            provider.online_write_batch(config=store.config, table=view, data=rows, progress=None)
+            written += len(rows)
+    store.registry.apply_materialization(view, store.project, start, end)
+    return written
 
 
 def materialize_online(
@@ -505,10 +751,13 @@ def materialize_online(
 ) -> MaterializeReport:
     """Load the online store up to `end`, for every registered view version of the dataset.
 
-    A view never loaded before gets `materialize(start, end)` from the data's first event time, because
-    `materialize_incremental`'s first run only looks back one TTL. Later loads cover the event-time window
-    of the batches the ledger does not mark as loaded yet; whether a view was ever loaded is read from the
-    registry's materialization intervals.
+    A view never loaded before gets the whole history (from the data's first event time), because
+    `materialize_incremental`'s first run only looks back one TTL. Later loads cover the event-time window of
+    the batches the ledger does not mark as loaded yet (replayed or late batches included, which
+    `materialize_incremental` would miss: it starts at the previous end). Everything needed to plan a load
+    (event-time spans, arrival times, load state) is in the ledger, and only the part files whose event-time
+    span meets the window are read. Whether a view was ever loaded is read from the registry's
+    materialization intervals.
     """
     if end.tzinfo is None:
         raise FlywheelError("materialize_online needs a tz-aware end time")
@@ -516,37 +765,40 @@ def materialize_online(
     views = dataset_views(store, dataset)
     if not views:
         raise FlywheelError(f"no feature views registered for dataset {dataset.name!r}: apply the repo first")
-    fpath = dataset_dir(offline_dir, dataset) / FEATURES_FILE
-    if not fpath.exists():
-        raise FlywheelError(f"no offline feature rows for {dataset.name!r} at {fpath}: ingest a batch first")
-    created = created_column(dataset)
-    rows = pq.read_table(fpath, columns=list(dict.fromkeys([dataset.timestamp, created, BATCH_COLUMN]))).to_pandas()
-    event, arrived = _utc(rows[dataset.timestamp], dataset.timestamp), _utc(rows[created], created)
-    start = event.min().to_pydatetime()
+    folder = dataset_dir(offline_dir, dataset)
+    migrate_offline_store(dataset, offline_dir)
+    stored = {b: e for b, e in ingested_batches(dataset, offline_dir).items()
+              if e.get("features_file") and e.get("event_min")}
+    if not stored:
+        raise FlywheelError(f"no offline feature rows for {dataset.name!r} in {folder}: ingest a batch first")
+    span = {b: (datetime.fromisoformat(e["event_min"]), datetime.fromisoformat(e["event_max"]),
+                datetime.fromisoformat(e["arrived_min"]), datetime.fromisoformat(e["arrived_max"]))
+            for b, e in stored.items()}
+    start = min(s[0] for s in span.values())
     # Load up to the newest arrival, not past it: offline reads filter by arrival time, so online and
     # offline then agree at `end` (the skew check compares them there).
-    end = min(end, (arrived.max() + pd.Timedelta(seconds=1)).to_pydatetime())
-    # Batches not loaded online yet, from the ingest ledger. (materialize_incremental would start at the
-    # previous end: batches of past events, replayed or late, would never reach the online store.)
-    folder = dataset_dir(offline_dir, dataset)
-    pending = {b for b, info in ingested_batches(dataset, offline_dir).items() if "materialized_at" not in info}
-    in_pending = rows[BATCH_COLUMN].isin(pending) & (arrived < pd.Timestamp(end))
+    end = min(end, max(s[3] for s in span.values()) + timedelta(seconds=1))
+    pending = [b for b, e in stored.items() if "materialized_at" not in e]
+    arrived = [b for b in pending if span[b][2] < end]  # pending batches with rows to load now
+
+    def files(since: datetime) -> list[Path]:  # the parts whose event-time span meets [since, end]
+        names = dict.fromkeys(stored[b]["features_file"] for b in stored if span[b][1] >= since and span[b][0] <= end)
+        return [folder / FEATURES_FILE / n for n in names]
+
     fresh = [v for v in views if not v.materialization_intervals]
     known = [v for v in views if v.materialization_intervals]
     loads: list[ViewLoad] = []
-    if fresh:
-        store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in fresh])
-        loads += [ViewLoad(view=v.name, mode="full", start=start, end=end) for v in fresh]
-    if known:
-        if in_pending.any():  # the event-time window of the rows that arrived since the last load
-            since = event[in_pending].min().to_pydatetime()
-            store.materialize(start_date=since, end_date=end, feature_views=[v.name for v in known])
-            loads += [ViewLoad(view=v.name, mode="incremental", start=since, end=end) for v in known]
+    for v in fresh:
+        loads.append(ViewLoad(view=v.name, mode="full", start=start, end=end,
+                              rows=load_view(store, v, files(start), start, end)))
+    since = min((span[b][0] for b in arrived), default=None)
+    for v in known:
+        if since is None:
+            loads.append(ViewLoad(view=v.name, mode="up-to-date", start=None, end=end))
         else:
-            loads += [ViewLoad(view=v.name, mode="up-to-date", start=None, end=end) for v in known]
-    loaded = set(rows.loc[in_pending, BATCH_COLUMN]) - set(rows.loc[~in_pending & rows[BATCH_COLUMN].isin(pending),
-                                                                     BATCH_COLUMN])
-    _mark_materialized(folder, loaded)
+            loads.append(ViewLoad(view=v.name, mode="incremental", start=since, end=end,
+                                  rows=load_view(store, v, files(since), since, end)))
+    _mark_materialized(folder, {b for b in pending if span[b][3] < end})  # every row of these arrived in time
     return MaterializeReport(dataset=dataset.name, end=end, loads=loads, seconds=time.perf_counter() - t0)
 
 

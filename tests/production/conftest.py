@@ -107,8 +107,9 @@ class PrivateRedis:
     """A redis-server of the test's own on a free port (append-only file in tmp: data survives a restart),
     so a test can take it down and bring it back without touching the machine's shared Redis."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persist: bool = True) -> None:
         self.folder = folder
+        self.persist = persist  # False: no append-only file (benchmarks, tests that never restart it)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -120,8 +121,9 @@ class PrivateRedis:
             pytest.skip("redis-server is not installed: the outage test starts a Redis of its own")
         log = (self.folder / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.folder), "--daemonize", "no"],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder),
+             "--daemonize", "no",
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"])],
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20
