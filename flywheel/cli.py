@@ -971,9 +971,14 @@ def db_upgrade(
     """Create or update the project's tables and the audit log's append-only triggers, and grant the
     application role INSERT/SELECT on the audit log (rows of the other tables). Idempotent."""
     from flywheel import migrations
+    from flywheel.credentials import CredentialsError, require_credentials, url_problem
 
     try:
         settings = _settings(profile, config_dir)
+        if url is None:
+            require_credentials(settings, "migrations")
+        elif settings.profile == "production" and (why := url_problem(url)):
+            raise CredentialsError(f"the production profile refuses --url: the database URL {why}")
         owner_url = url or settings.owner_db_url
         roles = grant_to if grant_to is not None else migrations.application_roles(owner_url, settings.project_db_urls)
         report = migrations.upgrade_database(owner_url, roles)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+# the machine's PostgreSQL trusts 127.0.0.1 and ignores the password; the production profile refuses a URL
+# without one (flywheel/credentials.py)
+PG = "postgresql+psycopg://postgres:pg-test-only-password@127.0.0.1:5432"
 REDIS_DB = 11
 
 
@@ -93,6 +95,7 @@ def production_variables(dbs: dict[str, str], redis: str) -> dict[str, str]:
         "FLYWHEEL_STORES__PREFECT_API_URL": "null",  # the test harness is the Prefect API here
         "FLYWHEEL_TRAIN__SEARCH__TRIALS": "1",
         "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 60}}",
+        "FLYWHEEL_ADMIN_TOKEN": "admin-token-for-the-production-tests",  # the production service needs one
     }
 
 
