@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from flywheel.credentials import require_credentials
 from flywheel.settings import Settings, apply_runtime_environment, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     settings = load_settings(profile=args.profile, config_dir=args.config_dir)
+    require_credentials(settings, "flows")
     apply_runtime_environment(settings)
     config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else str(settings.paths.home / "configs")
     serve_forever(build_deployments(settings, settings.profile, config_dir, args.deployments_file), args.ready_file)

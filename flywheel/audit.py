@@ -1,9 +1,12 @@
 """Append-only audit log of model-alias moves (MLflow keeps no alias history).
 
 One table, `flywheel_alias_audit`, on SQLAlchemy 2.0 Core; the same code runs on SQLite and Postgres.
-Append-only twice over: this module has no update/delete API, and the database itself refuses
+Append-only three times over: this module has no update/delete API; the database itself refuses
 UPDATE and DELETE (SQLite: BEFORE triggers raising ABORT; Postgres: a plpgsql trigger function,
-plus a TRUNCATE trigger), so a stray script or a manual `psql` session cannot rewrite history.
+plus a TRUNCATE trigger), so a stray script or a manual `psql` session cannot rewrite history; and on
+PostgreSQL the triggers belong to the owner role that ran `flywheel db upgrade`, while the application
+role holds only INSERT and SELECT on the table (it can neither rewrite rows nor drop the triggers).
+The table and its triggers come from the one migration path (`schema_extras` below is its hook).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
+from flywheel import migrations
 from flywheel.db import project_engine
 
 TABLE = "flywheel_alias_audit"
@@ -53,6 +57,9 @@ def _table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
+AUDIT = _table(migrations.METADATA)
+
+
 def _sqlite_guards() -> list[str]:
     return [
         f"CREATE TRIGGER IF NOT EXISTS {TABLE}_no_{op.lower()} BEFORE {op} ON {TABLE} "
@@ -61,35 +68,39 @@ def _sqlite_guards() -> list[str]:
     ]
 
 
-def _postgres_guards(schema: str | None) -> list[str]:
-    q = f'"{schema}".' if schema else ""
-    fn = f"{q}{TABLE}_refuse"
-    table = f"{q}{TABLE}"
+def _postgres_guards() -> list[str]:
+    fn = f"{TABLE}_refuse"
     return [
-        # a transaction-scoped lock: two processes creating the guards at once do not race
-        f"SELECT pg_advisory_xact_lock(hashtext('{table}'))",
         f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
 END
 $$""",
-        f"DROP TRIGGER IF EXISTS {TABLE}_no_update_delete ON {table}",
-        f"CREATE TRIGGER {TABLE}_no_update_delete BEFORE UPDATE OR DELETE ON {table} "
+        f"DROP TRIGGER IF EXISTS {TABLE}_no_update_delete ON {TABLE}",
+        f"CREATE TRIGGER {TABLE}_no_update_delete BEFORE UPDATE OR DELETE ON {TABLE} "
         f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
-        f"DROP TRIGGER IF EXISTS {TABLE}_no_truncate ON {table}",
-        f"CREATE TRIGGER {TABLE}_no_truncate BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
+        f"DROP TRIGGER IF EXISTS {TABLE}_no_truncate ON {TABLE}",
+        f"CREATE TRIGGER {TABLE}_no_truncate BEFORE TRUNCATE ON {TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
     ]
+
+
+def schema_extras(dialect: str) -> list[str]:
+    """The migration hook: the append-only triggers, (re)created by `flywheel db upgrade` as the owner."""
+    return _sqlite_guards() if dialect == "sqlite" else _postgres_guards()
+
+
+def append_only_tables() -> list[str]:
+    """The migration hook: tables the application role may only INSERT into and SELECT from."""
+    return [TABLE]
 
 
 class AuditLog:
     """The alias audit log in the database at `url` (created idempotently on first use)."""
 
-    def __init__(self, url: str, schema: str | None = None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.schema = schema
         self._engine = project_engine(url, "audit log")
-        self._metadata = sa.MetaData(schema=schema)
-        self._table = _table(self._metadata)
+        self._table = AUDIT
         self._create()
 
     def __repr__(self) -> str:
@@ -100,14 +111,13 @@ class AuditLog:
         return self._engine
 
     def _create(self) -> None:
-        dialect = self._engine.dialect.name
-        guards = _sqlite_guards() if dialect == "sqlite" else _postgres_guards(self.schema)
-        with self._engine.begin() as conn:
-            if self.schema and dialect == "postgresql":
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
-            self._metadata.create_all(conn, checkfirst=True)
-            for stmt in guards:
-                conn.execute(sa.text(stmt))
+        # SQLite (local profiles): the table and its triggers are made here on first use; PostgreSQL: `ensure`
+        # only checks that `flywheel db upgrade` (the owner role) made them
+        migrations.ensure(self._engine, [AUDIT])
+        if not migrations.managed(self._engine):
+            with self._engine.begin() as conn:
+                for stmt in _sqlite_guards():
+                    conn.execute(sa.text(stmt))
 
     def append(
         self,

@@ -975,5 +975,39 @@ def triggers_list(model: ModelOpt = None, limit: Annotated[int, typer.Option(min
     Console().print(table)
 
 
+# --------------------------------------------------------------------------------------------- db
+db_app = typer.Typer(help="The project's database schema: one migration step, run as the owner role.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    url: Annotated[str | None, typer.Option(help="the owner role's database URL (default: stores.owner_db_url, "
+                                            "e.g. FLYWHEEL_STORES__OWNER_DB_URL; else stores.audit_db_url)")] = None,
+    grant_to: Annotated[list[str] | None, typer.Option(
+        "--grant-to", help="application role to grant row access to (repeatable; default: the users of the "
+                           "project URLs on the same database, e.g. stores.audit_db_url's)")] = None,
+    profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+) -> None:
+    """Create or update the project's tables and the audit log's append-only triggers, and grant the
+    application role INSERT/SELECT on the audit log (rows of the other tables). Idempotent."""
+    from flywheel import migrations
+    from flywheel.credentials import CredentialsError, require_credentials, url_problem
+
+    try:
+        settings = _settings(profile, config_dir)
+        if url is None:
+            require_credentials(settings, "migrations")
+        elif settings.profile == "production" and (why := url_problem(url)):
+            raise CredentialsError(f"the production profile refuses --url: the database URL {why}")
+        owner_url = url or settings.owner_db_url
+        roles = grant_to if grant_to is not None else migrations.application_roles(owner_url, settings.project_db_urls)
+        report = migrations.upgrade_database(owner_url, roles)
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(report.summary(), markup=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
+from flywheel import migrations
 from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 
@@ -71,29 +72,36 @@ def _aware(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
+def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    locks = sa.Table(
+        LOCKS_TABLE, metadata,
+        sa.Column("model", sa.String(256), primary_key=True),
+        sa.Column("holder", sa.String(256), nullable=False),
+        sa.Column("acquired_at", sa.DateTime(timezone=False), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=False), nullable=False),
+    )
+    events = sa.Table(
+        EVENTS_TABLE, metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.DateTime(timezone=False), nullable=False),
+        sa.Column("model", sa.String(256), nullable=False, index=True),
+        sa.Column("holder", sa.String(256), nullable=False),
+        sa.Column("event", sa.String(32), nullable=False),
+        sa.Column("detail", sa.Text, nullable=False),
+    )
+    return locks, events
+
+
+LOCKS, EVENTS = _tables(migrations.METADATA)
+
+
 class RolloutLocks:
-    """Per-model rollout locks in the database at `url` (tables created idempotently)."""
+    """Per-model rollout locks in the database at `url` (tables through the one migration path)."""
 
     def __init__(self, url: str) -> None:
         self._engine = project_engine(url, "rollout locks")
-        md = sa.MetaData()
-        self.locks = sa.Table(
-            LOCKS_TABLE, md,
-            sa.Column("model", sa.String(256), primary_key=True),
-            sa.Column("holder", sa.String(256), nullable=False),
-            sa.Column("acquired_at", sa.DateTime(timezone=False), nullable=False),
-            sa.Column("expires_at", sa.DateTime(timezone=False), nullable=False),
-        )
-        self.events = sa.Table(
-            EVENTS_TABLE, md,
-            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-            sa.Column("at", sa.DateTime(timezone=False), nullable=False),
-            sa.Column("model", sa.String(256), nullable=False, index=True),
-            sa.Column("holder", sa.String(256), nullable=False),
-            sa.Column("event", sa.String(32), nullable=False),
-            sa.Column("detail", sa.Text, nullable=False),
-        )
-        md.create_all(self._engine, checkfirst=True)
+        self.locks, self.events = LOCKS, EVENTS
+        migrations.ensure(self._engine, [LOCKS, EVENTS])
 
     def _event(self, conn: sa.Connection, at: datetime, model: str, holder: str, event: str, detail: str) -> None:
         conn.execute(self.events.insert().values(at=_naive(at), model=model, holder=holder, event=event,

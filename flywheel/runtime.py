@@ -101,7 +101,10 @@ def start_run_context(
     dataset: str | Path | None = None,
     seed: int | None = None,
 ) -> RunContext:
+    from flywheel.credentials import require_credentials
+
     settings = load_settings(profile=profile, config_dir=config_dir)
+    require_credentials(settings, "flows")
     apply_runtime_environment(settings)
     # a --dataset given on the command line is relative to the working directory, config paths to home
     given = Path(dataset) if dataset else None

@@ -408,9 +408,11 @@ def run(
     """Load settings once and serve until stopped (SIGINT/SIGTERM flush the prediction log)."""
     import uvicorn
 
+    from flywheel.credentials import require_credentials
     from flywheel.settings import apply_runtime_environment, load_settings
 
     settings = load_settings(profile=profile, config_dir=config_dir)
+    require_credentials(settings, "service")
     apply_runtime_environment(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

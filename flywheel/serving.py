@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -372,6 +373,15 @@ def check_rows(rows: list[dict[str, Any]], dataset: DatasetDefinition) -> list[s
     return problems
 
 
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+def _shown(value: float) -> str:
+    """A number for an error message: a 300-digit integer is shown as 1e+300, not digit by digit."""
+    text = repr(value)
+    return text if len(text) <= 32 else f"{float(value):.6g}"
+
+
 def _check_value(value: Any, spec: FeatureSpec) -> str | None:
     if value is None:
         return None if spec.nullable else "may not be null"
@@ -385,14 +395,17 @@ def _check_value(value: Any, spec: FeatureSpec) -> str | None:
         return None if isinstance(value, bool) else f"expected true/false, got {type(value).__name__} {value!r}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"expected a number, got {type(value).__name__} {value!r}"
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:
+        # JSON integers are unbounded: math.isfinite (and the model's float arrays) raise OverflowError on them
+        return f"is too large a number ({len(str(abs(value)))} digits); the largest accepted is about 1.8e308"
     if not math.isfinite(value):
         return f"must be a finite number, got {value!r}"
     if spec.type == "int" and not float(value).is_integer():
         return f"expected an integer, got {value!r}"
     if spec.min is not None and value < spec.min:
-        return f"{value!r} is below the minimum {spec.min:g}"
+        return f"{_shown(value)} is below the minimum {spec.min:g}"
     if spec.max is not None and value > spec.max:
-        return f"{value!r} is above the maximum {spec.max:g}"
+        return f"{_shown(value)} is above the maximum {spec.max:g}"
     return None
 
 
@@ -401,7 +414,8 @@ def _check_entity(value: Any, dataset: DatasetDefinition) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"expected an integer id, got {type(value).__name__} {value!r}"
         if not -(2**63) <= value < 2**63:
-            return f"id {value} is outside the 64-bit integer range"
+            shown = value if abs(value) < 10**30 else f"of {len(str(abs(value)))} digits"
+            return f"id {shown} is outside the 64-bit integer range"
     elif not isinstance(value, str | int) or isinstance(value, bool):
         return f"expected a string id, got {type(value).__name__} {value!r}"
     return None

@@ -68,6 +68,9 @@ class StoresConfig(Section):
     mlflow_tracking_uri: str = "sqlite:///{home}/data/mlflow.db"
     mlflow_artifact_location: str = "{home}/data/mlartifacts"
     audit_db_url: str = "sqlite:///{home}/data/flywheel.db"
+    # the role that owns the project tables and runs `flywheel db upgrade` (production: PostgreSQL);
+    # None: the upgrade runs with audit_db_url (the local profiles, where one SQLite file is everything)
+    owner_db_url: str | None = None
     feast_repo: Path = Path("data/feature_repo")
     feast_registry: Path = Path("data/feast_registry.db")
     feast_offline: Literal["duckdb", "file"] = "duckdb"
@@ -357,6 +360,17 @@ class Settings(BaseSettings):
     @property
     def audit_db_url(self) -> str:
         return self.store_url(self.stores.audit_db_url)
+
+    @property
+    def owner_db_url(self) -> str:
+        """The URL `flywheel db upgrade` runs with: the owner role's, else the project database's."""
+        return self.store_url(self.stores.owner_db_url or self.stores.audit_db_url)
+
+    @property
+    def project_db_urls(self) -> list[str]:
+        """Every URL the application opens the project's tables with (audit log, prediction log, deliveries)."""
+        urls = [self.audit_db_url, self.store_url(self.serve.prediction_log_url), self.webhook_deliveries_url]
+        return list(dict.fromkeys(urls))
 
     @property
     def webhook_deliveries_url(self) -> str:

@@ -750,8 +750,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None,
     """Serve until stopped, with the settings the entry point loaded. Refuses to start without a secret."""
     import uvicorn
 
+    from flywheel.credentials import require_credentials
     from flywheel.hmacsig import load_secrets
 
+    require_credentials(settings, "webhook")
     wh = settings.webhook
     secrets = load_secrets(wh.secret_env, wh.previous_secret_env, os.environ)
     api = resolve_prefect_api(settings, prefect_api_url)

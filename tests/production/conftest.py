@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+# the machine's PostgreSQL trusts 127.0.0.1 and ignores the password; the production profile refuses a URL
+# without one (flywheel/credentials.py)
+PG = "postgresql+psycopg://postgres:pg-test-only-password@127.0.0.1:5432"
 REDIS_DB = 11
 
 
@@ -28,15 +30,21 @@ def postgres_or_skip() -> None:
 
 
 @contextmanager
-def throwaway_database(prefix: str) -> Iterator[str]:
-    """A fresh database on the machine's PostgreSQL (skipped when it is absent), dropped on exit: its URL."""
+def throwaway_database(prefix: str, migrate: bool = False) -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (skipped when it is absent), dropped on exit: its URL.
+    `migrate`: the project's schema made in it first, as `flywheel db upgrade` does (on PostgreSQL the
+    application no longer creates tables itself)."""
     import psycopg
+
+    from flywheel import migrations
 
     postgres_or_skip()
     name = f"{prefix}_t{uuid.uuid4().hex[:10]}"
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
+        if migrate:
+            migrations.upgrade(f"{PG}/{name}")
         yield f"{PG}/{name}"
     finally:
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
@@ -60,6 +68,8 @@ def pg_databases() -> Iterator[dict[str, str]]:
     import psycopg
     from sqlalchemy import create_engine
 
+    from flywheel import migrations
+
     postgres_or_skip()
     suffix = uuid.uuid4().hex[:10]
     dbs = {"mlflow": f"flywheel_mlflow_t{suffix}", "flywheel": f"flywheel_t{suffix}"}
@@ -67,6 +77,7 @@ def pg_databases() -> Iterator[dict[str, str]]:
         for db in dbs.values():
             conn.execute(f'CREATE DATABASE "{db}"')
     try:
+        migrations.upgrade(f"{PG}/{dbs['flywheel']}")  # `flywheel db upgrade`: the app makes no tables there
         yield dbs
     finally:
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
@@ -84,6 +95,7 @@ def production_variables(dbs: dict[str, str], redis: str) -> dict[str, str]:
         "FLYWHEEL_STORES__PREFECT_API_URL": "null",  # the test harness is the Prefect API here
         "FLYWHEEL_TRAIN__SEARCH__TRIALS": "1",
         "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 60}}",
+        "FLYWHEEL_ADMIN_TOKEN": "admin-token-for-the-production-tests",  # the production service needs one
     }
 
 

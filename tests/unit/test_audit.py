@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,10 +10,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from flywheel import migrations
 from flywheel.audit import TABLE, AuditLog
 from flywheel.errors import FlywheelError
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
@@ -92,37 +89,28 @@ def test_unsupported_database_is_named() -> None:
 # ------------------------------------------------------------------------------------- Postgres
 
 
-def _postgres_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def pg_audit() -> Iterator[AuditLog]:
-    if not _postgres_up():
-        pytest.skip("PostgreSQL is not listening on 127.0.0.1:5432 (database `test`, user postgres)")
-    schema = f"flywheel_test_{uuid.uuid4().hex[:12]}"
-    log = AuditLog(PG_URL, schema=schema)
-    try:
-        yield log
-    finally:
-        with log.engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        log.dispose()
+    from tests.production.conftest import throwaway_database
+
+    with throwaway_database("flywheel_audit", migrate=True) as url:
+        log = AuditLog(url)
+        try:
+            yield log
+        finally:
+            log.dispose()
 
 
 @pytest.mark.production
 def test_postgres_append_only(pg_audit: AuditLog) -> None:
     _fill(pg_audit)
-    AuditLog(PG_URL, schema=pg_audit.schema)  # idempotent: function and triggers replaced, rows kept
+    migrations.upgrade(pg_audit.url)  # idempotent: function and triggers replaced, rows kept
+    AuditLog(pg_audit.url)
     before = pg_audit.entries()
     assert len(before) == 4 and before[0].at.tzinfo is not None
     assert before[0].evidence == {"auc": 0.8}
-    table = f'"{pg_audit.schema}".{TABLE}'
-    _assert_refused(pg_audit, f"UPDATE {table} SET to_version = '9' WHERE id = {before[0].id}")
-    _assert_refused(pg_audit, f"DELETE FROM {table}")
-    _assert_refused(pg_audit, f"TRUNCATE {table}")
+    # even the owner (here the superuser) is refused by the triggers
+    _assert_refused(pg_audit, f"UPDATE {TABLE} SET to_version = '9' WHERE id = {before[0].id}")
+    _assert_refused(pg_audit, f"DELETE FROM {TABLE}")
+    _assert_refused(pg_audit, f"TRUNCATE {TABLE}")
     assert pg_audit.entries() == before

@@ -21,7 +21,7 @@ def postgres_url() -> Iterator[str]:
     """A throwaway database on the local PostgreSQL (skipped when there is none)."""
     from tests.production.conftest import throwaway_database
 
-    with throwaway_database("flywheel_locks") as url:
+    with throwaway_database("flywheel_locks", migrate=True) as url:
         yield url
 
 

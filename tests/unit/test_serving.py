@@ -201,6 +201,11 @@ def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: A
         ({"contract_type": "weekly"}, "'weekly' is not one of"),
         ({"region": None}, "region: may not be null"),
         ({"customer_id": "abc"}, "customer_id: expected an integer id"),
+        # a JSON integer of hundreds of digits: math.isfinite raised OverflowError (a 500) before
+        ({"monthly_charges": 10**400}, "monthly_charges: is too large a number (401 digits)"),
+        ({"tenure_months": -(10**320)}, "tenure_months: is too large a number (321 digits)"),
+        ({"payment_delay_days": 10**300}, "payment_delay_days: 1e+300 is above the maximum 365"),
+        ({"customer_id": 10**500}, "customer_id: id of 501 digits is outside the 64-bit integer range"),
     ],
 )
 def test_check_rows_names_what_is_wrong(dataset: Any, change: dict[str, Any], needle: str) -> None:

@@ -156,7 +156,7 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database of this test's own (dropped after); skipped when PostgreSQL is absent."""
     from tests.production.conftest import throwaway_database
 
-    with throwaway_database("flywheel_hooks") as url:
+    with throwaway_database("flywheel_hooks", migrate=True) as url:
         yield url
 
 
