@@ -39,6 +39,7 @@ from flywheel.rollout import (
     judge_step,
 )
 from flywheel.rollout_controls import RolloutSuperseded
+from flywheel.runsummary import RunSummary, mlflow_version_url
 from tasks.rollout import (
     RolloutTarget,
     SelectedPlan,
@@ -59,8 +60,13 @@ from tasks.rollout import (
     rollback_challenger,
     route_traffic,
 )
+from tasks.summary import publish_run_summary
 
 STATE_NAMES = {"promoted": "Promoted", "rolled_back": "RolledBack", "held": "Held", "rejected": "Rejected"}
+# emitted about the challenger version when the rollout ends, so the loop can be followed in the event feed
+EVENTS = {"promoted": "flywheel.model.promoted", "rolled_back": "flywheel.model.rolled-back",
+          "held": "flywheel.model.rollout-held", "rejected": "flywheel.model.rollout-rejected",
+          "superseded": "flywheel.model.rollout-superseded"}
 
 
 class RolloutParams(BaseModel):
@@ -159,6 +165,8 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
             raise  # the lease ran out and another rollout took the lock: its service, its traffic
         # the supersede command routes traffic to the champion and moves the aliases: touch neither
         get_run_logger().warning("%s", superseded)
+        _summarize(run, "superseded", target.challenger if target else params.challenger_version, str(superseded),
+                   target.champion if target else None)
         return Cancelled(name="Superseded", message=str(superseded))
     except BaseException:
         # a crash mid-rollout must not leave the challenger answering: back to the champion alone
@@ -174,8 +182,22 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
         if released:  # not when superseded or the lease was lost: the lock's new holder owns the queue
             _hand_off(run, f"rollout of v{target.challenger if target else '?'} ended ({ended})")
     publish_decision(decision)
-    return Completed(name=STATE_NAMES[decision.outcome], message=f"{decision.outcome}: {decision.reason}",
+    summary = _summarize(run, decision.outcome, decision.challenger, decision.reason, decision.champion,
+                         [f"plan **{decision.plan}** (`{decision.strategy}`), {len(decision.steps)} step(s); "
+                          f"the `rollout-{decision.model}` artifact has each step's guards"])
+    return Completed(name=STATE_NAMES[decision.outcome], message=f"{summary.title}: {decision.reason}",
                      data=decision)
+
+
+def _summarize(run: _Run, outcome: str, version: str | None, reason: str, champion: str | None,
+               details: list[str] | None = None) -> RunSummary:
+    """Name and tag the run by its outcome (`churn-v3-rolled-back`, `outcome:rolled-back`), attach the summary
+    and emit the outcome's event (flywheel.model.promoted / rolled-back / ...) for the event feed."""
+    ui = run.ctx.settings.mlflow_ui_url
+    summary = RunSummary(flow="rollout", model=run.model, version=version, outcome=outcome, verdict=reason,
+                         champion=champion, details=details or [],
+                         mlflow_version_url=mlflow_version_url(ui, run.model, version) if version else None)
+    return publish_run_summary(summary, event=EVENTS.get(outcome), payload={"champion": champion})
 
 
 def _superseded_by(run: _Run) -> RolloutSuperseded | None:

@@ -113,6 +113,7 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
             schedules = [Schedule(cron=sched["cron"], timezone=sched.get("timezone", "UTC"),
                                   active=sched.get("active", True)) for sched in dep.get("schedules") or []]
 
+        description = _with_schedule_note(dep.get("description"), schedules)
         model = _params_model(flow)
         parameters = _with_run_settings(dep.get("parameters") or {}, run_settings)
         _check_param_keys(f"{path}: deployment {name}", parameters, model)
@@ -127,7 +128,7 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
         out.append(flow.to_deployment(
             name=name,
             concurrency_limit=_concurrency_limit(dep.get("concurrency_limit")),
-            description=dep.get("description"),
+            description=description,
             parameters=parameters,
             schedules=schedules or None,
             triggers=triggers or None,
@@ -135,6 +136,16 @@ def build_deployments(settings: Settings, profile: str, config_dir: str,
             tags=["flywheel", settings.profile],
         ))
     return out
+
+
+def _with_schedule_note(description: str | None, schedules: list[Any]) -> str | None:
+    """Say which schedules are off: the UI draws an inactive cron like an active one, but for its toggle."""
+    off = [f"`{s.cron}` ({s.timezone})" for s in schedules if not s.active]
+    if not off:
+        return description
+    note = (f"Inactive schedule: {', '.join(off)}; turn it on in configs/triggers.yaml (schedules) or with the "
+            "schedule's toggle here.")
+    return f"{description} {note}" if description else note
 
 
 def _concurrency_limit(spec: int | dict[str, Any] | None) -> Any:

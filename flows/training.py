@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field, field_validator
 
+from flywheel.runsummary import RunSummary, mlflow_run_url, mlflow_version_url
 from tasks.evaluate import evaluate_candidate
 from tasks.features import (
     apply_feature_repo,
@@ -26,9 +27,10 @@ from tasks.features import (
 from tasks.monitor import profile_reference
 from tasks.outcomes import build_served_training_set
 from tasks.register import load_champion, register_model, write_model_card
+from tasks.summary import publish_run_summary
 from tasks.train import split_training_set, train_model
 from tasks.triggers import link_decision_run
-from tasks.validate import validate_batch
+from tasks.validate import publish_validation_table, validate_batch
 
 
 class TrainingParams(BaseModel):
@@ -74,7 +76,7 @@ class TrainingResult(BaseModel):
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | State[Any]:
+def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     """Validated batches -> point-in-time training set -> best model -> gates vs champion -> registry."""
     from flywheel.runtime import start_run_context
 
@@ -88,6 +90,7 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
     quality = [validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir) for batch in batches]
+    publish_validation_table(quality, dataset)
     for batch in batches:
         ingest_batch(batch, dataset, ctx.offline_dir)
     logger.info("ingested %d new batch(es)", len(batches))
@@ -123,14 +126,25 @@ def training_pipeline(params: TrainingParams | None = None) -> TrainingResult | 
         alias=registered.alias, feature_service=service, run_id=trained.run_id,
         failed_rules=report.failed_rules, batches_ingested=len(batches),
     )
-    if registered.outcome == "rejected":
-        return Completed(
-            name="Rejected",
-            message=f"{ctx.model_name} v{registered.version} rejected: failed {', '.join(report.failed_rules)}",
-            data=result,
-        )
-    if registered.outcome in ("queued", "stale"):  # passed, but not challenger (flywheel/challenger_queue.py)
-        return Completed(name=registered.outcome.capitalize(),
-                         message=f"{ctx.model_name} v{registered.version} {registered.outcome}: {registered.reason}",
-                         data=result)
-    return result
+    summary = publish_run_summary(_summary(ctx, result, report, trained.experiment_id, registered.reason),
+                                  ctx.tracking_uri, trained.run_id)
+    # a named state for every outcome but a plain success, so the runs list shows it; the tag finds them all
+    name = {"rejected": "Rejected", "queued": "Queued", "stale": "Stale"}.get(result.outcome, "Completed")
+    return Completed(name=name, message=f"{summary.title}: {summary.verdict}", data=result)
+
+
+def _summary(ctx: Any, result: TrainingResult, report: Any, experiment_id: str, reason: str | None) -> RunSummary:
+    ui = ctx.settings.mlflow_ui_url
+    champion = report.champion_version
+    verdict = {
+        "rejected": f"rejected: failed {', '.join(result.failed_rules)}",
+        "champion": "passed its gates; first champion",
+        "challenger": f"passed its gates against champion v{champion}; now challenger, the rollout takes it on",
+    }.get(result.outcome, f"{result.outcome}: {reason}")
+    return RunSummary(
+        flow="training", model=result.model_name, version=result.version, outcome=result.outcome, verdict=verdict,
+        champion=champion, mlflow_run_url=mlflow_run_url(ui, experiment_id, result.run_id),
+        mlflow_version_url=mlflow_version_url(ui, result.model_name, result.version),
+        details=[f"{result.batches_ingested} new batch(es) ingested; features from `{result.feature_service}`",
+                 f"alias: {result.alias or 'none'}"],
+    )

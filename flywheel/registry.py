@@ -59,8 +59,9 @@ TAG_DIGESTS_ARTIFACT = "flywheel.digests_artifact"
 TAG_DIGESTS_SHA256 = "flywheel.digests_sha256"
 TAG_STATUS = "flywheel.status"
 TAG_REJECTION_REASON = "flywheel.rejection_reason"
-TAG_GATE_REPORT = "flywheel.gate_report"
+TAG_GATE_REPORT = "flywheel.gate_report"  # only a version without a run keeps its report in a tag
 TAG_GATE_REPORT_ARTIFACT = "flywheel.gate_report_artifact"
+GATE_REPORT_PATH = "gates/gate_report.md"  # the one stored copy of a version's gate report, in its run
 TAG_MODEL_CARD_ARTIFACT = "flywheel.model_card_artifact"
 TAG_GATED_AGAINST = "flywheel.gated_against"  # the champion version the gates compared it with ("none")
 TAG_TRIGGER = "flywheel.trigger"  # why its training ran (drift_detected, retrain_requested...): its rollout plan
@@ -467,10 +468,17 @@ class Registry:
 
     # ------------------------------------------------------------------------ rejection, card
 
+    def store_gate_report(self, run_id: str, markdown: str, report_json: str | None = None) -> str:
+        """The gate report as the run's `gates/gate_report.md` (and `.json`): its one stored copy."""
+        self._log_run_text(run_id, markdown, GATE_REPORT_PATH)
+        if report_json is not None:
+            self._log_run_text(run_id, report_json, GATE_REPORT_PATH.removesuffix(".md") + ".json")
+        return GATE_REPORT_PATH
+
     def mark_rejected(
         self, name: str, version: str, reason: str, report_markdown: str, actor: str = "flywheel"
     ) -> None:
-        """Tag a version rejected with its reason and gate report; it never holds an alias."""
+        """Tag a version rejected with its reason and a pointer to its gate report; it never holds an alias."""
         version = str(version)
         mv = self.model_version(name, version)
         for alias, v in self.aliases(name).items():
@@ -479,12 +487,11 @@ class Registry:
         self.client.set_model_version_tag(name, version, TAG_STATUS, STATUS_REJECTED)
         self.client.set_model_version_tag(name, version, TAG_REJECTION_REASON, reason[:TAG_MAX_CHARS])
         if mv.run_id:
-            path = f"flywheel/gate_reports/v{version}.md"
-            self._log_run_text(mv.run_id, report_markdown, path)
+            path = self.store_gate_report(mv.run_id, report_markdown)
             self.client.set_model_version_tag(name, version, TAG_GATE_REPORT_ARTIFACT, path)
-        if len(report_markdown) <= TAG_MAX_CHARS:
+        elif len(report_markdown) <= TAG_MAX_CHARS:
             self.client.set_model_version_tag(name, version, TAG_GATE_REPORT, report_markdown)
-        elif not mv.run_id:
+        else:
             raise RegistryError(f"model {name} v{version}: gate report too long for a tag and no run to store it in")
 
     def set_model_card(self, name: str, version: str, markdown: str) -> None:

@@ -82,7 +82,8 @@ def reproduce_version(settings: Settings, model: str, version: str) -> Reproduce
         mv = client.get_model_version(model, version)
     except MlflowException as exc:
         raise RegistryError(f"no registered version {model} v{version}: {exc.message}") from None
-    tags = mv.tags
+    # the lineage is on the version's run (a version carries a few short tags); older versions had it there too
+    tags = {**(mv.tags or {}), **(client.get_run(mv.run_id).data.tags if mv.run_id else {})}
     missing = [k for k in LINEAGE_KEYS if f"flywheel.{k}" not in tags]
     if missing:
         raise RegistryError(f"{model} v{version} has no recorded lineage for: {', '.join(missing)}")

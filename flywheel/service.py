@@ -10,7 +10,7 @@ Endpoints
 - POST /admin/flush-log store every queued prediction-log row now and wait for the writer's ack (bearer
                         token): 200 once stored, 504 when the writer does not ack in time, 503 when the
                         database refused the rows
-- GET  /docs            OpenAPI (FastAPI default)
+- GET  /docs            OpenAPI in Swagger UI, served from the package (works offline); `/` redirects here
 
 Run it as `flywheel serve ...` or `python -m flywheel.service --config-dir configs --profile ci --port 8080`.
 """
@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from flywheel.apidocs import offline_docs_app
 from flywheel.monitoring.exporter import MonitoringCollector
 from flywheel.serving import RoutingPolicy, RowResult, ServingError, ServingState, UnknownEntities
 
@@ -272,7 +273,7 @@ def create_app(
             await run_in_threadpool(state.stop)
             monitoring.close()
 
-    app = FastAPI(
+    app = offline_docs_app(
         title="Flywheel prediction service",
         version="1",
         description=f"Online predictions for dataset {dataset.name!r} (model {state.model_name!r}).",

@@ -373,6 +373,14 @@ class Settings(BaseSettings):
         return list(dict.fromkeys(urls))
 
     @property
+    def mlflow_ui_url(self) -> str:
+        """Where people open MLflow (run summaries link here): the tracking server, or the stack's `mlflow ui`."""
+        uri = self.mlflow_tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return uri.rstrip("/")
+        return f"http://{self.stack.host}:{self.stack.mlflow_ui_port}"
+
+    @property
     def webhook_deliveries_url(self) -> str:
         """Where the receiver records deliveries: its own URL, else beside the audit log."""
         return self.store_url(self.webhook.deliveries_db_url or self.stores.audit_db_url)

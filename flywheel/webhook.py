@@ -69,6 +69,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from flywheel import migrations
+from flywheel.apidocs import offline_docs_app
 from flywheel.clock import Clock, WallClock, build_clock
 from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
@@ -666,7 +667,7 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
             store.dispose()
             decisions.dispose()
 
-    app = FastAPI(title="Flywheel webhook receiver", version="1", lifespan=lifespan,
+    app = offline_docs_app(title="Flywheel webhook receiver", version="1", lifespan=lifespan,
                   description="HMAC-signed deliveries in, Prefect events out. See README.md, 'Webhook receiver'.")
     app.state.receiver = receiver
     app.state.metrics = metrics

@@ -1,12 +1,10 @@
-"""Evaluation gates as a Prefect task: score the candidate vs the rules and the champion, publish the report."""
+"""Evaluation gates as a Prefect task: score the candidate vs the rules and the champion; how reports name them."""
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,29 +28,43 @@ def report_json(report: GateReport) -> str:
     )
 
 
-def log_gate_report_to_mlflow(tracking_uri: str | None, run_id: str, report: GateReport, markdown: str) -> None:
-    """Artifacts `gates/gate_report.{md,json}` and every numeric gate value as `gate.<rule>`, in one batch."""
+def log_gate_metrics_to_mlflow(tracking_uri: str | None, run_id: str, report: GateReport) -> None:
+    """Every numeric gate value as `gate.<rule>`, and `gate.passed`, in one batch. The report itself is stored
+    once the candidate has a version (tasks/register.py), so that it names it."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "gates"
-        folder.mkdir()
-        (folder / "gate_report.md").write_text(markdown, encoding="utf-8")
-        (folder / "gate_report.json").write_text(report_json(report), encoding="utf-8")
-        client.log_artifacts(run_id, str(folder), artifact_path="gates")
     now = int(time.time() * 1000)
     metrics = {gate_metric_name(r.rule): float(r.value) for r in report.results if r.value is not None}
     metrics["gate.passed"] = 1.0 if report.passed else 0.0
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
 
 
+def versions_label(model: str, report: GateReport) -> str:
+    """`churn v3 vs champion v2`, `churn v1 vs no champion`: how gate reports name what they compared."""
+    candidate = f"v{report.candidate_version}" if report.candidate_version else "candidate"
+    against = f"champion v{report.champion_version}" if report.champion_version else "no champion"
+    return f"{model} {candidate} vs {against}"
+
+
+def render_named_gate_report(model: str, report: GateReport) -> str:
+    return render_gate_report(report, f"Gate report: {versions_label(model, report)}")
+
+
+def _evaluate_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    champion = f"v{p['champion_version']}" if p.get("champion_version") else "no-champion"
+    return f"evaluate-{p['candidate_label']}-vs-{champion}"
+
+
 @task(
     name="evaluate_candidate",
-    task_run_name="evaluate-{candidate_label}-vs-{champion_version}",
+    task_run_name=_evaluate_run_name,
     cache_policy=NO_CACHE,
-    retries=1,  # only the MLflow/Prefect-API writes can fail transiently; the scoring is deterministic
+    retries=1,  # only the MLflow writes can fail transiently; the scoring is deterministic
     retry_delay_seconds=10,
 )
 def evaluate_candidate(
@@ -70,24 +82,15 @@ def evaluate_candidate(
     candidate_label: str,
     champion_version: str | None,
 ) -> GateReport:
-    """Run every gate on the holdout, publish the markdown report (Prefect artifact, MLflow run)."""
+    """Run every gate on the holdout; log the gate values to the MLflow run. The report (markdown, Prefect
+    artifact) is published by registration, once the candidate has a version number to be named by."""
     report = evaluate_gates(
         candidate, champion, baseline, holdout, dataset, cfg, train_metric, validation_metric,
-        seed=seed, candidate_version=candidate_label, champion_version=champion_version,
+        seed=seed, candidate_version=None, champion_version=champion_version,
     )  # fmt: skip
-    markdown = render_gate_report(report, f"Gate report: {dataset.name} {candidate_label}")
     verdict = "PASSED" if report.passed else f"REJECTED ({', '.join(report.failed_rules)})"
-    # Outside a flow/task run (unit tests call `.fn`) there is no run to attach an artifact to, and
-    # creating one would start an ephemeral Prefect server.
     if in_run():
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(
-            markdown=markdown,
-            key=f"gate-report-{dataset.name.replace('_', '-')}",
-            description=f"Gates for {dataset.name} {candidate_label} vs champion {champion_version}: {verdict}",
-        )
         get_run_logger().info("gates %s for %s vs champion %s", verdict, candidate_label, champion_version)
     if mlflow_run_id:
-        log_gate_report_to_mlflow(tracking_uri, mlflow_run_id, report, markdown)
+        log_gate_metrics_to_mlflow(tracking_uri, mlflow_run_id, report)
     return report

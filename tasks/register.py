@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 import pandas as pd
@@ -87,6 +88,35 @@ def gate_summary(report: GateReport) -> dict[str, Any]:
     }
 
 
+def version_tags(lineage: dict[str, str]) -> dict[str, str]:
+    """The few short tags a model version shows in the MLflow UI (besides status and what the code reads back:
+    feature service, inference path, gated-against, digests): family, a short data hash, the Prefect run.
+    Everything else of the lineage is on the version's MLflow run."""
+    from flywheel.serving import TAG_FEATURE_SERVICE
+    from tasks.summary import prefect_run_url
+
+    out = {k: lineage[k] for k in (TAG_FEATURE_SERVICE, "flywheel.family") if k in lineage}
+    if "flywheel.data_hash" in lineage:
+        out["flywheel.data_hash"] = lineage["flywheel.data_hash"][:12]
+    url = prefect_run_url() if in_run() else None
+    if url:
+        out["flywheel.prefect_run"] = url
+    return out
+
+
+def _publish_gate_report(model_name: str, report: GateReport, markdown: str) -> None:
+    """The gate report as the flow run's `gate-report-<model>` artifact (inside a run only)."""
+    if not in_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.evaluate import versions_label
+
+    verdict = "PASSED" if report.passed else f"REJECTED ({', '.join(report.failed_rules)})"
+    create_markdown_artifact(markdown=markdown, key="gate-report-" + re.sub(r"[^a-z0-9]+", "-", model_name.lower()),
+                             description=f"Gates for {versions_label(model_name, report)}: {verdict}"[:500])
+
+
 # ------------------------------------------------------------------------------------- tasks
 
 
@@ -128,8 +158,8 @@ def write_model_card(
     limitations: list[str] | None = None,
 ) -> str:
     """The model card markdown, with a version placeholder that register_model fills in."""
-    from flywheel.gates import render_gate_report
-    from flywheel.modelcard import render_model_card
+    from flywheel.modelcard import VERSION_PLACEHOLDER, render_model_card
+    from tasks.evaluate import render_named_gate_report
 
     # `trained` is the training task's result; read by attribute name so the card does not pin its class
     params = dict(_first(trained, ("params", "best_params"), {}))
@@ -160,7 +190,8 @@ def write_model_card(
         params,
         {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         {s: {k: (float("nan") if v is None else float(v)) for k, v in m.items()} for s, m in slices.items()},
-        render_gate_report(report, f"Gate report: {model_name}"),
+        # named by the version it will get: register_model fills the placeholder in
+        render_named_gate_report(model_name, report.model_copy(update={"candidate_version": VERSION_PLACEHOLDER})),
         lineage,
         limitations if limitations is not None else default_limits,
         feature_importance={k: float(v) for k, v in importance.items()} if importance else None,
@@ -203,10 +234,10 @@ def register_model(
     """Log, register and verify the candidate; by its gate report: rejected, or champion / challenger, or
     queued while a rollout of the model is in flight or its loop is paused (flywheel/challenger_queue.py)."""
     import mlflow
+    from mlflow.entities import RunTag
 
     from flywheel.audit import AuditLog
     from flywheel.challenger_queue import admit
-    from flywheel.gates import render_gate_report
     from flywheel.locks import RolloutLocks
     from flywheel.loopcontrol import LoopControl
     from flywheel.modelcard import fill_version
@@ -223,9 +254,9 @@ def register_model(
         Registry,
         log_model,
     )
+    from tasks.evaluate import render_named_gate_report, report_json
 
     registry = Registry(tracking_uri, AuditLog(audit_db_url))
-    gate_markdown = gate_markdown or render_gate_report(gate_report, f"Gate report: {model_name}")
 
     version = _existing_version(registry, model_name, mlflow_run_id)  # set on a retry after registration
     if version is None:
@@ -240,13 +271,21 @@ def register_model(
         # the inference path the gates verified on the holdout and timed: the service starts from it
         served = {TAG_INFERENCE: gate_report.candidate_inference} if gate_report.candidate_inference else {}
         gated = {TAG_GATED_AGAINST: gate_report.champion_version or NO_CHAMPION}  # what "passed" compared with
-        version = registry.register(model_uri, model_name, mlflow_run_id, {**lineage, **served, **gated})
+        # the whole lineage stays on the run (reproduce reads it there); the version keeps a few short tags
+        registry.client.log_batch(mlflow_run_id, tags=[RunTag(k, str(v)) for k, v in lineage.items()])
+        version = registry.register(model_uri, model_name, mlflow_run_id,
+                                    {**version_tags(lineage), **served, **gated})
     else:
         model_uri = registry.model_version(model_name, version).source
         logger.info("%s v%s was already registered from run %s: resuming", model_name, version, mlflow_run_id)
 
     if model_card_md:
         registry.set_model_card(model_name, version, fill_version(model_card_md, version))
+    # the gate report, naming the versions it compared, stored once (the run's gates/gate_report.md)
+    named = gate_report.model_copy(update={"candidate_version": version})
+    gate_markdown = gate_markdown or render_named_gate_report(model_name, named)
+    registry.store_gate_report(mlflow_run_id, gate_markdown, report_json(named))
+    _publish_gate_report(model_name, named, gate_markdown)
 
     aliases = registry.aliases(model_name)
     held = [a for a, v in aliases.items() if v == version]
@@ -258,7 +297,7 @@ def register_model(
     reason: str | None = None
     if not gate_report.passed:
         reason = "failed gates: " + ", ".join(gate_report.failed_rules)
-        registry.mark_rejected(model_name, version, reason, gate_markdown, actor=actor)
+        registry.mark_rejected(model_name, version, reason, gate_markdown, actor=actor)  # points at that copy
         outcome, alias, previous = "rejected", None, champion
     elif CHAMPION in held:  # a retry that already promoted this version
         outcome, alias = "champion", CHAMPION

@@ -46,14 +46,15 @@ def validate_batch(
             "data-quality alert on %s: %s is %.1f%% missing (threshold %.1f%%), %s",
             outcome.batch, alert["column"], 100 * alert["missing_share"], 100 * alert["threshold"], action,
         )
-    # outside a run the artifact call would start a temporary Prefect server (about 15 s): skip it
-    if in_run():
+    # a failed batch stops the run: its details are the artifact. Passed batches are one row each of the run's
+    # table (publish_validation_table). Outside a run the artifact call would start a temporary server: skip it
+    if in_run() and not outcome.success:
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(
             key=artifact_key(dataset),
             markdown=outcome.summary_markdown(),
-            description=f"Data validation of {outcome.batch} ({dataset.name})",
+            description=f"Data validation of {outcome.batch} ({dataset.name}): FAILED",
         )
     if not outcome.success:
         moved = quarantine_batch(batch_path, quarantine_dir, outcome)
@@ -61,3 +62,25 @@ def validate_batch(
         raise DataValidationError(outcome.batch, outcome.failures, str(moved))
     logger.info("batch %s passed validation (%d rows)", outcome.batch, outcome.row_count)
     return outcome
+
+
+def validation_rows(outcomes: list[ValidationOutcome]) -> list[dict[str, object]]:
+    """One table row per validated batch."""
+    return [{"batch": o.batch, "result": "passed" if o.success else "FAILED", "rows": o.row_count,
+             "failed expectations": len(o.failures),
+             "data-quality alerts": ", ".join(f"{a['column']} {a['missing_share']:.1%} missing" for a in o.alerts)
+             or "-", "imputed": ", ".join(o.imputed) or "-"} for o in outcomes]
+
+
+@task(name="publish_validation_table", task_run_name="validation-table-{dataset.name}", cache_policy=NO_CACHE)
+def publish_validation_table(outcomes: list[ValidationOutcome], dataset: DatasetDefinition) -> None:
+    """The run's validated batches as one table artifact (not one card per batch)."""
+    if not outcomes or not in_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    rows = sum(o.row_count for o in outcomes)
+    alerts = sum(len(o.alerts) for o in outcomes)
+    create_table_artifact(table=validation_rows(outcomes), key=artifact_key(dataset),
+                          description=f"Data validation ({dataset.name}): {len(outcomes)} batch(es), {rows} rows, "
+                                      f"all passed, {alerts} data-quality alert(s)")

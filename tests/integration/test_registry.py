@@ -331,10 +331,11 @@ def test_rejected_version_has_tags_and_no_alias(env: dict[str, Any], lr_pipeline
     tags = registry.version_tags("churn", version)
     assert tags[reg.TAG_STATUS] == reg.STATUS_REJECTED
     assert tags[reg.TAG_REJECTION_REASON] == "failed gates: primary"
-    assert tags[reg.TAG_GATE_REPORT] == report
+    assert reg.TAG_GATE_REPORT not in tags, "the report is stored once, as the run's artifact"
     assert registry.aliases("churn") == {}
     assert env["audit"].entries("churn")[-1].to_version is None  # the alias it held was taken, audited
     run_artifacts = Path(env["client"].get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    assert tags[reg.TAG_GATE_REPORT_ARTIFACT] == reg.GATE_REPORT_PATH
     assert (run_artifacts / tags[reg.TAG_GATE_REPORT_ARTIFACT]).read_text() == report
     with pytest.raises(RegistryError, match="rejected"):
         registry.move_alias("churn", "champion", version, "try anyway", "user:t")
@@ -384,7 +385,11 @@ def test_register_model_task_outcomes(env: dict[str, Any], lr_pipeline: Pipeline
     assert (first.outcome, first.alias, first.previous_champion, first.version) == ("champion", "champion", None, "1")
     assert first.model_uri.startswith("models:/m-") and first.event is None  # no Prefect here: no event, no crash
     assert registry.get_model_card("churn", "1") == "# Model card: churn v1\n"
-    assert registry.version_tags("churn", "1")["flywheel.data_hash"] == "d" * 64
+    # the version keeps a few short tags; the whole lineage is on its run
+    tags = registry.version_tags("churn", "1")
+    assert tags["flywheel.data_hash"] == "d" * 12 and "flywheel.git_sha" not in tags, tags
+    assert client.get_run(first_run).data.tags["flywheel.git_sha"] == "abc"
+    assert all(len(v) <= 200 for k, v in tags.items() if k != reg.TAG_DIGESTS), tags
     assert env["audit"].entries("churn")[0].reason == FIRST_CHAMPION_REASON
 
     # a retry of the same run's registration reuses its version instead of registering a twin
@@ -394,7 +399,11 @@ def test_register_model_task_outcomes(env: dict[str, Any], lr_pipeline: Pipeline
     bad = register_model.fn(lr_pipeline, x, run(), gate_report=_report(False), model_card_md=None, **args)
     assert (bad.outcome, bad.alias, bad.previous_champion, bad.version) == ("rejected", None, "1", "2")
     assert registry.version_tags("churn", "2")[reg.TAG_STATUS] == reg.STATUS_REJECTED
-    assert "REJECTED" in registry.version_tags("churn", "2")[reg.TAG_GATE_REPORT]
+    # its gate report, stored once in its run, names the versions it compared
+    bad_tags = registry.version_tags("churn", "2")
+    assert reg.TAG_GATE_REPORT not in bad_tags and bad_tags[reg.TAG_GATE_REPORT_ARTIFACT] == reg.GATE_REPORT_PATH
+    report_md = registry._read_run_text(registry.model_version("churn", "2").run_id, reg.GATE_REPORT_PATH)
+    assert "# Gate report: churn v2 vs no champion" in report_md and "**Verdict: REJECTED**" in report_md
 
     good = register_model.fn(lr_pipeline, x, run(), gate_report=_report(True, champion="1"), model_card_md=card,
                              **args)
@@ -408,6 +417,8 @@ def test_register_model_task_outcomes(env: dict[str, Any], lr_pipeline: Pipeline
         "prefect-flow-run:test",
     )
     assert last.evidence["gates"]["passed"] is True
+    good_md = registry._read_run_text(registry.model_version("churn", "3").run_id, reg.GATE_REPORT_PATH)
+    assert good_md.startswith("# Gate report: churn v3 vs champion v1") and "**Verdict: PASSED**" in good_md
     loaded = registry.load("churn", alias="challenger")
     np.testing.assert_allclose(loaded.pipeline.predict_proba(xy[0]), lr_pipeline.predict_proba(xy[0]))
 

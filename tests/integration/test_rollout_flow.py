@@ -307,6 +307,28 @@ def _artifact(key: str) -> str:
     return str(latest.data)
 
 
+def _outcome_seen(state: Any, name: str, tag: str, event: str, version: str) -> None:
+    """The run is named and tagged by its outcome, has one summary artifact, and the outcome's event was emitted."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL
+
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert run.name == name and tag in run.tags, (run.name, run.tags)
+    assert [a.key for a in arts if (a.key or "").startswith("summary-")] == ["summary-churn"], [a.key for a in arts]
+    flt = {"event": {"name": [event]}, "resource": {"id": [f"flywheel.model.churn.{version}"]}}
+    deadline, seen = time.monotonic() + 30, []
+    while not seen and time.monotonic() < deadline:  # the server stores events asynchronously
+        seen = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={"filter": flt, "limit": 50},
+                          timeout=10).json()["events"]
+        time.sleep(0.3)
+    assert seen, f"no {event} event about churn v{version}"
+
+
 # ---------------------------------------------------------------------------------------------- tests
 
 
@@ -353,6 +375,8 @@ def test_good_challenger_promoted_through_canary_and_a_second_rollout_is_refused
     assert promotion.evidence["steps"][1]["guards"]["psi"]["status"] == "pass"
     assert "promoted to champion" in _artifact("rollout-churn")
     assert traffic.status.get(200, 0) > 0 and set(traffic.status) == {200}, traffic.status
+    _outcome_seen(state, "churn-v2-promoted", "outcome:promoted", "flywheel.model.promoted", "2")
+    assert state.message.startswith("churn v2 vs champion v1: promoted"), state.message
 
 
 def _plant_challenger(registry, ctx, kind: str) -> str:
@@ -407,6 +431,7 @@ def test_bad_challenger_is_rolled_back_automatically(service: Service, traffic: 
     assert _routing(service)["policy"]["mode"] == "single"
     assert _routing(service)["challenger"] is None
     assert "rolled back" in _artifact("rollout-churn")
+    _outcome_seen(state, f"churn-v{bad}-rolled-back", "outcome:rolled-back", "flywheel.model.rolled-back", bad)
 
 
 def test_failing_challenger_is_rolled_back_while_every_request_succeeds(
@@ -856,5 +881,5 @@ def test_served_features_equal_the_offline_store_and_train_a_model(registry, ctx
         "# training_source: served_features", "training_source: served_features"))
     result = training_pipeline(TrainingParams(dataset=str(served_yaml), profile="ci", config_dir=str(home / "configs"),
                                               as_of=as_of), return_state=True).result()
-    tags = registry.version_tags("churn", result.version)
+    tags = registry.client.get_run(result.run_id).data.tags  # the lineage is on the version's run
     assert tags["flywheel.training_rows"] == str(len(served)), (tags, len(served))

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from flywheel.datagen import GeneratorSpec
 from flywheel.rollout import RolloutError
 from tests.conftest import PROJECT, make_home, train_champion_and_challenger
+from tests.unit.test_apidocs import assert_docs_offline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -198,7 +199,7 @@ def test_health_is_ready_with_both_slots(service: Service) -> None:
     assert body["models"]["champion"]["version"] == "1"
     assert body["models"]["challenger"]["version"] == "2"
     assert body["models"]["champion"]["feature_service"].startswith("churn_")
-    assert service.http.get("/docs").status_code == 200
+    assert_docs_offline(service.http)
     assert "/predict" in service.http.get("/openapi.json").json()["paths"]
 
 

@@ -56,6 +56,20 @@ def _client(scenario: dict) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _flow_run_and_summary(state) -> tuple[object, str]:
+    """The flow run (name, tags) and the markdown of its summary artifact, read back from Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    summaries = [a for a in arts if (a.key or "").startswith("summary-")]
+    assert len(summaries) == 1, [a.key for a in arts]
+    return run, str(summaries[0].data)
+
+
 def test_first_run_creates_a_champion(scenario: dict) -> None:
     # given three weeks of validated batches and an empty registry
     _arrive(scenario, scenario["staging"][:21])
@@ -66,6 +80,11 @@ def test_first_run_creates_a_champion(scenario: dict) -> None:
     result = state.result()
     assert (result.outcome, result.version, result.alias) == ("champion", "1", "champion")
     assert result.batches_ingested == 21
+    # the run is named and tagged by what it did, and its one summary links the MLflow run and version
+    run, summary = _flow_run_and_summary(state)
+    assert run.name == "churn-v1-champion" and "outcome:champion" in run.tags, (run.name, run.tags)
+    assert "first champion" in state.message
+    assert "/#/models/churn/versions/1" in summary and f"/runs/{result.run_id}" in summary, summary
     registry, name = _registry(scenario)
     assert registry.alias_version(name, "champion") == "1"
     entries = AuditLog(start_run_context("ci", scenario["home"] / "configs").audit_db_url).entries(name)
@@ -105,6 +124,13 @@ def test_sabotaged_candidate_is_rejected_and_nothing_moves(scenario: dict) -> No
     )
     assert mv.tags.get("flywheel.status") == "rejected"
     assert result.version == "3"
+    # findable: the tag, the name and the state message say it; the MLflow run's description links Prefect
+    run, summary = _flow_run_and_summary(state)
+    assert run.name == "churn-v3-rejected" and "outcome:rejected" in run.tags, (run.name, run.tags)
+    assert "churn v3 vs champion v1" in state.message and "vs_champion" in state.message, state.message
+    assert "rejected: failed" in summary and "outcome:rejected" in summary
+    note = _client(scenario).get_run(result.run_id).data.tags["mlflow.note.content"]
+    assert "rejected" in note and f"/runs/flow-run/{run.id}" in note, note
 
 
 def test_renamed_column_batch_is_quarantined_and_nothing_runs(scenario: dict) -> None:

@@ -1,4 +1,4 @@
-"""The evaluate_candidate task logs its report and gate values into a real MLflow run."""
+"""The evaluate_candidate task logs its gate values into a real MLflow run; reports name the versions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 
 from flywheel.gates import labels
 from flywheel.schemas import load_dataset
-from tasks.evaluate import evaluate_candidate, gate_metric_name
+from tasks.evaluate import evaluate_candidate, gate_metric_name, render_named_gate_report, report_json, versions_label
 from tests.unit.test_gates import PROJECT, gates, logreg
 
 
@@ -46,14 +46,15 @@ def test_evaluate_candidate_logs_report_and_metrics_to_mlflow(
     )
     assert report.passed, report.failed_rules
 
-    paths = {a.path for a in client.list_artifacts(run_id, "gates")}
-    assert paths == {"gates/gate_report.md", "gates/gate_report.json"}
-    local = Path(client.download_artifacts(run_id, "gates", str(tmp_path / "dl")))
-    md = (local / "gate_report.md").read_text()
-    assert "**Verdict: PASSED**" in md and "| vs_champion |" in md
-    doc = json.loads((local / "gate_report.json").read_text())
-    assert doc["passed"] is True and doc["champion_version"] == "3"
-    assert len(doc["results"]) == len(report.results)
+    # the report is stored by registration, once the candidate has a version to be named by
+    assert not client.list_artifacts(run_id, "gates")
+    assert report.champion_version == "3" and report.candidate_version is None
+    assert versions_label("churn", report) == "churn candidate vs champion v3"
+    named = report.model_copy(update={"candidate_version": "4"})
+    md = render_named_gate_report("churn", named)
+    assert md.startswith("# Gate report: churn v4 vs champion v3") and "**Verdict: PASSED**" in md
+    assert "| vs_champion |" in md
+    assert json.loads(report_json(named))["candidate_version"] == "4"
 
     metrics = client.get_run(run_id).data.metrics
     numeric = {gate_metric_name(r.rule): r.value for r in report.results if r.value is not None}

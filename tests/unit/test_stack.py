@@ -266,11 +266,17 @@ def test_served_deployments_carry_run_settings_cron_and_checked_trigger_params(h
     assert [sch.schedule.cron for sch in batch.schedules] == ["15 4 * * *"]  # from settings, not the yaml
     assert batch.parameters["params"] == {"alias": "champion", "skew_check": True, **run_settings}
     assert not built["training"].schedules[0].active
+    # the UI draws an inactive cron like an active one: the description says which is off
+    assert "Inactive schedule: `0 3 * * 1` (UTC)" in built["training"].description
+    assert "Inactive" not in built["monitoring"].description
     monitoring = built["monitoring"]  # configs/triggers.yaml owns its schedule
     assert [(sch.schedule.cron, sch.active) for sch in monitoring.schedules] == [("0 * * * *", True)]
     assert monitoring.parameters["params"] == run_settings
     [trigger] = built["rollout"].triggers
     assert isinstance(trigger, DeploymentEventTrigger)
+    # named and described by the event it waits for (the UI otherwise shows "A custom trigger")
+    assert trigger.name == "roll out on flywheel.model.challenger-registered"
+    assert "flywheel.model.challenger-registered" in trigger.description
     # a trigger's parameters replace the deployment's `params`: the run settings must be in both
     assert trigger.parameters["params"] == {
         "model_name": "{{ event.resource['flywheel.model'] }}",

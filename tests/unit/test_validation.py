@@ -14,7 +14,7 @@ from flywheel.errors import ConfigError, DataValidationError
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import ExtraExpectation, MissingValuesConfig, RowCountConfig, ValidateConfig
 from flywheel.validation import build_suite, read_batch, validate_frame
-from tasks.validate import artifact_key, validate_batch
+from tasks.validate import artifact_key, publish_validation_table, validate_batch, validation_rows
 
 pytestmark = pytest.mark.integration  # real Great Expectations
 
@@ -272,3 +272,17 @@ def test_parallel_validations_do_not_interfere(small_batches, dataset, cfg):
         [("ExpectColumnValuesToBeBetween", "num_products")],
         [("ExpectColumnValuesToBeInTypeList", "monthly_charges")],
     ]
+
+
+def test_a_runs_batches_are_one_table_row_each(dataset):
+    from flywheel.validation import ValidationOutcome
+
+    outcomes = [ValidationOutcome(batch="batch_2026-01-01.parquet", success=True, row_count=500),
+                ValidationOutcome(batch="batch_2026-01-02.parquet", success=True, row_count=480, imputed=["tenure"],
+                                  alerts=[{"column": "tenure", "missing_share": 0.4, "threshold": 0.3}])]
+    rows = validation_rows(outcomes)
+    assert [r["batch"] for r in rows] == ["batch_2026-01-01.parquet", "batch_2026-01-02.parquet"]
+    assert rows[0] == {"batch": "batch_2026-01-01.parquet", "result": "passed", "rows": 500,
+                       "failed expectations": 0, "data-quality alerts": "-", "imputed": "-"}
+    assert rows[1]["data-quality alerts"] == "tenure 40.0% missing" and rows[1]["imputed"] == "tenure"
+    publish_validation_table.fn(outcomes, dataset)  # outside a run: nothing to attach to, no server started
