@@ -106,8 +106,8 @@ class MaterializeReport(Result):
 class JoinReport(Result):
     service: str
     entity_rows: int  # label rows sent to Feast (after the as-of cut)
-    returned_rows: int  # rows Feast gave back
-    dropped_rows: int  # entity rows Feast did not return at all
+    returned_rows: int  # rows the join gave back
+    dropped_rows: int  # entity rows the join did not return at all (Feast's file store drops some)
     all_null_rows: int  # returned rows with every feature missing (no feature row in TTL, or none at all)
     dropped_share: float
     all_null_share: float
@@ -115,14 +115,17 @@ class JoinReport(Result):
     training_rows: int = 0  # rows handed to training (returned minus all-null)
     as_of: datetime | None = None
     seconds: float = 0.0
+    engine: str = "feast"  # features.join_engine: duckdb (flywheel/pitjoin.py) or feast
+
 
     def to_markdown(self) -> str:
         rows = [
             ("feature service", self.service),
             ("as of", self.as_of.isoformat() if self.as_of else "now"),
             ("entity (label) rows", self.entity_rows),
-            ("returned by Feast", self.returned_rows),
-            ("dropped by Feast", f"{self.dropped_rows} ({self.dropped_share:.2%})"),
+            ("join engine", self.engine),
+            ("returned by the join", self.returned_rows),
+            ("dropped by the join", f"{self.dropped_rows} ({self.dropped_share:.2%})"),
             ("returned with all features null", f"{self.all_null_rows} ({self.all_null_share:.2%})"),
             ("duplicate label rows removed", self.duplicate_label_rows),
             ("training rows", self.training_rows),
@@ -812,6 +815,35 @@ def service_features(service: FeatureService) -> list[str]:
     return [f.name for proj in service.feature_view_projections for f in proj.features]
 
 
+def offline_path(folder: Path, name: str) -> Path:
+    """Where one offline table lives: `<folder>/<name>` (one file), or else the folder `<folder>/<stem>/` (one
+    parquet file per batch). Both read with `pd.read_parquet` and, through `pitjoin.parquet_paths`, DuckDB."""
+    single = Path(folder) / name
+    per_batch = single.with_suffix("")
+    return per_batch if not single.exists() and per_batch.is_dir() else single
+
+
+def point_in_time_join(
+    store: FeatureStore, service: FeatureService, entity_df: pd.DataFrame, cfg: FeaturesConfig
+) -> pd.DataFrame:
+    """`entity_df` (key, `event_timestamp`, anything else) with the service's point-in-time features, by the
+    configured engine; features count only once arrived (created) by the entity row's time, in both."""
+    if cfg.join_engine == "feast":
+        return store.get_historical_features(
+            entity_df=entity_df, features=service, filter_by_created_timestamp=True
+        ).to_df()
+    import tempfile
+
+    from flywheel import pitjoin
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-pit-") as spill:
+        con = pitjoin.connect(memory_limit=cfg.join_memory_limit, temp_dir=Path(spill))
+        try:
+            return pitjoin.point_in_time_join(entity_df, _ENTITY_TS, pitjoin.view_specs(store, service), con=con)
+        finally:
+            con.close()
+
+
 def build_training_set(
     store: FeatureStore,
     dataset: DatasetDefinition,
@@ -824,15 +856,15 @@ def build_training_set(
 
     The prediction time of a label row is its event time (cfg.prediction_time "event") or its arrival
     time ("arrival"). A feature row counts only if its event time AND its arrival (created) time are at
-    or before the prediction time, so neither future values nor late-arriving backfills leak in. Rows
-    Feast drops, or returns with every feature null, are counted; past the configured shares the join
-    fails (FeatureJoinError), below them the all-null rows are removed.
+    or before the prediction time, so neither future values nor late-arriving backfills leak in. Rows the
+    join (features.join_engine: DuckDB by default, or Feast) drops, or returns with every feature null, are
+    counted; past the configured shares the join fails (FeatureJoinError), below them the all-null rows are removed.
     """
     t0 = time.perf_counter()
     cut = as_of or datetime.now(UTC)
     if cut.tzinfo is None:
         raise FlywheelError("as_of must be tz-aware (UTC)")
-    lpath = dataset_dir(offline_dir, dataset) / LABELS_FILE
+    lpath = offline_path(dataset_dir(offline_dir, dataset), LABELS_FILE)
     if not lpath.exists():
         raise FlywheelError(f"no label rows for {dataset.name!r} at {lpath}: ingest a batch first")
     labels = pd.read_parquet(lpath)
@@ -854,9 +886,7 @@ def build_training_set(
     entity_df = pd.DataFrame(
         {_ROW: labels[_ROW], dataset.entity: labels[dataset.entity], _ENTITY_TS: labels[join_time]}
     )
-    joined = store.get_historical_features(
-        entity_df=entity_df, features=service, filter_by_created_timestamp=True
-    ).to_df()
+    joined = point_in_time_join(store, service, entity_df, cfg)
 
     entity_rows, returned = len(entity_df), len(joined)
     dropped = entity_rows - joined[_ROW].nunique()
@@ -874,6 +904,7 @@ def build_training_set(
         training_rows=returned - all_null,
         as_of=as_of,
         seconds=time.perf_counter() - t0,
+        engine=cfg.join_engine,
     )
     problems = []
     if report.dropped_share > cfg.max_dropped_share:

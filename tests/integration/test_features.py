@@ -120,6 +120,21 @@ def test_render_apply_ingest_materialize_online_read(settings, dataset, store, o
     assert str(frame[dataset.timestamp].dt.tz) == "UTC"
 
 
+def test_the_duckdb_join_builds_the_same_training_set_as_feast(settings, dataset, store, offline, small_batches):
+    """The default engine (flywheel/pitjoin.py) against get_historical_features on the demo data."""
+    service = fs.apply_definitions(store, dataset, settings.features.ttl_days, offline)
+    for i, batch in enumerate(small_batches):
+        fs.ingest_batch(batch, dataset, offline, f"day{i}")
+    frames = {}
+    for engine in ("duckdb", "feast"):
+        cfg = settings.features.model_copy(update={"join_engine": engine, "max_all_null_share": 1.0})
+        frames[engine], join = fs.build_training_set(store, dataset, service, cfg, offline,
+                                                     as_of=datetime(2026, 3, 1, tzinfo=UTC))
+        assert join.engine == engine and join.dropped_rows == 0
+    assert len(frames["duckdb"]) > 0
+    pd.testing.assert_frame_equal(frames["duckdb"], frames["feast"], check_dtype=False)
+
+
 def test_labels_not_yet_known_are_left_out(settings, dataset, store, offline, small_batches):
     service = fs.apply_definitions(store, dataset, settings.features.ttl_days, offline)
     for i, batch in enumerate(small_batches[:4]):
@@ -287,9 +302,11 @@ def _gap_rows() -> pd.DataFrame:
     return pd.concat([_lossy_rows(), tiny_rows((2, T - timedelta(hours=1), T - timedelta(hours=1), 9.0))])
 
 
-@pytest.mark.parametrize(("offline_store", "counts"), [("duckdb", (5, 5, 0, 3)), ("file", (5, 4, 1, 2))])
-def test_both_ways_feast_loses_rows_are_counted(settings, offline, offline_store, counts):
-    # DuckDB returns such a row with null features; the file store drops it from the result
+@pytest.mark.parametrize(("offline_store", "engine", "counts"), [
+    ("duckdb", "duckdb", (5, 5, 0, 3)), ("duckdb", "feast", (5, 5, 0, 3)), ("file", "feast", (5, 4, 1, 2))])
+def test_both_ways_feast_loses_rows_are_counted(settings, offline, offline_store, engine, counts):
+    # DuckDB (our join or Feast's store) returns such a row with null features; the file store drops it
+    lenient = LENIENT.model_copy(update={"join_engine": engine})
     stores = settings.stores.model_copy(update={"feast_offline": offline_store})
     store = fs.open_store(fs.render_repo(stores, settings.paths.home))
     ds = tiny_dataset()
@@ -299,10 +316,10 @@ def test_both_ways_feast_loses_rows_are_counted(settings, offline, offline_store
     stored = pd.read_parquet(part)
     stored[stored["x"] != 9.0].to_parquet(part)
 
-    frame, join = fs.build_training_set(store, ds, service, LENIENT, offline, as_of=T + timedelta(days=30))
+    frame, join = fs.build_training_set(store, ds, service, lenient, offline, as_of=T + timedelta(days=30))
     assert (join.entity_rows, join.returned_rows, join.dropped_rows, join.all_null_rows) == counts
-    assert len(frame) == 2
-    strict = FeaturesConfig(max_dropped_share=0.1, max_all_null_share=0.9)
+    assert len(frame) == 2 and join.engine == engine
+    strict = FeaturesConfig(max_dropped_share=0.1, max_all_null_share=0.9, join_engine=engine)
     if join.dropped_rows:
         with pytest.raises(FeatureJoinError, match=r"1 of 5 entity rows dropped"):
             fs.build_training_set(store, ds, service, strict, offline, as_of=T + timedelta(days=30))

@@ -64,7 +64,7 @@ def test_join_report_markdown_names_the_counts():
     report = fs.JoinReport(service="churn_0123abcd", entity_rows=10, returned_rows=9, dropped_rows=1,
                            all_null_rows=2, dropped_share=0.1, all_null_share=0.2, training_rows=7)
     md = report.to_markdown()
-    assert "churn_0123abcd" in md and "| dropped by Feast | 1 (10.00%) |" in md
+    assert "churn_0123abcd" in md and "| dropped by the join | 1 (10.00%) |" in md
 
 
 def test_each_batch_is_one_new_part_and_earlier_parts_are_untouched(dataset, offline, small_batches):
