@@ -148,6 +148,7 @@ def rollout(params: RolloutParams | None = None) -> RolloutDecision | State[Any]
     try:
         target = resolve_rollout_target(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model,
                                         params.challenger_version, run.actor)
+        selected = _load_plan(run, target.trigger)  # why it was trained may pick its plan (by_trigger)
         prepare_service(run.url, run.token_env, target)
         plan = selected.plan
         if isinstance(plan, CanaryPlan):
@@ -216,8 +217,11 @@ def _hand_off(run: _Run, why: str) -> None:
         get_run_logger().error("could not hand the challenger queue off after %s: %s", why, exc)
 
 
-def _load_plan(run: _Run) -> SelectedPlan:
-    return load_rollout_plan(run.ctx.settings.resolve(run.cfg.plan_file), run.params.strategy or run.cfg.strategy)
+def _load_plan(run: _Run, trigger: str | None = None) -> SelectedPlan:
+    """The plan: `strategy` given to the run, else rollout.strategy, else by the challenger's trigger, else the
+    file's default. Loaded once before the lock too, so a bad plan file fails before anything moves."""
+    return load_rollout_plan(run.ctx.settings.resolve(run.cfg.plan_file), run.params.strategy or run.cfg.strategy,
+                             trigger)
 
 
 # ------------------------------------------------------------------------------------- strategies

@@ -34,6 +34,15 @@ measures the machine), and against an absolute ceiling that is a setting per pro
 (`rollout.max_p99_latency_ms`: the production budget is not a laptop's), so two equally slow models
 still fail. When the champion answered too few requests in the window (a 100% step, blue/green), its
 p99 comes from the preceding window of the same length.
+
+A candidate trained because the data drifted is expected to predict differently from the champion, so
+prediction-shift guards would roll it back for doing its job. Its version carries why its training ran
+(`flywheel.trigger`), and `by_trigger` in the plan file picks its plan (e.g. `drift_detected:
+after_drift`). There, `prediction_shift: report` makes PSI, the mean-probability difference and shadow
+agreement `report` (computed and shown, never a breach), and `await_outcomes: true` makes the AUC guard on
+joined outcomes the one that decides: until `min_labelled` outcomes per arm arrived it counts as too
+little to judge, so the step is held (in shadow, for `after_drift`) up to `max_extensions`, then rolled
+back, as any unjudgeable step: never promoted unjudged.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from flywheel.stats import psi  # one PSI for rollout guards and monitoring
 
 Strategy = Literal["shadow", "canary", "blue_green", "ab_test"]
 Outcome = Literal["promoted", "rolled_back", "held", "rejected"]
-GuardStatus = Literal["pass", "breach", "skipped"]
+GuardStatus = Literal["pass", "breach", "skipped", "report"]  # report: computed and shown, never decides
 TOO_FEW = "too few"
 NOT_ENOUGH_OUTCOMES = "not enough outcomes yet"  # label-based checks: reported, never an unjudgeable step
 
@@ -92,6 +101,11 @@ class Guards(Strict):
     psi_bins: int = Field(10, ge=2, le=50)
     bootstrap_samples: int = Field(200, ge=50, le=10_000)
     seed: int = 0
+    prediction_shift: Literal["judge", "report"] = Field(
+        "judge", description="report: PSI, mean-probability difference and shadow agreement are shown, never a "
+                             "breach (a candidate retrained on drifted data is expected to predict differently)")
+    await_outcomes: bool = Field(False, description="the AUC guard must be judged: until min_labelled joined "
+                                 "outcomes per arm arrived the step is held (then rolled back, never promoted)")
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +178,8 @@ class RolloutPlans(Strict):
     default: str
     guards: Guards = Guards()
     plans: dict[str, Plan] = Field(min_length=1)
+    # why a candidate's training ran (its version's trigger tag) -> the plan it is rolled out with
+    by_trigger: dict[str, str] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -183,7 +199,15 @@ class RolloutPlans(Strict):
     def _default_exists(self) -> RolloutPlans:
         if self.default not in self.plans:
             raise ValueError(f"default plan {self.default!r} is not among plans {sorted(self.plans)}")
+        unknown = {k: v for k, v in self.by_trigger.items() if v not in self.plans}
+        if unknown:
+            raise ValueError(f"by_trigger names plans that do not exist: {unknown} (plans: {sorted(self.plans)})")
         return self
+
+    def plan_name_for(self, name: str | None, trigger: str | None) -> str | None:
+        """The plan to use: a name given explicitly wins; else the one `by_trigger` maps the candidate's
+        trigger to; else None (the default)."""
+        return name or (self.by_trigger.get(trigger) if trigger else None)
 
     def select(self, name: str | None = None) -> Plan:
         """A plan by name (or its strategy when no plan has that name); the default when None."""
@@ -449,11 +473,23 @@ def evaluate_guards(
     if len(ch_e) < guards.min_predictions or len(cp_e) < guards.min_predictions:
         few = (f"{TOO_FEW} entities (champion {len(cp_e)}, challenger {len(ch_e)}; "
                f"need {guards.min_predictions} each)")
-    out.append(_psi_guard(cp_e["probability"].to_numpy(float), ch_e["probability"].to_numpy(float), guards, few))
+    shift = [_psi_guard(cp_e["probability"].to_numpy(float), ch_e["probability"].to_numpy(float), guards, few)]
     diff = abs(float(ch_e["probability"].mean() - cp_e["probability"].mean())) if not few else None
-    out.append(_judge("mean_probability_diff", diff, guards.max_mean_probability_diff, skip=few))
+    shift.append(_judge("mean_probability_diff", diff, guards.max_mean_probability_diff, skip=few))
+    out += [reported(g, guards) for g in shift]
     out.append(_auc_guard(champion, challenger, guards, outcomes))
     return out
+
+
+def reported(result: GuardResult, guards: Guards) -> GuardResult:
+    """A prediction-shift guard under `prediction_shift: report`: its figure is shown and decides nothing
+    (neither a breach nor, with too few entities, a reason to hold the step)."""
+    if guards.prediction_shift != "report" or result.detail == "guard off":
+        return result
+    verdict = {"breach": "would breach", "pass": "within threshold"}.get(result.status, result.detail or "no data")
+    return result.model_copy(update={"status": "report", "detail": f"reported, not judged ({verdict}"
+                                     + (f"; {result.detail}" if result.detail and result.status != "skipped" else "")
+                                     + "): a candidate retrained on drifted data is expected to predict differently"})
 
 
 def _error_guard(answered: int, failed: int | None, http_rate: float | None, threshold: float | None) -> GuardResult:
@@ -576,8 +612,11 @@ def _auc_guard(champion: pd.DataFrame, challenger: pd.DataFrame, guards: Guards,
     arms = [joined_arm(champion, outcomes), joined_arm(challenger, outcomes)]
     n = (len(arms[0][0]), len(arms[1][0]))
     if min(n) < guards.min_labelled:
+        # awaited (the plan's deciding guard): too little to judge, so the step is held; else only reported
+        wait = f"{TOO_FEW} outcomes to judge, and the plan awaits them ({NOT_ENOUGH_OUTCOMES})" if (
+            guards.await_outcomes) else NOT_ENOUGH_OUTCOMES
         return GuardResult(name="auc_drop", status="skipped", threshold=guards.max_auc_drop,
-                           detail=f"{NOT_ENOUGH_OUTCOMES}: entities with an outcome that arrived after their "
+                           detail=f"{wait}: entities with an outcome that arrived after their "
                                   f"prediction: champion {n[0]}, challenger {n[1]}; need {guards.min_labelled}")
     a_c, a_h = roc_auc(*arms[0]), roc_auc(*arms[1])
     if a_c is None or a_h is None:
@@ -604,7 +643,7 @@ def shadow_guards(rows: pd.DataFrame, champion: str, challenger: str, plan: Shad
     agreement = float((pairs["prediction_champion"] == pairs["prediction_challenger"]).mean()) if len(pairs) else None
     need = plan.guards.min_predictions
     few = "" if len(pairs) >= need else f"{TOO_FEW} shadowed rows ({len(pairs)}; need {need})"
-    out = [_judge("agreement", agreement, plan.min_agreement, worse_if_above=False, skip=few)]
+    out = [reported(_judge("agreement", agreement, plan.min_agreement, worse_if_above=False, skip=few), plan.guards)]
     return out + evaluate_guards(champ, chall, plan.guards, outcomes, error_rate_value, challenger_failures,
                                  ceiling_ms=ceiling_ms)
 

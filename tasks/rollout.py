@@ -55,6 +55,7 @@ class RolloutTarget(BaseModel):
     model: str
     champion: str
     challenger: str
+    trigger: str | None = None  # why the challenger's training ran (its version's tag): may pick its plan
 
 
 class ServiceClient:
@@ -127,9 +128,11 @@ def _registry(tracking_uri: str, audit_db_url: str) -> Any:
 
 
 @task(task_run_name="load-rollout-plan-{name}", cache_policy=NO_CACHE)
-def load_rollout_plan(plan_file: Path, name: str | None = None) -> SelectedPlan:
-    """Read configs/rollout.yaml and pick the named plan (the default when none is named)."""
+def load_rollout_plan(plan_file: Path, name: str | None = None, trigger: str | None = None) -> SelectedPlan:
+    """Read configs/rollout.yaml and pick the named plan; else the plan `by_trigger` gives the challenger's
+    trigger (why its training ran); else the default."""
     plans = load_plans(plan_file)
+    name = plans.plan_name_for(name, trigger)
     plan = plans.select(name)
     chosen = name if name in plans.plans else next(k for k, v in plans.plans.items() if v == plan)
     return SelectedPlan(name=chosen, plan=plan)
@@ -149,7 +152,10 @@ def resolve_rollout_target(tracking_uri: str, audit_db_url: str, model: str, cha
     challenger = registry.alias_version(model, "challenger")
     if challenger is None:
         raise RolloutError(f"model {model!r} has no challenger: train one, or pass challenger_version")
-    return RolloutTarget(model=model, champion=champion, challenger=challenger)
+    from flywheel.registry import TAG_TRIGGER
+
+    trigger = registry.version_tags(model, challenger).get(TAG_TRIGGER)
+    return RolloutTarget(model=model, champion=champion, challenger=challenger, trigger=trigger)
 
 
 # -------------------------------------------------------------------------------------------- lock

@@ -26,6 +26,7 @@ from flywheel.rollout import (
     evaluate_guards,
     failure_reason,
     gradual_shares,
+    judge_step,
     load_plans,
     predict_request_counts,
     psi,
@@ -512,3 +513,108 @@ def test_ab_readout_ignores_labels_known_before_the_predictions() -> None:
     r = ab_readout(champ, chall, known, plan)
     assert (r.winner, r.n_champion, r.n_challenger) == ("none", 0, 0), r
     assert r.detail.startswith("not enough outcomes yet") and ab_next(plan, r, guards_breached=False) == "hold"
+
+
+# ------------------------------------------------------------------------- candidates retrained after drift
+
+AFTER_DRIFT = Guards(prediction_shift="report", await_outcomes=True, min_labelled=100)
+
+
+def _shifted(rng: np.random.Generator, n: int = 400) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Champion and a challenger that predicts very differently (shifted probabilities) but ranks as well:
+    what a model retrained on drifted data looks like; with outcomes that arrived after the predictions."""
+    champ, lc = _labelled(n, 0.6, 0, "1", rng)
+    chall, lh = _labelled(n, 0.6, 10_000, "2", rng)
+    chall = chall.assign(probability=np.clip(chall["probability"] * 0.4 + 0.55, 0, 1))
+    return champ, chall, pd.concat([lc, lh])
+
+
+def _step(guards: list[GuardResult]) -> StepReadout:
+    return StepReadout(step="s", policy={}, started_at=NOW, ended_at=NOW, champion_entities=400,
+                       challenger_entities=400, guards=guards)
+
+
+def test_the_project_plan_file_rolls_drift_retrained_candidates_out_by_the_after_drift_plan() -> None:
+    plans = load_plans(PROJECT / "configs" / "rollout.yaml")
+    assert plans.by_trigger == {"drift_detected": "after_drift"}
+    plan = plans.plans["after_drift"]
+    assert isinstance(plan, ShadowPlan) and plan.on_pass == "promote"
+    assert (plan.guards.prediction_shift, plan.guards.await_outcomes) == ("report", True)
+    assert plan.guards.max_psi == 0.25  # still computed and shown, with the shared threshold
+    assert plans.plan_name_for(None, "drift_detected") == "after_drift"
+    assert plans.plan_name_for(None, "retrain_requested") is None  # the default
+    assert plans.plan_name_for("canary", "drift_detected") == "canary"  # a plan named for the run wins
+    assert plans.plans["canary"].guards.prediction_shift == "judge"
+
+
+def test_by_trigger_must_name_existing_plans(tmp_path: Path) -> None:
+    data = yaml.safe_load((PROJECT / "configs" / "rollout.yaml").read_text())
+    data["by_trigger"] = {"drift_detected": "gentle"}
+    with pytest.raises(ConfigError, match="by_trigger names plans that do not exist"):
+        load_plans(_write(tmp_path, data))
+
+
+def test_a_shifted_candidate_breaches_the_prediction_shift_guards_of_an_ordinary_plan() -> None:
+    champ, chall, _ = _shifted(np.random.default_rng(11))
+    results = _breaches(champ, chall, Guards(min_labelled=100))
+    assert results["psi"].status == "breach" and results["mean_probability_diff"].status == "breach"
+
+
+def test_after_drift_the_prediction_shift_is_reported_and_the_outcomes_decide() -> None:
+    champ, chall, labels = _shifted(np.random.default_rng(11))
+    results = {g.name: g for g in evaluate_guards(champ, chall, AFTER_DRIFT, labels, 0.0, ceiling_ms=CEILING)}
+    for name in ("psi", "mean_probability_diff"):
+        assert results[name].status == "report" and "would breach" in results[name].detail, results[name]
+        assert results[name].value > results[name].threshold  # the figure is still there to read
+    assert results["auc_drop"].status == "pass", results["auc_drop"]
+    readout = _step(list(results.values()))
+    assert not readout.breached and not readout.insufficient
+    plan = ShadowPlan(strategy="shadow", duration_s=1, guards=AFTER_DRIFT)
+    assert judge_step(readout, plan.guards, 0) == "ok"
+
+
+def test_after_drift_a_worse_candidate_is_still_rolled_back_on_its_outcomes() -> None:
+    rng = np.random.default_rng(12)
+    champ, lc = _labelled(400, 0.6, 0, "1", rng)
+    bad, lb = _labelled(400, 0.0, 10_000, "2", rng)
+    results = {g.name: g for g in evaluate_guards(champ, bad, AFTER_DRIFT, pd.concat([lc, lb]), 0.0,
+                                                  ceiling_ms=CEILING)}
+    assert [n for n, g in results.items() if g.status == "breach"] == ["auc_drop"], results
+    assert judge_step(_step(list(results.values())), AFTER_DRIFT, 0) == "breach"
+
+
+def test_after_drift_without_outcomes_yet_the_step_is_held_then_rolled_back_never_promoted() -> None:
+    champ, chall, labels = _shifted(np.random.default_rng(13))
+    early = labels.assign(arrived_at=NOW - timedelta(days=1))  # known before the predictions: never counted
+    guards = AFTER_DRIFT.model_copy(update={"max_extensions": 2})
+    results = {g.name: g for g in evaluate_guards(champ, chall, guards, early, 0.0, ceiling_ms=CEILING)}
+    assert results["auc_drop"].status == "skipped" and "the plan awaits them" in results["auc_drop"].detail
+    readout = _step(list(results.values()))
+    assert readout.insufficient and not readout.breached
+    assert [judge_step(readout, guards, k) for k in range(3)] == ["extend", "extend", "breach"]
+    assert "outcomes" in failure_reason(readout)
+    # an ordinary plan only reports the missing outcomes: they never hold its step
+    plain = {g.name: g for g in evaluate_guards(champ, chall, Guards(min_labelled=100, max_psi=None,
+                                                                     max_mean_probability_diff=None), early, 0.0,
+                                                ceiling_ms=CEILING)}
+    assert not _step(list(plain.values())).insufficient
+
+
+def test_after_drift_too_few_entities_for_the_shift_guards_do_not_hold_the_step() -> None:
+    champ, chall = _rows("1", np.full(5, 0.2)), _rows("2", np.full(5, 0.9), start=100)
+    guards = AFTER_DRIFT.model_copy(update={"await_outcomes": False, "min_requests": 1})  # latency judged
+    results = {g.name: g for g in evaluate_guards(champ, chall, guards, None, 0.0, ceiling_ms=CEILING)}
+    assert results["psi"].status == "report" and "too few" in results["psi"].detail
+    assert not _step(list(results.values())).insufficient
+
+
+def test_after_drift_shadow_agreement_is_reported() -> None:
+    rng = np.random.default_rng(14)
+    p = rng.beta(2, 5, 200)
+    champ = _rows("1", p)
+    flipped = _rows("2", 1 - p, shadow=True, request_ids=list(champ["request_id"]))
+    plan = ShadowPlan(strategy="shadow", duration_s=1, min_agreement=0.9,
+                      guards=AFTER_DRIFT.model_copy(update={"await_outcomes": False}))
+    got = {g.name: g for g in shadow_guards(pd.concat([champ, flipped]), "1", "2", plan, ceiling_ms=CEILING)}
+    assert got["agreement"].status == "report" and "would breach" in got["agreement"].detail
+    assert not [g for g in got.values() if g.status == "breach"]

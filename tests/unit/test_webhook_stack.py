@@ -83,5 +83,13 @@ def test_served_training_deployment_has_the_trigger_and_the_enqueueing_limit(hom
                                             "decision_id": "{{ event.payload.decision_id }}",
                                             "trigger": "{{ event.payload.kind }}", "profile": "ci",
                                             "config_dir": str(home / "configs")}
+    # what the trigger renders reaches the run: an event without decision_id/kind renders "" (= not given);
+    # the kind is tagged on the registered version (the rollout picks its plan by it)
+    from flows.training import TrainingParams, trigger_tag
+
+    rendered = TrainingParams.model_validate({"reason": "drift_detected: drift alarm raised", "decision_id": "",
+                                              "trigger": "drift_detected", "profile": "ci"})
+    assert (rendered.decision_id, rendered.trigger) == (None, "drift_detected")
+    assert trigger_tag(rendered.trigger) == {"flywheel.trigger": "drift_detected"} and trigger_tag(None) == {}
     assert built["batch-scoring"].concurrency_limit is None  # only training is limited
     assert built["rollout"].concurrency_limit is None
