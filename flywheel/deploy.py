@@ -15,6 +15,7 @@ Prefect's ephemeral server, which dies with this process. No Prefect import at m
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -107,9 +108,8 @@ def ensure_work_pool(name: str, heartbeat_seconds: int) -> str:
         if pool.type != "process":
             raise DeployError(f"work pool {name!r} exists with type {pool.type!r}; Flywheel's deployments need a "
                               "process pool (delete it, or name another pool in deployments/prefect.yaml)")
-        wanted = _pool_template(dict(pool.base_job_template), heartbeat_seconds)
-        if pool.base_job_template.get("variables", {}).get("properties", {}).get("env", {}).get("default") == \
-                wanted["variables"]["properties"]["env"]["default"]:
+        wanted = _pool_template(copy.deepcopy(pool.base_job_template), heartbeat_seconds)
+        if wanted == pool.base_job_template:
             return "unchanged"
         client.update_work_pool(name, WorkPoolUpdate(base_job_template=wanted))
         return "updated"

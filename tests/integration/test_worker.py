@@ -179,7 +179,10 @@ def champion(home: Path, model: str = "churn") -> str:
 
 
 def test_flywheel_deploy_registers_the_pool_deployments_and_crash_detection(deployed: str) -> None:
-    from flywheel.deploy import CRASH_AUTOMATION, HEARTBEAT_VAR
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flywheel.deploy import CRASH_AUTOMATION, HEARTBEAT_VAR, ensure_crash_detection, ensure_work_pool
+    from flywheel.settings import DeployConfig
 
     with client_of(deployed) as client:
         pool = client.read_work_pool("flywheel-process")
@@ -195,6 +198,17 @@ def test_flywheel_deploy_registers_the_pool_deployments_and_crash_detection(depl
     assert "train on flywheel.retrain.requested" in names, names
     assert crash.trigger.within.total_seconds() == CRASHED_AFTER_S
 
+    # idempotent: a pool whose heartbeat differs is updated in place, then left alone; one crash automation
+    with temporary_settings({PREFECT_API_URL: deployed}):
+        assert ensure_work_pool("flywheel-process", 45) == "updated"
+        assert ensure_work_pool("flywheel-process", HEARTBEAT_S) == "updated"
+        assert ensure_work_pool("flywheel-process", HEARTBEAT_S) == "unchanged"
+        ensure_crash_detection(DeployConfig(heartbeat_seconds=HEARTBEAT_S, crashed_after_seconds=CRASHED_AFTER_S))
+    with client_of(deployed) as client:
+        env = client.read_work_pool("flywheel-process").base_job_template["variables"]["properties"]["env"]
+        assert len(client.read_automations_by_name(CRASH_AUTOMATION)) == 1
+    assert env["default"] == {HEARTBEAT_VAR: str(HEARTBEAT_S)}
+
 
 def test_a_worker_killed_while_training_leaves_a_crashed_run_and_the_rerun_registers_once(
         deployed: str, tmp_path: Path) -> None:
@@ -209,8 +223,11 @@ def test_a_worker_killed_while_training_leaves_a_crashed_run_and_the_rerun_regis
         killed = run_from_cli(deployed, home, "to be killed")
         wait_training_task(deployed, killed, RUN_BUDGET_S)
         kill_tree(proc.pid)  # the worker and the run's own session, mid-training
+        killed_at = time.monotonic()
     run = wait_final(deployed, killed, CRASH_BUDGET_S)
     assert run.state_type.value == "CRASHED", run.state_name
+    print(f"Crashed {time.monotonic() - killed_at:.0f} s after the kill "
+          f"(heartbeat {HEARTBEAT_S} s, crashed after {CRASHED_AFTER_S} s of silence)")
     assert versions(home) == [], "a killed run registered nothing"
 
     with worker(deployed, home) as proc:
