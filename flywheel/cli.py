@@ -410,6 +410,31 @@ def up(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
     console.print("stop it with: flywheel down" + (f" --config-dir {config_dir}" if config_dir else ""), markup=False)
 
 
+@app.command("deploy")
+def deploy_cmd(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+               prefect_file: Annotated[Path | None, typer.Option(
+                   "--prefect-file", help="deployments file (default: deployments/prefect.yaml)")] = None,
+               ) -> None:
+    """Register every deployment on the Prefect server (PREFECT_API_URL) for workers: creates the work pool,
+    runs `prefect deploy --all`, adds crash detection. Then: prefect worker start --pool flywheel-process."""
+    from flywheel import deploy
+
+    try:
+        report = deploy.deploy(_settings(profile, config_dir), prefect_file or deploy.DEPLOYMENTS_FILE,
+                               echo=lambda m: console.print(m, markup=False, soft_wrap=True))
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"[bold green]{len(report.deployments)} deployment(s) registered[/] on {report.api_url}",
+                  soft_wrap=True)
+    for name in report.deployments:
+        console.print(f"  {name}", markup=False)
+    console.print(f"crash detection: automation {report.crash_automation_id}", markup=False)
+    pools = sorted(set(deploy.read_work_pools(prefect_file or deploy.DEPLOYMENTS_FILE)))
+    for pool in pools:
+        console.print(f"run them with: prefect worker start --pool {pool}   (PREFECT_API_URL={report.api_url}, "
+                      "FLYWHEEL_HOME=<this checkout>)", markup=False, soft_wrap=True)
+
+
 @app.command("down")
 def down(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
     """Stop exactly the processes `flywheel up` started (by pid) and remove their pid files."""

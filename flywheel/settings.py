@@ -23,8 +23,9 @@ M = TypeVar("M", bound=BaseModel)
 PROFILES = ("local", "ci", "production")
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings keys (the admin token and the webhook secrets are secrets:
-# never in the settings tree, which only names the variables that hold them)
-NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_ADMIN_TOKEN",
+# never in the settings tree, which only names the variables that hold them; FLYWHEEL_HOME is the code
+# checkout a worker's runs start in, the pull step of deployments/prefect.yaml)
+NOT_SETTINGS = frozenset({"FLYWHEEL_PROFILE", "FLYWHEEL_CONFIG_DIR", "FLYWHEEL_HOME", "FLYWHEEL_ADMIN_TOKEN",
                           "FLYWHEEL_WEBHOOK_SECRET", "FLYWHEEL_WEBHOOK_SECRET_PREVIOUS"})
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Prefect's variable for `stack.ephemeral_startup_timeout_seconds` (prefect.settings: server.ephemeral)
@@ -241,6 +242,23 @@ class StackConfig(Section):
     ephemeral_startup_timeout_seconds: int = Field(180, ge=1)
 
 
+class DeployConfig(Section):
+    """`flywheel deploy`: the work pools of deployments/prefect.yaml and how a crashed run is detected. A flow
+    run sends a heartbeat every `heartbeat_seconds` (set in the pool's job environment, so every worker's
+    runs have it); an automation marks a Running run Crashed when none came for `crashed_after_seconds`."""
+
+    heartbeat_seconds: int = Field(60, ge=30)  # Prefect refuses less than 30
+    crashed_after_seconds: int = Field(300, ge=60)
+
+    @field_validator("crashed_after_seconds")
+    @classmethod
+    def _longer_than_a_heartbeat(cls, value: int, info: ValidationInfo) -> int:
+        beat = info.data.get("heartbeat_seconds", 0)
+        if value <= beat:
+            raise ValueError(f"must exceed deploy.heartbeat_seconds ({beat}), or every run would be marked Crashed")
+        return value
+
+
 class WebhookConfig(Section):
     """The webhook receiver (`flywheel webhook`): verifies HMAC-signed deliveries, records each one, emits a
     Prefect event. The secrets themselves live only in the environment variables named here."""
@@ -325,6 +343,7 @@ class Settings(BaseSettings):
     serve: ServeConfig = ServeConfig()
     batch: BatchConfig = BatchConfig()
     stack: StackConfig = StackConfig()
+    deploy: DeployConfig = DeployConfig()
     rollout: RolloutConfig = RolloutConfig()
     webhook: WebhookConfig = WebhookConfig()
     monitor: MonitorConfig = MonitorConfig()

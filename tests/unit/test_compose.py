@@ -1,28 +1,204 @@
-"""docker-compose.yml parses and describes the production profile's stores."""
+"""docker-compose.yml and the Dockerfile, checked statically (no Docker engine on the development machines):
+every variable a Flywheel service gets is a setting (or a variable its program reads), every command is a
+real entry point with real options, volumes and dependencies are declared and consistent, the worker reaches
+the server and writes artifacts where the MLflow server reads them, secrets only come from the environment."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
 import yaml
 
-from flywheel.settings import load_settings
+from flywheel.deploy import read_work_pools
+from flywheel.settings import NOT_SETTINGS, load_settings
 from tests.conftest import PROJECT
+
+BIN = Path(sys.executable).parent
+INTERPOLATION = re.compile(r"\$\{(\w+)(:\?[^}]*)?\}")
+SECRETS = {"POSTGRES_PASSWORD": "pw", "FLYWHEEL_ADMIN_TOKEN": "token", "FLYWHEEL_WEBHOOK_SECRET": "secret"}
+# variables read by the programs themselves, not Flywheel settings
+PROGRAM_VARS = {"PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                "PREFECT_UI_API_URL", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "GX_ANALYTICS_ENABLED",
+                "FEAST_USAGE", "POSTGRES_PASSWORD"}
+
+
+def _compose() -> dict[str, Any]:
+    """The file as compose reads it, with the .env values substituted."""
+    text = INTERPOLATION.sub(lambda m: SECRETS[m.group(1)], (PROJECT / "docker-compose.yml").read_text())
+    return yaml.safe_load(text)
+
+
+def _ours(services: dict[str, Any]) -> dict[str, Any]:
+    """The services that run the project's image."""
+    return {name: svc for name, svc in services.items() if svc.get("build") == "."}
+
+
+def _argv(svc: dict[str, Any]) -> list[str]:
+    cmd = svc["command"]
+    return cmd if isinstance(cmd, list) else shlex.split(cmd)
+
+
+def test_secrets_come_only_from_the_environment_and_are_required() -> None:
+    text = (PROJECT / "docker-compose.yml").read_text()
+    used = {m.group(1) for m in INTERPOLATION.finditer(text)}
+    assert used == set(SECRETS), used
+    assert all(m.group(2) for m in INTERPOLATION.finditer(text)), "every ${VAR} is ${VAR:?...}: no silent default"
+    example = (PROJECT / ".env.example").read_text()
+    for var in used:
+        assert re.search(rf"^{var}=$", example, re.M), f"{var} is listed, empty, in .env.example"
+    assert ".env" in (PROJECT / ".gitignore").read_text().split()
+    assert "postgres:postgres@" not in text, "no default credentials in the file"
+
+
+def test_the_stack_has_every_service_the_loop_needs() -> None:
+    services = _compose()["services"]
+    assert {"postgres", "redis", "prefect-server", "deploy", "worker", "mlflow", "service", "webhook"} <= set(services)
+    assert set(_ours(services)) == {"prefect-server", "deploy", "worker", "mlflow", "service", "webhook"}
+    assert all(svc["image"] == "flywheel:local" for svc in _ours(services).values()), "one image, built once"
+
+
+@pytest.mark.parametrize("name", ["deploy", "worker", "service", "webhook"])
+def test_each_flywheel_service_environment_is_valid_production_settings(name: str) -> None:
+    env = {k: str(v) for k, v in _compose()["services"][name]["environment"].items()}
+    for var in env:
+        assert var.startswith("FLYWHEEL_") or var in PROGRAM_VARS, f"{name}: {var} is read by nothing"
+    # every FLYWHEEL_* variable is a settings key (an unknown one fails the load) or one the code reads itself
+    settings = load_settings(profile=env["FLYWHEEL_PROFILE"], config_dir=PROJECT / "configs", environ=env)
+    assert settings.profile == "production"
+    assert env["FLYWHEEL_CONFIG_DIR"] == "/app/configs" and env["FLYWHEEL_HOME"] == "/app"
+    assert "FLYWHEEL_CONFIG_DIR" in NOT_SETTINGS and "FLYWHEEL_HOME" in NOT_SETTINGS
+    assert settings.stores.prefect_api_url == env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert settings.mlflow_tracking_uri.startswith("postgresql+psycopg://postgres:pw@postgres:5432/")
+    assert settings.audit_db_url.startswith("postgresql+psycopg://postgres:pw@postgres:5432/")
+    online = settings.stores.feast_online
+    assert online.type == "redis" and online.connection_string == "redis:6379"
+    assert env[settings.serve.admin_token_env] == "token", "the service and the rollout runs share the admin token"
+    assert settings.serve.host == "service", "rollout runs reach the service by its compose name"
+    if name == "webhook":
+        assert env[settings.webhook.secret_env] == "secret"
+
+
+def test_commands_are_real_entry_points() -> None:
+    from typer.main import get_command
+
+    from flywheel.cli import app
+
+    services = _ours(_compose()["services"])
+    flywheel_commands = set(get_command(app).commands)  # type: ignore[attr-defined]
+    for name, svc in services.items():
+        argv = _argv(svc)
+        if argv[0] == "flywheel":
+            assert argv[1] in flywheel_commands, f"{name}: flywheel has no command {argv[1]!r}"
+        elif argv[:2] == ["python", "-m"]:
+            spec = importlib.util.find_spec(argv[2])
+            assert spec and "def main(" in Path(spec.origin).read_text(), f"{name}: {argv[2]} is not runnable"
+            _check_options(name, argv[3:], ["--host", "--port", "--profile", "--config-dir"])
+        else:
+            assert argv[0] in ("prefect", "mlflow") and (BIN / argv[0]).is_file(), f"{name}: {argv[0]} not in the lock"
+            _check_options(name, argv[2:], _installed_options(argv[0], argv[1]))
+
+
+def _installed_options(program: str, command: str) -> list[str]:
+    """The options the installed CLI declares (introspected: `--help` costs a minute on a busy machine)."""
+    if program == "mlflow":
+        import mlflow.cli
+
+        return [opt for param in getattr(mlflow.cli, command).params for opt in param.opts]
+    # prefect's commands are cyclopts apps: each option is a string literal in its module
+    source = Path(importlib.util.find_spec(f"prefect.cli.{command}").origin).read_text()
+    return re.findall(r'"(--[a-z][a-z-]*)"', source)
+
+
+def _check_options(service: str, args: list[str], known: list[str]) -> None:
+    for arg in args:
+        if arg.startswith("--"):
+            option = arg.split("=")[0]
+            assert option in known, f"{service}: unknown option {option}"
+
+
+def test_ports_health_checks_and_dependencies_agree() -> None:
+    services = _compose()["services"]
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no check"
+            elif cond["condition"] == "service_completed_successfully":
+                assert services[dep].get("restart") == "no", f"{dep} must be a one-shot job"
+        if name == "deploy":
+            continue
+        assert "healthcheck" in svc, f"{name} has no health check"
+        argv = _argv(svc) if "command" in svc else []
+        if "--port" in argv:
+            port = argv[argv.index("--port") + 1]
+            assert f"127.0.0.1:{port}/" in " ".join(svc["healthcheck"]["test"]), f"{name}: check on another port"
+            assert any(p.endswith(f":{port}") for p in svc.get("ports", [])), f"{name}: {port} not published"
+    assert services["deploy"]["depends_on"] == {"prefect-server": {"condition": "service_healthy"}}
+    assert services["worker"]["depends_on"]["deploy"] == {"condition": "service_completed_successfully"}
+    assert services["webhook"]["depends_on"]["prefect-server"] == {"condition": "service_healthy"}
+
+
+def test_the_worker_runs_the_pool_that_deploy_creates() -> None:
+    argv = _argv(_compose()["services"]["worker"])
+    pool = argv[argv.index("--pool") + 1]
+    assert [pool] == read_work_pools(PROJECT / "deployments" / "prefect.yaml")
+    assert "--with-healthcheck" in argv
+
+
+def test_volumes_are_declared_and_artifacts_shared_where_the_worker_writes() -> None:
+    compose = _compose()
+    services, declared = compose["services"], set(compose["volumes"])
+    mounts: dict[str, dict[str, str]] = {}
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            source, target = vol.split(":")[:2]
+            if source.startswith("./"):
+                assert (PROJECT / source).is_file(), f"{name}: bind mount {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+                mounts.setdefault(source, {})[name] = target
+    assert set(mounts) == declared, f"declared but unused: {declared - set(mounts)}"
+
+    artifacts = services["worker"]["environment"]["FLYWHEEL_STORES__MLFLOW_ARTIFACT_LOCATION"]
+    assert mounts["mlartifacts"] == {"worker": artifacts, "mlflow": artifacts, "service": artifacts}
+    argv = _argv(services["mlflow"])
+    assert argv[argv.index("--default-artifact-root") + 1] == artifacts, "the MLflow server reads what the worker wrote"
+    assert mounts["flywheel-data"] == {"worker": "/app/data", "service": "/app/data"}, "the Feast registry, shared"
+    assert "FLYWHEEL_ADMIN_TOKEN" not in services["mlflow"]["environment"], "secrets only where they are used"
+
+
+def test_dockerfile_builds_the_locked_environment_as_a_non_root_user() -> None:
+    text = (PROJECT / "Dockerfile").read_text().replace("\\\n", " ")  # join continued lines
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    runs = [ln for ln in lines if ln.startswith("RUN ")]
+    assert any(re.search(r"pip install .*uv==\d+\.\d+\.\d+", r) for r in runs), "uv itself pinned"
+    syncs = [r for r in runs if "uv sync" in r]
+    assert syncs and all("--frozen" in r and "--no-dev" in r for r in syncs), "only what uv.lock pins"
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the services do not run as root"
+    for ln in lines:
+        if ln.startswith("COPY ") and "--from" not in ln:
+            for src in ln.split()[1:-1]:
+                assert (PROJECT / src).exists(), f"COPY {src}: no such file"
+    env = " ".join(ln for ln in lines if ln.startswith("ENV "))
+    assert "FLYWHEEL_HOME=/app" in env and "PATH=/app/.venv/bin" in env
 
 
 def test_compose_services_match_production_profile() -> None:
-    compose = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "redis", "prefect-server", "mlflow", "worker"} <= set(services)
+    services = _compose()["services"]
     prod = load_settings(profile="production", config_dir=PROJECT / "configs", environ={})
     assert prod.stores.feast_online.type == "redis"
     assert prod.stores.feast_online.connection_string.endswith(":6379")
     assert "6379:6379" in services["redis"]["ports"]
     assert "5432:5432" in services["postgres"]["ports"]
-    assert prod.audit_db_url.startswith("postgresql")
-    assert prod.mlflow_tracking_uri.startswith("postgresql")
     assert prod.stores.prefect_api_url.endswith(":4200/api")
     assert "4200:4200" in services["prefect-server"]["ports"]
-    env = services["worker"]["environment"]
-    assert env["FLYWHEEL_PROFILE"] == "production"
     init = (PROJECT / "deployments" / "postgres-init.sql").read_text()
     for db in ("prefect", "flywheel", "flywheel_mlflow"):
         assert f"CREATE DATABASE {db};" in init
