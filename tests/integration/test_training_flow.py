@@ -158,6 +158,36 @@ def test_renamed_column_batch_is_quarantined_and_nothing_runs(scenario: dict) ->
     assert len(_client(scenario).search_model_versions(f"name='{name}'")) == versions_before
 
 
+def test_corrupt_parquet_batch_is_quarantined_and_nothing_is_ingested(scenario: dict) -> None:
+    """A batch cut short in transfer (half of a real parquet file) arrives beside a good one: the run fails
+    naming the file, the corrupt batch is quarantined, the good one waits in incoming, nothing is ingested."""
+    from flywheel.errors import DataValidationError
+
+    spec = SPEC.model_copy(update={"days": 2, "start": pd.Timestamp("2026-02-10").date()})
+    good, corrupt = write_batches(spec, scenario["home"] / "data" / "corrupt")
+    corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
+    _arrive(scenario, [good, corrupt])
+    ctx = start_run_context("ci", scenario["home"] / "configs")
+    features_file = ctx.offline_dir / "churn" / "features.parquet"
+    rows_before = len(pd.read_parquet(features_file)) if features_file.exists() else 0
+    versions_before = len(_client(scenario).search_model_versions(f"name='{ctx.model_name}'"))
+
+    state = _run(scenario)
+
+    try:
+        assert state.is_failed()
+        with pytest.raises(DataValidationError, match="ReadBatch") as err:
+            state.result()
+        assert corrupt.name in str(err.value), str(err.value)
+        assert not (scenario["incoming"] / corrupt.name).exists() and (ctx.quarantine_dir / corrupt.name).exists()
+        assert (scenario["incoming"] / good.name).exists(), "the good batch waits for the next run"
+        rows_after = len(pd.read_parquet(features_file)) if features_file.exists() else 0
+        assert rows_after == rows_before, "nothing was ingested"
+        assert len(_client(scenario).search_model_versions(f"name='{ctx.model_name}'")) == versions_before
+    finally:
+        (scenario["incoming"] / good.name).unlink(missing_ok=True)  # the later tests of this module expect none
+
+
 def test_champion_reproduces_from_its_lineage(scenario: dict) -> None:
     from flywheel.reproduce import reproduce_version
 
