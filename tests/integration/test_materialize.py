@@ -82,7 +82,9 @@ def test_online_rows_are_the_protos_feast_builds(settings, offline):
 
 
 @pytest.mark.parametrize("online", ["sqlite", "redis"])
-def test_bulk_load_writes_what_feast_materialize_writes(settings, offline, small_batches, online, request):
+def test_bulk_load_writes_what_feast_materialize_writes(settings, offline, small_batches, online, request,
+                                                        monkeypatch):
+    monkeypatch.setattr(fs, "LOAD_CHUNK", 97)  # several chunks of an odd size
     if online == "redis":
         port = request.getfixturevalue("redis_server").port
         ours = _store(settings, "ours", {"type": "redis", "connection_string": f"127.0.0.1:{port},db=1"})
