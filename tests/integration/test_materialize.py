@@ -82,7 +82,9 @@ def test_online_rows_are_the_protos_feast_builds(settings, offline):
 
 
 @pytest.mark.parametrize("online", ["sqlite", "redis"])
-def test_bulk_load_writes_what_feast_materialize_writes(settings, offline, small_batches, online, request):
+def test_bulk_load_writes_what_feast_materialize_writes(settings, offline, small_batches, online, request,
+                                                        monkeypatch):
+    monkeypatch.setattr(fs, "LOAD_CHUNK", 97)  # several chunks of an odd size
     if online == "redis":
         port = request.getfixturevalue("redis_server").port
         ours = _store(settings, "ours", {"type": "redis", "connection_string": f"127.0.0.1:{port},db=1"})
@@ -102,10 +104,35 @@ def test_bulk_load_writes_what_feast_materialize_writes(settings, offline, small
     ids = [*sorted({int(i) for b in small_batches[:4] for i in b[ds.entity]}), 999_999_999]
     assert load.rows == len(ids) - 1, "one row per entity"
     assert _online(ours, service, ids) == _online(feasts, service, ids)
+    assert _stored(ours, load.view) == _stored(feasts, load.view), "byte-identical storage"
     view = ours.get_feature_view(load.view)
     assert list(view.materialization_intervals) == [(load.start, load.end)]
+
+    # an incremental load (Redis: through the store's own online_write_batch, with its timestamp check)
+    fs.ingest_batch(small_batches[4], ds, offline, "day4")
+    (inc,) = fs.materialize_online(ours, ds, offline, end).loads
+    assert inc.mode == "incremental"
+    feasts.materialize(start_date=inc.start, end_date=inc.end)
+    assert _stored(ours, load.view) == _stored(feasts, load.view)
     if online == "redis":
         _flush(ours, feasts)
+
+
+def _stored(store, view: str) -> list | dict:
+    """Everything the online store holds: the view's SQLite table rows, or every Redis hash of the db."""
+    cfg = store.config.online_store
+    if cfg.type == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(cfg.path) as con:
+            return con.execute(f"SELECT entity_key, feature_name, value, value_text, event_ts, created_ts "
+                               f"FROM flywheel_{view} ORDER BY entity_key, feature_name").fetchall()
+    import redis
+
+    host_port, db = cfg.connection_string.split(",db=")
+    host, port = host_port.split(":")
+    client = redis.Redis(host=host, port=int(port), db=int(db))
+    return {k: client.hgetall(k) for k in client.scan_iter()}
 
 
 def _churn(settings):

@@ -10,3 +10,4 @@ def test_quick_ingest_benchmark_grows_the_store_one_part_per_batch() -> None:
     assert [r["existing_batches"] for r in result["levels"]] == list(QUICK["levels"])
     assert all(r["flywheel_ms"] > 0 and r["single_file_ms"] > 0 for r in result["levels"])
     assert "| 10 | 500 |" in render(result)
+    assert all(r["flywheel_cpu_ms"] > 0 for r in result["levels"])
