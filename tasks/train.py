@@ -227,13 +227,16 @@ def train_model(
 
     try:
         with threadpool_limits(limits=training.FIT_THREADS, user_api="openmp"):
-            with timer.stage("search"), trial_fanout(cfg.parallelism, split, dataset, cfg.imputation, cfg.seed,
-                                                     cfg.search.metric) as fanout:
+            with contextlib.ExitStack() as cluster:
+                with timer.stage("cluster_start"):  # 0 when serial; a local cluster takes 5-30 s
+                    fanout = cluster.enter_context(trial_fanout(cfg.parallelism, split, dataset, cfg.imputation,
+                                                                cfg.seed, cfg.search.metric))
                 if fanout is not None:
                     log.info("search fanned out on Dask: %d worker thread(s)", fanout.workers)
-                result = training.search_candidates(
-                    split, dataset, cfg, on_trial=on_trial, map_trials=fanout.map if fanout else None,
-                    batch=fanout.workers if fanout else 1)
+                with timer.stage("search"):
+                    result = training.search_candidates(
+                        split, dataset, cfg, on_trial=on_trial, map_trials=fanout.map if fanout else None,
+                        batch=fanout.workers if fanout else 1)
                 workers = fanout.workers if fanout else 1
                 worker_mb = max(fanout.worker_peak_mb().values(), default=0.0) if fanout else None
             best = result.best

@@ -50,31 +50,45 @@ def child_runs(client, experiment_id: str, parent: str) -> list[tuple]:
     )
 
 
-@pytest.mark.parametrize(("method", "trials"), [("grid", 5), ("random", 4)])
-def test_fanned_out_search_selects_and_records_what_the_serial_one_does(
-    method, trials, split, dataset, settings, mlflow_uri, tmp_path: Path, cluster: str, prefect_harness
+def test_fanned_out_training_selects_and_records_what_the_serial_one_does(
+    split, dataset, settings, mlflow_uri, tmp_path: Path, cluster: str, prefect_harness
 ) -> None:
+    """The whole training task, random search: same model, metrics and MLflow child runs."""
     from mlflow import MlflowClient
 
     gates = load_gates(settings.resolve(settings.evaluate.gates_file))
     outs = {}
     for name, par in (("serial", None), ("dask", ParallelismConfig(address=cluster))):
-        outs[name] = train_model.fn(split, dataset, cfg(method, trials, par), gates, mlflow_uri,
+        outs[name] = train_model.fn(split, dataset, cfg("random", 2, par), gates, mlflow_uri,
                                     str(tmp_path / "artifacts"), {"flywheel.data_hash": "x"})
     serial, dask = outs["serial"], outs["dask"]
-    assert serial.trials == dask.trials == 2 * trials if method == "random" else serial.trials == dask.trials
+    assert serial.trials == dask.trials == 4
     assert (dask.family, dask.params) == (serial.family, serial.params)
     assert (dask.validation_metric, dask.train_metric) == (serial.validation_metric, serial.train_metric)
     assert dask.holdout_metrics == serial.holdout_metrics
     client = MlflowClient(tracking_uri=mlflow_uri)
     a, b = (child_runs(client, o.experiment_id, o.run_id) for o in (serial, dask))
-    assert len(a) == serial.trials and a == b, "the same child runs (trial number, family, params, metrics)"
-    assert dask.timings["time.trial_logging_s"] > 0
+    assert len(a) == 4 and a == b, "the same child runs (trial number, family, params, metrics)"
+    assert dask.timings["time.trial_logging_s"] > 0 and dask.timings["time.cluster_start_s"] >= 0
+    assert client.get_run(dask.run_id).data.metrics["search.workers"] == 2
+
+
+@pytest.mark.parametrize("method", ["grid", "random"])
+def test_fanned_out_search_runs_the_serial_plan(method, split, dataset, cluster: str, prefect_harness) -> None:
+    c = cfg(method, 3)
+    serial = training.search_candidates(split, dataset, c)
+    with trial_fanout(ParallelismConfig(address=cluster), split, dataset, c.imputation, c.seed,
+                      c.search.metric) as fanout:
+        assert fanout is not None
+        fanned = training.search_candidates(split, dataset, c, map_trials=fanout.map, batch=fanout.workers)
+    strip = [(t.number, t.family, t.params, t.validation_metric, t.train_metric) for t in serial.trials]
+    assert strip == [(t.number, t.family, t.params, t.validation_metric, t.train_metric) for t in fanned.trials]
+    assert (fanned.best.family, fanned.best.params) == (serial.best.family, serial.best.params)
 
 
 def test_bayesian_search_in_parallel_is_seeded_per_batch(split, dataset, cluster: str, prefect_harness) -> None:
     """Batches of 2 proposals (constant liar): reproducible for the same seed and worker count."""
-    c = cfg("bayesian", 6)
+    c = cfg("bayesian", 4)
     c = c.model_copy(update={"families": ["hist_gradient_boosting"],
                              "search_space": {"hist_gradient_boosting": SPACE["hist_gradient_boosting"]}})
     runs = []
@@ -84,7 +98,7 @@ def test_bayesian_search_in_parallel_is_seeded_per_batch(split, dataset, cluster
             assert fanout is not None and fanout.workers == 2
             runs.append(training.search_candidates(split, dataset, c, map_trials=fanout.map, batch=fanout.workers))
             assert all(mb > 0 for mb in fanout.worker_peak_mb().values())
-    assert len(runs[0].trials) == 6
+    assert len(runs[0].trials) == 4
     assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
     assert [t.validation_metric for t in runs[0].trials] == [t.validation_metric for t in runs[1].trials]
 
