@@ -149,6 +149,27 @@ class SearchConfig(Section):
 Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest"]
 
 
+class ParallelismConfig(Section):
+    """Where search trials run: here one after another (the default), on a local Dask cluster of `workers`
+    processes started for the search, or on an existing Dask cluster at `address` (tcp://host:8786), all
+    through Prefect's Dask task runner. One thread per trial either way."""
+
+    workers: int = Field(0, ge=0, le=256)  # 0: serial, unless address is set
+    address: str | None = None
+    memory_limit: str | None = None  # per local worker, e.g. "2GB" (None: Dask's share of the machine)
+
+    @model_validator(mode="after")
+    def _one_kind_of_cluster(self) -> ParallelismConfig:
+        if self.address and self.workers:
+            raise ValueError("train.parallelism: give workers (a local cluster) or address (an existing one), "
+                             "not both")
+        return self
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.workers or self.address)
+
+
 class TrainConfig(Section):
     seed: int = 42
     families: list[Family] = ["logistic_regression", "hist_gradient_boosting"]
@@ -157,6 +178,7 @@ class TrainConfig(Section):
     search_space: dict[Family, dict[str, list[Any]]] = {}
     imputation: ImputationConfig = ImputationConfig()
     experiment: str = "flywheel"
+    parallelism: ParallelismConfig = ParallelismConfig()
 
     @model_validator(mode="after")
     def _space_only_for_known_families(self) -> TrainConfig:

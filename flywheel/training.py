@@ -420,17 +420,47 @@ def _planned(method: str, space: dict[str, list[Any]], trials: int) -> list[dict
     return None
 
 
+TrialMapper = Callable[[list[tuple[str, dict[str, Any]]]], list[Trial]]  # configurations -> trials, in order
+
+
+def evaluate_trial(
+    split: Split, dataset: DatasetDefinition, imputation: ImputationConfig, seed: int, metric: str,
+    family: str, params: dict[str, Any],
+) -> Trial:
+    """One search trial: fit on train, score on train and validation (OpenMP limited to FIT_THREADS). A
+    module-level function, so a Dask worker can run it (tasks/train.py's fit_trial)."""
+    y_train, y_val = labels(split.train, dataset), labels(split.validation, dataset)
+    with threadpool_limits(limits=FIT_THREADS, user_api="openmp"):
+        pipe = build_pipeline(family, params, dataset, imputation, seed)
+        start = time.perf_counter()
+        pipe.fit(split.train[dataset.feature_names], y_train)
+        secs = time.perf_counter() - start
+        return Trial(
+            family=family,
+            params=dict(params),
+            validation_metric=metric_value(metric, y_val, predict_scores(pipe, split.validation, dataset)),
+            train_metric=metric_value(metric, y_train, predict_scores(pipe, split.train, dataset)),
+            fit_seconds=round(secs, 4),
+        )
+
+
 def search_candidates(
     split: Split,
     dataset: DatasetDefinition,
     cfg: TrainConfig,
     on_trial: TrialCallback | None = None,
+    map_trials: TrialMapper | None = None,
+    batch: int = 1,
 ) -> SearchResult:
     """Try `cfg.search.trials` configurations per family (fit on train, score on validation); pick the best
-    by `cfg.search.metric` (log_loss: lowest). Deterministic given the data and `cfg.seed`."""
+    by `cfg.search.metric` (log_loss: lowest). Deterministic given the data and `cfg.seed`.
+
+    `map_trials` evaluates a list of configurations (default: one after another, here); given a parallel one
+    (tasks/train.py fans them out on Dask), grid and random search hand it every planned configuration at
+    once, and a Bayesian search `batch` proposals at a time. Trials are numbered, reported (`on_trial`) and
+    compared in plan order either way, so grid and random search pick the same model serial or parallel."""
     method, trials, metric = cfg.search.method, cfg.search.trials, cfg.search.metric
     higher = greater_is_better(metric)
-    y_train, y_val = labels(split.train, dataset), labels(split.validation, dataset)
 
     plans: dict[str, list[dict[str, Any]] | None] = {}
     for family in cfg.families:
@@ -443,42 +473,40 @@ def search_candidates(
         plans[family] = plan
     total = sum(len(p) if p is not None else trials for p in plans.values())
 
+    def serial(configs: list[tuple[str, dict[str, Any]]]) -> list[Trial]:
+        return [evaluate_trial(split, dataset, cfg.imputation, cfg.seed, metric, f, p) for f, p in configs]
+
+    evaluate = map_trials or serial
     results: list[Trial] = []
     cache: dict[tuple[str, str], Trial] = {}
 
-    def run(family: str, params: dict[str, Any]) -> Trial:
-        key = (family, repr(sorted(params.items())))
-        if key in cache:  # optuna may propose a combination twice: same data, same seed, same score
-            t = cache[key]
-        else:
-            pipe = build_pipeline(family, params, dataset, cfg.imputation, cfg.seed)
-            start = time.perf_counter()
-            pipe.fit(split.train[dataset.feature_names], y_train)
-            secs = time.perf_counter() - start
-            t = Trial(
-                family=family,
-                params=dict(params),
-                validation_metric=metric_value(metric, y_val, predict_scores(pipe, split.validation, dataset)),
-                train_metric=metric_value(metric, y_train, predict_scores(pipe, split.train, dataset)),
-                fit_seconds=round(secs, 4),
-            )
-            cache[key] = t
-        t = replace(t, params=dict(params), number=len(results))
-        results.append(t)
-        if on_trial is not None:
-            on_trial(len(results), total, t)
-        return t
+    def run_many(configs: list[tuple[str, dict[str, Any]]]) -> list[Trial]:
+        keys = [(family, repr(sorted(params.items()))) for family, params in configs]
+        # optuna may propose a combination twice: same data, same seed, same score (fit once)
+        todo = {k: c for k, c in zip(keys, configs, strict=True) if k not in cache}
+        cache.update(zip(todo, evaluate(list(todo.values())), strict=True))
+        out = []
+        for key, (_, params) in zip(keys, configs, strict=True):
+            t = replace(cache[key], params=dict(params), number=len(results))
+            results.append(t)
+            if on_trial is not None:
+                on_trial(len(results), total, t)
+            out.append(t)
+        return out
 
     budget: dict[str, int] = {}
-    with threadpool_limits(limits=FIT_THREADS, user_api="openmp"):
+    if all(plan is not None for plan in plans.values()):  # grid / random: the whole plan in one map
+        run_many([(family, params) for family, plan in plans.items() for params in plan or []])
+        budget = {family: len(plan or []) for family, plan in plans.items()}
+    else:
         for family, plan in plans.items():
             before = len(results)
             if plan is not None:
-                for params in plan:
-                    run(family, params)
+                run_many([(family, params) for params in plan])
             else:
-                sampler = tpe_sampler(_family_seed(cfg.seed, family), cfg.search.n_startup_trials)
-                _optuna_search(family, search_space(cfg, family), trials, sampler, higher, run)
+                sampler = tpe_sampler(_family_seed(cfg.seed, family), cfg.search.n_startup_trials,
+                                      constant_liar=batch > 1)
+                _optuna_search(family, search_space(cfg, family), trials, sampler, higher, run_many, batch)
             budget[family] = len(results) - before
 
     if not results:
@@ -498,25 +526,30 @@ def _optuna_search(
     trials: int,
     sampler: TPESampler,
     higher: bool,
-    run: Callable[[str, dict[str, Any]], Trial],
+    run_many: Callable[[list[tuple[str, dict[str, Any]]]], list[Trial]],
+    batch: int = 1,
 ) -> None:
+    """Ask TPE for `batch` proposals, evaluate them together, tell the scores in order; repeat. With batch 1
+    this is `study.optimize` (the same proposals for the same seed)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if higher else "minimize", sampler=sampler)
+    done = 0
+    while done < trials:
+        asked = [study.ask() for _ in range(min(batch, trials - done))]
+        proposals = [{name: t.suggest_categorical(name, values) for name, values in space.items()} for t in asked]
+        for t, result in zip(asked, run_many([(family, p) for p in proposals]), strict=True):
+            study.tell(t, result.validation_metric)
+        done += len(asked)
 
-    def objective(trial: optuna.Trial) -> float:
-        params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
-        return run(family, params).validation_metric
 
-    study.optimize(objective, n_trials=trials, n_jobs=1, gc_after_trial=False)
-
-
-def tpe_sampler(seed: int, n_startup_trials: int) -> TPESampler:
-    """Optuna's TPE sampler: `n_startup_trials` random trials, then trials proposed by its model."""
+def tpe_sampler(seed: int, n_startup_trials: int, constant_liar: bool = False) -> TPESampler:
+    """Optuna's TPE sampler: `n_startup_trials` random trials, then trials proposed by its model.
+    `constant_liar` (parallel batches): proposals of one batch count each other as bad, so they spread out."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=constant_liar)
 
 
 def fit_final(

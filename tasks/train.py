@@ -22,6 +22,7 @@ from flywheel.schemas import DatasetDefinition, GatesConfig
 from flywheel.settings import TrainConfig
 from flywheel.training import Baseline, Split, Trial
 from tasks._prefect import run_logger
+from tasks.fanout import trial_fanout
 
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow log_batch limits per call
 _UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric names
@@ -192,6 +193,10 @@ def train_model(
     )
 
     def on_trial(i: int, total: int, trial: Trial) -> None:
+        with timer.stage("trial_logging"):  # MLflow's share of the search, measured
+            log_trial(i, total, trial)
+
+    def log_trial(i: int, total: int, trial: Trial) -> None:
         child = client.create_run(
             experiment_id,
             run_name=f"{run_id[:8]}-trial-{trial.number:03d}-{trial.family}",
@@ -222,8 +227,18 @@ def train_model(
 
     try:
         with threadpool_limits(limits=training.FIT_THREADS, user_api="openmp"):
-            with timer.stage("search"):
-                result = training.search_candidates(split, dataset, cfg, on_trial=on_trial)
+            with contextlib.ExitStack() as cluster:
+                with timer.stage("cluster_start"):  # 0 when serial; a local cluster takes 5-30 s
+                    fanout = cluster.enter_context(trial_fanout(cfg.parallelism, split, dataset, cfg.imputation,
+                                                                cfg.seed, cfg.search.metric))
+                if fanout is not None:
+                    log.info("search fanned out on Dask: %d worker thread(s)", fanout.workers)
+                with timer.stage("search"):
+                    result = training.search_candidates(
+                        split, dataset, cfg, on_trial=on_trial, map_trials=fanout.map if fanout else None,
+                        batch=fanout.workers if fanout else 1)
+                workers = fanout.workers if fanout else 1
+                worker_mb = max(fanout.worker_peak_mb().values(), default=0.0) if fanout else None
             best = result.best
             log.info(
                 "best of %d: %s %s (%s %.4f)",
@@ -273,6 +288,8 @@ def train_model(
                 **{f"baseline.holdout.{k}": v for k, v in baseline_metrics.items()},
                 **_slice_metric_dict(slices),
                 "search.trials": float(len(result.trials)),
+                "search.workers": float(workers),
+                **({"search.worker_peak_mb": worker_mb} if worker_mb is not None else {}),
                 **{f"rows.{k}": float(v) for k, v in counts.items()},
             }
             _log_batch(client, run_id, metrics=metrics, params=params)
