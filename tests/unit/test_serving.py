@@ -184,6 +184,8 @@ def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logge
 
 def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: Any) -> None:
     assert check_rows([GOOD, {**GOOD, "avg_session_minutes": None, "customer_id": 5}], dataset) == []
+    named = [{**GOOD, "event_timestamp": "2026-03-01T00:00:00Z"}, {**GOOD, "event_timestamp": None}]
+    assert check_rows(named, dataset) == [], "a raw row may name its feature snapshot (or send null)"
 
 
 @pytest.mark.parametrize(
@@ -201,6 +203,9 @@ def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: A
         ({"contract_type": "weekly"}, "'weekly' is not one of"),
         ({"region": None}, "region: may not be null"),
         ({"customer_id": "abc"}, "customer_id: expected an integer id"),
+        ({"event_timestamp": "2026-03-01"}, "event_timestamp: '2026-03-01' has no UTC offset"),
+        ({"event_timestamp": 1772323200}, "event_timestamp: expected an ISO 8601 time"),
+        ({"event_timestamp": "yesterday"}, "'yesterday' is not an ISO 8601 time"),
     ],
 )
 def test_check_rows_names_what_is_wrong(dataset: Any, change: dict[str, Any], needle: str) -> None:
