@@ -63,7 +63,8 @@ class MonitoringResult(BaseModel):
 
 @flow(name="monitoring", log_prints=True)
 def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
-    """Served window -> drift and data-quality verdicts vs the champion's reference -> history -> summary."""
+    """Served window -> drift and data-quality verdicts vs the champion's reference -> estimate -> history ->
+    realized figures of earlier windows -> summary -> trigger decisions and alarms (incl. volume, age, liveness)."""
     from flywheel.clock import build_clock
     from flywheel.monitoring.config import load_policy
     from flywheel.monitoring.history import window_record
