@@ -32,6 +32,7 @@ from flywheel.demo_story import (
     DecisionSeen,
     DemoStory,
     LifecycleSeen,
+    RealizedSeen,
     RetrainSeen,
     RolloutSeen,
     RolloutSkipped,
@@ -44,6 +45,7 @@ from flywheel.demo_story import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
 
@@ -151,6 +153,11 @@ def _lifecycle_line(seen: LifecycleSeen) -> str:
     gated = f"retrain v{retrain.version} {retrain.outcome}" if retrain else "no retrain"
     if seen.rollout is not None:
         gated += f", its rollout ended {seen.rollout.state}"
+    filled = [r for r in seen.realized if r.realized] if not isinstance(seen.realized, Skipped) else []
+    if filled:
+        first = filled[0]
+        gated += (f"; late labels: realized ROC AUC {first.realized_roc_auc:.3f} beside the estimate "
+                  f"{first.estimated_roc_auc:.3f} for window {first.window} ({len(filled)} windows filled in)")
     hook = (f"webhook retrain skipped ({seen.webhook.reason})" if isinstance(seen.webhook, Skipped)
             else f"webhook created {seen.webhook.runs_created} training run")
     return (f"drift alarm at window {alarm}, one drift trigger fired, {cooled} suppressed by the cooldown, "
@@ -382,7 +389,7 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
         timeline.add("4", "skipped", "no champion to monitor")
         return Skipped("no champion to monitor (steps 1-2 registered none)")
     started = datetime.now(UTC)
-    rows = _drifted_days(ctx, demo_files, seed, console, timeline)
+    rows, labels = _drifted_days(ctx, demo_files, seed, console, timeline)
     windows = _monitored_traffic(ctx, console, profile, config_dir, rows, timeline)
     decisions = _drift_decisions(ctx, started)
     for d in decisions:
@@ -399,15 +406,18 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
                          rollout.detail)
     else:
         console.print("-> no drift decision fired: no retrain to follow")
+    realized = _late_outcomes(ctx, console, profile, config_dir, labels, windows, timeline)
     webhook = _webhook_retrain(ctx, console, timeline)
     return LifecycleSeen(windows=tuple(windows), drift_decisions=tuple(decisions), retrain=retrain, rollout=rollout,
-                         webhook=webhook)
+                         webhook=webhook, realized=realized)
 
 
 def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: Console,
-                  timeline: Timeline) -> list[dict[str, Any]]:
+                  timeline: Timeline) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """DRIFT_DAYS days after the demo's, with covariate drift (same seed, same customers), arrived in the
-    incoming folder (the retrain trains on them); their feature rows as /predict sends them, shuffled."""
+    incoming folder (the retrain trains on them); their feature rows as /predict sends them, shuffled, each
+    naming its snapshot (the dataset's timestamp, so its outcome can join it later), and those rows'
+    labels (entity, snapshot, label), which land late in the lifecycle."""
     import json
 
     import pandas as pd
@@ -428,12 +438,15 @@ def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: C
     files = sorted(staging.glob("batch_*"))
     _arrive(files, ctx.source)
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    columns = [ctx.dataset.entity, *(f.name for f in ctx.dataset.features)]
-    frame = frame[columns].sample(frac=1.0, random_state=seed).head(WINDOWS * WINDOW_ROWS)
+    ds = ctx.dataset
+    frame = frame.sample(frac=1.0, random_state=seed).head(WINDOWS * WINDOW_ROWS)
+    served = frame[[ds.entity, ds.timestamp, *(f.name for f in ds.features)]]
     names = ", ".join(f.stem.removeprefix("batch_") for f in files)
     console.print(f"-> {len(files)} drifted days arrived ({names}, covariate drift {DRIFT}) in {ctx.source}")
     timeline.add("4. drift", f"{len(files)} drifted days arrived", f"{names}; DriftSpec(covariate={DRIFT})")
-    return json.loads(frame.to_json(orient="records"))  # NaN -> null, numpy -> JSON
+    # NaN -> null, numpy -> JSON, the snapshot time -> ISO 8601 in UTC
+    rows = json.loads(served.to_json(orient="records", date_format="iso", date_unit="us"))
+    return rows, frame[[ds.entity, ds.timestamp, ds.label]].reset_index(drop=True)
 
 
 def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, config_dir: Path | None,
@@ -466,7 +479,8 @@ def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, c
                     window_hours=max((end - previous).total_seconds(), 1.0) / 3600, end=end))
                 previous = end
                 window = WindowSeen(rows=result.rows, status=result.status, alarm=result.alarm,
-                                    decisions=tuple(result.decisions))
+                                    decisions=tuple(result.decisions), key=result.window, end=end,
+                                    estimated_roc_auc=result.estimated_roc_auc)
                 seen.append(window)
                 answers = ", ".join(f"{k} x {v}" for k, v in sorted(codes.items()))
                 drifted = ", ".join(result.drifted_features[:4]) or "none"
@@ -481,6 +495,75 @@ def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, c
     finally:
         service.close()
     return seen
+
+
+def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, config_dir: Path | None,
+                   labels: pd.DataFrame, windows: list[WindowSeen], timeline: Timeline
+                   ) -> tuple[RealizedSeen, ...] | Skipped:
+    """The labels of the served drifted rows land (a batch through the outcome ingest, arriving now: after
+    every prediction they judge), then the monitoring flow runs on the time since the last window and fills
+    in the drifted windows' realized performance beside their estimates."""
+    import pandas as pd
+
+    from flows.monitoring import MonitoringParams, monitoring
+    from flywheel.errors import FlywheelError
+    from flywheel.monitoring.realized import PerformanceHistory
+    from flywheel.outcomes import ingest_outcome_file
+    from flywheel.stack import admin_token_env
+    from tasks.rollout import ServiceClient
+
+    ds, settings = ctx.dataset, ctx.settings
+    console.rule("the drifted rows' labels land late: realized performance beside the estimate")
+    if ds.outcomes is None or ds.label_timestamp is None or not windows or windows[-1].end is None:
+        reason = "the dataset collects no outcomes" if ds.outcomes is None else "no monitored window to fill in"
+        timeline.add("4. outcomes", "skipped", reason)
+        return Skipped(reason)
+    arrived = datetime.now(UTC)
+    folder = settings.resolve(ds.outcomes.source or Path(settings.paths.incoming_dir) / f"{ds.name}_labels")
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_demo.parquet"
+    labels.assign(**{ds.label_timestamp: pd.Timestamp(arrived)}).to_parquet(batch, index=False)
+    try:
+        report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir))
+    except FlywheelError as exc:
+        timeline.add("4. outcomes", "the labels batch was refused by the outcome ingest", str(exc)[:300])
+        return Skipped(f"the labels batch was refused by the outcome ingest: {exc}")
+    console.print(f"-> {report.rows} labels of the served drifted rows landed ({batch.name}, batch "
+                  f"{report.batch_id[:12]})", soft_wrap=True)
+    timeline.add("4. outcomes", f"labels of {report.rows} served drifted rows landed late (outcome ingest)",
+                 f"{batch.name}; arrived {arrived:%H:%M:%S}, after every prediction they judge")
+    os.environ.update(admin_token_env(settings))
+    service = ServiceClient(f"http://{settings.serve.host}:{settings.serve.port}", settings.serve.admin_token_env)
+    try:
+        service.flush_log(30)  # the rollout's traffic since the last window
+    finally:
+        service.close()
+    end = datetime.now(UTC)
+    result = monitoring(MonitoringParams(
+        profile=profile, config_dir=str(config_dir) if config_dir else None, report=False,
+        window_hours=max((end - windows[-1].end).total_seconds(), 1.0) / 3600, end=end))
+    history = PerformanceHistory(ctx.audit_db_url)
+    try:
+        latest = history.latest(ctx.model_name)
+    finally:
+        history.close()
+    seen = []
+    for n, w in enumerate(windows, start=1):
+        rec = latest.get(w.key)
+        if rec is None:
+            continue
+        seen.append(RealizedSeen(window=n, scored_rows=rec.scored_rows, labelled_rows=rec.labelled_rows,
+                                 min_labelled_rows=rec.min_labelled_rows, realized_roc_auc=rec.realized_roc_auc,
+                                 estimated_roc_auc=rec.estimated_roc_auc, roc_auc_error=rec.roc_auc_error))
+        at_serving = f"{w.estimated_roc_auc:.3f}" if w.estimated_roc_auc is not None else "-"
+        console.print(f"-> window {n}: {rec.summary()} (estimated {at_serving} when it was served)", soft_wrap=True)
+        timeline.add(f"4. realized {n}", f"window {n}: {rec.summary()}",
+                     f"estimate when served {at_serving} on {w.rows} rows; filled in by the monitoring run of "
+                     f"v{result.version} at {end:%H:%M:%S}", at=end)
+    if not seen:
+        console.print(f"-> the monitoring run filled in no drifted window ({'; '.join(result.realized) or 'none'})",
+                      soft_wrap=True)
+    return tuple(seen)
 
 
 def _drift_decisions(ctx: RunContext, since: datetime) -> list[DecisionSeen]:

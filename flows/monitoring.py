@@ -18,6 +18,7 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from tasks.landing import count_new_labelled_rows, last_training_at
 from tasks.monitor import (
     assess_window,
     estimate_window_performance,
@@ -63,7 +64,8 @@ class MonitoringResult(BaseModel):
 
 @flow(name="monitoring", log_prints=True)
 def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
-    """Served window -> drift and data-quality verdicts vs the champion's reference -> history -> summary."""
+    """Served window -> drift and data-quality verdicts vs the champion's reference -> estimate -> history ->
+    realized figures of earlier windows -> summary -> trigger decisions and alarms (incl. volume, age, liveness)."""
     from flywheel.clock import build_clock
     from flywheel.monitoring.config import load_policy
     from flywheel.monitoring.history import window_record
@@ -82,6 +84,11 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     now = build_clock(settings.clock).now()
     # read before this window is recorded: liveness asks when monitoring last ran before now
     champion = read_champion_state(ctx.tracking_uri, ctx.audit_db_url, dataset.name, model, version, now)
+    # volume counts as the ingest runs count it: labelled rows (batches and outcomes) since the last training
+    trained_at = last_training_at(ctx.audit_db_url, model)
+    champion = champion.model_copy(update={"last_training_at": trained_at, "new_labelled_rows":
+                                           count_new_labelled_rows(dataset, ctx.offline_dir, ctx.audit_db_url,
+                                                                   trained_at)})
     window = read_window(settings.store_url(settings.serve.prediction_log_url), model, version, start, end, dataset)
     reference = f"v{version}"
     previous = previous_window_statuses(ctx.audit_db_url, model, reference, start)

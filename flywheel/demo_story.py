@@ -7,8 +7,9 @@
 4. (with a stack) drifted traffic: the monitoring flow raises the drift alarm only after its persistence
    windows, the drift trigger fires exactly once and a later alarm is suppressed by the cooldown; the fired
    decision starts a training run whose candidate the gates judge (challenger or rejected: both are
-   valid), a challenger's rollout ends with a decision (Promoted or RolledBack); a signed webhook
-   retrain creates exactly one training run.
+   valid), a challenger's rollout ends with a decision (Promoted or RolledBack); the labels of the drifted
+   rows land late (outcome ingest) and a monitoring run fills in their windows' realized metric beside the
+   estimate; a signed webhook retrain creates exactly one training run.
 
 Pure: the demo gathers the observations (flows/demo.py), `check_story` judges them. A rollout that could
 not happen because no stack runs is reported by `skipped_checks`, not as a failure: the stack is what
@@ -160,6 +161,26 @@ class WindowSeen:
     status: str  # ok | drift | too_few_rows
     alarm: bool
     decisions: tuple[str, ...] = ()  # "<kind>: <outcome> (<reason>)"
+    key: str = ""  # the window's key (flywheel.monitoring.history.window_key)
+    end: datetime | None = None
+    estimated_roc_auc: float | None = None  # the label-free estimate when it was judged
+
+
+@dataclass(frozen=True)
+class RealizedSeen:
+    """A drifted window's realized performance, filled in after its labels landed late: beside the estimate."""
+
+    window: int  # 1-based, as the demo numbered them
+    scored_rows: int
+    labelled_rows: int
+    min_labelled_rows: int
+    realized_roc_auc: float | None
+    estimated_roc_auc: float | None  # the estimate on the same labelled rows
+    roc_auc_error: float | None
+
+    @property
+    def realized(self) -> bool:
+        return self.labelled_rows >= self.min_labelled_rows and self.realized_roc_auc is not None
 
 
 @dataclass(frozen=True)
@@ -211,6 +232,8 @@ class LifecycleSeen:
     retrain: RetrainSeen | None  # None: no decision fired, nothing to follow
     rollout: RolloutSeen | None  # None: the retrain registered no challenger
     webhook: WebhookSeen | Skipped
+    # the drifted windows' evaluations after their labels landed late; Skipped: why no labels landed
+    realized: tuple[RealizedSeen, ...] | Skipped = ()
 
 
 def check_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:
@@ -218,7 +241,8 @@ def check_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:
     if seen is None or isinstance(seen, Skipped):
         return []  # not run (reported by skipped_lifecycle)
     return [*_check_alarm(seen.windows), *_check_decisions(seen.drift_decisions),
-            *_check_retrain(seen.retrain, seen.rollout), *_check_webhook(seen.webhook)]
+            *_check_retrain(seen.retrain, seen.rollout), *_check_realized(seen.realized),
+            *_check_webhook(seen.webhook)]
 
 
 def skipped_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:
@@ -268,6 +292,16 @@ def _check_retrain(retrain: RetrainSeen | None, rollout: RolloutSeen | None) -> 
     if rollout.state not in FINAL_ROLLOUT:
         ended = f"rollout ended {rollout.state}" if rollout.state else "rollout not seen to end"
         return [f"step 4: no rollout decision on challenger v{retrain.version}: {ended}{_why(rollout.detail)}"]
+    return []
+
+
+def _check_realized(realized: tuple[RealizedSeen, ...] | Skipped) -> list[str]:
+    if isinstance(realized, Skipped):
+        return [f"step 4: no realized metric beside the estimate: {realized.reason}"]
+    if not any(r.realized for r in realized):
+        shown = "; ".join(f"window {r.window}: {r.labelled_rows} of {r.scored_rows} rows labelled (realized from "
+                          f"{r.min_labelled_rows})" for r in realized) or "no drifted window was evaluated"
+        return [f"step 4: the late labels filled in no realized metric beside the estimate ({shown})"]
     return []
 
 

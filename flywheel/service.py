@@ -73,7 +73,8 @@ class PredictRequest(BaseModel):
     entities: list[StrictInt | StrictStr] | None = Field(None, min_length=1, description="entity ids")
     rows: list[dict[str, Any]] | None = Field(
         None, min_length=1, description="raw feature values, one object per row; every feature, null for unknown; "
-        "the entity id may be included (routing stickiness, logging)"
+        "the entity id may be included (routing stickiness, logging), and the dataset's timestamp column, the "
+        "feature snapshot the row is (ISO 8601 with offset): logged as its feature_time, so its outcome joins"
     )
     explain: StrictBool = Field(False, description="return (and log) per-feature contributions")
 

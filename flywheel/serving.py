@@ -350,13 +350,35 @@ def explainer_for(slot: ModelSlot) -> Explainer:
 # ---------------------------------------------------------------------------------- input checking
 
 
+def snapshot_time(value: Any) -> datetime | None:
+    """A raw row's named feature snapshot (the dataset's timestamp column): ISO 8601 with a UTC offset, or
+    null. ValueError when it is anything else: a snapshot without an offset could be any hour."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 time with its offset, got {type(value).__name__} {value!r}")
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    if at.tzinfo is None:
+        raise ValueError(f"{value!r} has no UTC offset (e.g. 2026-03-01T00:00:00Z)")
+    return at.astimezone(UTC)
+
+
 def check_rows(rows: list[dict[str, Any]], dataset: DatasetDefinition) -> list[str]:
-    """Problems with raw feature rows (missing/extra features, wrong types, NaN, out of domain)."""
+    """Problems with raw feature rows (missing/extra features, wrong types, NaN, out of domain, a named
+    snapshot time that is not an ISO time with its offset)."""
     specs = {f.name: f for f in dataset.features}
     problems: list[str] = []
     for i, row in enumerate(rows):
         missing = [f for f in specs if f not in row]
-        extra = sorted(k for k in row if k not in specs and k != dataset.entity)
+        extra = sorted(k for k in row if k not in specs and k not in (dataset.entity, dataset.timestamp))
+        if dataset.timestamp in row:
+            try:
+                snapshot_time(row[dataset.timestamp])
+            except ValueError as exc:
+                problems.append(f"rows[{i}].{dataset.timestamp}: {exc}")
         if missing:
             problems.append(f"rows[{i}]: missing feature(s) {missing} (send null for an unknown value)")
         if extra:
@@ -768,7 +790,10 @@ class ServingState:
         for i, (arm, _) in enumerate(routes):
             groups.setdefault(arm, []).append(i)
         values: dict[Arm, list[dict[str, Any]]] = {}
-        row_times: list[datetime | None] = [None] * n  # the feature snapshot each row was scored on
+        # the feature snapshot each row was scored on: the online store's, or the one a raw row names
+        row_times: list[datetime | None] = [None] * n
+        if rows is not None and entities is None:
+            row_times = [snapshot_time(r.get(self.dataset.timestamp)) for r in rows]
         if entities is not None:
             unknown: list[Any] = []
             for arm, idx in groups.items():
@@ -924,7 +949,7 @@ def _record(
     shadow: bool, feature_time: datetime | None = None,
 ) -> dict[str, Any]:
     """One prediction-log record; `feature_time` is the event time of the feature snapshot scored (the
-    online store's; None for raw rows), which joins the prediction to its outcome later."""
+    online store's, or the one a raw row named; else None), which joins the prediction to its outcome later."""
     features = {f: (None if _missing(vals.get(f)) else vals.get(f)) for f in (slot.features if slot else vals)}
     return {
         "at": at, "request_id": request_id, "entity": r.entity, "model": r.model, "version": r.version,

@@ -264,11 +264,15 @@ def performance_signal(reading: Performance | Estimate, policy: PerformanceRule,
 def volume_signal(new_labelled_rows: int, policy: VolumeRule, *, model: str, occurred: datetime,
                   since: datetime | None, event_id: str | None = None) -> Signal:
     """New labelled rows since the last training (`since`) against `min_new_labelled_rows`. The default event
-    id names the training it counts from: the volume fires once per training."""
+    id names the training it counts from and how many times over the threshold the volume is
+    (`volume_reached:<model>:<last training>:x<k>`): it fires once per training and multiple, so a volume held
+    by the cooldown is decided again when it doubles. The monitoring run and the ingest runs count the same
+    rows, so they name the same condition alike and dedupe decides it once."""
     if new_labelled_rows < 0:
         raise ValueError("new_labelled_rows must be >= 0")
-    event_id = event_id or f"volume_reached:{model}:{iso_seconds(since) if since else 'never-trained'}"
     n, need = new_labelled_rows, policy.min_new_labelled_rows
+    event_id = event_id or (f"volume_reached:{model}:{iso_seconds(since) if since else 'never-trained'}"
+                            f":x{max(n // need, 1)}")
     since_text = f"since {iso_seconds(since)}" if since else "with no training yet"
     return Signal(kind="volume_reached", model=model, event_id=event_id, occurred=occurred,
                   evidence={"new_labelled_rows": n, "min_new_labelled_rows": need,
@@ -351,22 +355,18 @@ class ChampionState(_Strict):
 
     model: str
     version: str  # the champion's
-    registered_at: AwareDatetime  # the champion's registration (its training): volume counts from it
-    new_labelled_rows: int = Field(ge=0)  # outcome rows arrived since `registered_at`
+    registered_at: AwareDatetime  # the champion's registration: staleness counts from it
+    last_training_at: AwareDatetime | None = None  # the newest version's first alias (tasks/landing.py)
+    new_labelled_rows: int = Field(ge=0)  # labelled rows (batch labels + outcomes) arrived since last_training_at
     last_outcome_at: AwareDatetime | None = None  # the latest outcome arrival (any snapshot)
     last_monitoring_at: AwareDatetime | None = None  # the latest judged window before this run
 
 
 def loop_signals(state: ChampionState, policy: TriggerPolicy, now: datetime) -> list[Signal]:
-    """The volume and staleness signals of the champion. Event ids name the champion version and, for
-    volume, how many times over the threshold it is (`volume_reached:<model>:v<version>:x<k>`: it fires once
-    per multiple of `min_new_labelled_rows`, so a condition held by the cooldown is decided again only when
-    the volume doubles), for staleness how many `max_age` periods it has served."""
-    volume = policy.rules.volume_reached
-    multiple = state.new_labelled_rows // volume.min_new_labelled_rows
-    signals = [volume_signal(state.new_labelled_rows, volume, model=state.model, occurred=now,
-                             since=state.registered_at,
-                             event_id=f"volume_reached:{state.model}:v{state.version}:x{max(multiple, 1)}")]
+    """The volume and staleness signals of the champion. Volume counts from the last training and is named as
+    the ingest runs name it (`volume_signal`); staleness by how many `max_age` periods the version served."""
+    signals = [volume_signal(state.new_labelled_rows, policy.rules.volume_reached, model=state.model,
+                             occurred=now, since=state.last_training_at)]
     signals.append(staleness_signal(state.registered_at, now, policy.rules.model_stale, model=state.model,
                                      version=state.version))
     # the evidence names the champion the figures are about

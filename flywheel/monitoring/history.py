@@ -203,11 +203,15 @@ class MonitoringHistory:
                                 ).scalar_one()
         return _aware(last) if last is not None else None
 
-    def windows(self, model: str, reference: str | None = None) -> list[WindowRecord]:
-        """Every recorded window of `model` (one series when `reference` is given), in time order."""
+    def windows(self, model: str, reference: str | None = None, ended_since: datetime | None = None
+                ) -> list[WindowRecord]:
+        """Every recorded window of `model` (one series when `reference` is given; only those that ended at
+        or after `ended_since` when it is given), in time order."""
         q = sa.select(windows).where(windows.c.model == model)
         if reference is not None:
             q = q.where(windows.c.reference == reference)
+        if ended_since is not None:
+            q = q.where(windows.c.window_end >= _naive(ended_since))
         return self._records(q.order_by(windows.c.window_end, windows.c.id))
 
     def trend(self, model: str, reference: str | None = None) -> pd.DataFrame:

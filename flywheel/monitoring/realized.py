@@ -175,11 +175,15 @@ class PerformanceHistory:
         with self._engine.begin() as conn:
             return int(conn.execute(performance.insert().values(**row)).inserted_primary_key[0])
 
-    def evaluations(self, model: str, reference: str | None = None) -> list[WindowPerformance]:
-        """Every evaluation of `model`'s windows (one series when `reference` is given), oldest first."""
+    def evaluations(self, model: str, reference: str | None = None, ended_since: datetime | None = None
+                    ) -> list[WindowPerformance]:
+        """Every evaluation of `model`'s windows (one series when `reference` is given; of windows that ended
+        at or after `ended_since` when it is given), oldest first."""
         q = sa.select(performance).where(performance.c.model == model)
         if reference is not None:
             q = q.where(performance.c.reference == reference)
+        if ended_since is not None:
+            q = q.where(performance.c.window_end >= _naive(ended_since))
         with self._engine.connect() as conn:
             rows = conn.execute(q.order_by(performance.c.id)).mappings().all()
         out = []
@@ -190,9 +194,10 @@ class PerformanceHistory:
             out.append(WindowPerformance.model_validate(d))
         return out
 
-    def latest(self, model: str, reference: str | None = None) -> dict[str, WindowPerformance]:
+    def latest(self, model: str, reference: str | None = None, ended_since: datetime | None = None
+               ) -> dict[str, WindowPerformance]:
         """Window key -> its latest evaluation (its current realized figure)."""
-        return {e.key: e for e in self.evaluations(model, reference)}
+        return {e.key: e for e in self.evaluations(model, reference, ended_since)}
 
 
 def realized_reading(rec: WindowPerformance | None) -> Any:
@@ -222,8 +227,8 @@ def refresh_realized(history_url: str, log_url: str, outcomes_url: str, dataset:
         return []
     history = MonitoringHistory(history_url)
     try:
-        windows = [w for w in history.windows(model) if w.version is not None and w.rows > 0
-                   and w.window_end >= now - lookback and w.window_start < now]
+        windows = [w for w in history.windows(model, ended_since=now - lookback)
+                   if w.version is not None and w.rows > 0 and w.window_start < now]
     finally:
         history.close()
     if not windows:
@@ -234,7 +239,7 @@ def refresh_realized(history_url: str, log_url: str, outcomes_url: str, dataset:
     perf = PerformanceHistory(history_url)
     updates: list[WindowPerformance] = []
     try:
-        latest = perf.latest(model)
+        latest = perf.latest(model, ended_since=now - lookback)
         for version in sorted({str(w.version) for w in windows}):
             series = sorted((w for w in windows if w.version == version), key=lambda w: w.window_start)
             served = read_served_predictions(log_url, model, version, series[0].window_start,

@@ -79,6 +79,7 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
            in flat, _tail(out)
     assert "lifecycle checked: drift alarm at window 2, one drift trigger fired" in flat, _tail(out)
     assert "Timeline" in out and "4. window 3" in out and "4. webhook" in out, _tail(out)
+    assert "late labels: realized ROC AUC" in flat and "4. outcomes" in out, _tail(out)
 
     # -------------------------------------------------------------- the outcomes, read back from the stores
     from flywheel.audit import AuditLog
@@ -118,6 +119,22 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     assert by_trigger[0]["state"]["name"] in ("Completed", "Rejected"), by_trigger[0]["state"]
     hooked = [r for r in trained if r["parameters"]["params"].get("reason", "").startswith("demo step 4: a signed")]
     assert len(hooked) == 1, [r["parameters"] for r in trained]
+
+    # the drifted windows' realized performance, filled in after their labels landed, beside the estimate
+    from flywheel.monitoring.history import MonitoringHistory
+    from flywheel.monitoring.realized import PerformanceHistory
+
+    history, perf = MonitoringHistory(settings.audit_db_url), PerformanceHistory(settings.audit_db_url)
+    try:
+        drifted = {w.key: w for w in history.windows("churn") if w.status == "drift" and w.rows >= 500}
+        filled = [e for e in perf.evaluations("churn") if e.key in drifted and e.realized]
+    finally:
+        history.close()
+        perf.close()
+    assert filled, [(e.key, e.labelled_rows) for e in perf.evaluations("churn")]
+    assert all(e.realized_roc_auc is not None and e.estimated_roc_auc is not None for e in filled), filled
+    assert all(drifted[e.key].estimated_roc_auc is not None for e in filled), "estimated when it was served"
+    assert all(e.outcomes_as_of > drifted[e.key].window_end for e in filled), "the labels landed after the window"
 
     # -------------------------------------------------------------- and the stack stops
     down = st.cli("down", timeout=180)

@@ -307,6 +307,20 @@ def test_raw_row_with_nulls_is_imputed(service: Service) -> None:
     assert r.json()["predictions"][0]["imputed"] == ["avg_session_minutes", "payment_method"]
 
 
+def test_a_raw_row_naming_its_snapshot_logs_it_as_feature_time(service: Service) -> None:
+    """A raw row may name the feature snapshot it is (the dataset's timestamp): logged as its feature_time, so
+    its outcome can join it later; a row that names none logs none."""
+    named = {**GOOD_ROW, "customer_id": 7, "event_timestamp": "2026-03-01T00:00:00Z"}
+    r = service.predict(rows=[named, GOOD_ROW])
+    assert r.status_code == 200, r.text
+    rows = service.log_rows(r.json()["request_id"], expect=2)
+    assert pd.Timestamp(rows[0]["feature_time"]).tz_localize(None) == pd.Timestamp("2026-03-01"), rows[0]
+    assert rows[0]["entity"] == "7" and rows[1]["feature_time"] is None
+    assert "event_timestamp" not in json.loads(rows[0]["features"]), "the snapshot time is not a feature"
+    bad = service.predict(rows=[{**GOOD_ROW, "event_timestamp": "2026-03-01"}])
+    assert bad.status_code == 422 and "no UTC offset" in bad.text, bad.text
+
+
 def test_admin_endpoints_need_the_token(service: Service) -> None:
     assert service.http.post("/admin/reload").status_code == 401
     assert service.http.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -15,6 +15,7 @@ from flywheel.demo_story import (
     DecisionSeen,
     DemoStory,
     LifecycleSeen,
+    RealizedSeen,
     RetrainSeen,
     RolloutSeen,
     RolloutSkipped,
@@ -196,8 +197,10 @@ NO_ALARM = DecisionSeen(id="d0", outcome="suppressed", suppressed_by="below_thre
 FIRED = DecisionSeen(id="d1", outcome="fire", suppressed_by=None, reason="drift alarm", flow_run_id="r1")
 COOLED = DecisionSeen(id="d2", outcome="suppressed", suppressed_by="cooldown", reason="cooldown until 14:00")
 RETRAIN = RetrainSeen(run_id="r1", state="Completed", version="4", outcome="challenger")
+REALIZED = tuple(RealizedSeen(window=n, scored_rows=600, labelled_rows=600, min_labelled_rows=500,
+                              realized_roc_auc=0.80, estimated_roc_auc=0.82, roc_auc_error=0.02) for n in (1, 2, 3))
 LIFECYCLE = LifecycleSeen(windows=WINDOWS, drift_decisions=(NO_ALARM, FIRED, COOLED), retrain=RETRAIN,
-                          rollout=PROMOTED, webhook=WebhookSeen(status_code=202, runs_created=1))
+                          rollout=PROMOTED, webhook=WebhookSeen(status_code=202, runs_created=1), realized=REALIZED)
 
 
 def _only4(seen: LifecycleSeen) -> str:
@@ -214,6 +217,24 @@ def test_a_rejected_retrain_and_a_rolled_back_one_are_valid_outcomes() -> None:
     assert check_story(replace(GOOD, lifecycle=replace(LIFECYCLE, retrain=rejected, rollout=None))) == []
     rolled_back = RolloutSeen(state="RolledBack", detail="guard breach", aliases_after={"champion": "2"})
     assert check_story(replace(GOOD, lifecycle=replace(LIFECYCLE, rollout=rolled_back))) == []
+
+
+def test_late_labels_that_filled_in_no_realized_metric_fail() -> None:
+    short = tuple(replace(r, labelled_rows=120, realized_roc_auc=None) for r in REALIZED)
+    line = _only4(replace(LIFECYCLE, realized=short))
+    assert line.startswith("step 4: the late labels filled in no realized metric beside the estimate (window 1: "
+                           "120 of 600 rows labelled (realized from 500)"), line
+    assert _only4(replace(LIFECYCLE, realized=())).endswith("(no drifted window was evaluated)")
+
+
+def test_one_window_realized_is_enough() -> None:
+    some = (REALIZED[0], *(replace(r, labelled_rows=0, realized_roc_auc=None) for r in REALIZED[1:]))
+    assert check_story(replace(GOOD, lifecycle=replace(LIFECYCLE, realized=some))) == []
+
+
+def test_labels_that_could_not_land_fail_naming_why() -> None:
+    line = _only4(replace(LIFECYCLE, realized=Skipped("the outcome batch was quarantined: ...")))
+    assert line == "step 4: no realized metric beside the estimate: the outcome batch was quarantined: ..."
 
 
 def test_no_drift_alarm_in_any_window_fails() -> None:

@@ -248,6 +248,23 @@ def test_reading_recent_arrivals_keeps_each_snapshots_first_arrival(tmp_path: Pa
         store.close()
 
 
+def test_arrivals_counts_what_arrived_in_the_period_and_the_latest_known(tmp_path: Path, churn: DatasetDefinition
+                                                                          ) -> None:
+    """What the volume trigger counts (rows arrived after the champion's registration, known by now) and the
+    liveness check watches (the latest arrival known by now)."""
+    store = OutcomeStore(f"sqlite:///{tmp_path}/flywheel.db")
+    try:
+        assert store.arrivals("churn", None, h(10)) == (0, None), "nothing ever arrived"
+        store.ingest(outcome_rows(_batch(label_available_at=pd.to_datetime([h(0)] * 3, utc=True)), churn), churn, "a")
+        store.ingest(outcome_rows(_batch(label_available_at=pd.to_datetime([h(4)] * 3, utc=True)), churn), churn, "b")
+        store.ingest(outcome_rows(_batch(label_available_at=pd.to_datetime([h(20)] * 3, utc=True)), churn), churn, "c")
+        assert store.arrivals("churn", h(1), h(10)) == (3, h(4)), "after h1, by h10: batch b; c is not known yet"
+        assert store.arrivals("churn", None, h(30)) == (9, h(20))
+        assert store.arrivals("other", None, h(30)) == (0, None)
+    finally:
+        store.close()
+
+
 def test_a_failing_file_is_quarantined_and_nothing_is_stored(tmp_path: Path, churn: DatasetDefinition) -> None:
     url = f"sqlite:///{tmp_path}/flywheel.db"
     bad = tmp_path / "labels_2026-03-31.parquet"

@@ -184,6 +184,8 @@ def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logge
 
 def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: Any) -> None:
     assert check_rows([GOOD, {**GOOD, "avg_session_minutes": None, "customer_id": 5}], dataset) == []
+    named = [{**GOOD, "event_timestamp": "2026-03-01T00:00:00Z"}, {**GOOD, "event_timestamp": None}]
+    assert check_rows(named, dataset) == [], "a raw row may name its feature snapshot (or send null)"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +208,9 @@ def test_check_rows_accepts_a_good_row_and_nulls_of_nullable_features(dataset: A
         ({"tenure_months": -(10**320)}, "tenure_months: is too large a number (321 digits)"),
         ({"payment_delay_days": 10**300}, "payment_delay_days: 1e+300 is above the maximum 365"),
         ({"customer_id": 10**500}, "customer_id: id of 501 digits is outside the 64-bit integer range"),
+        ({"event_timestamp": "2026-03-01"}, "event_timestamp: '2026-03-01' has no UTC offset"),
+        ({"event_timestamp": 1772323200}, "event_timestamp: expected an ISO 8601 time"),
+        ({"event_timestamp": "yesterday"}, "'yesterday' is not an ISO 8601 time"),
     ],
 )
 def test_check_rows_names_what_is_wrong(dataset: Any, change: dict[str, Any], needle: str) -> None:

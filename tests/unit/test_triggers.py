@@ -229,7 +229,7 @@ def test_volume_fires_at_n_new_labelled_rows_and_not_one_below() -> None:
     assert below.verdict == "too_few_rows" and "4999 new labelled rows since" in below.detail
     assert decide(below, History(), POLICY, False, T0).reason.startswith("too few rows: 4999 new labelled rows")
     assert at.verdict == "met" and decide(at, History(), POLICY, False, T0).outcome == "fire"
-    assert at.event_id == below.event_id == f"volume_reached:churn:{since.isoformat()}", \
+    assert at.event_id == below.event_id == f"volume_reached:churn:{since.isoformat()}:x1", \
         "one event id per training: the volume fires once until the next training"
 
 

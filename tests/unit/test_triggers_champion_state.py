@@ -23,7 +23,10 @@ NOTIFY = NotifyConfig()
 
 def state(rows: int = 0, age: timedelta = timedelta(days=1), outcome_ago: timedelta | None = timedelta(hours=1),
           monitored_ago: timedelta | None = timedelta(hours=1), version: str = "3") -> ChampionState:
-    return ChampionState(model="churn", version=version, registered_at=T0 - age, new_labelled_rows=rows,
+    # each version trained when it was registered (days apart, so a new champion is a new training)
+    trained = T0 - age + timedelta(minutes=int(version))
+    return ChampionState(model="churn", version=version, registered_at=T0 - age, last_training_at=trained,
+                     new_labelled_rows=rows,
                      last_outcome_at=T0 - outcome_ago if outcome_ago is not None else None,
                      last_monitoring_at=T0 - monitored_ago if monitored_ago is not None else None)
 
@@ -49,7 +52,8 @@ def test_a_quiet_fresh_champion_fires_nothing_and_raises_no_alarm(db: str) -> No
 def test_volume_alone_fires_once_per_multiple_of_the_threshold(db: str) -> None:
     decided, _ = act(db, state(rows=5000))
     assert decided["volume_reached"].outcome == "fire" and decided["model_stale"].outcome == "suppressed"
-    assert decided["volume_reached"].event_id == "volume_reached:churn:v3:x1"
+    trained = (T0 - timedelta(days=1) + timedelta(minutes=3)).isoformat()
+    assert decided["volume_reached"].event_id == f"volume_reached:churn:{trained}:x1"
     assert decided["volume_reached"].evidence["version"] == "3"
     again, _ = act(db, state(rows=7000), T0 + timedelta(hours=7))  # after the cooldown: the same condition
     assert again["volume_reached"].suppressed_by == "duplicate", again["volume_reached"].reason
@@ -111,5 +115,6 @@ def test_silent_outcomes_alone_are_an_alarm(db: str) -> None:
 
 def test_loop_signals_name_the_champion_in_their_evidence() -> None:
     volume, stale = loop_signals(state(rows=12_000), POLICY, T0)
-    assert volume.event_id == "volume_reached:churn:v3:x2" and volume.evidence["new_labelled_rows"] == 12_000
+    trained = (T0 - timedelta(days=1) + timedelta(minutes=3)).isoformat()
+    assert volume.event_id == f"volume_reached:churn:{trained}:x2" and volume.evidence["new_labelled_rows"] == 12_000
     assert stale.evidence["version"] == "3" and stale.verdict == "below_threshold"
