@@ -23,11 +23,13 @@ from tasks.monitor import (
     assess_window,
     estimate_window_performance,
     load_reference_profile,
+    log_monitoring_run,
     previous_window_statuses,
     publish_window_summary,
     read_window,
     record_window,
     refresh_realized_performance,
+    window_metrics,
     write_window_report,
 )
 from tasks.triggers import act_on_champion_state, act_on_realized, act_on_window, read_champion_state
@@ -60,6 +62,7 @@ class MonitoringResult(BaseModel):
     report: str | None
     decisions: list[str]  # each trigger decision: "<kind>: <outcome> (<reason>)", volume and staleness last
     liveness_alarms: list[str]  # a silent loop (monitoring, outcomes): each alarm's summary
+    mlflow_run: str  # the window's MLflow run (experiment settings.monitor.mlflow_experiment)
 
 
 @flow(name="monitoring", log_prints=True)
@@ -109,8 +112,11 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     realized = refresh_realized_performance(
         ctx.audit_db_url, settings.store_url(settings.serve.prediction_log_url), ctx.audit_db_url, dataset, model,
         end, perf, triggers.rules.performance_degraded.min_labelled_rows, ctx.train.seed, now)
-    publish_window_summary(model, reference, start, end, assessment, estimate, report, realized)
+    summary = publish_window_summary(model, reference, start, end, assessment, estimate, report, realized)
     current = next((u for u in realized if u.key == rec.key), None)
+    mlflow_run = log_monitoring_run(ctx.tracking_uri, ctx.artifact_location, settings.monitor.mlflow_experiment,
+                                    model, version, reference, rec.key, window_metrics(assessment, estimate, current),
+                                    summary, report)
     decisions = act_on_window(model, rec.key, end, assessment.verdict, estimate, str(report) if report else None,
                               triggers, settings.notify, ctx.audit_db_url, now, current)
     decisions += act_on_realized(model, realized, rec.key, triggers, settings.notify, ctx.audit_db_url, now)
@@ -125,5 +131,5 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
         realized=[f"{u.key}: {u.summary()}" for u in realized], window_id=window_id, window=rec.key,
         report=str(report) if report else None,
         decisions=[f"{d.kind}: {d.outcome} ({d.reason})" for d in [*decisions, *loop_decisions]],
-        liveness_alarms=[a.summary for a in silences],
+        liveness_alarms=[a.summary for a in silences], mlflow_run=mlflow_run,
     )

@@ -244,6 +244,8 @@ class MonitorConfig(Section):
     (`stores.audit_db_url`), reports under `paths.reports_dir`/monitoring."""
 
     policy_file: Path = Path("configs/monitoring.yaml")
+    # each judged window is also an MLflow run here (metrics to plot, the Evidently report as an artifact)
+    mlflow_experiment: str = "flywheel-monitoring"
 
 
 class StackConfig(Section):

@@ -194,3 +194,46 @@ def publish_window_summary(model_name: str, reference: str, start: datetime, end
                                  description=f"{model_name} {reference}: {verdict.status}"
                                  + (" ALARM" if verdict.alarm else ""))
     return markdown
+
+
+def window_metrics(assessment: WindowAssessment, estimate: Estimate | None,
+                   realized: WindowPerformance | None) -> dict[str, float]:
+    """The window's key numbers as MLflow metrics (per-feature drift scores as `drift.<feature>`)."""
+    verdict, drift = assessment.verdict, assessment.drift
+    metrics = {"rows": float(verdict.rows), "share_drifted": verdict.share_drifted,
+               "drift_alarm": float(verdict.alarm), "drift_streak": float(verdict.streak),
+               "data_quality_alarm": float(verdict.data_quality_alarm)}
+    metrics.update({f"drift.{c.column}": c.score for c in drift.columns if c.score is not None})
+    if drift.prediction is not None and drift.prediction.score is not None:
+        metrics["prediction_drift"] = drift.prediction.score
+    if estimate is not None:
+        metrics.update({"estimated_roc_auc": estimate.roc_auc.value, "estimated_accuracy": estimate.accuracy.value})
+    if realized is not None and realized.realized_roc_auc is not None:
+        metrics["realized_roc_auc"] = realized.realized_roc_auc
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+@task(name="log_monitoring_run", task_run_name="mlflow-{model_name}-{reference}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def log_monitoring_run(tracking_uri: str, artifact_location: str, experiment: str, model_name: str, version: str,
+                       reference: str, window_key: str, metrics: dict[str, float], summary: str,
+                       report: Path | None) -> str:
+    """One MLflow run per judged window: its metrics in one batch, the summary as the run's description and
+    the Evidently report as an artifact. The run's id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from tasks.train import ensure_experiment
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, artifact_location, run_logger("flywheel.monitor"))
+    run = client.create_run(experiment_id, run_name=f"{model_name} v{version} {window_key.rsplit(':', 1)[-1]}",
+                            tags={"flywheel.model": model_name, "flywheel.version": str(version),
+                                  "flywheel.reference": reference, "flywheel.window": window_key,
+                                  "mlflow.note.content": summary})
+    stamp = int(datetime.now().timestamp() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in sorted(metrics.items())])
+    if report is not None and Path(report).exists():
+        client.log_artifact(run.info.run_id, str(report), "report")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -56,7 +56,7 @@ class TrainOutcome(BaseModel):
         return {"flywheel.family": self.family, "flywheel.params": json.dumps(self.params, sort_keys=True)}
 
 
-def _experiment_id(client: Any, name: str, artifact_location: str, log: Any) -> str:
+def ensure_experiment(client: Any, name: str, artifact_location: str, log: Any) -> str:
     from mlflow.exceptions import MlflowException
 
     location = artifact_location if "://" in artifact_location else _as_uri(artifact_location)
@@ -166,7 +166,7 @@ def train_model(
     log = run_logger("flywheel.train")
     timer = StageTimer()
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_id = _experiment_id(client, cfg.experiment, artifact_location, log)
+    experiment_id = ensure_experiment(client, cfg.experiment, artifact_location, log)
     counts = split.counts()
 
     tags: dict[str, Any] = {"dataset": dataset.name, "stage": "train", **lineage}

@@ -111,6 +111,18 @@ def test_calm_traffic_raises_nothing_and_drift_alarms_after_persistence(home: Pa
     assert "below threshold: champion v1 is" in calm.decisions[3], calm.decisions
     assert calm.liveness_alarms == [], "monitoring and outcomes are within their silences of the champion's start"
     assert first.decisions[0].startswith("drift_detected: suppressed"), first.decisions
+    # each window is an MLflow run of its own: key numbers as metrics, the Evidently report as an artifact
+    from mlflow import MlflowClient
+
+    uri = _settings(home).mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(second.mlflow_run)
+    assert run.data.metrics["drift_alarm"] == 1 and run.data.metrics["rows"] == WINDOW_ROWS, run.data.metrics
+    assert run.data.metrics["share_drifted"] > 0 and "estimated_roc_auc" in run.data.metrics
+    assert any(k.startswith("drift.") for k in run.data.metrics) and run.data.tags["flywheel.version"] == "1"
+    assert client.list_artifacts(second.mlflow_run) == [], "no report asked for that window (report=False)"
+    assert client.get_run(calm.mlflow_run).data.metrics["drift_alarm"] == 0
+    assert [a.path for a in client.list_artifacts(calm.mlflow_run)] == ["report"]
     assert second.decisions[0].startswith("drift_detected: fire"), second.decisions
 
     _serve(home, 3, covariate_drift=1.0, seed=203)
