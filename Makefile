@@ -7,7 +7,7 @@ export UV_PYTHON := $(PYTHON)
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: env demo test test-fast lint bench bench-serving bench-inference clean
+.PHONY: env browsers demo test test-fast lint bench bench-serving bench-inference clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -20,7 +20,15 @@ demo: env
 	export FLYWHEEL_WEBHOOK_SECRET="$${FLYWHEEL_WEBHOOK_SECRET:-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')}"; \
 	FLYWHEEL_ROLLOUT__STRATEGY=demo $(RUN) flywheel up && $(RUN) flywheel demo
 
-test: env
+# Debian's chromium for the browser test (tests/e2e/test_ui_browser.py drives it with Playwright; Playwright's
+# own browser download needs the internet). Without root or a package mirror it says so and the test skips.
+browsers:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 && \
+	  echo "installed chromium"; } || \
+	  echo "chromium could not be installed (needs root, apt-get and a Debian mirror): the browser test skips"
+
+test: env browsers
 	$(RUN) ruff check .
 	$(RUN) pytest -q
 

@@ -137,7 +137,7 @@ def _summary(ctx: Any, result: TrainingResult, report: Any, experiment_id: str, 
     ui = ctx.settings.mlflow_ui_url
     champion = report.champion_version
     verdict = {
-        "rejected": f"rejected: failed {', '.join(result.failed_rules)}",
+        "rejected": f"failed gates: {', '.join(result.failed_rules)}",
         "champion": "passed its gates; first champion",
         "challenger": f"passed its gates against champion v{champion}; now challenger, the rollout takes it on",
     }.get(result.outcome, f"{result.outcome}: {reason}")

@@ -265,7 +265,9 @@ class Registry:
 
     def _store_digests(self, name: str, version: str, run_id: str | None, digests: dict[str, str]) -> None:
         text = json.dumps(digests, sort_keys=True)
-        if len(text) <= TAG_MAX_CHARS:
+        # the digests (~700 characters for a model's seven files) would bury the version's few short tags in the
+        # UI: they go to the run as an artifact, guarded by a short sha256 tag; a tag only without a run
+        if not run_id and len(text) <= TAG_MAX_CHARS:
             self.client.set_model_version_tag(name, version, TAG_DIGESTS, text)
             return
         if not run_id:

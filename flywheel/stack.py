@@ -347,10 +347,12 @@ def _recorded_alive(directory: Path, name: str) -> bool:
 
 
 def mlflow_ui_command(settings: Settings) -> list[str]:
+    # one worker: with its default four, uvicorn's supervisor kills each worker that misses its 5 s health
+    # check while still importing MLflow, so on a busy 2-core machine the UI never came up (seen here)
     return [str(Path(sys.executable).with_name("mlflow")), "ui",
             "--backend-store-uri", settings.mlflow_tracking_uri,
             "--default-artifact-root", settings.mlflow_artifact_location,
-            "--host", settings.stack.host, "--port", str(settings.stack.mlflow_ui_port)]
+            "--host", settings.stack.host, "--port", str(settings.stack.mlflow_ui_port), "--workers", "1"]
 
 
 # ------------------------------------------------------------------------------------------ up / down

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from flywheel.runsummary import OUTCOME_TAG_PREFIX, RunSummary, slug
 from tasks._prefect import in_run, run_logger
 
@@ -39,12 +36,14 @@ def describe_mlflow_run(tracking_uri: str, run_id: str, note: str) -> None:
     MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_tag(run_id, "mlflow.note.content", note)
 
 
-@task(name="publish_run_summary", task_run_name="summary-{summary.model}", cache_policy=NO_CACHE)
 def publish_run_summary(summary: RunSummary, tracking_uri: str | None = None, mlflow_run_id: str | None = None,
                         event: str | None = None, payload: dict[str, Any] | None = None) -> RunSummary:
     """Name and tag the flow run by its outcome, attach the summary artifact, describe the MLflow run and
     emit `event` (about the model version) when given. The summary is a report: a failure here is logged,
-    never raised over the outcome it reports (so no retries either)."""
+    never raised over the outcome it reports.
+
+    A plain function, not a task: called in the flow, its artifact belongs to the flow run itself, so the run's
+    Artifacts tab starts with it (under "Flow run"), above the task runs' artifacts."""
     log = run_logger("flywheel.summary")
     summary = summary.model_copy(update={"prefect_run_url": summary.prefect_run_url or prefect_run_url()})
     try:

@@ -128,7 +128,7 @@ def test_sabotaged_candidate_is_rejected_and_nothing_moves(scenario: dict) -> No
     run, summary = _flow_run_and_summary(state)
     assert run.name == "churn-v3-rejected" and "outcome:rejected" in run.tags, (run.name, run.tags)
     assert "churn v3 vs champion v1" in state.message and "vs_champion" in state.message, state.message
-    assert "rejected: failed" in summary and "outcome:rejected" in summary
+    assert "failed gates: " in summary and "outcome:rejected" in summary
     note = _client(scenario).get_run(result.run_id).data.tags["mlflow.note.content"]
     assert "rejected" in note and f"/runs/flow-run/{run.id}" in note, note
 
