@@ -1,7 +1,8 @@
 """Search trials fanned out through Prefect's Dask task runner (prefect-dask), when train.parallelism asks.
 
-A local Dask cluster of `workers` processes (one thread each, no dashboard: its fixed port collides between
-runs) is started for the search and stopped after it; or the trials go to an existing cluster's `address`.
+A local Dask cluster of `workers` processes (one thread each, its dashboard on a free port: the default 8787
+collides between runs) is started for the search and stopped after it; or the trials go to an existing
+cluster's `address`.
 Each trial is a Prefect task run (`fit_trial`) on a Dask worker. The split travels once: a `stage_split`
 task holds it on a worker and every trial takes that task's future, so Dask moves the frame worker to worker
 at most once each instead of shipping it with every trial.
@@ -78,13 +79,13 @@ class TrialFanout:
 
 def task_runner(cfg: ParallelismConfig) -> Any:
     """Prefect's Dask task runner for these settings: an existing cluster, or a local one of `workers`
-    single-threaded processes without a dashboard."""
+    single-threaded processes, the dashboard on a free port."""
     from prefect_dask import DaskTaskRunner
 
     if cfg.address:
         return DaskTaskRunner(address=cfg.address)
     kwargs: dict[str, Any] = {"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
-                              "dashboard_address": None}
+                              "dashboard_address": ":0"}
     if cfg.memory_limit:
         kwargs["memory_limit"] = cfg.memory_limit
     return DaskTaskRunner(cluster_kwargs=kwargs)
