@@ -21,7 +21,8 @@ from tests.conftest import PROJECT
 
 BIN = Path(sys.executable).parent
 INTERPOLATION = re.compile(r"\$\{(\w+)(:\?[^}]*)?\}")
-SECRETS = {"POSTGRES_PASSWORD": "pw", "FLYWHEEL_ADMIN_TOKEN": "token", "FLYWHEEL_WEBHOOK_SECRET": "secret"}
+SECRETS = {"POSTGRES_PASSWORD": "pw", "FLYWHEEL_ADMIN_TOKEN": "token", "FLYWHEEL_WEBHOOK_SECRET": "secret",
+           "GRAFANA_ADMIN_PASSWORD": "grafana"}
 # variables read by the programs themselves, not Flywheel settings
 PROGRAM_VARS = {"PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
                 "PREFECT_UI_API_URL", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "GX_ANALYTICS_ENABLED",
@@ -58,8 +59,9 @@ def test_secrets_come_only_from_the_environment_and_are_required() -> None:
 
 def test_the_stack_has_every_service_the_loop_needs() -> None:
     services = _compose()["services"]
-    assert {"postgres", "redis", "prefect-server", "deploy", "worker", "mlflow", "service", "webhook"} <= set(services)
-    assert set(_ours(services)) == {"prefect-server", "deploy", "worker", "mlflow", "service", "webhook"}
+    assert {"postgres", "redis", "prefect-server", "migrate", "deploy", "worker", "mlflow", "service", "webhook",
+            "prometheus", "grafana"} <= set(services)
+    assert set(_ours(services)) == {"prefect-server", "migrate", "deploy", "worker", "mlflow", "service", "webhook"}
     assert all(svc["image"] == "flywheel:local" for svc in _ours(services).values()), "one image, built once"
 
 
@@ -131,7 +133,7 @@ def test_ports_health_checks_and_dependencies_agree() -> None:
                 assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no check"
             elif cond["condition"] == "service_completed_successfully":
                 assert services[dep].get("restart") == "no", f"{dep} must be a one-shot job"
-        if name == "deploy":
+        if svc.get("restart") == "no":  # one-shot jobs (migrate, deploy) end; nothing to check on
             continue
         assert "healthcheck" in svc, f"{name} has no health check"
         argv = _argv(svc) if "command" in svc else []
@@ -141,6 +143,15 @@ def test_ports_health_checks_and_dependencies_agree() -> None:
             assert any(p.endswith(f":{port}") for p in svc.get("ports", [])), f"{name}: {port} not published"
     assert services["deploy"]["depends_on"] == {"prefect-server": {"condition": "service_healthy"}}
     assert services["worker"]["depends_on"]["deploy"] == {"condition": "service_completed_successfully"}
+    for name in ("worker", "service", "webhook"):  # on PostgreSQL the application creates no table itself
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+    assert services["migrate"]["command"] == "flywheel db upgrade"
+    assert "FLYWHEEL_STORES__OWNER_DB_URL" in services["migrate"]["environment"]
+    prom = yaml.safe_load((PROJECT / "deployments/prometheus/prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    for name in ("service", "webhook"):  # Prometheus scrapes each on the port its command serves
+        port = _argv(services[name])[_argv(services[name]).index("--port") + 1]
+        assert f"{name}:{port}" in targets, (name, targets)
     assert services["webhook"]["depends_on"]["prefect-server"] == {"condition": "service_healthy"}
 
 
@@ -159,7 +170,7 @@ def test_volumes_are_declared_and_artifacts_shared_where_the_worker_writes() -> 
         for vol in svc.get("volumes", []):
             source, target = vol.split(":")[:2]
             if source.startswith("./"):
-                assert (PROJECT / source).is_file(), f"{name}: bind mount {source} does not exist"
+                assert (PROJECT / source).exists(), f"{name}: bind mount {source} does not exist"
             else:
                 assert source in declared, f"{name}: volume {source} is not declared"
                 mounts.setdefault(source, {})[name] = target
