@@ -108,6 +108,9 @@ def start_service(
         # a fresh connection per registry call, so a database that goes away is noticed at once
         "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",
         "PYTHONPATH": str(PROJECT),
+        # what `import feast` in a parent process leaves its children (a temp folder it deletes at exit):
+        # set here, not inherited, because an in-process import of flywheel.service elsewhere removes it
+        "PROMETHEUS_MULTIPROC_DIR": str(home / "feast-prometheus-multiproc"),
         **(env_extra or {}),
     }
     with log_path.open("wb") as out:
@@ -472,9 +475,8 @@ def test_metrics_count_requests_per_version_and_arm(service: Service) -> None:
     assert 'flywheel_http_requests_total{method="POST",path="/predict",status="404"}' in text
     # the monitoring history (empty here) was read from the project database at this scrape
     assert "flywheel_monitoring_up 1.0" in text
-    # this test process imported Feast, which set PROMETHEUS_MULTIPROC_DIR for its children: the service
-    # keeps its metrics in memory all the same (no files in Feast's temp folder, no warning per scrape)
-    assert os.environ.get("PROMETHEUS_MULTIPROC_DIR"), "precondition: Feast set it in this process"
+    # the service was started with PROMETHEUS_MULTIPROC_DIR set, as Feast leaves it for children
+    # (start_service): it keeps its metrics in memory all the same (no files, no warning per scrape)
     assert service.http.get("/metrics").status_code == 200
     assert "multi-process mode" not in service.output()
 

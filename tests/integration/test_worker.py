@@ -168,14 +168,16 @@ def wait_training_task(api: str, run_id: uuid.UUID, budget_s: float) -> None:
 def versions(home: Path, model: str = "churn") -> list[str]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{home}/data/mlflow.db")
+    uri = f"sqlite:///{home}/data/mlflow.db"  # the registry too: it defaults to the process-wide one
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     return sorted(str(v.version) for v in client.search_model_versions(f"name='{model}'"))
 
 
 def champion(home: Path, model: str = "churn") -> str:
     from mlflow import MlflowClient
 
-    return str(MlflowClient(f"sqlite:///{home}/data/mlflow.db").get_model_version_by_alias(model, "champion").version)
+    uri = f"sqlite:///{home}/data/mlflow.db"
+    return str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(model, "champion").version)
 
 
 def test_flywheel_deploy_registers_the_pool_deployments_and_crash_detection(deployed: str) -> None:

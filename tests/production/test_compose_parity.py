@@ -36,7 +36,8 @@ from tests.production.conftest import PrivateRedis, throwaway_database
 pytestmark = [pytest.mark.production, pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 SECRETS = {"POSTGRES_PASSWORD": "unused-trust-auth", "FLYWHEEL_ADMIN_TOKEN": f"tok-{uuid.uuid4().hex}",
-           "FLYWHEEL_WEBHOOK_SECRET": f"sec-{uuid.uuid4().hex}"}
+           "FLYWHEEL_WEBHOOK_SECRET": f"sec-{uuid.uuid4().hex}",
+           "GRAFANA_ADMIN_PASSWORD": "unused-grafana-is-not-started-here"}
 # not the compose file's business, only this machine's: a loaded 2-core CI box (as tests/production/conftest.py)
 TEST_ONLY = {"FLYWHEEL_TRAIN__SEARCH__TRIALS": "1",
              "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 60}}",
