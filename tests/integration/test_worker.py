@@ -240,7 +240,12 @@ def test_a_worker_killed_while_training_leaves_a_crashed_run_and_the_rerun_regis
     assert versions(home) == ["1"] and champion(home) == "1"
 
     offline = home / "data" / "offline" / "churn"
-    ledger = json.loads((offline / LEDGER_FILE).read_text())
+    # the ledger is append-only JSON lines; the newest record of a batch is its state
+    ledger = {}
+    for line in (offline / LEDGER_FILE).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            ledger[record["batch"]] = {**ledger.get(record["batch"], {}), **record}
     per_batch = pd.read_parquet(offline / FEATURES_FILE, columns=[BATCH_COLUMN])[BATCH_COLUMN].value_counts()
     assert len(ledger) == 14 and set(per_batch.index) == set(ledger), "every batch ingested, by the first run"
     assert all(per_batch[b] == ledger[b]["feature_rows"] for b in ledger), "no batch ingested twice"
