@@ -33,7 +33,11 @@ same step window (ratio x champion p99 + slack: a busy machine slows both arms a
 measures the machine), and against an absolute ceiling that is a setting per profile
 (`rollout.max_p99_latency_ms`: the production budget is not a laptop's), so two equally slow models
 still fail. When the champion answered too few requests in the window (a 100% step, blue/green), its
-p99 comes from the preceding window of the same length.
+p99 comes from the preceding window of the same length. Like PSI and AUC, a latency breach must also be
+significant: over a few dozen requests a p99 is their slowest one, so a single request held up by the
+machine would decide the rollout. The guard resamples each arm's latencies (bootstrap) and breaches only
+when the challenger's p99 is over its limit in at least 95% of the resamples; a challenger that is slow
+throughout breaches at any size, and on thousands of requests the test converges to the plain comparison.
 
 A candidate trained because the data drifted is expected to predict differently from the champion, so
 prediction-shift guards would roll it back for doing its job. Its version carries why its training ran
@@ -549,7 +553,7 @@ def _latency_guards(window: tuple[pd.DataFrame, pd.DataFrame], before: tuple[pd.
     need = guards.min_requests
     challenger = _requests(window[1], window[0])
     champion, where = _champion_requests(window, before, need)
-    return [_vs_champion_guard(champion, challenger, where, guards), _ceiling_guard(challenger, need, ceiling_ms)]
+    return [_vs_champion_guard(champion, challenger, where, guards), _ceiling_guard(challenger, guards, ceiling_ms)]
 
 
 def _vs_champion_guard(champion: _Requests, challenger: _Requests, where: str, guards: Guards) -> GuardResult:
@@ -565,22 +569,53 @@ def _vs_champion_guard(champion: _Requests, challenger: _Requests, where: str, g
     champion_p99 = p99(cp["latency_ms"])
     limit = ratio * champion_p99 + guards.p99_latency_slack_ms
     result = _judge(name, p99(ch["latency_ms"]), round(limit, 6))
-    return result.model_copy(update={"detail": (
+    over = share_over_limit(ch["latency_ms"], cp["latency_ms"], ratio, guards.p99_latency_slack_ms, guards)
+    return _significant_latency(result, over, (
         f"champion p99 {champion_p99:.4g} ms ({where}) x {ratio:g} + {guards.p99_latency_slack_ms:g} ms; "
-        f"{basis}: champion {len(cp)}, challenger {len(ch)}")})
+        f"{basis}: champion {len(cp)}, challenger {len(ch)}"))
 
 
-def _ceiling_guard(challenger: _Requests, need: int, ceiling_ms: float) -> GuardResult:
+LATENCY_CONFIDENCE = 0.95  # share of resamples in which the challenger's p99 must be over its limit
+
+
+def share_over_limit(challenger_ms: pd.Series, champion_ms: pd.Series | None, ratio: float, constant_ms: float,
+                     guards: Guards) -> float:
+    """Share of bootstrap resamples in which the challenger's p99 exceeds ratio x the champion's p99 +
+    `constant_ms` (without a champion: exceeds `constant_ms`, the ceiling). Both arms are resampled."""
+    rng = np.random.default_rng(guards.seed)
+    ch = challenger_ms.to_numpy(float)
+    ch_p99 = np.percentile(ch[rng.integers(0, len(ch), (guards.bootstrap_samples, len(ch)))], 99, axis=1)
+    limit = np.full(guards.bootstrap_samples, constant_ms)
+    if champion_ms is not None:
+        cp = champion_ms.to_numpy(float)
+        cp_p99 = np.percentile(cp[rng.integers(0, len(cp), (guards.bootstrap_samples, len(cp)))], 99, axis=1)
+        limit = ratio * cp_p99 + constant_ms
+    return float(np.mean(ch_p99 > limit))
+
+
+def _significant_latency(result: GuardResult, over: float, detail: str) -> GuardResult:
+    """A latency breach stands only when the challenger's p99 was over the limit in LATENCY_CONFIDENCE of
+    the resamples; otherwise it is noise from a few slow requests and passes, saying so."""
+    significant = over >= LATENCY_CONFIDENCE
+    status = "pass" if result.status == "breach" and not significant else result.status
+    note = f"; over the limit in {over:.0%} of resamples"
+    if result.status == "breach" and not significant:
+        note += f" (not significant: a breach needs {LATENCY_CONFIDENCE:.0%})"
+    return result.model_copy(update={"status": status, "detail": detail + note})
+
+
+def _ceiling_guard(challenger: _Requests, guards: Guards, ceiling_ms: float) -> GuardResult:
     """The challenger's own latency: the requests it answered alone when there are enough (a shared batch
     also carries the champion's work), else all its requests (conservative)."""
-    name = "p99_latency_ms"
+    name, need = "p99_latency_ms", guards.min_requests
     if len(challenger.every) < need:
         return GuardResult(name=name, status="skipped", threshold=ceiling_ms,
                            detail=f"{TOO_FEW} requests (challenger {len(challenger.every)}; need {need})")
     basis, what = ((challenger.alone, "requests answered by the challenger alone") if len(challenger.alone) >= need
                    else (challenger.every, "all its requests (too few answered by the challenger alone)"))
     result = _judge(name, p99(basis["latency_ms"]), ceiling_ms)
-    return result.model_copy(update={"detail": f"profile ceiling; {what}: {len(basis)}"})
+    over = share_over_limit(basis["latency_ms"], None, 1.0, ceiling_ms, guards)
+    return _significant_latency(result, over, f"profile ceiling; {what}: {len(basis)}")
 
 
 def _psi_guard(reference: np.ndarray, current: np.ndarray, guards: Guards, few: str) -> GuardResult:

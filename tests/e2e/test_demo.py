@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -56,24 +55,10 @@ def _flow_runs(api: str, body: dict) -> list[dict]:
     return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
 
 
-def _lenient_latency_ratio(plans_file: Path) -> None:
-    """Slack for this test only, for a stated reason: it holds one of the two cores with a busy loop on purpose,
-    and at the canary's 100% step the champion's p99 comes from the preceding window; a p99 over a few dozen
-    requests is their maximum, so one preempted request moves it (CI saw 40 ms against 17 ms and rolled a good
-    challenger back). The 1.5x ratio is tested on frames (tests/unit/test_rollout.py) and on a served rollout
-    (tests/integration/test_rollout_flow.py); the ci profile's absolute ceiling still applies here."""
-    import yaml
-
-    spec = yaml.safe_load(plans_file.read_text())
-    spec["plans"]["demo"]["guards"] = {"max_p99_latency_ratio": 3.0, "p99_latency_slack_ms": 10}
-    plans_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
 @pytest.mark.timeout(2400)
 def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_core: int) -> None:
     st = demo_stack
     took: dict[str, float] = {}
-    _lenient_latency_ratio(st.home / "configs" / "rollout.yaml")
     # -------------------------------------------------------------- make demo: the two commands
     secret = {"FLYWHEEL_WEBHOOK_SECRET": secrets.token_hex(16)}  # as the Makefile does: a throwaway one
     t0 = time.monotonic()
