@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -22,3 +23,13 @@ def project_engine(url: str, what: str) -> sa.Engine:
         # several processes (service writer, flows, CLI) share the file: wait for a lock instead of failing
         return sa.create_engine(url, connect_args={"timeout": 15})
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def naive_utc(dt: datetime) -> datetime:
+    """A time as the project's tables store it: naive UTC (SQLite keeps no zone; naive input is taken as UTC)."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def aware_utc(dt: datetime) -> datetime:
+    """A stored time read back as timezone-aware UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import migrations
-from flywheel.db import project_engine
+from flywheel.db import aware_utc, naive_utc, project_engine
 from flywheel.errors import FlywheelError
 
 LOCKS_TABLE = "flywheel_rollout_locks"
@@ -64,13 +64,6 @@ class LockEvent(BaseModel):
     detail: str
 
 
-def _naive(dt: datetime) -> datetime:
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
 
 def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     locks = sa.Table(
@@ -104,7 +97,7 @@ class RolloutLocks:
         migrations.ensure(self._engine, [LOCKS, EVENTS])
 
     def _event(self, conn: sa.Connection, at: datetime, model: str, holder: str, event: str, detail: str) -> None:
-        conn.execute(self.events.insert().values(at=_naive(at), model=model, holder=holder, event=event,
+        conn.execute(self.events.insert().values(at=naive_utc(at), model=model, holder=holder, event=event,
                                                  detail=detail))
 
     def _row(self, conn: sa.Connection, model: str) -> sa.Row | None:
@@ -112,23 +105,23 @@ class RolloutLocks:
 
     def acquire(self, model: str, holder: str, lease_s: float, now: datetime | None = None) -> LockInfo:
         """Take the lock on `model`, or take over an expired one; RolloutLocked if someone holds it."""
-        now = _naive(now or datetime.now(UTC))
+        now = naive_utc(now or datetime.now(UTC))
         expires = now + timedelta(seconds=lease_s)
         try:
             with self._engine.begin() as conn:
                 conn.execute(self.locks.insert().values(model=model, holder=holder, acquired_at=now,
                                                         expires_at=expires))
                 self._event(conn, now, model, holder, "acquired", f"lease {lease_s:g}s")
-            return LockInfo(model=model, holder=holder, acquired_at=_aware(now), expires_at=_aware(expires))
+            return LockInfo(model=model, holder=holder, acquired_at=aware_utc(now), expires_at=aware_utc(expires))
         except sa.exc.IntegrityError:
             pass  # held (or left behind by a crashed rollout): look at its lease
         with self._engine.begin() as conn:
             row = self._row(conn, model)
             if row is None:  # released between our insert and this read: try once more from the top
-                return self.acquire(model, holder, lease_s, _aware(now))
+                return self.acquire(model, holder, lease_s, aware_utc(now))
             if row.expires_at >= now:
                 self._event(conn, now, model, holder, "refused", f"held by {row.holder} until {row.expires_at}")
-                refused = RolloutLocked(model, row.holder, _aware(row.acquired_at), _aware(row.expires_at))
+                refused = RolloutLocked(model, row.holder, aware_utc(row.acquired_at), aware_utc(row.expires_at))
             else:
                 # compare-and-set on the expired row: of two rollouts taking over at once, one wins
                 done = conn.execute(
@@ -142,16 +135,16 @@ class RolloutLocks:
                                 f"lease of {row.holder} (acquired {row.acquired_at}) expired at {row.expires_at}; "
                                 f"taken over by {holder}")
                     self._event(conn, now, model, holder, "acquired", f"lease {lease_s:g}s (took over {row.holder})")
-                    return LockInfo(model=model, holder=holder, acquired_at=_aware(now), expires_at=_aware(expires),
-                                    took_over_from=row.holder)
+                    return LockInfo(model=model, holder=holder, acquired_at=aware_utc(now),
+                                    expires_at=aware_utc(expires), took_over_from=row.holder)
                 refused = None
         if refused is not None:
             raise refused
-        return self.acquire(model, holder, lease_s, _aware(now))  # lost the takeover race: re-read
+        return self.acquire(model, holder, lease_s, aware_utc(now))  # lost the takeover race: re-read
 
     def renew(self, model: str, holder: str, lease_s: float, now: datetime | None = None) -> LockInfo:
         """Extend the lease; LockLost if `holder` no longer holds the lock."""
-        now = _naive(now or datetime.now(UTC))
+        now = naive_utc(now or datetime.now(UTC))
         expires = now + timedelta(seconds=lease_s)
         with self._engine.begin() as conn:
             done = conn.execute(self.locks.update().where(self.locks.c.model == model, self.locks.c.holder == holder)
@@ -163,14 +156,15 @@ class RolloutLocks:
             row = self._row(conn, model)
             self._event(conn, now, model, holder, "renewed", f"until {expires}")
         assert row is not None
-        return LockInfo(model=model, holder=holder, acquired_at=_aware(row.acquired_at), expires_at=_aware(expires))
+        return LockInfo(model=model, holder=holder, acquired_at=aware_utc(row.acquired_at),
+                        expires_at=aware_utc(expires))
 
     def take_over(self, model: str, from_holder: str, holder: str, lease_s: float, reason: str,
                   now: datetime | None = None) -> LockInfo:
         """Take the lock from `from_holder` while its lease runs (an operator superseding a rollout); LockLost
         when `from_holder` no longer holds it. Recorded as `superseded` (for `from_holder`) and `acquired`.
         The rollout that held it learns at its next renewal (LockLost) or control check."""
-        now = _naive(now or datetime.now(UTC))
+        now = naive_utc(now or datetime.now(UTC))
         expires = now + timedelta(seconds=lease_s)
         with self._engine.begin() as conn:
             done = conn.execute(self.locks.update().where(self.locks.c.model == model,
@@ -182,12 +176,12 @@ class RolloutLocks:
                                f"(now: {current.holder if current else 'nobody'})")
             self._event(conn, now, model, from_holder, "superseded", f"taken over by {holder}: {reason}")
             self._event(conn, now, model, holder, "acquired", f"lease {lease_s:g}s (superseded {from_holder})")
-        return LockInfo(model=model, holder=holder, acquired_at=_aware(now), expires_at=_aware(expires),
+        return LockInfo(model=model, holder=holder, acquired_at=aware_utc(now), expires_at=aware_utc(expires),
                         took_over_from=from_holder)
 
     def release(self, model: str, holder: str, now: datetime | None = None) -> bool:
         """Drop the lock if `holder` holds it; False when it did not (expired and taken over)."""
-        now = _naive(now or datetime.now(UTC))
+        now = naive_utc(now or datetime.now(UTC))
         with self._engine.begin() as conn:
             done = conn.execute(self.locks.delete().where(self.locks.c.model == model, self.locks.c.holder == holder))
             if done.rowcount == 1:
@@ -199,15 +193,15 @@ class RolloutLocks:
             row = self._row(conn, model)
         if row is None:
             return None
-        return LockInfo(model=row.model, holder=row.holder, acquired_at=_aware(row.acquired_at),
-                        expires_at=_aware(row.expires_at))
+        return LockInfo(model=row.model, holder=row.holder, acquired_at=aware_utc(row.acquired_at),
+                        expires_at=aware_utc(row.expires_at))
 
     def history(self, model: str | None = None) -> list[LockEvent]:
         q = sa.select(self.events).order_by(self.events.c.id)
         if model is not None:
             q = q.where(self.events.c.model == model)
         with self._engine.connect() as conn:
-            return [LockEvent(**{**dict(r._mapping), "at": _aware(r.at)}) for r in conn.execute(q)]
+            return [LockEvent(**{**dict(r._mapping), "at": aware_utc(r.at)}) for r in conn.execute(q)]
 
     def dispose(self) -> None:
         self._engine.dispose()

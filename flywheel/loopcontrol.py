@@ -21,7 +21,7 @@ from typing import Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from flywheel.db import project_engine
+from flywheel.db import aware_utc, naive_utc, project_engine
 from flywheel.migrations import METADATA, ensure
 
 TABLE = "flywheel_loop_events"
@@ -102,13 +102,6 @@ def trigger_suppression(state: LoopState) -> str | None:
 # ------------------------------------------------------------------------------------------ store
 
 
-def _naive(dt: datetime) -> datetime:
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
 
 class LoopControl:
     """The loop events in the project database at `url` (the table is created where missing)."""
@@ -118,11 +111,11 @@ class LoopControl:
         ensure(self._engine, [EVENTS])
 
     def _append(self, model: str, action: Action, actor: str, reason: str, at: datetime | None) -> LoopEvent:
-        row = {"at": _naive(at or datetime.now(UTC)), "model": model, "action": action, "actor": actor,
+        row = {"at": naive_utc(at or datetime.now(UTC)), "model": model, "action": action, "actor": actor,
                "reason": reason}
         with self._engine.begin() as conn:
             new_id = conn.execute(sa.insert(EVENTS).values(**row).returning(EVENTS.c.id)).scalar_one()
-        return LoopEvent(**{**row, "id": new_id, "at": _aware(row["at"])})
+        return LoopEvent(**{**row, "id": new_id, "at": aware_utc(row["at"])})
 
     def history(self, model: str | None = None) -> list[LoopEvent]:
         """Every pause and resume (of one model), oldest first."""
@@ -130,7 +123,7 @@ class LoopControl:
         if model is not None:
             q = q.where(EVENTS.c.model == model)
         with self._engine.connect() as conn:
-            return [LoopEvent(**{**dict(r._mapping), "at": _aware(r.at)}) for r in conn.execute(q)]
+            return [LoopEvent(**{**dict(r._mapping), "at": aware_utc(r.at)}) for r in conn.execute(q)]
 
     def state(self, model: str) -> LoopState:
         return loop_state(self.history(model), model)

@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flywheel.db import project_engine
+from flywheel.db import aware_utc, naive_utc, project_engine
 from flywheel.errors import FlywheelError
 from flywheel.migrations import METADATA, ensure
 from flywheel.trigger_policy import TriggerPolicy
@@ -52,20 +52,13 @@ class DecisionConflict(FlywheelError):
     """Another process recorded a decision with the same id first."""
 
 
-def _naive(dt: datetime) -> datetime:
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
 
 def _decision(row: Any) -> Decision:
     m = dict(row._mapping)
-    return Decision(id=m["id"], at=_aware(m["at"]), model=m["model"], kind=m["kind"], event_id=m["event_id"],
+    return Decision(id=m["id"], at=aware_utc(m["at"]), model=m["model"], kind=m["kind"], event_id=m["event_id"],
                     outcome=m["outcome"], reason=m["reason"], suppressed_by=m["suppressed_by"],
-                    evidence=json.loads(m["evidence"]) if m["evidence"] else {}, occurred=_aware(m["occurred"]),
-                    emitted_at=_aware(m["emitted_at"]) if m["emitted_at"] else None, flow_run_id=m["flow_run_id"])
+                    evidence=json.loads(m["evidence"]) if m["evidence"] else {}, occurred=aware_utc(m["occurred"]),
+                    emitted_at=aware_utc(m["emitted_at"]) if m["emitted_at"] else None, flow_run_id=m["flow_run_id"])
 
 
 class TriggerDecisions:
@@ -93,9 +86,10 @@ class TriggerDecisions:
 
     def record(self, decision: Decision, recorded_at: datetime | None = None) -> Decision:
         """Insert one decision; DecisionConflict if its id is taken (another process decided it first)."""
-        row = {"id": decision.id, "at": _naive(decision.at), "recorded_at": _naive(recorded_at or datetime.now(UTC)),
+        row = {"id": decision.id, "at": naive_utc(decision.at),
+               "recorded_at": naive_utc(recorded_at or datetime.now(UTC)),
                "model": decision.model, "kind": decision.kind, "event_id": decision.event_id,
-               "occurred": _naive(decision.occurred), "outcome": decision.outcome,
+               "occurred": naive_utc(decision.occurred), "outcome": decision.outcome,
                "suppressed_by": decision.suppressed_by, "reason": decision.reason,
                "evidence": json.dumps(decision.evidence, sort_keys=True, default=str),
                "flow_run_id": decision.flow_run_id}
@@ -137,7 +131,7 @@ class TriggerDecisions:
 
     def mark_emitted(self, decision_id: str, at: datetime | None = None) -> bool:
         """Record when the decision's event went out (once)."""
-        return self._fill(decision_id, "emitted_at", _naive(at or datetime.now(UTC)))
+        return self._fill(decision_id, "emitted_at", naive_utc(at or datetime.now(UTC)))
 
     def link_run(self, decision_id: str, flow_run_id: str) -> bool:
         """Record the training flow run the decision started (once)."""

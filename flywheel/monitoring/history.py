@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import migrations
-from flywheel.db import project_engine
+from flywheel.db import aware_utc, naive_utc, project_engine
 from flywheel.monitoring.alarms import WindowStatus, WindowVerdict
 from flywheel.monitoring.drift import DriftResult
 from flywheel.monitoring.quality import QualityResult
@@ -68,15 +68,8 @@ windows = sa.Table(
 
 def window_key(model: str, reference: str, start: datetime, end: datetime) -> str:
     """A window's name in trigger event ids and alarms: `<model>:<reference>:<start>/<end>` (ISO, UTC)."""
-    return f"{model}:{reference}:{_aware(start).isoformat()}/{_aware(end).isoformat()}"
+    return f"{model}:{reference}:{aware_utc(start).isoformat()}/{aware_utc(end).isoformat()}"
 
-
-def _naive(dt: datetime) -> datetime:
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 class WindowRecord(BaseModel):
@@ -142,7 +135,7 @@ def window_record(model: str, version: str | None, reference: str, start: dateti
                                                        "outside_reference", "new_category_share"})
                        for f in quality.features}}
     return WindowRecord(
-        model=model, version=version, reference=reference, window_start=_aware(start), window_end=_aware(end),
+        model=model, version=version, reference=reference, window_start=aware_utc(start), window_end=aware_utc(end),
         judged_at=judged_at or datetime.now(UTC), rows=verdict.rows, status=verdict.status,
         dataset_drift=verdict.dataset_drift, share_drifted=verdict.share_drifted,
         drifted_features=verdict.drifted_features, scores=scores,
@@ -166,8 +159,8 @@ class MonitoringHistory:
     def record(self, rec: WindowRecord) -> int:
         """Store a judged window (replacing an earlier judgement of the same window); its id."""
         row = rec.model_dump(exclude={"id"})
-        row.update(window_start=_naive(rec.window_start), window_end=_naive(rec.window_end),
-                   judged_at=_naive(rec.judged_at), drifted_features=json.dumps(rec.drifted_features),
+        row.update(window_start=naive_utc(rec.window_start), window_end=naive_utc(rec.window_end),
+                   judged_at=naive_utc(rec.judged_at), drifted_features=json.dumps(rec.drifted_features),
                    scores=json.dumps(rec.scores), data_quality=json.dumps(rec.data_quality, default=str))
         same = sa.and_(windows.c.model == rec.model, windows.c.reference == rec.reference,
                        windows.c.window_start == row["window_start"], windows.c.window_end == row["window_end"])
@@ -182,7 +175,7 @@ class MonitoringHistory:
         for r in rows:
             d = dict(r)
             for key in ("window_start", "window_end", "judged_at"):
-                d[key] = _aware(d[key])
+                d[key] = aware_utc(d[key])
             for key in ("drifted_features", "scores", "data_quality"):
                 d[key] = json.loads(d[key])
             out.append(WindowRecord.model_validate(d))
@@ -192,7 +185,7 @@ class MonitoringHistory:
         """The series' windows that ended by `before`, oldest first (at most the last `limit`): contiguous
         windows (one ends when the next begins, as the scheduled flow's do) precede each other."""
         q = (sa.select(windows).where(windows.c.model == model, windows.c.reference == reference,
-                                      windows.c.window_end <= _naive(before))
+                                      windows.c.window_end <= naive_utc(before))
              .order_by(windows.c.window_end.desc(), windows.c.id.desc()).limit(limit))
         return list(reversed(self._records(q)))
 
@@ -201,7 +194,7 @@ class MonitoringHistory:
         with self._engine.connect() as conn:
             last = conn.execute(sa.select(sa.func.max(windows.c.judged_at)).where(windows.c.model == model)
                                 ).scalar_one()
-        return _aware(last) if last is not None else None
+        return aware_utc(last) if last is not None else None
 
     def windows(self, model: str, reference: str | None = None, ended_since: datetime | None = None
                 ) -> list[WindowRecord]:
@@ -211,7 +204,7 @@ class MonitoringHistory:
         if reference is not None:
             q = q.where(windows.c.reference == reference)
         if ended_since is not None:
-            q = q.where(windows.c.window_end >= _naive(ended_since))
+            q = q.where(windows.c.window_end >= naive_utc(ended_since))
         return self._records(q.order_by(windows.c.window_end, windows.c.id))
 
     def trend(self, model: str, reference: str | None = None) -> pd.DataFrame:

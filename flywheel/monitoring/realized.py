@@ -17,7 +17,7 @@ the database, as in history.py; SQLAlchemy Core, SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import migrations
-from flywheel.db import project_engine
+from flywheel.db import aware_utc, naive_utc, project_engine
 from flywheel.monitoring.history import WindowRecord, window_key
 from flywheel.monitoring.performance import estimate_error, estimate_performance, realized_performance
 
@@ -58,13 +58,6 @@ performance = sa.Table(
     sa.Index("ix_flywheel_monitoring_performance_window", "model", "reference", "window_start", "window_end"),
 )
 
-
-def _naive(dt: datetime) -> datetime:
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _num(value: float | None) -> float | None:
@@ -141,7 +134,7 @@ def window_performance(window: WindowRecord, scored_rows: int, y: np.ndarray, p:
     n = len(y)
     base: dict[str, Any] = dict(
         model=window.model, version=window.version, reference=window.reference, window_start=window.window_start,
-        window_end=window.window_end, evaluated_at=_aware(evaluated_at), outcomes_as_of=_aware(outcomes_as_of),
+        window_end=window.window_end, evaluated_at=aware_utc(evaluated_at), outcomes_as_of=aware_utc(outcomes_as_of),
         scored_rows=scored_rows, labelled_rows=n, min_labelled_rows=min_labelled_rows)
     if n == 0 or n < min_labelled_rows:
         return WindowPerformance(**base)
@@ -171,7 +164,7 @@ class PerformanceHistory:
         """Append one evaluation; its id. Rows are never updated or deleted."""
         row = rec.model_dump(exclude={"id"})
         for key in ("window_start", "window_end", "evaluated_at", "outcomes_as_of"):
-            row[key] = _naive(row[key])
+            row[key] = naive_utc(row[key])
         with self._engine.begin() as conn:
             return int(conn.execute(performance.insert().values(**row)).inserted_primary_key[0])
 
@@ -183,14 +176,14 @@ class PerformanceHistory:
         if reference is not None:
             q = q.where(performance.c.reference == reference)
         if ended_since is not None:
-            q = q.where(performance.c.window_end >= _naive(ended_since))
+            q = q.where(performance.c.window_end >= naive_utc(ended_since))
         with self._engine.connect() as conn:
             rows = conn.execute(q.order_by(performance.c.id)).mappings().all()
         out = []
         for r in rows:
             d = dict(r)
             for key in ("window_start", "window_end", "evaluated_at", "outcomes_as_of"):
-                d[key] = _aware(d[key])
+                d[key] = aware_utc(d[key])
             out.append(WindowPerformance.model_validate(d))
         return out
 
