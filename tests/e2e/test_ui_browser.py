@@ -1,6 +1,6 @@
 """The UIs as a person uses them: headless Debian chromium (driven by Playwright) on a `flywheel up` stack
-with the MLflow UI, after one champion (`flywheel train`) and one sabotaged run of the training deployment
-that its gates reject.
+with the MLflow UI, after one champion (`flywheel train`) and one sabotaged run of the training deployment,
+started from its custom-run form (Shuffle Labels switched on, Submit), that its gates reject.
 
 Checked: the Prefect UI lists the deployments with their schedules and named triggers; the training
 deployment's custom-run form shows TrainingParams as typed fields; the rejected run is found by its
@@ -75,18 +75,30 @@ def _deployments(api: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def rejected_run(stack: Stack) -> dict[str, Any]:
-    """A run of the training deployment with shuffle_labels (as the form would start it), run to its end."""
+def rejected_run(stack: Stack, browser: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run of the training deployment started from its custom-run form as a person would (a run name typed,
+    the Shuffle Labels switch turned on, Submit), run by the stack's serve process to its end."""
     training = _deployments(stack.api)["training"]
-    params = {**training["parameters"]["params"], "shuffle_labels": True, "reason": "browser test: sabotaged"}
-    run = httpx.post(f"{stack.api}/deployments/{training['id']}/create_flow_run",
-                     json={"parameters": {"params": params}}, timeout=10).json()
-    deadline = time.monotonic() + 600
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(f"{stack.api.removesuffix('/api')}/deployments/deployment/{training['id']}/run")
+    pg.get_by_text("Shuffle Labels").first.wait_for()
+    pg.locator("input[type=text]").first.fill("sabotaged-from-the-form")  # the form's first field: Run Name
+    pg.get_by_role("switch").click()  # TrainingParams' only boolean: shuffle_labels
+    pg.screenshot(path=str(tmp_path_factory.mktemp("form") / "training-form-filled.png"), full_page=True)
+    pg.get_by_role("button", name="Submit").click()
+    deadline, run = time.monotonic() + 600, None
     while time.monotonic() < deadline:
-        run = httpx.get(f"{stack.api}/flow_runs/{run['id']}", timeout=10).json()
-        if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        found = httpx.post(f"{stack.api}/flow_runs/filter", timeout=10,
+                           json={"flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json()
+        # the module's only run with shuffled labels (the flow renames it by its outcome when it ends)
+        run = next((r for r in found if r["parameters"]["params"].get("shuffle_labels")), None)
+        if run and run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         time.sleep(1)
+    context.close()
+    assert run is not None, "no run of the training deployment with shuffled labels started from the form"
     assert run["state"]["name"] == "Rejected", run["state"]
     return run
 
