@@ -60,10 +60,11 @@ class OutboxSender:
     def __init__(self, store: OutboxStore, send: Callable[[list[dict[str, Any]]], None], *,
                  on_emitted: Callable[[list[Pending]], None] | None = None,
                  on_failed: Callable[[int], None] | None = None, batch: int = 100, poll_s: float = 1.0,
-                 max_backoff_s: float = 30.0, now: Callable[[], datetime] | None = None) -> None:
+                 max_backoff_s: float = 30.0, linger_s: float = 0.0,
+                 now: Callable[[], datetime] | None = None) -> None:
         self.store, self.send = store, send
         self.on_emitted, self.on_failed = on_emitted, on_failed
-        self.batch, self.poll_s, self.max_backoff_s = batch, poll_s, max_backoff_s
+        self.batch, self.poll_s, self.max_backoff_s, self.linger_s = batch, poll_s, max_backoff_s, linger_s
         self.now = now or (lambda: datetime.now(UTC))
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,7 +95,10 @@ class OutboxSender:
                 everything = False
             except Exception:  # the store is down: keep the thread alive and try again at the next poll
                 log.exception("outbox: could not read or update the deliveries table")
-            self._wake.wait(self.poll_s)
+            if self._wake.wait(self.poll_s) and self.linger_s:
+                # woken by a new delivery: let a few more arrive, so one POST and one commit carry them all
+                # (a commit per event competes with the requests' own for the database's write lock)
+                self._stop.wait(self.linger_s)
 
     def drain(self, everything: bool = False) -> int:
         """Send what is due, batch by batch, until nothing is or a send fails; the number emitted."""

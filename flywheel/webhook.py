@@ -43,8 +43,9 @@ A request is checked in this order, and stops at the first failure with nothing 
    (a crash between the send and the mark re-sends an event id, which Prefect de-duplicates). A row left
    `claimed` by a crashed request is taken over by a retry after a lease.
 
-Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig, the outbox, the trigger
-decisions store and its pure rules, the clock; the dataset definition for the default model name),
+Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig, the outbox, the loop's
+liveness check, the trigger decisions store and its pure rules, the clock; the dataset definition for the
+default model name),
 never tasks, flows, Prefect, MLflow, Feast or scikit-learn (`tests/unit/test_webhook.py` checks it in a fresh
 interpreter).
 """
@@ -85,6 +86,7 @@ from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 from flywheel.hmacsig import DELIVERY_HEADER, SIGNATURE_HEADER, Secret, SignatureError, Verified, verify
 from flywheel.landing import NotALandedBatch, incoming_folder, resolve_landed
+from flywheel.liveness import read as read_liveness
 from flywheel.outbox import OutboxSender, Pending, Refusal, Unreachable, event_json
 from flywheel.trigger_decisions import TriggerDecisions
 from flywheel.trigger_policy import TriggerPolicy, load_policy
@@ -738,6 +740,7 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
 
     sender = OutboxSender(store, events.send, on_emitted=emitted, on_failed=metrics.send_failures.inc,
                           batch=wh.outbox_batch, poll_s=wh.outbox_poll_s, max_backoff_s=wh.outbox_max_backoff_s,
+                          linger_s=wh.outbox_linger_s,
                           now=lambda: datetime.fromtimestamp(clock(), UTC))
     receiver = Receiver(secrets=secrets, store=store, models=frozenset({default}),
                         default_model=default, tolerance_s=wh.tolerance_s, clock=clock, decisions=decisions,
@@ -794,8 +797,22 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
             db = str(exc)
         prefect = events.health() or "ok"
         ok = db == "ok" and prefect == "ok"
-        return JSONResponse({"ok": ok, "deliveries_db": db, "prefect_api": prefect, "outbox": outbox},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"ok": ok, "deliveries_db": db, "prefect_api": prefect, "outbox": outbox,
+                             "loop": loop_liveness()}, status_code=200 if ok else 503)
+
+    def loop_liveness() -> dict[str, Any]:
+        """The loop's liveness seen from outside (flywheel/liveness.py): detail only, it does not change the
+        status, which says whether deliveries can be taken."""
+        try:
+            with decisions.engine.connect() as conn:
+                loop = read_liveness(conn, default, dataset, receiver.project_clock.now(), policy.liveness)
+        except sa.exc.SQLAlchemyError as exc:
+            return {"error": f"project database: {type(exc).__name__}"}
+        ages = {f"{s.what}_age_s": (round(s.age_s) if s.age_s != float("inf") else None)
+                for s in (loop.monitoring, loop.outcomes)}
+        return {"model": loop.model, "silent": loop.silent, **ages,
+                "monitoring_max_silence_s": loop.monitoring.limit_s, "outcomes_max_silence_s": loop.outcomes.limit_s,
+                "summaries": list(loop.summaries)}
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -52,7 +52,8 @@ def test_the_receiver_imports_only_the_core() -> None:
     # the trigger decisions store and its pure rules: a retrain request is recorded as a decision
     assert ours == {"flywheel.webhook", "flywheel.hmacsig", "flywheel.migrations", "flywheel.db", "flywheel.errors",
                     "flywheel.trigger_decisions", "flywheel.triggers", "flywheel.trigger_policy", "flywheel.clock",
-                    "flywheel.landing", "flywheel.apidocs", "flywheel.outbox"}
+                    "flywheel.landing", "flywheel.apidocs", "flywheel.outbox",
+                    "flywheel.liveness"}
     print(f"import flywheel.webhook: {result['seconds']:.2f} s")
 
 
