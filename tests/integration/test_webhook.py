@@ -485,6 +485,7 @@ def test_prefect_down_still_accepts_the_delivery_and_emits_it_once_prefect_is_ba
         health = running.http.get("/health")
         assert health.status_code == 503 and health.json()["prefect_api"].startswith("unreachable")
         outbox = health.json()["outbox"]
+        assert health.json()["loop"]["model"] == model  # the loop's liveness, as detail
         assert outbox["pending"] == 1 and outbox["oldest_age_s"] > 0 and "did not take" in outbox["last_error"]
         scraped = running.http.get("/metrics").text
         assert "flywheel_webhook_outbox_pending 1.0" in scraped
