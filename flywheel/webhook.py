@@ -281,7 +281,7 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Claimed:
-    """This request owns the delivery now and must emit it, then `finish` or `fail` it."""
+    """This request owns the delivery now: it records the decision (retrain), then `queue`s or `fail`s it."""
 
     token: str
     received_at: datetime
@@ -844,8 +844,8 @@ def _route(app: FastAPI, hook: Hook, receive: Callable[..., Any]) -> None:
     app.add_api_route(
         f"/hooks/{hook.name}", endpoint, methods=["POST"], status_code=202, summary=hook.summary,
         description=f"Emits `{hook.event}`.", response_model=Accepted, name=f"hook_{hook.name.replace('-', '_')}",
-        responses={200: {"model": Duplicate, "description": "a repeat of a delivery already emitted"},
-                   400: problem, 401: problem, 409: problem, 413: problem, 422: problem, 502: problem, 503: problem},
+        responses={200: {"model": Duplicate, "description": "a repeat of a delivery already accepted"},
+                   400: problem, 401: problem, 409: problem, 413: problem, 422: problem, 403: problem, 503: problem},
         openapi_extra={"parameters": headers, "requestBody": {"required": True, "content": {
             "application/json": {"schema": hook.body.model_json_schema()}}}},
     )
