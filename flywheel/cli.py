@@ -823,7 +823,8 @@ def rollout_supersede_cmd(model: ModelOpt = None, profile: ProfileOpt = None, co
 
 # --------------------------------------------------------------------------------------------- loop
 loop_app = typer.Typer(help="Pause and resume the continuous-training loop (automatic challenger moves and "
-                       "promotions; triggers are recorded as suppressed while paused).", no_args_is_help=True)
+                       "promotions; triggers are recorded as suppressed while paused); check it is alive.",
+                       no_args_is_help=True)
 app.add_typer(loop_app, name="loop")
 
 
@@ -874,6 +875,54 @@ def loop_resume_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_d
                       markup=False, soft_wrap=True)
     else:
         console.print(f"queue: {done['skipped']}", markup=False, soft_wrap=True)
+
+
+@loop_app.command("check")
+def loop_check_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
+    """Is the loop alive? Prints how long since monitoring last judged a window and since an outcome last
+    arrived, against the limits of configs/triggers.yaml `liveness`; exits 1 when either is over (for cron,
+    outside Prefect: it reads only the project database), 2 when it cannot tell."""
+    import sqlalchemy as sa
+
+    from flywheel.clock import build_clock
+    from flywheel.db import project_engine
+    from flywheel.liveness import describe, read
+    from flywheel.schemas import load_dataset
+    from flywheel.trigger_policy import load_policy
+
+    try:
+        settings = _settings(profile, config_dir)
+        name = _rollout_model(settings, model)
+        dataset = load_dataset(settings.resolve(settings.dataset)).name
+        policy = load_policy(settings.resolve(settings.triggers.policy_file)).liveness
+        now = build_clock(settings.clock).now()
+        engine = None
+        try:
+            engine = project_engine(settings.audit_db_url, "project database")
+            with engine.connect() as conn:
+                loop = read(conn, name, dataset, now, policy)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            where = sa.engine.make_url(settings.audit_db_url).render_as_string(hide_password=True)
+            raise FlywheelError(f"project database {where}: cannot be read "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        finally:
+            if engine is not None:
+                engine.dispose()
+    except FlywheelError as exc:
+        _fail(exc)
+    since = f"champion since {loop.champion_since.isoformat(timespec='seconds')}" if loop.champion_since else \
+        "never champion"
+    print(f"model {loop.model} (dataset {loop.dataset}, {since}) at {now.isoformat(timespec='seconds')}")
+    for s in (loop.monitoring, loop.outcomes):
+        noun = "monitoring (last judged window)" if s.what == "monitoring" else "outcomes (last arrival)"
+        last = s.last_at.isoformat(timespec="seconds") if s.last_at else "none recorded"
+        print(f"  {noun:32} {last:26} age {describe(s):>8}  limit {s.limit_s / 3600:.1f} h  "
+              f"{'SILENT' if s.silent else 'ok'}")
+    if loop.silent:
+        for line in loop.summaries:
+            print(f"silent: {line}")
+        raise typer.Exit(code=1)
+    print("loop alive")
 
 
 @loop_app.command("status")

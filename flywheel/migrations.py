@@ -44,9 +44,9 @@ TABLE_MODULES: list[str] = [
     "flywheel.loopcontrol", "flywheel.rollout_controls", "flywheel.trigger_decisions", "flywheel.notify",
 ]
 # the schema revision this code needs; `flywheel db upgrade` records it in VERSION_TABLE
-REVISION = 1
+REVISION = 2
 # digest of the declared tables at REVISION (tests/unit/test_migrations.py fails when they drift apart)
-SCHEMA_DIGEST = "b9e6698026f14c17"
+SCHEMA_DIGEST = "4812236ba52cfb7b"
 VERSION_TABLE = "flywheel_schema_version"
 UPGRADE_COMMAND = "flywheel db upgrade"
 

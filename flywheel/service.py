@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from flywheel.apidocs import offline_docs_app
-from flywheel.monitoring.exporter import MonitoringCollector
+from flywheel.monitoring.exporter import MonitoringCollector, Watched
 from flywheel.serving import RoutingPolicy, RowResult, ServingError, ServingState, UnknownEntities
 
 if TYPE_CHECKING:
@@ -247,7 +247,13 @@ def create_app(
     state = ServingState(settings, dataset, admin_token=token)
     metrics = Metrics()
     # monitoring's outcome (drift, alarms, trigger decisions), read from the project database per scrape
-    monitoring = MonitoringCollector(settings.audit_db_url)
+    # and the loop's liveness seen from outside: ages of monitoring and outcomes against their limits
+    from flywheel.clock import build_clock
+    from flywheel.trigger_policy import load_policy as load_trigger_policy
+
+    monitoring = MonitoringCollector(
+        settings.audit_db_url, [Watched(state.model_name, dataset.name)],
+        load_trigger_policy(settings.resolve(settings.triggers.policy_file)).liveness, build_clock(settings.clock))
     metrics.registry.register(monitoring)
     state.on_prediction = lambda r, _lat, shadow: (
         metrics.predictions.labels(r.model, r.version, r.arm, "true").inc() if shadow else None

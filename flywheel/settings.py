@@ -295,7 +295,14 @@ class WebhookConfig(Section):
     previous_secret_env: str = "FLYWHEEL_WEBHOOK_SECRET_PREVIOUS"  # the old secret, while senders rotate
     deliveries_db_url: str | None = None  # None: the project database (stores.audit_db_url)
     emit_timeout_s: float = Field(2.0, gt=0, le=30)  # per attempt at POST /api/events
-    emit_attempts: int = Field(3, ge=1, le=10)  # transient failures (connection, 5xx) are retried
+    emit_attempts: int = Field(3, ge=1, le=10)  # transient failures (connection, 5xx) are retried at once
+    # the outbox: accepted deliveries' events are sent in the background, in batches of up to outbox_batch;
+    # a failed send waits 0.5 s, 1 s, 2 s, ... at most outbox_max_backoff_s; idle, the table is polled every
+    # outbox_poll_s (a new delivery wakes the sender, which waits outbox_linger_s for others to join its batch)
+    outbox_batch: int = Field(100, ge=1, le=1000)
+    outbox_linger_s: float = Field(0.2, ge=0, le=5)
+    outbox_poll_s: float = Field(1.0, gt=0, le=60)
+    outbox_max_backoff_s: float = Field(30.0, ge=0.1, le=3600)
 
     @field_validator("secret_env", "previous_secret_env")
     @classmethod

@@ -95,7 +95,7 @@ class TriggerDecisions:
                "flow_run_id": decision.flow_run_id}
         try:
             with self._engine.begin() as conn:
-                conn.execute(sa.insert(DECISIONS).values(**row))
+                conn.execute(DECISIONS.insert(), row)  # parameters, not .values(): no statement built per call
         except sa.exc.IntegrityError as exc:
             raise DecisionConflict(f"decision {decision.id} is already recorded") from exc
         return decision

@@ -9,8 +9,9 @@ has no auth beyond basic auth, so outside systems call this receiver instead:
   (`uri`: a batch file under the dataset's incoming folder, `source` / `outcomes.source`, which must exist:
   else 422; the event's payload adds its absolute `path`, which the `ingest` / `outcomes` deployments
   validate and ingest)
-- GET  /health               200 when the deliveries table and the Prefect API answer, else 503
-- GET  /metrics              Prometheus text: requests by endpoint and status, events emitted, latency
+- GET  /health               200 when the deliveries table and the Prefect API answer, else 503; both with the
+                             outbox backlog (deliveries accepted, event not yet emitted) and its oldest age
+- GET  /metrics              Prometheus text: requests by endpoint and status, events emitted, latency, outbox
 
 A request is checked in this order, and stops at the first failure with nothing recorded or emitted:
 1. size (413): Content-Length over `webhook.max_body_bytes`, or more bytes than that arrive; the body is
@@ -21,24 +22,30 @@ A request is checked in this order, and stops at the first failure with nothing 
 3. body (422, naming the field): JSON of the endpoint's model. It comes AFTER the signature on purpose:
    a caller without the secret gets the same 401 whatever it sends, so the receiver is no oracle for
    probing which fields, models or datasets exist, and it never parses a stranger's JSON.
-4. the delivery record (`flywheel_webhook_deliveries`, primary key = delivery id): a delivery already
-   emitted answers 200 {"duplicate": true, "of": <event id>} and starts nothing; the same delivery id with
-   another body or endpoint is a 409; concurrent copies race on the primary-key insert and exactly one
-   emits (the others wait for it and answer duplicate).
+4. the delivery record (`flywheel_webhook_deliveries`, primary key = delivery id), inserted `claimed`: a
+   delivery already accepted (`pending` or `emitted`) answers 200 {"duplicate": true, "of": <event id>} and
+   starts nothing; the same delivery id with another body or endpoint is a 409; concurrent copies race on the
+   primary-key insert and exactly one is recorded (the others wait for it and answer duplicate).
 5. for /hooks/retrain, the trigger decision (`flywheel_trigger_decisions`, beside the automatic ones): an explicit
    request, held by neither the cooldown nor a pause, only by dedupe on the delivery id (its signal's event id
-   is `webhook:<delivery id>`); its evidence names the delivery and the reason. The event it emits carries the
+   is `webhook:<delivery id>`); its evidence names the delivery and the reason. The event carries the
    decision's id (as every fired decision's event does) and `decision_id` in its payload, which the training
-   run records on the decision when it starts. A retry of a delivery whose event did not go out re-sends
-   that same decision's event; a disabled `retrain_requested` rule answers 403, recorded as suppressed.
-6. the event (202): POST {PREFECT_API_URL}/events with one event whose id is derived from the delivery id
-   (uuid5; for /hooks/retrain the decision's id, itself derived from it), so Prefect's own de-duplication by
-   event id holds as well. Transient failures are retried
-   (tenacity); an unreachable Prefect API answers 503 and the delivery is recorded as `failed`, not done,
-   so the sender's retry emits it. A record left `pending` by a crash is taken over after a lease.
+   run records on the decision when it starts. A retry of a delivery refused here (403 for a disabled
+   `retrain_requested` rule, recorded as suppressed; 503 for a decisions database that failed) re-decides,
+   and a duplicate decision re-uses the first fired one's event.
+6. the outbox (202): the event (its id derived from the delivery id: uuid5; for /hooks/retrain the
+   decision's id, itself derived from it) is written into the delivery's row, now `pending`, and the request
+   is answered with the event id. Prefect is not called on the request's path: a sender thread
+   (flywheel/outbox.py, started in the app's lifespan) posts pending events to POST {PREFECT_API_URL}/events
+   in batches, retrying transient failures (tenacity) and then backing off per row, and marks them
+   `emitted` (and a retrain's decision `emitted_at`). An unreachable Prefect loses nothing: deliveries are
+   still accepted and wait, pending, until it answers. On start the sender resends whatever is pending
+   (a crash between the send and the mark re-sends an event id, which Prefect de-duplicates). A row left
+   `claimed` by a crashed request is taken over by a retry after a lease.
 
-Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig, the trigger
-decisions store and its pure rules, the clock; the dataset definition for the default model name),
+Hot path: this module imports only the core (settings, db, migrations, errors, hmacsig, the outbox, the loop's
+liveness check, the trigger decisions store and its pure rules, the clock; the dataset definition for the
+default model name),
 never tasks, flows, Prefect, MLflow, Feast or scikit-learn (`tests/unit/test_webhook.py` checks it in a fresh
 interpreter).
 """
@@ -47,12 +54,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,6 +73,9 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -75,6 +86,8 @@ from flywheel.db import project_engine
 from flywheel.errors import FlywheelError
 from flywheel.hmacsig import DELIVERY_HEADER, SIGNATURE_HEADER, Secret, SignatureError, Verified, verify
 from flywheel.landing import NotALandedBatch, incoming_folder, resolve_landed
+from flywheel.liveness import read as read_liveness
+from flywheel.outbox import OutboxSender, Pending, Refusal, Unreachable, event_json
 from flywheel.trigger_decisions import TriggerDecisions
 from flywheel.trigger_policy import TriggerPolicy, load_policy
 from flywheel.triggers import Decision, request_signal
@@ -142,17 +155,20 @@ class BatchLandedBody(HookBody):
 class Accepted(BaseModel):
     accepted: Literal[True] = True
     delivery: str
-    event: str = Field(description="the Prefect event emitted")
+    event: str = Field(description="the Prefect event this delivery emits")
     event_id: str = Field(description="its id (uuid5 of the delivery id): find it in the Prefect UI's event feed")
     resource: str = Field(description="the event's prefect.resource.id, what triggers match on")
     decision: str | None = Field(None, description="retrain: the trigger decision recorded (`flywheel triggers list`)")
+    status: Literal["pending"] = Field("pending", description="recorded with its event, which the receiver's "
+                                       "outbox emits in the background (at once while Prefect answers)")
 
 
 class Duplicate(BaseModel):
     duplicate: Literal[True] = True
-    of: str = Field(description="the event id the first copy of this delivery emitted")
+    of: str = Field(description="the event id the first copy of this delivery emits")
     delivery: str
     event: str
+    status: Literal["pending", "emitted"] = Field(description="the first copy's event: still queued, or emitted")
 
 
 class Problem(BaseModel):
@@ -225,14 +241,28 @@ DELIVERIES = sa.Table(
     sa.Column("body_sha256", sa.String(64), nullable=False),
     sa.Column("event", sa.String(64), nullable=False),
     sa.Column("event_id", sa.String(36), nullable=False),
-    sa.Column("outcome", sa.String(16), nullable=False),  # pending | emitted | failed
+    # claimed (a request is recording it) | pending (queued: the outbox sender will emit it) | emitted | failed
+    sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("signed_with", sa.String(16), nullable=False),  # current | previous: a rotation's progress
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("claim", sa.String(32), nullable=False),  # token of the request emitting it now
     sa.Column("claimed_at", sa.DateTime, nullable=False),
     sa.Column("finished_at", sa.DateTime, nullable=True),
     sa.Column("detail", sa.String(500), nullable=True),  # why the last attempt failed
+    sa.Column("event_body", sa.Text, nullable=True),  # the event to send (JSON), once the delivery is queued
+    sa.Column("next_attempt_at", sa.DateTime, nullable=True),  # the outbox sends a pending row from then on
+    sa.Column("send_attempts", sa.Integer, nullable=True),  # failed sends so far (back-off grows with them)
+    sa.Index("ix_flywheel_webhook_deliveries_outbox", "outcome", "next_attempt_at"),
 )
+
+
+# the two statements of every delivery's path, built once: parameters per call, not a new statement each time
+# (building `.values(...)` per request cost about as much CPU as the commit itself)
+_INSERT_CLAIM = DELIVERIES.insert()
+_QUEUE = DELIVERIES.update().where(
+    DELIVERIES.c.delivery_id == sa.bindparam("did"), DELIVERIES.c.claim == sa.bindparam("token"),
+).values(outcome="pending", event_id=sa.bindparam("event_id"), event_body=sa.bindparam("event_body"),
+         next_attempt_at=sa.bindparam("at"), send_attempts=0, detail=None)
 
 
 class StoreUnavailable(FlywheelError):
@@ -251,7 +281,7 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Claimed:
-    """This request owns the delivery now and must emit it, then `finish` or `fail` it."""
+    """This request owns the delivery now: it records the decision (retrain), then `queue`s or `fail`s it."""
 
     token: str
     received_at: datetime
@@ -287,15 +317,15 @@ class DeliveryStore:
         migrations.ensure(self.engine, [DELIVERIES])
 
     def claim(self, d: Delivery, now: datetime) -> Claimed | sa.Row[Any]:
-        """Claimed when this request must emit `d`; else the existing row (emitted, in progress elsewhere,
-        or another body under the same id)."""
+        """Claimed when this request must record `d`; else the existing row (queued or emitted, in progress
+        elsewhere, or another body under the same id)."""
         token, at = uuid.uuid4().hex, _naive_utc(now)
         try:
             with self.engine.begin() as conn:
-                conn.execute(DELIVERIES.insert().values(
-                    delivery_id=d.delivery_id, endpoint=d.endpoint, received_at=at, body_sha256=d.body_sha256,
-                    event=d.event, event_id=d.event_id, outcome="pending", signed_with=d.signed_with, attempts=1,
-                    claim=token, claimed_at=at))
+                conn.execute(_INSERT_CLAIM, {
+                    "delivery_id": d.delivery_id, "endpoint": d.endpoint, "received_at": at,
+                    "body_sha256": d.body_sha256, "event": d.event, "event_id": d.event_id, "outcome": "claimed",
+                    "signed_with": d.signed_with, "attempts": 1, "claim": token, "claimed_at": at})
             return Claimed(token, at)
         except sa.exc.IntegrityError:
             pass  # seen before: decide from its row
@@ -305,25 +335,70 @@ class DeliveryStore:
         if row is None:  # never deleted, so only a database that lost it: refuse rather than guess
             raise StoreUnavailable(f"delivery {d.delivery_id} vanished from the deliveries table")
         same = row.endpoint == d.endpoint and row.body_sha256 == d.body_sha256
-        # a failed attempt, or one whose request died mid-emit (lease over), is taken over; the event id is
-        # the same, so an event that did reach Prefect before the crash is de-duplicated there
-        retake = row.outcome == "failed" or (row.outcome == "pending" and row.claimed_at < at - self.lease)
+        # a failed attempt, or one whose request died before queueing its event (lease over), is taken over;
+        # the event id is the same, so an event that did reach Prefect anyway is de-duplicated there
+        unqueued = row.outcome == "claimed" or (row.outcome == "pending" and row.event_body is None)
+        retake = row.outcome == "failed" or (unqueued and row.claimed_at < at - self.lease)
         if same and retake:
             with _db_errors(), self.engine.begin() as conn:
                 won = conn.execute(DELIVERIES.update().where(
                     DELIVERIES.c.delivery_id == d.delivery_id, DELIVERIES.c.claim == row.claim,
-                ).values(outcome="pending", claim=token, claimed_at=at, attempts=row.attempts + 1,
+                ).values(outcome="claimed", claim=token, claimed_at=at, attempts=row.attempts + 1,
                          signed_with=d.signed_with)).rowcount == 1
             if won:
                 return Claimed(token, row.received_at)
             row = self.get(d.delivery_id) or row
         return row
 
-    def finish(self, delivery_id: str, token: str, now: datetime, event_id: str | None = None) -> None:
-        self._close(delivery_id, token, now, "emitted", None, event_id)
+    def queue(self, delivery_id: str, token: str, now: datetime, event: Mapping[str, Any]) -> bool:
+        """Record the event to send and mark the delivery `pending` (the outbox emits it): what a 202 promises.
+        False when this request's claim was taken over meanwhile (its successor queues the same event)."""
+        with _db_errors(), self.engine.begin() as conn:
+            return conn.execute(_QUEUE, {"did": delivery_id, "token": token, "event_id": event["id"],
+                                         "event_body": event_json(dict(event)), "at": _naive_utc(now)}
+                                ).rowcount == 1
 
-    def fail(self, delivery_id: str, token: str, now: datetime, detail: str, event_id: str | None = None) -> None:
-        self._close(delivery_id, token, now, "failed", detail[:500], event_id)
+    def due(self, now: datetime, limit: int, everything: bool = False) -> list[Pending]:
+        """Queued events whose next attempt is due (all of them with `everything`), oldest first."""
+        q = (sa.select(DELIVERIES.c.delivery_id, DELIVERIES.c.endpoint, DELIVERIES.c.event_body,
+                       DELIVERIES.c.send_attempts)
+             .where(DELIVERIES.c.outcome == "pending", DELIVERIES.c.event_body.is_not(None))
+             .order_by(DELIVERIES.c.received_at).limit(limit))
+        if not everything:
+            q = q.where(DELIVERIES.c.next_attempt_at <= _naive_utc(now))
+        with _db_errors(), self.engine.connect() as conn:
+            return [Pending(r.delivery_id, r.endpoint, json.loads(r.event_body), r.send_attempts or 0)
+                    for r in conn.execute(q)]
+
+    def mark_emitted(self, delivery_ids: Sequence[str], now: datetime) -> None:
+        with _db_errors(), self.engine.begin() as conn:
+            conn.execute(DELIVERIES.update().where(
+                DELIVERIES.c.delivery_id.in_(list(delivery_ids)), DELIVERIES.c.outcome == "pending",
+            ).values(outcome="emitted", finished_at=_naive_utc(now), detail=None))
+
+    def mark_retry(self, retries: Sequence[tuple[str, int, datetime]], now: datetime, detail: str) -> None:
+        """Each (delivery id, failed sends so far, when to try again) stays pending, with why it failed."""
+        with _db_errors(), self.engine.begin() as conn:
+            for delivery_id, attempts, at in retries:
+                conn.execute(DELIVERIES.update().where(
+                    DELIVERIES.c.delivery_id == delivery_id, DELIVERIES.c.outcome == "pending",
+                ).values(send_attempts=attempts, next_attempt_at=_naive_utc(at), detail=detail))
+
+    def backlog(self) -> tuple[int, datetime | None]:
+        """(deliveries queued but not yet emitted, when the oldest of them was received: aware UTC)."""
+        q = (sa.select(sa.func.count(), sa.func.min(DELIVERIES.c.received_at))
+             .where(DELIVERIES.c.outcome == "pending", DELIVERIES.c.event_body.is_not(None)))
+        with _db_errors(), self.engine.connect() as conn:
+            n, oldest = conn.execute(q).one()
+        return int(n), (oldest.replace(tzinfo=UTC) if oldest is not None else None)
+
+    def fail(self, delivery_id: str, token: str, now: datetime, detail: str) -> None:
+        """Not accepted after all (a decision refused or unrecorded): a retry of the delivery takes it again.
+        Only while this request's claim holds: a request that lost its lease leaves the row to its successor."""
+        with _db_errors(), self.engine.begin() as conn:
+            conn.execute(DELIVERIES.update().where(
+                DELIVERIES.c.delivery_id == delivery_id, DELIVERIES.c.claim == token,
+            ).values(outcome="failed", finished_at=_naive_utc(now), detail=detail[:500]))
 
     def get(self, delivery_id: str) -> sa.Row[Any] | None:
         with _db_errors(), self.engine.connect() as conn:
@@ -332,16 +407,6 @@ class DeliveryStore:
     def ping(self) -> None:
         with _db_errors(), self.engine.connect() as conn:
             conn.execute(sa.select(sa.func.count()).select_from(DELIVERIES).where(sa.false()))
-
-    def _close(self, delivery_id: str, token: str, now: datetime, outcome: str, detail: str | None,
-               event_id: str | None = None) -> None:
-        # only while our claim holds: a request that lost its lease leaves the row to its successor
-        values: dict[str, Any] = {"outcome": outcome, "finished_at": _naive_utc(now), "detail": detail}
-        if event_id is not None:  # a retrain's event is its decision's: known only once decided
-            values["event_id"] = event_id
-        with _db_errors(), self.engine.begin() as conn:
-            conn.execute(DELIVERIES.update().where(
-                DELIVERIES.c.delivery_id == delivery_id, DELIVERIES.c.claim == token).values(**values))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -359,20 +424,13 @@ def _db_errors() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ events
 
 
-class EmitFailed(FlywheelError):
-    """The event did not reach Prefect; nothing was started."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status  # 503: unreachable or failing (retry); 502: Prefect refused the event
-        super().__init__(message)
-
-
 class _Transient(Exception):
     """A failure worth another attempt: no connection, a timeout, 5xx, 429."""
 
 
 class PrefectEvents:
-    """POST {api}/events, a list of one event; answers 204. Basic auth from PREFECT_API_AUTH_STRING."""
+    """POST {api}/events, a list of events; answers 204. Basic auth from PREFECT_API_AUTH_STRING. Called by
+    the outbox sender only, never on a request's path."""
 
     def __init__(self, api_url: str, timeout_s: float, attempts: int, environ: Mapping[str, str]) -> None:
         self.api = api_url.rstrip("/")
@@ -383,28 +441,28 @@ class PrefectEvents:
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    auth=(user, password) if auth_string else None)
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def send(self, events: list[dict[str, Any]]) -> None:
+        """One POST of `events`; transient failures retried (tenacity) before Unreachable; Refusal on a 4xx."""
         retrying = Retrying(stop=stop_after_attempt(self.attempts), retry=retry_if_exception_type(_Transient),
                             wait=wait_exponential(multiplier=0.05, max=0.5), reraise=True)
         try:
             for attempt in retrying:
                 with attempt:
-                    self._post(event)
+                    self._post(events)
         except _Transient as exc:
-            raise EmitFailed(503, f"the Prefect API did not take the event after {self.attempts} attempt(s) "
-                                  f"({exc}); nothing was started: retry this delivery") from None
+            raise Unreachable(f"the Prefect API did not take the event(s) after {self.attempts} attempt(s) "
+                              f"({exc})") from None
 
-    def _post(self, event: dict[str, Any]) -> None:
+    def _post(self, events: list[dict[str, Any]]) -> None:
         try:
-            resp = self.client.post(f"{self.api}/events", json=[event])
+            resp = self.client.post(f"{self.api}/events", json=events)
         except httpx.TransportError as exc:
             raise _Transient(type(exc).__name__) from exc
         if resp.status_code >= 500 or resp.status_code == 429:
             raise _Transient(f"HTTP {resp.status_code}")
         if resp.status_code >= 400:
-            # a refusal is no network hiccup (wrong basic auth, a schema change): say so, do not retry here
-            raise EmitFailed(502, f"the Prefect API refused the event: HTTP {resp.status_code} "
-                                  f"{resp.text[:200]}; nothing was started")
+            # a refusal is no network hiccup (wrong basic auth, a schema change): say so, back off longer
+            raise Refusal(f"the Prefect API refused the event(s): HTTP {resp.status_code} {resp.text[:200]}")
 
     def health(self) -> str | None:
         """None when the API answers /health, else why not."""
@@ -446,7 +504,6 @@ class Receiver:
 
     secrets: list[Secret]
     store: DeliveryStore
-    events: PrefectEvents
     models: frozenset[str]  # the models `retrain` may name (the training deployment trains these)
     default_model: str
     tolerance_s: float
@@ -457,6 +514,7 @@ class Receiver:
     project_clock: Clock = field(default_factory=WallClock)  # the project clock (maybe simulated): decisions
     dataset: str | None = None  # the dataset the batch endpoints may name (None: any, no folder check)
     incoming: Mapping[str, Path | None] = field(default_factory=dict)  # hook name -> its incoming folder
+    on_queued: Callable[[], None] = lambda: None  # wakes the outbox sender once a delivery's event is queued
 
     def verify(self, headers: Mapping[str, str], raw: bytes) -> Verified:
         try:
@@ -495,7 +553,8 @@ class Receiver:
 
     def deliver(self, hook: Hook, verified: Verified, body: HookBody, raw: bytes,
                 extra: Mapping[str, Any] | None = None) -> tuple[int, BaseModel]:
-        """Record, emit, answer: (202, Accepted) or (200, Duplicate); Refused otherwise."""
+        """Record the delivery (and a retrain's decision) with its event, queued for the outbox; answer
+        (202, Accepted) or (200, Duplicate); Refused otherwise. Prefect is not called here."""
         d = Delivery(verified.delivery_id, hook.name, hashlib.sha256(raw).hexdigest(), hook.event,
                      str(event_id_for(verified.delivery_id)), verified.secret)
         claim = self._claim(d)
@@ -505,24 +564,13 @@ class Receiver:
         occurred = claim.received_at.replace(tzinfo=UTC)
         decision = self._decide(body, model, d, claim) if isinstance(body, RetrainBody) else None
         event = build_event(hook, body, d.delivery_id, occurred, model, decision, extra)
-        event_id = event["id"]
-        try:
-            self.events.emit(event)
-        except EmitFailed as exc:
-            self._store(self.store.fail, d.delivery_id, claim.token, self._now(), str(exc), event_id)
-            log.warning("delivery %s (%s): not emitted: %s", d.delivery_id, hook.name, exc)
-            raise Refused(exc.status, str(exc), headers={"Retry-After": "5"}) from None
-        # the event is out: a failure to note it here leaves the row pending, and the lease hands a retry
-        # the same event id, which Prefect de-duplicates; so the sender still hears 202
-        try:
-            self.store.finish(d.delivery_id, claim.token, self._now(), event_id)
-            if decision is not None and self.decisions is not None:
-                self.decisions.mark_emitted(decision.id, self._now())
-        except (StoreUnavailable, sa.exc.SQLAlchemyError) as exc:
-            log.error("delivery %s emitted as %s but not marked done: %s", d.delivery_id, event_id, exc)
-        log.info("delivery %s (%s, signed with %s): emitted %s %s", d.delivery_id, hook.name, d.signed_with,
-                 hook.event, event_id)
-        return 202, Accepted(delivery=d.delivery_id, event=hook.event, event_id=event_id,
+        if not self._store(self.store.queue, d.delivery_id, claim.token, self._now(), event):
+            # our lease ran out and a retry took the delivery over: it queues this same event id
+            log.warning("delivery %s (%s): taken over by a retry before it was queued", d.delivery_id, hook.name)
+        self.on_queued()
+        log.info("delivery %s (%s, signed with %s): queued %s %s", d.delivery_id, hook.name, d.signed_with,
+                 hook.event, event["id"])
+        return 202, Accepted(delivery=d.delivery_id, event=hook.event, event_id=event["id"],
                              resource=event["resource"]["prefect.resource.id"],
                              decision=decision.id if decision is not None else None)
 
@@ -561,9 +609,9 @@ class Receiver:
                 raise Refused(409, f"delivery id {d.delivery_id} was already used for another "
                                    f"{'body' if got.endpoint == d.endpoint else 'endpoint'} ({got.endpoint}, "
                                    f"{got.outcome}); a new delivery needs a new id")
-            if got.outcome == "emitted":
-                return Duplicate(of=got.event_id, delivery=d.delivery_id, event=got.event)
-            # another request is emitting this delivery right now: its outcome is ours
+            if got.outcome == "emitted" or (got.outcome == "pending" and got.event_body is not None):
+                return Duplicate(of=got.event_id, delivery=d.delivery_id, event=got.event, status=got.outcome)
+            # another request is recording this delivery right now: its outcome is ours
             if time.monotonic() > deadline:
                 raise Refused(409, f"delivery {d.delivery_id} is being processed by another request; retry later",
                               headers={"Retry-After": "5"})
@@ -604,10 +652,9 @@ def landing_folders(settings: Settings) -> tuple[str, dict[str, Path | None]]:
 
 
 def lease_seconds(settings: Settings) -> float:
-    """How long a pending delivery belongs to the request emitting it: every attempt's timeout, the back-off
-    between attempts, and a margin. Past it, a retry takes the delivery over."""
-    wh = settings.webhook
-    return wh.emit_attempts * (wh.emit_timeout_s + 0.5) + 5.0
+    """How long a claimed delivery belongs to the request recording it (a few commits, no network call): past
+    it, a retry takes the delivery over. Generous for a busy database; Prefect's speed no longer matters."""
+    return 15.0
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:
@@ -634,9 +681,37 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.verified = Counter("flywheel_webhook_verified", "deliveries verified, by the secret that matched",
                                 ["secret"], registry=r)
-        self.emitted = Counter("flywheel_webhook_events_emitted", "events emitted to Prefect", ["event"], registry=r)
+        self.emitted = Counter("flywheel_webhook_events_emitted", "events emitted to Prefect (by the outbox sender)",
+                               ["event"], registry=r)
+        self.send_failures = Counter("flywheel_webhook_outbox_send_failures",
+                                     "events whose send to Prefect failed (each retried later)", registry=r)
         self.seconds = Histogram("flywheel_webhook_request_seconds", "time to answer a delivery", ["endpoint"],
                                  buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+
+
+class OutboxCollector(Collector):
+    """The outbox backlog, read from the deliveries table at scrape time (so it survives restarts)."""
+
+    def __init__(self, store: DeliveryStore, clock: Callable[[], float]) -> None:
+        self.store, self.clock = store, clock
+
+    def describe(self) -> list[Metric]:
+        return []  # no database read at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily("flywheel_webhook_outbox_pending",
+                                    "accepted deliveries whose event is not yet emitted to Prefect")
+        oldest = GaugeMetricFamily("flywheel_webhook_outbox_oldest_age_seconds",
+                                   "age of the oldest delivery still waiting for its event (0 when none)")
+        try:
+            n, first = self.store.backlog()
+        except StoreUnavailable as exc:
+            log.warning("outbox metrics unavailable: %s", exc)
+            return
+        pending.add_metric([], n)
+        oldest.add_metric([], max(0.0, self.clock() - first.timestamp()) if first is not None else 0.0)
+        yield pending
+        yield oldest
 
 
 def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, *,
@@ -658,16 +733,35 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
         decisions.engine.dispose()  # the connection `ensure` opened predates the listener
     policy = load_policy(settings.resolve(settings.triggers.policy_file))
     dataset, incoming = landing_folders(settings)
-    receiver = Receiver(secrets=secrets, store=store, events=events, models=frozenset({default}),
-                        default_model=default, tolerance_s=wh.tolerance_s, clock=clock, decisions=decisions,
-                        policy=policy, project_clock=build_clock(settings.clock), dataset=dataset, incoming=incoming)
     metrics = Metrics()
+    metrics.registry.register(OutboxCollector(store, clock))
+
+    def emitted(rows: list[Pending]) -> None:
+        for row in rows:
+            metrics.emitted.labels(row.event["event"]).inc()
+            decision_id = row.event.get("payload", {}).get("decision_id")
+            if decision_id is not None:  # the decision's `emitted_at`: its event is out
+                try:
+                    decisions.mark_emitted(decision_id, datetime.fromtimestamp(clock(), UTC))
+                except sa.exc.SQLAlchemyError as exc:
+                    log.error("decision %s emitted but not marked: %s", decision_id, exc)
+
+    sender = OutboxSender(store, events.send, on_emitted=emitted, on_failed=metrics.send_failures.inc,
+                          batch=wh.outbox_batch, poll_s=wh.outbox_poll_s, max_backoff_s=wh.outbox_max_backoff_s,
+                          linger_s=wh.outbox_linger_s,
+                          now=lambda: datetime.fromtimestamp(clock(), UTC))
+    receiver = Receiver(secrets=secrets, store=store, models=frozenset({default}),
+                        default_model=default, tolerance_s=wh.tolerance_s, clock=clock, decisions=decisions,
+                        policy=policy, project_clock=build_clock(settings.clock), dataset=dataset, incoming=incoming,
+                        on_queued=sender.wake)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sender.start()  # its first pass sends whatever an earlier process left pending
         try:
             yield
         finally:
+            await run_in_threadpool(sender.stop)
             events.close()
             store.dispose()
             decisions.dispose()
@@ -676,6 +770,7 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
                   description="HMAC-signed deliveries in, Prefect events out. See README.md, 'Webhook receiver'.")
     app.state.receiver = receiver
     app.state.metrics = metrics
+    app.state.outbox = sender
 
     async def receive(request: Request, hook: Hook) -> JSONResponse:
         t0 = time.perf_counter()
@@ -686,8 +781,6 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
             body = receiver.parse(hook, raw)
             extra = receiver.landed(hook, body)
             status, answer = await run_in_threadpool(receiver.deliver, hook, verified, body, raw, extra)
-            if status == 202:
-                metrics.emitted.labels(hook.event).inc()
             response = JSONResponse(answer.model_dump(), status_code=status)
         except Refused as exc:
             response = JSONResponse(Problem(detail=exc.detail, problems=exc.problems).model_dump(),
@@ -701,15 +794,33 @@ def create_app(settings: Settings, secrets: list[Secret], prefect_api_url: str, 
 
     @app.get("/health")
     def health() -> JSONResponse:
-        """200 when a delivery could be taken now: the deliveries table and the Prefect API answer."""
+        """200 when the deliveries table and the Prefect API answer (so queued events go out), else 503; with
+        the outbox's backlog (deliveries accepted but not yet emitted) and the age of its oldest."""
+        outbox: dict[str, Any] = {"pending": None, "oldest_age_s": None, "last_error": sender.last_error}
         try:
-            store.ping()
+            n, first = store.backlog()
             db = "ok"
+            outbox.update(pending=n, oldest_age_s=round(max(0.0, clock() - first.timestamp()), 3) if first else 0.0)
         except StoreUnavailable as exc:
             db = str(exc)
         prefect = events.health() or "ok"
         ok = db == "ok" and prefect == "ok"
-        return JSONResponse({"ok": ok, "deliveries_db": db, "prefect_api": prefect}, status_code=200 if ok else 503)
+        return JSONResponse({"ok": ok, "deliveries_db": db, "prefect_api": prefect, "outbox": outbox,
+                             "loop": loop_liveness()}, status_code=200 if ok else 503)
+
+    def loop_liveness() -> dict[str, Any]:
+        """The loop's liveness seen from outside (flywheel/liveness.py): detail only, it does not change the
+        status, which says whether deliveries can be taken."""
+        try:
+            with decisions.engine.connect() as conn:
+                loop = read_liveness(conn, default, dataset, receiver.project_clock.now(), policy.liveness)
+        except sa.exc.SQLAlchemyError as exc:
+            return {"error": f"project database: {type(exc).__name__}"}
+        ages = {f"{s.what}_age_s": (round(s.age_s) if s.age_s != float("inf") else None)
+                for s in (loop.monitoring, loop.outcomes)}
+        return {"model": loop.model, "silent": loop.silent, **ages,
+                "monitoring_max_silence_s": loop.monitoring.limit_s, "outcomes_max_silence_s": loop.outcomes.limit_s,
+                "summaries": list(loop.summaries)}
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -733,8 +844,8 @@ def _route(app: FastAPI, hook: Hook, receive: Callable[..., Any]) -> None:
     app.add_api_route(
         f"/hooks/{hook.name}", endpoint, methods=["POST"], status_code=202, summary=hook.summary,
         description=f"Emits `{hook.event}`.", response_model=Accepted, name=f"hook_{hook.name.replace('-', '_')}",
-        responses={200: {"model": Duplicate, "description": "a repeat of a delivery already emitted"},
-                   400: problem, 401: problem, 409: problem, 413: problem, 422: problem, 502: problem, 503: problem},
+        responses={200: {"model": Duplicate, "description": "a repeat of a delivery already accepted"},
+                   400: problem, 401: problem, 409: problem, 413: problem, 422: problem, 403: problem, 503: problem},
         openapi_extra={"parameters": headers, "requestBody": {"required": True, "content": {
             "application/json": {"schema": hook.body.model_json_schema()}}}},
     )

@@ -9,11 +9,15 @@
 3. 20 warm-up deliveries, then rate x seconds signed `POST /hooks/retrain`, each a new delivery id, started
    on a fixed schedule (open loop: 4 client threads, so one slow answer does not hold back the next send);
    latency is from send to parsed answer. Then 100 signed repeats of accepted deliveries (duplicates), and
-   the same number of events at the same rate posted straight to Prefect's POST /events: the floor that
-   the receiver's emit waits on, so its own share is the difference.
+   the same number of events at the same rate posted straight to Prefect's POST /events. A delivery is
+   answered once it is recorded with its event (the outbox, flywheel/outbox.py): the receiver's sender
+   thread emits the events in the background, so Prefect's own latency is no longer on the request's path
+   (the direct POSTs show what it would add; the duplicates, one read and no write, what the machine's
+   noise alone costs).
 4. Checked: every delivery answered 202 (repeats 200), the server holds exactly one event per delivery
-   (read back from /api/events/filter), one row per delivery. Printed: p50 / p90 / p99 / max and the
-   receiver's RSS. Target: p99 <= 20 ms for accepted deliveries.
+   (read back from /api/events/filter, once the outbox drained: how long that took after the last send is
+   printed), one row per delivery. Printed: p50 / p90 / p99 / max, the load average and the receiver's RSS.
+   Target: p99 <= 20 ms for accepted deliveries.
 
 Everything listens on 127.0.0.1. The client runs on the same machine: on 2 cores it, the receiver and the
 Prefect server (which stores each event) share the CPU.
@@ -162,18 +166,19 @@ def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> 
         t0 = time.perf_counter()
         results, worst_late = paced(url, lambda c, i: send(c, f"bench-{i}", f"bench {i}"), n, rate)
         took = time.perf_counter() - t0
-        console.print("the same rate straight to Prefect's POST /events (the floor) ...")
+        stored = events_stored(api, n + 20)  # the outbox sends in the background: read back once it drained
+        drained = time.perf_counter() - t0 - took
+        console.print("the same rate straight to Prefect's POST /events (what emitting inline would wait on) ...")
         direct, _ = paced(api, post_event, n, rate)
         with httpx.Client(base_url=url, timeout=30) as client:
             dups = [send(client, f"bench-{i}", f"bench {i}") for i in range(0, n, max(1, n // 100))]
         rss = psutil.Process(receiver.pid).memory_info().rss / 2**20
+        load = os.getloadavg()[0]
+        statuses = sorted({s for s, _ in results})
+        assert statuses == [202], f"not every delivery was accepted: {statuses}"
+        assert {s for s, _ in dups} == {200}, "a repeat was not answered as a duplicate"
     finally:
         stop(receiver)
-
-    statuses = sorted({s for s, _ in results})
-    assert statuses == [202], f"not every delivery was accepted: {statuses}"
-    assert {s for s, _ in dups} == {200}, "a repeat was not answered as a duplicate"
-    stored = events_stored(api, n + 20)
     assert stored == n + 20, f"the server holds {stored} retrain events for {n + 20} deliveries"
 
     ms = [m for _, m in results]
@@ -182,14 +187,15 @@ def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> 
     for col in ("answers", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"):
         table.add_column(col, justify="right")
     assert {s for s, _ in direct} == {204}
-    for label, vals in (("202 accepted (event emitted)", ms), ("200 duplicate", [m for _, m in dups]),
+    for label, vals in (("202 accepted (event queued)", ms), ("200 duplicate", [m for _, m in dups]),
                         ("Prefect POST /events alone, same rate", [m for _, m in direct])):
         table.add_row(label, str(len(vals)), *(f"{pct(vals, q):.1f}" for q in (50, 90, 99)), f"{max(vals):.1f}")
     console.print(table)
     p99 = pct(ms, 99)
     verdict = "met" if p99 <= TARGET_P99_MS else "NOT met"
     console.print(f"p99 accepted {p99:.1f} ms (target <= {TARGET_P99_MS:.0f} ms: {verdict}); events stored "
-                  f"{stored}/{n + 20}; receiver RSS {rss:.0f} MiB")
+                  f"{stored}/{n + 20} (all within {drained:.1f} s of the last send, read back included); "
+                  f"load average {load:.1f}; receiver RSS {rss:.0f} MiB")
 
 
 def main() -> None:

@@ -3,15 +3,17 @@ session's test harness), with its deliveries in a real SQLite database.
 
 Each refused request must leave no row and no event; an accepted one emits exactly one event, read back from
 the server's /api/events/filter; repeats (also after a restart on the same database) and concurrent copies
-start nothing more; a body signed with the previous secret is accepted during a rotation; and with the Prefect
-API unreachable (a TCP forwarder in front of the server, pulled and put back) the sender hears 503 and its
-retry is accepted once.
+start nothing more; a body signed with the previous secret is accepted during a rotation; with the Prefect
+API unreachable (a TCP forwarder in front of the server, pulled and put back) a delivery is still accepted
+(202, queued in the outbox) and its event is emitted once the API is back; and a receiver that accepted
+deliveries while pointed at a closed port and stopped leaves them pending, sent by the next one on start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -77,6 +79,15 @@ class Running:
         reg = self.app.state.metrics.registry
         return sum(s.value for m in reg.collect() if m.name == "flywheel_webhook_events_emitted"
                    for s in m.samples if s.name.endswith("_total"))
+
+    def drained(self, emitted: int, timeout: float = 30) -> None:
+        """Wait until the outbox has emitted `emitted` events in all and holds nothing pending."""
+        deadline = time.monotonic() + timeout
+        while (self.emitted, self.app.state.receiver.store.backlog()[0]) != (emitted, 0):
+            assert time.monotonic() < deadline, (
+                f"outbox: {self.emitted} emitted, {self.app.state.receiver.store.backlog()[0]} pending; "
+                f"expected {emitted} and none")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.http.close()
@@ -188,14 +199,16 @@ def test_an_accepted_delivery_emits_exactly_one_event_readable_from_prefect(rece
     assert resp.status_code == 202, resp.text
     event_id = retrain_event_id("acc-1")
     assert resp.json() == {"accepted": True, "delivery": "acc-1", "event": "flywheel.retrain.requested",
-                           "event_id": event_id, "resource": f"flywheel.model.{model}", "decision": event_id}
+                           "event_id": event_id, "resource": f"flywheel.model.{model}", "decision": event_id,
+                           "status": "pending"}
 
     event = wait_for_event(prefect_api, "acc-1")
     assert event["id"] == event_id and event["event"] == "flywheel.retrain.requested"
     assert event["resource"]["prefect.resource.id"] == f"flywheel.model.{model}"
     assert event["resource"]["flywheel.model"] == model
     assert event["payload"] == {**body, "delivery": "acc-1", "decision_id": event_id, "kind": "retrain_requested"}
-    assert len(model_events(prefect_api, model)) == 1 and receiver.emitted == 1
+    receiver.drained(1)
+    assert len(model_events(prefect_api, model)) == 1
 
     row = rows(settings)["acc-1"]
     assert (row.endpoint, row.outcome, row.event_id, row.signed_with, row.attempts) == (
@@ -297,7 +310,7 @@ def test_each_refused_request_starts_nothing(receiver: Running, settings: Settin
     assert events(prefect_api, id={"id": refused_ids}) == []
     assert [d.event_id for d in decisions(settings, model)] == ["webhook:rej-sentinel"], "a refused request decided"
     assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["rej-sentinel"]
-    assert receiver.emitted == 1
+    receiver.drained(1)
 
 
 # ---------------------------------------------------------------------------------------------- repeats
@@ -314,21 +327,23 @@ def test_a_signed_repeat_is_a_duplicate_and_starts_nothing_also_after_a_restart(
         event_id = accepted.json()["event_id"]
         again = first.post("retrain", body, "dup-1")  # a sender's retry: same delivery, signed again
         assert again.status_code == 200
+        status = again.json().pop("status")
+        assert status in ("pending", "emitted"), status  # queued or already out: a duplicate either way
         assert again.json() == {"duplicate": True, "of": event_id, "delivery": "dup-1",
-                                "event": "flywheel.retrain.requested"}
+                                "event": "flywheel.retrain.requested", "status": status}
         other = first.post("retrain", {"reason": "another body, same id"}, "dup-1")
         assert other.status_code == 409 and "already used for another body" in other.json()["detail"]
-        assert first.emitted == 1
+        first.drained(1)
     finally:
         first.stop()
 
     restarted = serve(settings, prefect_api, model)  # a new app object on the same database
     try:
         after = restarted.post("retrain", body, "dup-1")
-        assert after.status_code == 200 and after.json()["of"] == event_id
-        assert restarted.emitted == 0
+        assert after.status_code == 200 and after.json()["of"] == event_id and after.json()["status"] == "emitted"
         assert restarted.post("retrain", body, "dup-2").status_code == 202  # a new delivery still goes through
         wait_for_event(prefect_api, "dup-2")
+        restarted.drained(1)  # only the new one: the restart found nothing pending to resend
     finally:
         restarted.stop()
     assert sorted(e["payload"]["delivery"] for e in model_events(prefect_api, model)) == ["dup-1", "dup-2"]
@@ -353,8 +368,9 @@ def test_concurrent_copies_of_a_delivery_start_it_once(receiver: Running, settin
     assert statuses == [200] * 7 + [202], [a.text for a in answers]
     event_id = retrain_event_id("burst-1")
     assert {a.json().get("of", a.json().get("event_id")) for a in answers} == {event_id}
-    assert receiver.emitted == 1 and list(rows(settings)) == ["burst-1"]
+    assert list(rows(settings)) == ["burst-1"]
     wait_for_event(prefect_api, "burst-1")
+    receiver.drained(1)
     assert len(model_events(prefect_api, model)) == 1
     assert [(d.id, d.outcome) for d in decisions(settings, model)] == [(event_id, "fire")], "one decision"
 
@@ -436,9 +452,17 @@ class Plug:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-def test_prefect_down_answers_503_and_the_retry_once_it_is_back_is_accepted_once(
-    settings: Settings, prefect_api: str, model: str
+@pytest.fixture
+def quick_settings(tmp_path: Path) -> Settings:
+    """A short outbox back-off, so a test sees the retry after an outage within a second."""
+    return load_settings("ci", make_home(tmp_path) / "configs",
+                         environ={"FLYWHEEL_WEBHOOK__OUTBOX_MAX_BACKOFF_S": "0.5"})
+
+
+def test_prefect_down_still_accepts_the_delivery_and_emits_it_once_prefect_is_back(
+    quick_settings: Settings, prefect_api: str, model: str
 ) -> None:
+    settings = quick_settings
     plug = Plug(prefect_api)
     plug.up()
     behind = f"http://127.0.0.1:{plug.port}/api"
@@ -446,34 +470,78 @@ def test_prefect_down_answers_503_and_the_retry_once_it_is_back_is_accepted_once
     try:
         assert running.http.get("/health").status_code == 200
         plug.down()
-        health = running.http.get("/health")
-        assert health.status_code == 503 and health.json()["prefect_api"].startswith("unreachable")
-
         body = {"reason": "while Prefect was down"}
         down = running.post("retrain", body, "out-1")
-        assert down.status_code == 503, down.text
-        assert "nothing was started: retry this delivery" in down.json()["detail"]
-        assert down.headers["retry-after"] == "5"
+        assert down.status_code == 202, down.text  # recorded with its event: nothing is lost
+        assert (down.json()["event_id"], down.json()["status"]) == (retrain_event_id("out-1"), "pending")
+        assert running.post("retrain", body, "out-1").json()["status"] == "pending"  # a retry: a duplicate
+
+        deadline = time.monotonic() + 30
+        while not (rows(settings)["out-1"].detail or ""):
+            assert time.monotonic() < deadline, "the outbox never tried to send"
+            time.sleep(0.1)
         row = rows(settings)["out-1"]
-        assert row.outcome == "failed" and "did not take the event after 3 attempt(s)" in row.detail
+        assert row.outcome == "pending" and "did not take the event(s) after 3 attempt(s)" in row.detail
+        health = running.http.get("/health")
+        assert health.status_code == 503 and health.json()["prefect_api"].startswith("unreachable")
+        outbox = health.json()["outbox"]
+        assert health.json()["loop"]["model"] == model  # the loop's liveness, as detail
+        assert outbox["pending"] == 1 and outbox["oldest_age_s"] > 0 and "did not take" in outbox["last_error"]
+        scraped = running.http.get("/metrics").text
+        assert "flywheel_webhook_outbox_pending 1.0" in scraped
+        assert re.search(r"^flywheel_webhook_outbox_send_failures_total [1-9]", scraped, re.M), scraped
         assert running.emitted == 0
+        (first,) = decisions(settings, model)
+        assert (first.outcome, first.emitted_at) == ("fire", None)  # decided, its event not out yet
 
         plug.up()
-        retry = running.post("retrain", body, "out-1")  # the sender's retry, signed again
-        assert retry.status_code == 202, retry.text
-        assert retry.json()["event_id"] == retrain_event_id("out-1")
-        assert running.post("retrain", body, "out-1").status_code == 200  # and then it is a duplicate
-        assert running.emitted == 1
-        assert (rows(settings)["out-1"].outcome, rows(settings)["out-1"].attempts) == ("emitted", 2)
+        running.drained(1)  # the back-off's next attempt goes through
+        assert rows(settings)["out-1"].outcome == "emitted" and rows(settings)["out-1"].attempts == 1
         wait_for_event(prefect_api, "out-1")
         assert [e["payload"]["delivery"] for e in model_events(prefect_api, model)] == ["out-1"]
-        # the retry decided again (a duplicate of the first, recorded) and re-sent the first decision's event
-        first, again = decisions(settings, model)
-        assert (first.id, first.outcome, again.suppressed_by) == (retrain_event_id("out-1"), "fire", "duplicate")
+        again = running.post("retrain", body, "out-1")
+        assert (again.status_code, again.json()["status"]) == (200, "emitted")
+        (first,) = decisions(settings, model)  # one decision, however often the delivery was sent
         assert first.emitted_at is not None
+        assert running.http.get("/health").json()["outbox"]["pending"] == 0
+        assert "flywheel_webhook_outbox_pending 0.0" in running.http.get("/metrics").text
     finally:
         running.stop()
         plug.down()
+
+
+def test_what_a_stopped_receiver_left_pending_is_sent_by_the_next_on_start(
+    quick_settings: Settings, prefect_api: str, model: str
+) -> None:
+    settings = quick_settings
+    closed = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    first = serve(settings, closed, model)
+    try:
+        for i in range(3):
+            resp = first.post("data-landed" if i else "retrain", {"reason": "queued"} if not i else {
+                "dataset": "churn", "uri": _landed(settings, i).name}, f"left-{i}")
+            assert resp.status_code == 202, resp.text
+    finally:
+        first.stop()
+    assert {r.outcome for r in rows(settings).values()} == {"pending"}, "accepted, never emitted"
+
+    second = serve(settings, prefect_api, model)  # the same database, a live Prefect
+    try:
+        second.drained(3)
+    finally:
+        second.stop()
+    assert {r.outcome for r in rows(settings).values()} == {"emitted"}
+    for i in range(3):
+        wait_for_event(prefect_api, f"left-{i}")
+    (decision,) = decisions(settings, model)
+    assert decision.emitted_at is not None
+
+
+def _landed(settings: Settings, i: int) -> Path:
+    path = settings.paths.home / f"data/incoming/churn/batch_2026-03-0{i}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not read by the receiver")
+    return path
 
 
 def test_a_deliveries_database_that_fails_answers_503_and_emits_nothing(receiver: Running, settings: Settings,
@@ -571,10 +639,12 @@ def test_a_retrain_delivery_is_a_trigger_decision_listed_with_the_automatic_ones
     deployment_id = fake_training.to_deployment(name="training", triggers=[trigger]).apply()
     time.sleep(2)  # the triggers service loads new automations
 
+    sent_at = time.monotonic()
     resp = receiver.post("retrain", {"reason": "labels for March reviewed"}, "dec-1")
     assert resp.status_code == 202, resp.text
     decision_id = resp.json()["decision"]
     assert decision_id == resp.json()["event_id"] == retrain_event_id("dec-1")
+    receiver.drained(1)  # the outbox emitted it, and noted that on the decision
     recorded = {d.id: d for d in decisions(settings, model)}[decision_id]
     assert (recorded.kind, recorded.outcome, recorded.event_id) == ("retrain_requested", "fire", "webhook:dec-1")
     assert recorded.evidence == {"reason": "labels for March reviewed", "actor": "webhook", "source": "webhook",
@@ -584,7 +654,9 @@ def test_a_retrain_delivery_is_a_trigger_decision_listed_with_the_automatic_ones
     deadline = time.monotonic() + 60
     while (run_id := started_run(decision_id)) is None:
         assert time.monotonic() < deadline, "the training deployment's trigger started no run"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    # for the record (`pytest -s`), not an assertion: the issue's target is <= 10 s on the local server
+    print(f"\nsigned delivery -> training run created {time.monotonic() - sent_at:.1f} s")
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(uuid.UUID(run_id))
     assert run.deployment_id == deployment_id

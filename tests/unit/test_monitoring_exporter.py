@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flywheel.monitoring.exporter import MONITORING_METRICS, MonitoringCollector
+from flywheel.monitoring.exporter import MONITORING_METRICS, MonitoringCollector, Watched
 from flywheel.monitoring.history import MonitoringHistory
 from flywheel.trigger_decisions import TriggerDecisions
 from flywheel.trigger_policy import TriggerPolicy
@@ -97,6 +98,7 @@ def test_an_empty_history_exports_only_up(db_url: str) -> None:
 def _exported_names(db_url: str) -> set[str]:
     """Every sample name the service (with the monitoring collector) and the webhook receiver export."""
     from flywheel.service import Metrics as ServiceMetrics
+    from flywheel.webhook import DeliveryStore, OutboxCollector
     from flywheel.webhook import Metrics as WebhookMetrics
 
     _record_windows(db_url)
@@ -118,8 +120,11 @@ def _exported_names(db_url: str) -> set[str]:
     webhook.verified.labels("current").inc()
     webhook.emitted.labels("flywheel.retrain.requested").inc()
     webhook.seconds.labels("/hooks/retrain").observe(0.01)
-    collector = MonitoringCollector(db_url)
+    webhook.send_failures.inc()
+    # the service watches its model's loop; the receiver exports its outbox backlog
+    collector = MonitoringCollector(db_url, [Watched("churn", "churn")])
     service.registry.register(collector)
+    webhook.registry.register(OutboxCollector(DeliveryStore(db_url, lease_s=15), time.time))
     names = set()
     for registry in (service.registry, webhook.registry):
         for family in text_string_to_metric_families(generate_latest(registry).decode()):

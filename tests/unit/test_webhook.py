@@ -52,7 +52,8 @@ def test_the_receiver_imports_only_the_core() -> None:
     # the trigger decisions store and its pure rules: a retrain request is recorded as a decision
     assert ours == {"flywheel.webhook", "flywheel.hmacsig", "flywheel.migrations", "flywheel.db", "flywheel.errors",
                     "flywheel.trigger_decisions", "flywheel.triggers", "flywheel.trigger_policy", "flywheel.clock",
-                    "flywheel.landing", "flywheel.apidocs"}
+                    "flywheel.landing", "flywheel.apidocs", "flywheel.outbox",
+                    "flywheel.liveness"}
     print(f"import flywheel.webhook: {result['seconds']:.2f} s")
 
 
@@ -173,16 +174,28 @@ def _delivery(sha: str = "a" * 64, endpoint: str = "retrain") -> Delivery:
     return Delivery(did, endpoint, sha, "flywheel.retrain.requested", str(event_id_for(did)), "current")
 
 
-def test_a_delivery_is_claimed_once_then_emitted_then_a_duplicate(store: DeliveryStore) -> None:
+def _event(d: Delivery) -> dict:
+    return build_event(HOOKS["retrain"], RetrainBody(reason="r"), d.delivery_id, T0, "churn")
+
+
+def test_a_delivery_is_claimed_once_then_queued_then_emitted_and_a_duplicate_throughout(
+        store: DeliveryStore) -> None:
     d = _delivery()
     first = store.claim(d, T0)
     assert isinstance(first, Claimed)
-    busy = store.claim(d, T0 + timedelta(seconds=1))  # in progress elsewhere: the row, not a claim
-    assert not isinstance(busy, Claimed) and busy.outcome == "pending"
-    store.finish(d.delivery_id, first.token, T0 + timedelta(seconds=1))
-    seen = store.claim(d, T0 + timedelta(days=3))  # across any time and restart: still the same delivery
+    busy = store.claim(d, T0 + timedelta(seconds=1))  # being recorded elsewhere: the row, not a claim
+    assert not isinstance(busy, Claimed) and busy.outcome == "claimed"
+    assert store.queue(d.delivery_id, first.token, T0 + timedelta(seconds=1), _event(d))
+    queued = store.claim(d, T0 + timedelta(days=3))  # across any time and restart: still the same delivery
+    assert not isinstance(queued, Claimed) and (queued.outcome, queued.event_id) == ("pending", d.event_id)
+    assert store.backlog() == (1, T0)
+    (due,) = store.due(T0 + timedelta(seconds=1), 10)
+    assert (due.delivery_id, due.event, due.send_attempts) == (d.delivery_id, _event(d), 0)
+    store.mark_emitted([d.delivery_id], T0 + timedelta(seconds=2))
+    seen = store.claim(d, T0 + timedelta(days=3))
     assert not isinstance(seen, Claimed)
     assert (seen.outcome, seen.event_id, seen.attempts, seen.endpoint) == ("emitted", d.event_id, 1, "retrain")
+    assert store.backlog() == (0, None) and store.due(T0 + timedelta(days=3), 10, everything=True) == []
     other_body = store.claim(Delivery(d.delivery_id, "retrain", "b" * 64, d.event, d.event_id, "current"), T0)
     assert not isinstance(other_body, Claimed) and other_body.body_sha256 == "a" * 64  # the caller answers 409
 
@@ -190,15 +203,27 @@ def test_a_delivery_is_claimed_once_then_emitted_then_a_duplicate(store: Deliver
 def test_a_failed_delivery_is_taken_again_by_the_retry(store: DeliveryStore) -> None:
     d = _delivery()
     first = store.claim(d, T0)
-    store.fail(d.delivery_id, first.token, T0, "Prefect unreachable")
+    store.fail(d.delivery_id, first.token, T0, "decisions database unavailable")
     assert store.get(d.delivery_id).outcome == "failed"
     retry = store.claim(d, T0 + timedelta(seconds=10))
     assert isinstance(retry, Claimed) and retry.received_at == first.received_at  # the event keeps its time
-    store.finish(d.delivery_id, first.token, T0)  # the first request's claim is void: no effect
-    assert store.get(d.delivery_id).outcome == "pending"
-    store.finish(d.delivery_id, retry.token, T0 + timedelta(seconds=11))
+    assert not store.queue(d.delivery_id, first.token, T0, _event(d))  # the first request's claim is void
+    assert store.get(d.delivery_id).outcome == "claimed"
+    assert store.queue(d.delivery_id, retry.token, T0 + timedelta(seconds=11), _event(d))
     row = store.get(d.delivery_id)
-    assert (row.outcome, row.attempts, row.detail) == ("emitted", 2, None)
+    assert (row.outcome, row.attempts, row.detail) == ("pending", 2, None)
+
+
+def test_a_failed_send_stays_pending_until_its_back_off_is_due(store: DeliveryStore) -> None:
+    d = _delivery()
+    claim = store.claim(d, T0)
+    store.queue(d.delivery_id, claim.token, T0, _event(d))
+    store.mark_retry([(d.delivery_id, 1, T0 + timedelta(seconds=5))], T0, "Prefect unreachable")
+    assert store.due(T0 + timedelta(seconds=4), 10) == []
+    assert [p.send_attempts for p in store.due(T0 + timedelta(seconds=5), 10)] == [1]
+    assert len(store.due(T0, 10, everything=True)) == 1  # a start resends whatever is pending
+    row = store.get(d.delivery_id)
+    assert (row.outcome, row.detail) == ("pending", "Prefect unreachable")
 
 
 def test_a_pending_delivery_whose_request_died_is_taken_over_after_the_lease(store: DeliveryStore) -> None:
