@@ -71,7 +71,8 @@ def batch_scoring(params: BatchScoringParams | None = None) -> BatchScoringResul
     ids = resolve_entities(Path(params.entities) if params.entities else None, dataset, ctx.offline_dir, at)
     model = load_model_by_alias(ctx.tracking_uri, ctx.audit_db_url, model_name, params.alias)
     repo = render_feature_repo(settings.stores, settings.paths.home)
-    report = score_entities(repo, model, dataset, ids, at, settings.resolve(settings.batch.output_dir))
+    report = score_entities(repo, model, dataset, ids, at, settings.resolve(settings.batch.output_dir),
+                            settings.batch.parallelism, settings.batch.partition_rows)
     if report.no_feature_rows:
         get_run_logger().warning(
             "%d of %d entities had no features at %s: written with a null score", report.no_feature_rows,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from flywheel.errors import FlywheelError, SkewError
-from flywheel.featurestore import FEATURES_FILE, LABELS_FILE, dataset_dir
+from flywheel.featurestore import FEATURES_FILE, LABELS_FILE, dataset_dir, open_store
 from flywheel.predictor import served_predictor
 from flywheel.schemas import DatasetDefinition, Result
 
@@ -351,6 +351,44 @@ def batch_score(
     service = model_feature_service(model)
     features = offline_features(store, service, dataset, ids, at)
     scored = score_features(model, features, dataset, at, service)
+    path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
+    return summarize(scored, path, time.perf_counter() - t0)
+
+
+# (partitions of ids, scored_at) -> one scored frame per partition, in order
+PartitionMap = Callable[[list[list[Any]], datetime], list[pd.DataFrame]]
+
+
+def partitions(ids: Sequence[Any] | pd.Series, rows: int) -> list[list[Any]]:
+    """The ids in order, `rows` per partition (the last one shorter)."""
+    ids = list(ids)
+    if not ids:
+        raise FlywheelError("no entities to read features for")
+    return [ids[i:i + rows] for i in range(0, len(ids), rows)]
+
+
+def score_partition(repo: Path, model: LoadedModel, dataset: DatasetDefinition, ids: list[Any], at: datetime,
+                    scored_at: datetime) -> pd.DataFrame:
+    """One partition's output rows, on whatever process runs it (it opens the feature store itself)."""
+    service = model_feature_service(model)
+    features = offline_features(open_store(repo), service, dataset, ids, at)
+    return score_features(model, features, dataset, at, service, scored_at)
+
+
+def batch_score_partitioned(
+    model: LoadedModel,
+    dataset: DatasetDefinition,
+    ids: Sequence[Any] | pd.Series,
+    at: datetime,
+    output_dir: Path,
+    partition_rows: int,
+    map_partitions: PartitionMap,
+) -> ScoringReport:
+    """`batch_score` with the entities cut into partitions of `partition_rows`, scored by `map_partitions`
+    (e.g. on Dask workers), then joined in order into the same one file, every row with one `scored_at`."""
+    t0 = time.perf_counter()
+    frames = map_partitions(partitions(ids, partition_rows), datetime.now(UTC))
+    scored = pd.concat(frames, ignore_index=True)
     path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
     return summarize(scored, path, time.perf_counter() - t0)
 

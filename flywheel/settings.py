@@ -150,9 +150,10 @@ Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest
 
 
 class ParallelismConfig(Section):
-    """Where search trials run: here one after another (the default), on a local Dask cluster of `workers`
-    processes started for the search, or on an existing Dask cluster at `address` (tcp://host:8786), all
-    through Prefect's Dask task runner. One thread per trial either way."""
+    """Where search trials (`train.parallelism`) or batch-scoring partitions (`batch.parallelism`) run: here one
+    after another (the default), on a local Dask cluster of `workers` processes started for the work, or on an
+    existing Dask cluster at `address` (tcp://host:8786), all through Prefect's Dask task runner. One thread per
+    trial or partition either way."""
 
     workers: int = Field(0, ge=0, le=256)  # 0: serial, unless address is set
     address: str | None = None
@@ -161,8 +162,7 @@ class ParallelismConfig(Section):
     @model_validator(mode="after")
     def _one_kind_of_cluster(self) -> ParallelismConfig:
         if self.address and self.workers:
-            raise ValueError("train.parallelism: give workers (a local cluster) or address (an existing one), "
-                             "not both")
+            raise ValueError("parallelism: give workers (a local cluster) or address (an existing one), not both")
         return self
 
     @property
@@ -222,6 +222,9 @@ class BatchConfig(Section):
     cron: str = "0 2 * * *"
     skew_sample: int = Field(100, ge=1)
     skew_tolerance: float = Field(1e-6, ge=0)
+    # entities scored per partition; partitions run one after another, or on Dask when parallelism asks
+    partition_rows: int = Field(100_000, ge=1)
+    parallelism: ParallelismConfig = ParallelismConfig()
 
 
 class RolloutConfig(Section):

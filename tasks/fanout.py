@@ -1,4 +1,5 @@
-"""Search trials fanned out through Prefect's Dask task runner (prefect-dask), when train.parallelism asks.
+"""Search trials (train.parallelism) and batch-scoring partitions (batch.parallelism) fanned out through
+Prefect's Dask task runner (prefect-dask), when the settings ask.
 
 A local Dask cluster of `workers` processes (one thread each, its dashboard on a free port: the default 8787
 collides between runs) is started for the search and stopped after it; or the trials go to an existing
@@ -15,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import training
+from flywheel import scoring, training
 from flywheel.schemas import DatasetDefinition
 from flywheel.settings import ImputationConfig, ParallelismConfig
 from flywheel.training import Split, Trial
@@ -105,3 +109,40 @@ def trial_fanout(
         threads = sum(runner.client.nthreads().values()) or 1
         yield TrialFanout(runner=runner, staged=staged, dataset=dataset, imputation=imputation, seed=seed,
                           metric=metric, workers=threads)
+
+
+# ------------------------------------------------------------------------------------ batch scoring
+
+
+@task(name="stage_model", task_run_name="stage-model", cache_policy=NO_CACHE)
+def stage_model(model: Any) -> Any:
+    """Hold the model on a worker; partitions take this task's future (one transfer, not one per partition)."""
+    return model
+
+
+@task(name="score_partition", task_run_name="score-partition-{index}", cache_policy=NO_CACHE)
+def score_partition(index: int, repo: Path, model: Any, dataset: DatasetDefinition, ids: list[Any], at: datetime,
+                    scored_at: datetime) -> pd.DataFrame:
+    """One partition of a batch scoring on a Dask worker: its offline features, then the model's scores."""
+    return scoring.score_partition(repo, model, dataset, ids, at, scored_at)
+
+
+@contextmanager
+def partition_fanout(cfg: ParallelismConfig, repo: Path, model: Any, dataset: DatasetDefinition, at: datetime
+                     ) -> Iterator[scoring.PartitionMap | None]:
+    """A PartitionMap running each partition as a task on the Dask cluster the settings describe (None when
+    they ask for serial scoring). Workers read the feature repo at `repo`: a cluster elsewhere needs it on a
+    shared path."""
+    if not cfg.parallel:
+        yield None
+        return
+    with task_runner(cfg) as runner:
+        staged = runner.submit(stage_model, {"model": model})
+
+        def map_partitions(parts: list[list[Any]], scored_at: datetime) -> list[pd.DataFrame]:
+            futures = [runner.submit(score_partition, {"index": i, "repo": repo, "model": staged, "dataset": dataset,
+                                                       "ids": ids, "at": at, "scored_at": scored_at})
+                       for i, ids in enumerate(parts)]
+            return [f.result() for f in futures]
+
+        yield map_partitions

@@ -210,3 +210,33 @@ def test_skew_check_fails_after_an_online_tamper_and_names_it(
 
     report = check_skew.fn(trained["repo"], model, ds, ctx.settings.batch, ctx.offline_dir, entities=[victim])
     assert report.passed, report.summary()
+
+
+def test_partitions_on_a_dask_cluster_write_the_same_rows_and_scores(trained: dict[str, Any], tmp_path: Path) -> None:
+    """batch.parallelism: the entities cut into partitions, each a task on a LocalCluster of 2 worker processes,
+    joined into the one file the serial path writes, row for row."""
+    from distributed import LocalCluster
+
+    from flywheel.settings import ParallelismConfig
+    from tasks.score import score_entities
+
+    ctx, model = _ctx(trained), trained["model"]
+    ids = scoring.offline_entities(ctx.dataset, ctx.offline_dir, T)
+    ids = pd.concat([ids, pd.Series([UNKNOWN])], ignore_index=True)  # one without features, in the last partition
+    serial = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "serial")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        fanned = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "dask",
+                                   ParallelismConfig(address=cluster.scheduler_address), partition_rows=300)
+    a, b = pd.read_parquet(serial.path), pd.read_parquet(fanned.path)
+    assert len(ids) > 3 * 300, "several partitions"
+    assert (fanned.rows, fanned.scored_rows, fanned.no_feature_rows) == (serial.rows, serial.scored_rows, 1)
+    assert a["customer_id"].tolist() == b["customer_id"].tolist() == ids.tolist()
+    assert b["scored_at"].nunique() == 1, "one scoring time for the whole file"
+    columns = [c for c in a.columns if c != "scored_at"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+
+
+def test_partitions_are_cut_in_order_and_an_empty_list_fails() -> None:
+    assert scoring.partitions([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
+    with pytest.raises(FlywheelError, match="no entities"):
+        scoring.partitions([], 2)
