@@ -42,11 +42,12 @@ TABLE_MODULES: list[str] = [
     "flywheel.predictionlog", "flywheel.outcomes", "flywheel.webhook", "flywheel.monitoring.history",
     "flywheel.monitoring.realized",
     "flywheel.loopcontrol", "flywheel.rollout_controls", "flywheel.trigger_decisions", "flywheel.notify",
+    "flywheel.version_claims",
 ]
 # the schema revision this code needs; `flywheel db upgrade` records it in VERSION_TABLE
-REVISION = 1
+REVISION = 2
 # digest of the declared tables at REVISION (tests/unit/test_migrations.py fails when they drift apart)
-SCHEMA_DIGEST = "b9e6698026f14c17"
+SCHEMA_DIGEST = "81694b8e14914f56"
 VERSION_TABLE = "flywheel_schema_version"
 UPGRADE_COMMAND = "flywheel db upgrade"
 
