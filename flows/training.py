@@ -142,6 +142,7 @@ def _summary(ctx: Any, result: TrainingResult, report: Any, experiment_id: str, 
         "rejected": f"failed gates: {', '.join(result.failed_rules)}",
         "champion": "passed its gates; first champion",
         "challenger": f"passed its gates against champion v{champion}; now challenger, the rollout takes it on",
+        "duplicate": reason or "same data and config as a registered version",
     }.get(result.outcome, f"{result.outcome}: {reason}")
     return RunSummary(
         flow="training", model=result.model_name, version=result.version, outcome=result.outcome, verdict=verdict,

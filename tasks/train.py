@@ -203,7 +203,7 @@ def train_model(
         child = client.create_run(
             experiment_id,
             run_name=f"{run_id[:8]}-trial-{trial.number:03d}-{trial.family}",
-            tags={"mlflow.parentRunId": run_id, "dataset": dataset.name, "trial.number": trial.number},
+            tags={"mlflow.parentRunId": run_id, "dataset": dataset.name, "trial.number": str(trial.number)},
         )
         _log_batch(
             client,
