@@ -10,6 +10,8 @@
   MLflow's store and the project tables go away for a few seconds; the I/O tasks retry and the run completes with
   exactly one version, whole (digests verify, alias and audit row present), or it fails naming the database and
   registers nothing half-written.
+- The same eight trainings on the local profile's stores (MLflow, project tables and Feast online on SQLite
+  files; Prefect still the PostgreSQL-backed server): no "database is locked", one version.
 
 Each database, server and cluster is the test's own and is dropped or stopped (by pid) at the end.
 """
@@ -53,7 +55,7 @@ TRAIN_SCRIPT = """
 import json, sys
 from datetime import datetime
 from flows.training import TrainingParams, training_pipeline
-state = training_pipeline(TrainingParams(profile="production", config_dir=sys.argv[1],
+state = training_pipeline(TrainingParams(profile=sys.argv[3], config_dir=sys.argv[1],
                                          as_of=datetime.fromisoformat(sys.argv[2])), return_state=True)
 result = state.result(raise_on_failure=False)
 out = {"state": state.name, "completed": state.is_completed(), "message": state.message}
@@ -165,9 +167,10 @@ def _env(api: str, tracking_uri: str, flywheel_url: str, redis_port: int) -> dic
     }
 
 
-def _start_training(home: Path, env: dict[str, str], index: int) -> tuple[subprocess.Popen[str], Path]:
+def _start_training(home: Path, env: dict[str, str], index: int, profile: str = "production"
+                    ) -> tuple[subprocess.Popen[str], Path]:
     out = home / f"training-{index}.log"
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(home / "configs"), AS_OF.isoformat()],
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(home / "configs"), AS_OF.isoformat(), profile],
                             env=env, cwd=home, stdout=out.open("w"), stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     return proc, out
@@ -348,3 +351,36 @@ def test_postgres_restart_during_training(prefect_api: str, tmp_path: Path) -> N
     finally:
         redis.stop()
         cluster.cleanup()
+
+
+def test_eight_concurrent_trainings_on_sqlite(prefect_api: str, tmp_path: Path) -> None:
+    """The local profile's stores (MLflow, project tables and Feast online on SQLite files), eight trainings at
+    once against one Prefect server: what SQLite's single writer does under them."""
+    from mlflow import MlflowClient
+
+    from flywheel.audit import AuditLog
+    from flywheel.runtime import start_run_context
+
+    home = _home(tmp_path / "home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLYWHEEL_", "MLFLOW_"))}
+    env.update({"PYTHONPATH": str(PROJECT), "PREFECT_API_URL": prefect_api, "FLYWHEEL_STORES__PREFECT_API_URL":
+                prefect_api, "FLYWHEEL_TRAIN__SEARCH__TRIALS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 2000}}", "OMP_NUM_THREADS": "1"})
+    ctx = start_run_context("local", home / "configs")
+    MlflowClient(ctx.tracking_uri).search_experiments()  # MLflow's migrations once, before the eight start
+    started = time.monotonic()
+    procs = [_start_training(home, env, i, "local") for i in range(RUNS)]
+    codes = [_finish(p, started + RUN_BUDGET_S) for p, _ in procs]
+    wall = time.monotonic() - started
+    logs = {i: log.read_text() for i, (_, log) in enumerate(procs)}
+    results = [_result(log) for _, log in procs]
+    locked = [i for i, text in logs.items() if LOCKED in text]
+    print(f"\n{RUNS} concurrent trainings on SQLite: {wall:.0f} s wall; exit codes {codes}; outcomes "
+          f"{sorted((r or {}).get('outcome', 'failed') for r in results)}; 'database is locked' in runs {locked}")
+    for i, code in enumerate(codes):
+        assert code == 0, f"training {i} exited {code}:\n{logs[i][-4000:]}"
+    assert not locked, {i: logs[i][-3000:] for i in locked}
+    groups = _versions_by_digests(ctx.tracking_uri, "churn")
+    assert len(groups) == 1 and all(len(v) == 1 for v in groups.values()), groups
+    moves = [e for e in AuditLog(ctx.audit_db_url).entries("churn") if e.alias in ("champion", "challenger")]
+    assert len(moves) <= 1, moves
