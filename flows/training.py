@@ -67,7 +67,8 @@ def trigger_tag(trigger: str | None) -> dict[str, str]:
 class TrainingResult(BaseModel):
     model_name: str
     version: str
-    outcome: Literal["champion", "challenger", "queued", "stale", "rejected"]
+    # duplicate: the same data and config as a version registered already (that version is reported)
+    outcome: Literal["champion", "challenger", "queued", "stale", "rejected", "duplicate"]
     alias: str | None
     feature_service: str
     run_id: str
@@ -105,7 +106,7 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
         frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
     split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
 
-    lineage = ctx.lineage(service, frame, as_of, quality)
+    lineage = ctx.lineage(service, frame, as_of, quality, params.shuffle_labels)
     trained = train_model(split, dataset, ctx.train, gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     profile_reference(trained.pipeline, split, dataset, trained.run_id, ctx.tracking_uri)
     champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
@@ -129,7 +130,8 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     summary = publish_run_summary(_summary(ctx, result, report, trained.experiment_id, registered.reason),
                                   ctx.tracking_uri, trained.run_id)
     # a named state for every outcome but a plain success, so the runs list shows it; the tag finds them all
-    name = {"rejected": "Rejected", "queued": "Queued", "stale": "Stale"}.get(result.outcome, "Completed")
+    name = {"rejected": "Rejected", "queued": "Queued", "stale": "Stale", "duplicate": "Duplicate"}.get(result.outcome,
+                                                                                                "Completed")
     return Completed(name=name, message=f"{summary.title}: {summary.verdict}", data=result)
 
 
@@ -140,6 +142,7 @@ def _summary(ctx: Any, result: TrainingResult, report: Any, experiment_id: str, 
         "rejected": f"failed gates: {', '.join(result.failed_rules)}",
         "champion": "passed its gates; first champion",
         "challenger": f"passed its gates against champion v{champion}; now challenger, the rollout takes it on",
+        "duplicate": reason or "same data and config as a registered version",
     }.get(result.outcome, f"{result.outcome}: {reason}")
     return RunSummary(
         flow="training", model=result.model_name, version=result.version, outcome=result.outcome, verdict=verdict,

@@ -263,7 +263,7 @@ def train(
     except FlywheelError as exc:
         _fail(exc)
     verdict = {"champion": "green", "challenger": "cyan", "queued": "yellow", "stale": "yellow",
-               "rejected": "red"}[result.outcome]
+               "duplicate": "yellow", "rejected": "red"}[result.outcome]
     console.print(f"{result.model_name} v{result.version}: [bold {verdict}]{result.outcome}[/]"
                   + (f" (failed: {', '.join(result.failed_rules)})" if result.failed_rules else "")
                   + (" (see `flywheel rollout status`)" if result.outcome in ("queued", "stale") else ""))

@@ -42,11 +42,12 @@ TABLE_MODULES: list[str] = [
     "flywheel.predictionlog", "flywheel.outcomes", "flywheel.webhook", "flywheel.monitoring.history",
     "flywheel.monitoring.realized",
     "flywheel.loopcontrol", "flywheel.rollout_controls", "flywheel.trigger_decisions", "flywheel.notify",
+    "flywheel.version_claims",
 ]
 # the schema revision this code needs; `flywheel db upgrade` records it in VERSION_TABLE
-REVISION = 2
+REVISION = 3
 # digest of the declared tables at REVISION (tests/unit/test_migrations.py fails when they drift apart)
-SCHEMA_DIGEST = "4812236ba52cfb7b"
+SCHEMA_DIGEST = "4722de27a9a5dfc4"
 VERSION_TABLE = "flywheel_schema_version"
 UPGRADE_COMMAND = "flywheel db upgrade"
 

@@ -250,6 +250,22 @@ class Registry:
         all_tags[TAG_STATUS] = STATUS_REGISTERED
         mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=all_tags, model_id=model_id)
         version = str(mv.version)
+        try:
+            self.finish_registration(name, version, run_id, source, model_id)
+        except Exception:
+            # a version without its digests can never be loaded: take it back rather than leave it half-written
+            # (when the store is down this fails too; a retry of the same run finishes it: finish_registration)
+            with contextlib.suppress(Exception):
+                self.client.delete_model_version(name, version)
+            raise
+        return version
+
+    def finish_registration(self, name: str, version: str, run_id: str | None, source: str | None = None,
+                            model_id: str | None = None) -> None:
+        """What makes a created version loadable: its file digests (and the UI's link from its logged model)."""
+        from mlflow.exceptions import MlflowException
+
+        source = source or self.model_version(name, version).source
         if model_id:
             # the UI links a logged model to its versions through this tag (as mlflow.register_model does)
             with contextlib.suppress(MlflowException, ValueError):  # cosmetic only
@@ -261,7 +277,6 @@ class Registry:
         if not digests:
             raise ModelIntegrityError(f"model {name} v{version}: no files found at {source}")
         self._store_digests(name, version, run_id, digests)
-        return version
 
     def _store_digests(self, name: str, version: str, run_id: str | None, digests: dict[str, str]) -> None:
         text = json.dumps(digests, sort_keys=True)

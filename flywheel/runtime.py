@@ -69,8 +69,23 @@ class RunContext:
 
         return f"user:{getpass.getuser()}"
 
+    def config_digest(self, feature_service: str, code: str, shuffle_labels: bool = False) -> str:
+        """sha256 of everything but the data that decides which model a training registers and its verdict: the
+        code, the dataset definition, the feature service, the training config (seed included), the gates and
+        the fault-injection switch. Same data digest + same config digest = the same version (version_claims)."""
+        blob = json.dumps({
+            "git_sha": code,
+            "dataset_definition_sha256": hashlib.sha256(self.dataset_path.read_bytes()).hexdigest(),
+            "feature_service": feature_service,
+            "train": self.train.model_dump(mode="json"),
+            "gates": self.gates.model_dump(mode="json"),
+            "shuffle_labels": shuffle_labels,
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def lineage(
-        self, feature_service: str, frame: pd.DataFrame, as_of: datetime, quality: list[ValidationOutcome] | None = None
+        self, feature_service: str, frame: pd.DataFrame, as_of: datetime,
+        quality: list[ValidationOutcome] | None = None, shuffle_labels: bool = False,
     ) -> dict[str, str]:
         """Everything needed to rebuild this training run: code, data, features, config, seed, time; and
         the data-quality alerts of the batches it ingested, with the features imputed because of them."""
@@ -78,8 +93,10 @@ class RunContext:
 
         alerts = [{"batch": o.batch, **a} for o in quality or [] for a in o.alerts]
         imputed = sorted({f for o in quality or [] for f in o.imputed})
+        code = git_sha()
         return {
-            "flywheel.git_sha": git_sha(),
+            "flywheel.git_sha": code,
+            "flywheel.config_digest": self.config_digest(feature_service, code, shuffle_labels),
             "flywheel.data_hash": frame_hash(frame),
             "flywheel.feature_service": feature_service,
             "flywheel.dataset": self.dataset.name,

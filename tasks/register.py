@@ -13,6 +13,7 @@ from prefect.logging import get_logger
 from pydantic import BaseModel
 
 from flywheel.challenger_queue import CHALLENGER_REASON, FIRST_CHAMPION_REASON  # noqa: F401 (re-exported)
+from flywheel.errors import RegistryError
 from flywheel.schemas import DatasetDefinition, GateReport
 from tasks._prefect import in_run, retry_transient
 
@@ -20,7 +21,8 @@ logger = get_logger("flywheel.register")
 
 # queued: passed, waits for the challenger alias (a rollout in flight, or the loop paused: flywheel/challenger_queue.py)
 # stale: passed against a champion that was replaced before it could be registered: not rolled out
-Outcome = Literal["champion", "challenger", "queued", "stale", "rejected"]
+# duplicate: the same data and config as a registered version (flywheel/version_claims.py): that one is reported
+Outcome = Literal["champion", "challenger", "queued", "stale", "rejected", "duplicate"]
 EVENTS: dict[str, str] = {
     "champion": "flywheel.model.champion-registered",
     "challenger": "flywheel.model.challenger-registered",  # the rollout deployment's trigger
@@ -199,15 +201,76 @@ def write_model_card(
 
 
 def _existing_version(registry: Any, model_name: str, run_id: str) -> str | None:
-    """A version of `model_name` already registered from this run with its digests (a retry)."""
+    """A version of `model_name` already registered from this run (a retry). One an earlier attempt created but
+    could not finish (its store went away before the digests were written, and so did the clean-up) is
+    finished now: the retry completes it rather than leaving it half-written beside a new one."""
     from flywheel.registry import TAG_DIGESTS, TAG_DIGESTS_ARTIFACT
 
-    try:
-        versions = registry.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    except Exception:
+    versions = registry.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if not versions:
         return None
-    done = [v for v in versions if TAG_DIGESTS in (v.tags or {}) or TAG_DIGESTS_ARTIFACT in (v.tags or {})]
-    return str(max(int(v.version) for v in done)) if done else None
+    newest = max(versions, key=lambda v: int(v.version))
+    if not ({TAG_DIGESTS, TAG_DIGESTS_ARTIFACT} & set(newest.tags or {})):
+        logger.warning("%s v%s from run %s was left without digests: finishing it", model_name, newest.version,
+                       run_id)
+        registry.finish_registration(model_name, str(newest.version), run_id)
+    return str(newest.version)
+
+
+def _digests_of(lineage: dict[str, str]) -> tuple[str, str] | None:
+    """(data digest, config digest) of the training, when its lineage has both (flows/training.py records them)."""
+    data, config = lineage.get("flywheel.data_hash"), lineage.get("flywheel.config_digest")
+    return (data, config) if data and config else None
+
+
+def _finish_move(registry: Any, model_name: str, alias: str, version: str, previous: str | None, actor: str,
+                 evidence: dict[str, Any]) -> None:
+    """A retry finding `alias` on `version` already: an earlier attempt moved it and then lost its store before
+    the status tag or the audit row was written. Write what is missing, so every move stays audited."""
+    from flywheel.registry import TAG_STATUS
+
+    if registry.version_tags(model_name, version).get(TAG_STATUS) != alias:
+        registry.set_status(model_name, version, alias)
+    if not any(e.to_version == version for e in registry.audit.entries(model_name, alias)):
+        registry.audit.append(model_name, alias, previous, version,
+                              "recorded on retry: the first attempt moved the alias but lost its store before "
+                              "auditing it", actor, evidence)
+
+
+def _release_if_nothing_registered(registry: Any, claims: Any, model_name: str, digests: tuple[str, str] | None,
+                                   run_id: str) -> None:
+    """After a failed attempt: give the claim back when no version of this run exists, so another training
+    may register; keep it when one does (or the registry cannot tell): this run's retry finishes that one."""
+    if digests is None:
+        return
+    try:
+        if not registry.client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+            claims.release(model_name, *digests, run_id)
+    except Exception as exc:  # the store is still away: the claim's lease ends it
+        logger.warning("could not release the registration claim of run %s: %s", run_id, exc)
+
+
+def _duplicate(registry: Any, claim: Any, model_name: str, mlflow_run_id: str) -> RegistrationOutcome:
+    """The outcome of a training whose data and config are those of a version registered already: nothing is
+    registered; its MLflow run says which version it duplicates."""
+    from flywheel.registry import CHAMPION
+
+    if claim.version is None:
+        raise RegistryError(
+            f"{model_name}: a training of the same data and config (MLflow run {claim.holder}) holds the "
+            "registration claim and has registered no version yet; not registering a second one (retry once "
+            "it has finished, or after its lease expires if it crashed)")
+    version = claim.version
+    mv = registry.model_version(model_name, version)
+    aliases = [a for a, v in registry.aliases(model_name).items() if v == version]
+    registry.client.set_tag(mlflow_run_id, "flywheel.duplicate_of", f"{model_name} v{version}")
+    reason = (f"same data and config as {model_name} v{version} (MLflow run {mv.run_id}); "
+              "not registered again")
+    logger.info("%s: %s", model_name, reason)
+    return RegistrationOutcome(model_name=model_name, version=version, outcome="duplicate",
+                               alias=aliases[0] if aliases else None,
+                               previous_champion=registry.alias_version(model_name, CHAMPION),
+                               model_uri=mv.source, reason=reason)
 
 
 @task(
@@ -254,11 +317,22 @@ def register_model(
         Registry,
         log_model,
     )
+    from flywheel.version_claims import VersionClaims
     from tasks.evaluate import render_named_gate_report, report_json
 
     registry = Registry(tracking_uri, AuditLog(audit_db_url))
+    # one version per (model, data, config): the first training to claim it registers, the others report it
+    digests, claims = _digests_of(lineage), VersionClaims(audit_db_url)
+    if digests is not None:
+        claim = claims.wait(model_name, *digests, holder=mlflow_run_id)
+        if not claim.won:
+            return _duplicate(registry, claim, model_name, mlflow_run_id)
 
-    version = _existing_version(registry, model_name, mlflow_run_id)  # set on a retry after registration
+    try:
+        version = _existing_version(registry, model_name, mlflow_run_id)  # set on a retry after registration
+    except Exception:
+        _release_if_nothing_registered(registry, claims, model_name, digests, mlflow_run_id)
+        raise
     if version is None:
         if mlflow.get_tracking_uri() != tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
@@ -272,12 +346,18 @@ def register_model(
         served = {TAG_INFERENCE: gate_report.candidate_inference} if gate_report.candidate_inference else {}
         gated = {TAG_GATED_AGAINST: gate_report.champion_version or NO_CHAMPION}  # what "passed" compared with
         # the whole lineage stays on the run (reproduce reads it there); the version keeps a few short tags
-        registry.client.log_batch(mlflow_run_id, tags=[RunTag(k, str(v)) for k, v in lineage.items()])
-        version = registry.register(model_uri, model_name, mlflow_run_id,
-                                    {**version_tags(lineage), **served, **gated})
+        try:
+            registry.client.log_batch(mlflow_run_id, tags=[RunTag(k, str(v)) for k, v in lineage.items()])
+            version = registry.register(model_uri, model_name, mlflow_run_id,
+                                        {**version_tags(lineage), **served, **gated})
+        except Exception:
+            _release_if_nothing_registered(registry, claims, model_name, digests, mlflow_run_id)
+            raise
     else:
         model_uri = registry.model_version(model_name, version).source
         logger.info("%s v%s was already registered from run %s: resuming", model_name, version, mlflow_run_id)
+    if digests is not None:
+        claims.record(model_name, *digests, mlflow_run_id, version)
 
     if model_card_md:
         registry.set_model_card(model_name, version, fill_version(model_card_md, version))
@@ -303,8 +383,10 @@ def register_model(
         outcome, alias = "champion", CHAMPION
         moves = [e for e in registry.audit.entries(model_name, CHAMPION) if e.to_version == version]
         previous = moves[-1].from_version if moves else None
+        _finish_move(registry, model_name, CHAMPION, version, None, actor, evidence)
     elif CHALLENGER in held:
         outcome, alias, previous = "challenger", CHALLENGER, champion
+        _finish_move(registry, model_name, CHALLENGER, version, champion, actor, evidence)
     elif tags.get(TAG_STATUS) in (STATUS_QUEUED, STATUS_STALE):  # a retry after the decision was made
         outcome, alias, previous = tags[TAG_STATUS], None, champion  # type: ignore[assignment]
         reason = tags.get(TAG_QUEUED_REASON)

@@ -21,7 +21,7 @@ from flywheel.lineage import StageTimer, frame_hash, git_sha, hardware
 from flywheel.schemas import DatasetDefinition, GatesConfig
 from flywheel.settings import TrainConfig
 from flywheel.training import Baseline, Split, Trial
-from tasks._prefect import run_logger
+from tasks._prefect import retry_store_unavailable, run_logger
 from tasks.fanout import trial_fanout
 
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # MLflow log_batch limits per call
@@ -148,7 +148,10 @@ def _sample_predictions(
     return out.reset_index(drop=True)
 
 
-@task(name="train_model", task_run_name="train-{dataset.name}", cache_policy=NO_CACHE)
+# a database restart or fail-over during the search (MLflow's store away for a moment) trains again in a new run;
+# the interrupted run is marked FAILED. Any other failure is not retried: the search would only repeat it.
+@task(name="train_model", task_run_name="train-{dataset.name}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_store_unavailable)
 def train_model(
     split: Split,
     dataset: DatasetDefinition,
@@ -200,7 +203,7 @@ def train_model(
         child = client.create_run(
             experiment_id,
             run_name=f"{run_id[:8]}-trial-{trial.number:03d}-{trial.family}",
-            tags={"mlflow.parentRunId": run_id, "dataset": dataset.name, "trial.number": trial.number},
+            tags={"mlflow.parentRunId": run_id, "dataset": dataset.name, "trial.number": str(trial.number)},
         )
         _log_batch(
             client,
