@@ -280,11 +280,11 @@ def test_the_compose_stack_run_natively_trains_through_its_worker_and_serves_the
         assert {p["version"] for p in answer.json()["predictions"]} == {"1"}, "the champion the worker registered"
         webhook = httpx.get(f"{_url(tr, 'webhook', 8090)}/health", timeout=10)
         assert webhook.status_code == 200 and webhook.json()["ok"], webhook.text
-        _the_model_lives_in_the_bucket(tr, mlflow)
+        _the_model_lives_in_the_bucket(tr, stack["services"], mlflow)
         _the_services_connect_as_the_application_role(tr, stack["roles"])
 
 
-def _the_model_lives_in_the_bucket(tr: Translation, mlflow: str) -> None:
+def _the_model_lives_in_the_bucket(tr: Translation, services: dict[str, Any], mlflow: str) -> None:
     """The champion's files are objects of the bucket the `buckets` job made, logged through the MLflow server
     (the worker holds no key of the store), and load back through it with the stack's credentials."""
     import boto3
@@ -295,7 +295,7 @@ def _the_model_lives_in_the_bucket(tr: Translation, mlflow: str) -> None:
     assert found.status_code == 200, found.text
     source = found.json()["model_version"]["source"]
     model_id = source.rsplit("/", 1)[-1] if source.startswith("models:/") else ""  # models:/m-<id>
-    bucket = re.search(r"s3://([\w-]+)", tr.services["mlflow"]["command"]).group(1)
+    bucket = re.search(r"s3://([\w-]+)", services["mlflow"]["command"]).group(1)
     s3 = boto3.client("s3", endpoint_url=_url(tr, "objectstore", 9000), region_name="us-east-1",
                       aws_access_key_id=SECRETS["S3_ACCESS_KEY"], aws_secret_access_key=SECRETS["S3_SECRET_KEY"])
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -321,6 +321,6 @@ def _the_services_connect_as_the_application_role(tr: Translation, roles: dict[s
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres") as conn:
         users = {r[0] for r in conn.execute("SELECT usename FROM pg_stat_activity WHERE datname = %s", (db,))}
         assert users == {app}, f"sessions on {db}: {users} (only {app}, the owner ran only the migration)"
-    with psycopg.connect(f"host=127.0.0.1 user={app} dbname={db}") as conn, pytest.raises(psycopg.Error,
-                                                                                       match="permission denied"):
+    with psycopg.connect(f"host=127.0.0.1 user={app} dbname={db}", autocommit=True) as conn, \
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
         conn.execute(f"DELETE FROM {TABLE}")
