@@ -22,6 +22,6 @@ COPY feature_repo feature_repo
 COPY deployments deployments
 
 # the named volumes mounted here start as copies of these folders, owned by the service user
-RUN mkdir -p /app/data /mlartifacts && chown -R flywheel:flywheel /app/data /mlartifacts
+RUN mkdir -p /app/data /mlflow-auth && chown -R flywheel:flywheel /app/data /mlflow-auth
 USER flywheel
 CMD ["flywheel", "--help"]

@@ -1083,5 +1083,70 @@ def db_upgrade(
     console.print(report.summary(), markup=False, soft_wrap=True)
 
 
+# ------------------------------------------------------------------------------------ credentials
+credentials_app = typer.Typer(help="Credentials: the production profile's refusal of empty or default secrets.",
+                              no_args_is_help=True)
+app.add_typer(credentials_app, name="credentials")
+
+
+@credentials_app.command("check", context_settings={"allow_interspersed_args": False})
+def credentials_check(
+    component: Annotated[str, typer.Argument(help="service | webhook | flows | migrations | prefect-server | "
+                                                  "mlflow-server | images (PostgreSQL, object store, Grafana)")],
+    command: Annotated[list[str] | None, typer.Argument(
+        help="after `--`: the server to become once the check passes (e.g. -- prefect server start ...)")] = None,
+    profile: ProfileOpt = None, config_dir: ConfigDirOpt = None,
+) -> None:
+    """In the production profile, refuse (exit 2, naming each variable) when a credential COMPONENT reads is
+    empty or a well-known default; then run COMMAND in this process's place, if given."""
+    from flywheel.credentials import COMPONENTS, require_credentials
+
+    if component not in COMPONENTS:
+        _fail(FlywheelError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}"))
+    try:
+        settings = _settings(profile, config_dir)
+        require_credentials(settings, component)  # type: ignore[arg-type]
+    except FlywheelError as exc:
+        _fail(exc)
+    command = command[1:] if command and command[0] == "--" else command
+    if not command:
+        console.print(f"{component}: credentials fine for the {settings.profile} profile", markup=False)
+        return
+    os.execv(_program(command[0]), command)
+
+
+def _program(name: str) -> str:
+    """A program of this environment (beside the interpreter running Flywheel) first, else from PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if "/" not in name and beside.is_file() else shutil.which(name)
+    if found is None:
+        _fail(FlywheelError(f"no program {name!r} beside {sys.executable} or on PATH"))
+    return str(found)
+
+
+# ------------------------------------------------------------------------------------ objectstore
+objectstore_app = typer.Typer(help="The S3-compatible store of MLflow's artifacts (production stack).",
+                              no_args_is_help=True)
+app.add_typer(objectstore_app, name="objectstore")
+
+
+@objectstore_app.command("ensure-bucket")
+def objectstore_ensure_bucket(
+    bucket: Annotated[str, typer.Argument(help="bucket name (the s3://BUCKET of the MLflow server's "
+                                               "--artifacts-destination)")],
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 API URL (default: MLFLOW_S3_ENDPOINT_URL)")] = None,
+) -> None:
+    """Create BUCKET unless it exists (keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Idempotent."""
+    from flywheel.objectstore import ensure_bucket
+
+    try:
+        created = ensure_bucket(bucket, endpoint_url)
+    except FlywheelError as exc:
+        _fail(exc)
+    console.print(f"bucket {bucket}: {'created' if created else 'exists'}", markup=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

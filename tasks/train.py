@@ -59,7 +59,8 @@ class TrainOutcome(BaseModel):
 def ensure_experiment(client: Any, name: str, artifact_location: str, log: Any) -> str:
     from mlflow.exceptions import MlflowException
 
-    location = artifact_location if "://" in artifact_location else _as_uri(artifact_location)
+    # a URI (s3://, file://, the MLflow server's proxied mlflow-artifacts:/...) as it is; a folder made absolute
+    location = artifact_location if ":/" in artifact_location else _as_uri(artifact_location)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -182,7 +183,9 @@ def train_model(
     tags.update({f"hardware.{k}": v for k, v in hardware().items()})
     tags.update(_prefect_tags())
 
-    parent = client.create_run(experiment_id, run_name=f"train-{dataset.name}", tags=tags)
+    # strings only: a tracking server (REST) refuses other tag types that a database store would take
+    parent = client.create_run(experiment_id, run_name=f"train-{dataset.name}",
+                               tags={k: str(v) for k, v in tags.items()})
     run_id = parent.info.run_id
     log.info(
         "training %s: %s search, %d trial(s) per family over %s on %s; split %s; MLflow run %s",

@@ -1,7 +1,9 @@
 """docker-compose.yml and the Dockerfile, checked statically (no Docker engine on the development machines):
 every variable a Flywheel service gets is a setting (or a variable its program reads), every command is a
 real entry point with real options, volumes and dependencies are declared and consistent, the worker reaches
-the server and writes artifacts where the MLflow server reads them, secrets only come from the environment."""
+the server, MLflow is reached only through its server (basic auth, artifacts in the object store's bucket),
+database roles are split (owner for the migration, application role for the rest), secrets only come from the
+environment and every server checks them before it starts."""
 
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ from tests.conftest import PROJECT
 BIN = Path(sys.executable).parent
 INTERPOLATION = re.compile(r"\$\{(\w+)(:\?[^}]*)?\}")
 SECRETS = {"POSTGRES_PASSWORD": "pw", "FLYWHEEL_ADMIN_TOKEN": "token", "FLYWHEEL_WEBHOOK_SECRET": "secret",
-           "GRAFANA_ADMIN_PASSWORD": "grafana"}
+           "GRAFANA_ADMIN_PASSWORD": "grafana", "POSTGRES_OWNER_PASSWORD": "ownerpw",
+           "POSTGRES_APP_PASSWORD": "apppw",
+           "PREFECT_API_AUTH_STRING": "flywheel:prefectpw", "MLFLOW_TRACKING_USERNAME": "mluser",
+           "MLFLOW_TRACKING_PASSWORD": "mlpw", "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf", "S3_ACCESS_KEY": "s3key",
+           "S3_SECRET_KEY": "s3secret"}
 # variables read by the programs themselves, not Flywheel settings
 PROGRAM_VARS = {"PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
                 "PREFECT_UI_API_URL", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "GX_ANALYTICS_ENABLED",
-                "FEAST_USAGE", "POSTGRES_PASSWORD"}
+                "FEAST_USAGE", "POSTGRES_PASSWORD", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD"}
 
 
 def _compose() -> dict[str, Any]:
@@ -61,7 +68,9 @@ def test_the_stack_has_every_service_the_loop_needs() -> None:
     services = _compose()["services"]
     assert {"postgres", "redis", "prefect-server", "migrate", "deploy", "worker", "mlflow", "service", "webhook",
             "prometheus", "grafana"} <= set(services)
-    assert set(_ours(services)) == {"prefect-server", "migrate", "deploy", "worker", "mlflow", "service", "webhook"}
+    assert {"objectstore"} <= set(services)
+    assert set(_ours(services)) == {"credentials", "buckets", "prefect-server", "migrate", "deploy", "worker", "mlflow",
+                                    "service", "webhook"}
     assert all(svc["image"] == "flywheel:local" for svc in _ours(services).values()), "one image, built once"
 
 
@@ -76,8 +85,13 @@ def test_each_flywheel_service_environment_is_valid_production_settings(name: st
     assert env["FLYWHEEL_CONFIG_DIR"] == "/app/configs" and env["FLYWHEEL_HOME"] == "/app"
     assert "FLYWHEEL_CONFIG_DIR" in NOT_SETTINGS and "FLYWHEEL_HOME" in NOT_SETTINGS
     assert settings.stores.prefect_api_url == env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert settings.mlflow_tracking_uri.startswith("postgresql+psycopg://postgres:pw@postgres:5432/")
-    assert settings.audit_db_url.startswith("postgresql+psycopg://postgres:pw@postgres:5432/")
+    assert settings.mlflow_tracking_uri == "http://mlflow:5000", "MLflow only through its server (basic auth)"
+    assert settings.mlflow_artifact_location.startswith("mlflow-artifacts:/"), "artifacts proxied by the server"
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("mluser", "mlpw")
+    assert env["PREFECT_API_AUTH_STRING"] == "flywheel:prefectpw", "the Prefect server's own auth string"
+    assert settings.audit_db_url == "postgresql+psycopg://flywheel_app:apppw@postgres:5432/flywheel"
+    assert settings.store_url(settings.serve.prediction_log_url) == settings.audit_db_url, "the application role"
+    assert not any(k.startswith("AWS_") for k in env), "only the MLflow server holds the object store's keys"
     online = settings.stores.feast_online
     assert online.type == "redis" and online.connection_string == "redis:6379"
     assert env[settings.serve.admin_token_env] == "token", "the service and the rollout runs share the admin token"
@@ -95,6 +109,9 @@ def test_commands_are_real_entry_points() -> None:
     flywheel_commands = set(get_command(app).commands)  # type: ignore[attr-defined]
     for name, svc in services.items():
         argv = _argv(svc)
+        if argv[:3] == ["flywheel", "credentials", "check"] and "--" in argv:  # the check, then the server
+            assert argv[3] in ("prefect-server", "mlflow-server"), f"{name}: checks {argv[3]}"
+            argv = argv[argv.index("--") + 1:]
         if argv[0] == "flywheel":
             assert argv[1] in flywheel_commands, f"{name}: flywheel has no command {argv[1]!r}"
         elif argv[:2] == ["python", "-m"]:
@@ -137,7 +154,7 @@ def test_ports_health_checks_and_dependencies_agree() -> None:
             continue
         assert "healthcheck" in svc, f"{name} has no health check"
         argv = _argv(svc) if "command" in svc else []
-        if "--port" in argv:
+        if "--port" in argv and svc.get("build") == ".":
             port = argv[argv.index("--port") + 1]
             assert f"127.0.0.1:{port}/" in " ".join(svc["healthcheck"]["test"]), f"{name}: check on another port"
             assert any(p.endswith(f":{port}") for p in svc.get("ports", [])), f"{name}: {port} not published"
@@ -176,12 +193,80 @@ def test_volumes_are_declared_and_artifacts_shared_where_the_worker_writes() -> 
                 mounts.setdefault(source, {})[name] = target
     assert set(mounts) == declared, f"declared but unused: {declared - set(mounts)}"
 
-    artifacts = services["worker"]["environment"]["FLYWHEEL_STORES__MLFLOW_ARTIFACT_LOCATION"]
-    assert mounts["mlartifacts"] == {"worker": artifacts, "mlflow": artifacts, "service": artifacts}
-    argv = _argv(services["mlflow"])
-    assert argv[argv.index("--default-artifact-root") + 1] == artifacts, "the MLflow server reads what the worker wrote"
     assert mounts["flywheel-data"] == {"worker": "/app/data", "service": "/app/data"}, "the Feast registry, shared"
+    assert mounts["mlflow-auth"] == {"mlflow": services["mlflow"]["working_dir"]}, "MLflow's users persist"
     assert "FLYWHEEL_ADMIN_TOKEN" not in services["mlflow"]["environment"], "secrets only where they are used"
+
+
+def test_mlflow_server_has_basic_auth_and_artifacts_in_the_bucket() -> None:
+    services = _compose()["services"]
+    mlflow, argv = services["mlflow"], _argv(services["mlflow"])
+    server = argv[argv.index("--") + 1:]
+    assert server[:2] == ["mlflow", "server"] and server[server.index("--app-name") + 1] == "basic-auth"
+    bucket = server[server.index("--artifacts-destination") + 1]
+    assert bucket == "s3://flywheel-mlflow/artifacts" and "--no-serve-artifacts" not in server, "proxied artifacts"
+    assert _argv(services["buckets"])[-1] == "flywheel-mlflow", "the bucket the server writes to is made first"
+    assert mlflow["depends_on"]["buckets"] == {"condition": "service_completed_successfully"}
+    env = mlflow["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://"), "tracking and registry on PostgreSQL"
+    assert (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == ("mluser", "mlpw"), \
+        "the admin the clients log in as"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == services["buckets"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] \
+        == "http://objectstore:9000"
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("s3key", "s3secret")
+    store = services["objectstore"]["environment"]
+    assert (store["MINIO_ROOT_USER"], store["MINIO_ROOT_PASSWORD"]) == ("s3key", "s3secret")
+    ini = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert ini.startswith("/app/") and (PROJECT / ini.removeprefix("/app/")).is_file()
+    import configparser
+
+    auth = configparser.ConfigParser()
+    auth.read(PROJECT / ini.removeprefix("/app/"))
+    assert "admin_password" not in auth["mlflow"], "no secret in the repository"
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert auth["mlflow"]["database_uri"].startswith("sqlite:///") and not auth["mlflow"]["database_uri"].startswith(
+        "sqlite:////"), "relative: on the mlflow-auth volume, the server's working directory"
+
+
+def test_prefect_server_has_api_auth_and_clients_send_it() -> None:
+    services = _compose()["services"]
+    env = services["prefect-server"]["environment"]
+    assert env["PREFECT_SERVER_API_AUTH_STRING"] == "flywheel:prefectpw"
+    for name in ("deploy", "worker", "service", "webhook"):
+        assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == env["PREFECT_SERVER_API_AUTH_STRING"], name
+
+
+def test_every_server_checks_its_credentials_before_it_starts() -> None:
+    from flywheel.credentials import SERVER_CREDENTIALS
+
+    services = _compose()["services"]
+    for name, component in (("prefect-server", "prefect-server"), ("mlflow", "mlflow-server")):
+        argv = _argv(services[name])
+        assert argv[:4] == ["flywheel", "credentials", "check", component] and argv[4] == "--", name
+        assert services[name]["environment"]["FLYWHEEL_PROFILE"] == "production", name
+        required = {var for var, _, needed in SERVER_CREDENTIALS[component] if needed}
+        assert required <= set(services[name]["environment"]), f"{name}: {required}"
+    # the images that cannot run Flywheel wait for the one-shot check of their secrets
+    check = services["credentials"]
+    assert _argv(check) == ["flywheel", "credentials", "check", "images"] and check["restart"] == "no"
+    assert {var for var, _, _ in SERVER_CREDENTIALS["images"]} <= set(check["environment"])
+    for name in ("postgres", "objectstore", "grafana"):
+        assert services[name]["depends_on"]["credentials"] == {"condition": "service_completed_successfully"}, name
+
+
+def test_the_migration_runs_as_the_owner_and_everything_else_as_the_application_role() -> None:
+    services = _compose()["services"]
+    owner = services["migrate"]["environment"]["FLYWHEEL_STORES__OWNER_DB_URL"]
+    assert owner == "postgresql+psycopg://flywheel_owner:ownerpw@postgres:5432/flywheel"
+    for name in ("deploy", "worker", "service", "webhook"):
+        for var, value in services[name]["environment"].items():
+            assert "flywheel_owner" not in value and "postgres:pw@" not in value, f"{name}: {var} as the owner"
+    script = (PROJECT / "deployments" / "postgres-init.sh").read_text()
+    assert "CREATE DATABASE flywheel OWNER flywheel_owner;" in script
+    assert "CREATE ROLE flywheel_app LOGIN PASSWORD :'app_password';" in script, "no password in the file"
+    env = services["postgres"]["environment"]
+    assert {"POSTGRES_OWNER_PASSWORD", "POSTGRES_APP_PASSWORD"} <= set(env)
+    assert "./deployments/postgres-init.sh:/docker-entrypoint-initdb.d/init.sh:ro" in services["postgres"]["volumes"]
 
 
 def test_dockerfile_builds_the_locked_environment_as_a_non_root_user() -> None:
@@ -210,9 +295,9 @@ def test_compose_services_match_production_profile() -> None:
     assert "5432:5432" in services["postgres"]["ports"]
     assert prod.stores.prefect_api_url.endswith(":4200/api")
     assert "4200:4200" in services["prefect-server"]["ports"]
-    init = (PROJECT / "deployments" / "postgres-init.sql").read_text()
+    init = (PROJECT / "deployments" / "postgres-init.sh").read_text()
     for db in ("prefect", "flywheel", "flywheel_mlflow"):
-        assert f"CREATE DATABASE {db};" in init
+        assert re.search(rf"CREATE DATABASE {db}( OWNER \w+)?;", init), db
 
 
 def test_prefect_yaml_entrypoints_exist() -> None:
