@@ -164,6 +164,10 @@ def _env(api: str, tracking_uri: str, flywheel_url: str, redis_port: int) -> dic
         "FLYWHEEL_EVALUATE__GATE_OVERRIDES": "{latency: {service_budget_ms: 2000}}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "OMP_NUM_THREADS": "1",
+        # the production profile asks MLflow server clients for credentials (flywheel/credentials.py); this
+        # test's server has no auth app and ignores them
+        "MLFLOW_TRACKING_USERNAME": "flywheel",
+        "MLFLOW_TRACKING_PASSWORD": "reliability-test-only-password",
     }
 
 
