@@ -51,6 +51,7 @@ from flywheel.schemas import DatasetDefinition, Result
 if TYPE_CHECKING:
     from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource
 
+    from flywheel.compaction import CompactionReport
     from flywheel.settings import FeaturesConfig, StoresConfig
 
 PROJECT = "flywheel"
@@ -566,6 +567,9 @@ def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
         old.unlink()
         moved = True
     ledger = _read_ledger(folder)
+    from flywheel.compaction import resume  # a compaction a crash cut short is finished or undone first
+
+    moved = bool(resume(folder, ledger)) or moved
     for table, key in ((FEATURES_FILE, "features_file"), (LABELS_FILE, "labels_file")):
         path, parked = folder / table, folder / f".{table}.legacy"
         if path.is_file():  # step 1: park the old file (a crash after this resumes at step 2)
@@ -648,6 +652,24 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             features_path=str(fpath),
             labels_path=str(lpath),
         )
+
+
+def compact_offline_store(dataset: DatasetDefinition, offline_dir: Path, before: datetime,
+                          fail_after: str | None = None) -> CompactionReport:
+    """Merge the part files of each month of ingests that ended by `before` into one file per table (same rows,
+    same order; flywheel/compaction.py has the atomic swap), then rewrite the ledger with one line per batch.
+    Idempotent: a compacted month has one file and is left alone."""
+    from flywheel.compaction import compact_locked
+
+    folder = dataset_dir(offline_dir, dataset)
+    with _locked(folder):
+        _migrate_locked(folder, dataset)
+        report = compact_locked(folder, dataset, _read_ledger(folder), before, _append_ledger, _part_name,
+                                fail_after)
+        if report.months:  # fold the ledger: its records stay, one line per batch (atomic rename)
+            _atomic_write_text(folder / LEDGER_FILE, "".join(
+                json.dumps({"batch": b, **e}, sort_keys=True) + "\n" for b, e in _read_ledger(folder).items()))
+        return report
 
 
 def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
