@@ -594,8 +594,10 @@ def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
     return moved
 
 
-def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str) -> IngestReport:
-    """Add a validated batch to the dataset's offline store as one new part file per table.
+def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str,
+                 ingested_at: datetime | None = None) -> IngestReport:
+    """Add a validated batch to the dataset's offline store as one new part file per table. `ingested_at` (default
+    now) is recorded in the ledger: compaction groups batches by the month of their ingest.
 
     Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
     recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
@@ -604,6 +606,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
+    stamp = (ingested_at or datetime.now(UTC)).astimezone(UTC).isoformat()
     missing = _missing_columns(df, dataset)
     if missing:
         raise FlywheelError(f"batch {batch_id} lacks columns of dataset {dataset.name!r}: {missing}")
@@ -628,7 +631,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             entry: dict[str, Any] = {
                 "seq": seq, "digest": digest, "feature_rows": len(features), "label_rows": len(labels),
                 "features_file": _part_name(seq, batch_id), "labels_file": _part_name(seq, batch_id),
-                "ingested_at": datetime.now(UTC).isoformat(), **_batch_stats(features, dataset),
+                "ingested_at": stamp, **_batch_stats(features, dataset),
             }
             like = next((lpath / e["labels_file"] for e in ledger.values() if e.get("labels_file")), None)
             _write_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
@@ -638,7 +641,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             _append_ledger(folder, {batch_id: entry})
         elif known is None:  # the same rows under a new id: remember the id, store nothing
             ledger[batch_id] = {"digest": digest, "duplicate_of": twin, "feature_rows": 0, "label_rows": 0,
-                                "ingested_at": datetime.now(UTC).isoformat()}
+                                "ingested_at": stamp}
             _append_ledger(folder, {batch_id: ledger[batch_id]})
         return IngestReport(
             dataset=dataset.name,

@@ -11,14 +11,13 @@ import pytest
 
 from flywheel import featurestore as fs
 from flywheel.settings import FeaturesConfig
-from tests.unit.test_retention import _Clock, _prediction, ingest_days, parts
+from tests.unit.test_retention import _prediction, ingest_days, parts
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def offline(settings, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(fs, "datetime", _Clock)
+def offline(settings) -> Path:
     return settings.resolve(settings.paths.offline_dir)
 
 

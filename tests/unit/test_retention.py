@@ -1,6 +1,6 @@
 """Retention and compaction on real stores: parquet folders with their ledger, SQLite project tables.
 
-Ingest time is the only thing faked (the clock featurestore reads), so that batches land in different months.
+Batches are ingested at given times (`ingested_at`), so that they land in different months.
 """
 
 from __future__ import annotations
@@ -21,25 +21,15 @@ from flywheel.retention import cutoff, purge_monitoring_history, purge_predictio
 JAN = datetime(2026, 1, 20, 9, 0, tzinfo=UTC)
 
 
-class _Clock(datetime):
-    at = JAN
-
-    @classmethod
-    def now(cls, tz=None):
-        return cls.at if tz else cls.at.replace(tzinfo=None)
-
-
 @pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(fs, "datetime", _Clock)
+def offline(tmp_path: Path) -> Path:
     return tmp_path / "offline"
 
 
 def ingest_days(batches, dataset, offline: Path, first: datetime = JAN) -> None:
     """One batch a day from `first` (ingest time), ids day0, day1, ..."""
     for i, batch in enumerate(batches):
-        _Clock.at = first + timedelta(days=i)
-        fs.ingest_batch(batch, dataset, offline, f"day{i}")
+        fs.ingest_batch(batch, dataset, offline, f"day{i}", ingested_at=first + timedelta(days=i))
 
 
 def tables(offline: Path, dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -110,8 +100,7 @@ def test_a_compaction_cut_after_building_leaves_the_old_set_and_is_discarded(dat
     pd.testing.assert_frame_equal(tables(offline, dataset)[0], before)  # each row once
 
     # the next writer throws the uncommitted set away; a new batch is ingested as usual
-    _Clock.at = datetime(2026, 3, 2, tzinfo=UTC)
-    fs.ingest_batch(small_batches[6], dataset, offline, "day6")
+    fs.ingest_batch(small_batches[6], dataset, offline, "day6", ingested_at=datetime(2026, 3, 2, tzinfo=UTC))
     assert not compaction.next_dir(folder, fs.FEATURES_FILE).exists()
     assert parts(offline, dataset) == [*names, "0000007_day6.parquet"]
     assert len(tables(offline, dataset)[0]) == len(before) + len(small_batches[6])
@@ -128,8 +117,7 @@ def test_a_compaction_cut_after_its_commit_is_finished_by_the_next_writer(datase
     pd.testing.assert_frame_equal(tables(offline, dataset)[0], before)
 
     # the next ingest finishes the swap first (its orphan sweep must not delete the old files before that)
-    _Clock.at = datetime(2026, 3, 2, tzinfo=UTC)
-    fs.ingest_batch(small_batches[6], dataset, offline, "day6")
+    fs.ingest_batch(small_batches[6], dataset, offline, "day6", ingested_at=datetime(2026, 3, 2, tzinfo=UTC))
     assert parts(offline, dataset) == ["0000001_compacted-2026-01-to-0000006.parquet", "0000007_day6.parquet"]
     got = tables(offline, dataset)[0]
     pd.testing.assert_frame_equal(got.iloc[: len(before)].reset_index(drop=True), before)
