@@ -207,6 +207,8 @@ def git_sha() -> str | None:
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
+    if float(x).is_integer() and abs(x) < 1e6:
+        return f"{int(x):,}"
     if abs(x) >= 100:
         return f"{x:,.0f}"
     return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
@@ -215,8 +217,8 @@ def _num(x: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The table people read (README, benchmarks/results/latest.md)."""
     m0, m1 = report["machine_before"], report["machine_after"]
-    mode = "QUICK (correctness-only sizes: the figures say nothing about speed)" if report["quick"] else "full"
-    lines = [f"# Flywheel benchmarks ({mode})", "",
+    mode = "QUICK run: correctness-only sizes, the figures say nothing about speed" if report["quick"] else "full run"
+    lines = [f"# Flywheel benchmarks: {mode}", "",
              f"{report['finished_at']} · commit {report.get('git_sha') or '?'} · {m0['cores']} cores, "
              f"{(m0['memory_mb'] or 0) / 1024:.1f} GB · load average {m0['load_average'][0]:.2f} before, "
              f"{m1['load_average'][0]:.2f} after · {report['seconds'] / 60:.1f} min", "",
@@ -256,18 +258,16 @@ def plot_growth(growth: list[dict[str, Any]], path: Path) -> str | None:
         return None
     stages = list(dict.fromkeys(g["stage"] for g in growth))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for stage in stages:
+    for i, stage in enumerate(stages):
         pts = sorted((g for g in growth if g["stage"] == stage), key=lambda g: g["rows"])
-        xs = [p["rows"] for p in pts]
-        axes[0].plot(xs, [p["seconds"] for p in pts], marker="o", label=stage)
-        axes[1].plot(xs, [p["peak_mb"] or 0 for p in pts], marker="o", label=stage)
-    if growth:  # the linear reference: wall time proportional to rows from the smallest point of the first stage
-        first = sorted((g for g in growth if g["stage"] == stages[0]), key=lambda g: g["rows"])
-        lo, hi = first[0]["rows"], first[-1]["rows"]
-        axes[0].plot([lo, hi], [first[0]["seconds"], first[0]["seconds"] * hi / lo], "k:", label="linear")
-    for ax, title in zip(axes, ("wall time (s)", "peak RSS (MB)"), strict=True):
+        xs, color = [p["rows"] for p in pts], f"C{i}"
+        axes[0].plot(xs, [p["seconds"] for p in pts], marker="o", color=color, label=stage)
+        # dotted: what linear growth from the smallest size would cost
+        axes[0].plot([xs[0], xs[-1]], [pts[0]["seconds"], pts[0]["seconds"] * xs[-1] / xs[0]], ":", color=color)
+        axes[1].plot(xs, [p["peak_mb"] or 0 for p in pts], marker="o", color=color, label=stage)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("wall time, s (dotted: linear)", "peak RSS of the process, MB"), strict=True):
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel("rows")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
