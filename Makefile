@@ -38,8 +38,10 @@ test-fast: env
 lint: env
 	$(RUN) ruff check . && $(RUN) ruff format --check .
 
+# Every benchmark, one after another, into benchmarks/results/latest.{json,md} + latest_growth.png (about 20
+# minutes on 2 cores; `make bench QUICK=1`: the correctness-only sizes, labelled quick). Run it on a quiet machine.
 bench: env
-	$(RUN) python -m tests.benchmarks.bench_training
+	$(RUN) python -m tests.benchmarks.run_all $(if $(QUICK),--quick,)
 
 # Flywheel's service vs feast serve + mlflow models serve, side by side (about 3 minutes; --quick: 2)
 bench-serving: env

@@ -5,7 +5,7 @@
 parameters, schedules, concurrency limits and event triggers (training runs on `flywheel.retrain.requested`,
 rollout on `flywheel.model.challenger-registered`) are read from there; this process adds what depends on the
 settings: the profile and config folder every run loads, and the schedules they own (configs/triggers.yaml,
-`batch.cron` for batch scoring).
+`batch.cron` for batch scoring, `retention.cron` for retention).
 A deployment whose entrypoint file does not exist yet is skipped with a warning.
 
 Once every deployment is registered it writes `--ready-file` (JSON: its pid and the deployment names),
@@ -42,9 +42,11 @@ API_WAIT_SECONDS = 300.0  # `flywheel up` gives up on the server sooner (stack.s
 def _schedules_from_settings(settings: Settings) -> dict[str, Any]:
     """Deployment name -> the schedule the settings own: configs/triggers.yaml's schedules, and `batch.cron`
     for batch scoring (prefect.yaml repeats them for `prefect deploy`; a test compares)."""
-    from flywheel.trigger_policy import deployment_schedules, load_policy
+    from flywheel.trigger_policy import DeploymentSchedule, deployment_schedules, load_policy
 
-    return deployment_schedules(load_policy(settings.resolve(settings.triggers.policy_file)), settings.batch.cron)
+    owned = deployment_schedules(load_policy(settings.resolve(settings.triggers.policy_file)), settings.batch.cron)
+    owned["retention"] = DeploymentSchedule(cron=settings.retention.cron, timezone="UTC", active=True)
+    return owned
 
 
 def load_deployment_specs(path: Path = DEPLOYMENTS_FILE) -> list[dict[str, Any]]:

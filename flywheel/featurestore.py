@@ -51,6 +51,7 @@ from flywheel.schemas import DatasetDefinition, Result
 if TYPE_CHECKING:
     from feast import Entity, FeatureService, FeatureStore, FeatureView, FileSource
 
+    from flywheel.compaction import CompactionReport
     from flywheel.settings import FeaturesConfig, StoresConfig
 
 PROJECT = "flywheel"
@@ -566,6 +567,9 @@ def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
         old.unlink()
         moved = True
     ledger = _read_ledger(folder)
+    from flywheel.compaction import resume  # a compaction a crash cut short is finished or undone first
+
+    moved = bool(resume(folder, ledger)) or moved
     for table, key in ((FEATURES_FILE, "features_file"), (LABELS_FILE, "labels_file")):
         path, parked = folder / table, folder / f".{table}.legacy"
         if path.is_file():  # step 1: park the old file (a crash after this resumes at step 2)
@@ -590,8 +594,10 @@ def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
     return moved
 
 
-def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str) -> IngestReport:
-    """Add a validated batch to the dataset's offline store as one new part file per table.
+def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str,
+                 ingested_at: datetime | None = None) -> IngestReport:
+    """Add a validated batch to the dataset's offline store as one new part file per table. `ingested_at` (default
+    now) is recorded in the ledger: compaction groups batches by the month of their ingest.
 
     Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
     recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
@@ -600,6 +606,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
+    stamp = (ingested_at or datetime.now(UTC)).astimezone(UTC).isoformat()
     missing = _missing_columns(df, dataset)
     if missing:
         raise FlywheelError(f"batch {batch_id} lacks columns of dataset {dataset.name!r}: {missing}")
@@ -624,7 +631,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             entry: dict[str, Any] = {
                 "seq": seq, "digest": digest, "feature_rows": len(features), "label_rows": len(labels),
                 "features_file": _part_name(seq, batch_id), "labels_file": _part_name(seq, batch_id),
-                "ingested_at": datetime.now(UTC).isoformat(), **_batch_stats(features, dataset),
+                "ingested_at": stamp, **_batch_stats(features, dataset),
             }
             like = next((lpath / e["labels_file"] for e in ledger.values() if e.get("labels_file")), None)
             _write_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
@@ -634,7 +641,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             _append_ledger(folder, {batch_id: entry})
         elif known is None:  # the same rows under a new id: remember the id, store nothing
             ledger[batch_id] = {"digest": digest, "duplicate_of": twin, "feature_rows": 0, "label_rows": 0,
-                                "ingested_at": datetime.now(UTC).isoformat()}
+                                "ingested_at": stamp}
             _append_ledger(folder, {batch_id: ledger[batch_id]})
         return IngestReport(
             dataset=dataset.name,
@@ -648,6 +655,24 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             features_path=str(fpath),
             labels_path=str(lpath),
         )
+
+
+def compact_offline_store(dataset: DatasetDefinition, offline_dir: Path, before: datetime,
+                          fail_after: str | None = None) -> CompactionReport:
+    """Merge the part files of each month of ingests that ended by `before` into one file per table (same rows,
+    same order; flywheel/compaction.py has the atomic swap), then rewrite the ledger with one line per batch.
+    Idempotent: a compacted month has one file and is left alone."""
+    from flywheel.compaction import compact_locked
+
+    folder = dataset_dir(offline_dir, dataset)
+    with _locked(folder):
+        _migrate_locked(folder, dataset)
+        report = compact_locked(folder, dataset, _read_ledger(folder), before, _append_ledger, _part_name,
+                                fail_after)
+        if report.months:  # fold the ledger: its records stay, one line per batch (atomic rename)
+            _atomic_write_text(folder / LEDGER_FILE, "".join(
+                json.dumps({"batch": b, **e}, sort_keys=True) + "\n" for b, e in _read_ledger(folder).items()))
+        return report
 
 
 def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from flywheel.clock import ClockConfig, WallClockConfig
 from flywheel.errors import ConfigError
+from flywheel.trigger_policy import Cron
 
 M = TypeVar("M", bound=BaseModel)
 PROFILES = ("local", "ci", "production")
@@ -227,6 +228,20 @@ class BatchConfig(Section):
     parallelism: ParallelismConfig = ParallelismConfig()
 
 
+class RetentionConfig(Section):
+    """How long the growing stores keep their rows (flows/retention.py, daily on `cron`). Rows the loop still
+    needs are kept whatever these say: the prediction log and the monitoring history keep at least the
+    monitoring policy's performance lookback (the realized figures join those windows to late outcomes).
+    The audit log and the trigger decisions are never touched."""
+
+    cron: Cron = "40 4 * * *"  # daily (deployment `retention`; prefect.yaml repeats it, a test compares)
+    prediction_log_days: int = Field(90, ge=1, le=36_500)  # served predictions (and their scoring errors)
+    monitoring_history_days: int = Field(365, ge=1, le=36_500)  # judged windows and their realized figures
+    # offline store: a month's per-batch part files are merged into one file once the month ended this long
+    # ago (null: never); every row is kept, the ledger and duplicate detection are unchanged
+    compact_after_days: int | None = Field(7, ge=0, le=36_500)
+
+
 class RolloutConfig(Section):
     """Staged rollouts of a challenger (flows/rollout.py); the strategies live in `plan_file`."""
 
@@ -383,6 +398,7 @@ class Settings(BaseSettings):
     monitor: MonitorConfig = MonitorConfig()
     triggers: TriggersConfig = TriggersConfig()
     notify: NotifyConfig = NotifyConfig()
+    retention: RetentionConfig = RetentionConfig()
     # the time the project's logic runs on (cooldowns, staleness, liveness); `simulated` runs days in seconds
     clock: ClockConfig = WallClockConfig()
     telemetry: TelemetryConfig = TelemetryConfig()

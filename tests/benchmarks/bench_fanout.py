@@ -14,13 +14,14 @@ whether both runs selected the same model with the same metrics and child runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.benchmarks.common import BenchResult, Record, cli, run_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
 FULL = {"rows": 200_000, "trials": 10, "workers": 2}
@@ -131,22 +132,28 @@ def render(r: dict[str, Any]) -> str:
     ])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--trials", type=int, help="per family (two families)")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    size = dict(QUICK if args.quick else FULL)
-    for key in size:
-        if getattr(args, key) is not None:
-            size[key] = getattr(args, key)
-    result = measure(**size)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+def records(r: dict[str, Any]) -> list[Record]:
+    s, d, z = r["serial"], r["dask"], r["size"]
+    return [
+        Record(benchmark="fanout", name=f"search of {z['trials']} trials on {z['rows']:,} rows, {z['workers']} Dask "
+               "workers", ours=d["search_s"], baseline=s["search_s"], baseline_name="serial search", unit="s",
+               target=">= 1.6x", met=r["speedup_search"] >= 1.6,
+               note=f"same selection {r['same_selection']}, same child runs {r['same_children']}"),
+        Record(benchmark="fanout", name="MLflow trial logging share of the run", ours=100 * d["logging_share"],
+               unit="%", target="<= 2%", met=d["logging_share"] <= 0.02),
+    ]
+
+
+def bench(quick: bool) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list]:
+        result = measure(**(QUICK if quick else FULL))
+        return result, records(result), []
+
+    return run_bench("fanout", quick, run, render)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(__doc__, FULL, QUICK, measure, render, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 import psutil
 
+from tests.benchmarks.common import BenchResult, Record, run_bench
+
 PROJECT = Path(__file__).resolve().parents[2]
 FAMILIES: dict[str, dict[str, Any]] = {
     "logistic_regression": {"C": 1.0},
@@ -145,6 +147,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def records(results: list[dict[str, Any]]) -> list[Record]:
+    """Per family, the fastest other path's single-row p99 against the scikit-learn pipeline's."""
+    out = []
+    for family in dict.fromkeys(r["family"] for r in results):
+        ok = [r for r in results if r["family"] == family and "error" not in r]
+        base = next((r for r in ok if r["path"] == "pipeline"), None)
+        best = min((r for r in ok if r["path"] != "pipeline"), key=lambda r: r["single_p99_ms"], default=None)
+        if base and best:
+            out.append(Record(benchmark="inference", name=f"{family}: one row, p99 ({best['path']})",
+                              ours=best["single_p99_ms"], baseline=base["single_p99_ms"],
+                              baseline_name="scikit-learn pipeline", unit="ms",
+                              note=f"max |dp| {best['max_abs_diff']:.1e}"))
+    return out
+
+
+def bench(quick: bool) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list]:
+        results = measure(quick, 60 if quick else 2000)
+        return {"size": {"quick": quick}, "paths": results}, records(results), []
+
+    return run_bench("inference", quick, run, lambda r: render(r["paths"]))
 
 
 if __name__ == "__main__":

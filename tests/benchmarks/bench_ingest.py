@@ -14,8 +14,6 @@ Each batch differs from the others (timestamps shifted by a day per batch), so n
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
+
+from tests.benchmarks.common import BenchResult, GrowthPoint, Record, cli, isolated, run_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
 FULL = {"rows": 1_000, "levels": (10, 100, 1_000), "repeats": 7}
@@ -130,22 +130,51 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size (2, 5, 10 batches of 50)")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--levels", type=lambda s: tuple(int(x) for x in s.split(",")))
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    size = dict(QUICK if args.quick else FULL)
-    for key in size:
-        if getattr(args, key) is not None:
-            size[key] = getattr(args, key)
-    result = measure(**size)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+GROWTH = {"full": (10_000, 100_000, 1_000_000), "quick": (500, 2_000, 5_000)}
+
+
+def growth_point(rows: int) -> dict[str, Any]:
+    """Ingest one `rows`-row batch into an empty store (run in a fresh process: `common.isolated`)."""
+    from flywheel import featurestore as fs
+
+    dataset, batch = _batches(rows)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-growth-") as tmp:
+        t0 = time.perf_counter()
+        report = fs.ingest_batch(batch, dataset, Path(tmp), "growth")
+        seconds = time.perf_counter() - t0
+    assert report.feature_rows == rows
+    return {"seconds": seconds}
+
+
+def records(r: dict[str, Any]) -> list[Record]:
+    last = r["levels"][-1]
+    first = r["levels"][0]
+    growth = last["flywheel_cpu_ms"] / first["flywheel_cpu_ms"]
+    return [
+        Record(benchmark="ingest", name=f"one {r['rows_per_batch']:,}-row batch into {last['existing_batches']:,} "
+               "stored batches (wall)", ours=last["flywheel_ms"], baseline=last["single_file_ms"],
+               baseline_name="single-file rewrite (before)", unit="ms"),
+        Record(benchmark="ingest", name=f"CPU per batch at {last['existing_batches']:,} vs "
+               f"{first['existing_batches']:,} stored batches", ours=growth, unit="x",
+               target="<= 2x (independent of the history)", met=growth <= 2.0),
+    ]
+
+
+def bench(quick: bool) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list[GrowthPoint]]:
+        result = measure(**(QUICK if quick else FULL))
+        points = []
+        for rows in GROWTH["quick" if quick else "full"]:
+            got = isolated("tests.benchmarks.bench_ingest:growth_point", rows=rows)
+            points.append(GrowthPoint(stage="ingest", rows=rows, seconds=got["result"]["seconds"],
+                                      peak_mb=got["peak_mb"]))
+        return result, records(result), points
+
+    return run_bench("ingest", quick, run, render)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(__doc__, FULL, QUICK, measure, render, argv)
 
 
 if __name__ == "__main__":

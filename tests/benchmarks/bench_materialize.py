@@ -19,7 +19,6 @@ event times must be identical.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from tests.benchmarks.common import BenchResult, Record, cli, run_bench
 
 FULL = {"rows": 1_000_000, "entities": 100_000}
 QUICK = {"rows": 4_000, "entities": 400}
@@ -154,23 +155,29 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size (4k rows, 400 entities)")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--entities", type=int)
-    parser.add_argument("--stores", type=lambda s: tuple(s.split(",")), default=("sqlite", "redis"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    size = dict(QUICK if args.quick else FULL)
-    for key in size:
-        if getattr(args, key) is not None:
-            size[key] = getattr(args, key)
-    result = measure(stores=args.stores, seed=args.seed, **size)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+def records(r: dict[str, Any]) -> list[Record]:
+    return [Record(benchmark="materialize", name=f"{kind}: {r['rows']:,} rows, first full load",
+                   ours=x["flywheel_rows_per_s"], baseline=x["feast_rows_per_s"], baseline_name="Feast materialize",
+                   unit="rows/s", better="higher", target=f">= {TARGETS[kind]}x Feast's rate",
+                   met=x["speedup"] >= TARGETS[kind], note=f"{x['differ']} of {x['compared']} entities differ")
+            for kind, x in r["stores"].items()]
+
+
+def bench(quick: bool, stores: tuple[str, ...] = ("sqlite", "redis")) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list]:
+        result = measure(stores=stores, **(QUICK if quick else FULL))
+        return result, records(result), []
+
+    return run_bench("materialize", quick, run, render)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--stores", type=lambda s: tuple(s.split(",")), default=("sqlite", "redis"))
+        parser.add_argument("--seed", type=int, default=0)
+
+    cli(__doc__, FULL, QUICK, measure, render, argv, extra,
+        call=lambda args, size: measure(stores=args.stores, seed=args.seed, **size))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tests.benchmarks.common import BenchResult, GrowthPoint, Record, cli, run_bench
+
 BAND = 0.002  # |score - threshold| within which a quantile profile's verdict may differ from Evidently's
 KINDS = ["normal", "lognormal", "gamma", "poisson", "codes3", "flag", "amount", "spike", "cat4", "cat12"]
 SHIFTS = [0.0, 0.0, 0.02, 0.0, 0.05, 0.0, 0.1, 0.0, 0.3, 0.0, 0.0, 0.6, 0.0, 0.08, 0.0]  # by column index
@@ -220,8 +222,8 @@ def _child(step: str, folder: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def measure(reference_rows: int, current_rows: int, columns: int, seed: int = 0, folder: Path | None = None
-            ) -> dict[str, Any]:
+def measure(reference_rows: int, current_rows: int, columns: int, seed: int = 0, folder: Path | None = None,
+            evidently: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-monitoring-") as tmp:
         work = Path(folder or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -234,10 +236,12 @@ def measure(reference_rows: int, current_rows: int, columns: int, seed: int = 0,
         generate_s = time.perf_counter() - t0
         profile = _child("profile", work)
         ours = _child("flywheel", work)
-        theirs = _child("evidently", work)
-    return {"size": {"reference_rows": reference_rows, "current_rows": current_rows, "columns": columns},
-            "generate_s": generate_s, "profile": profile, "flywheel": ours, "evidently": theirs,
-            "comparison": compare(ours["verdicts"], theirs["verdicts"])}
+        out = {"size": {"reference_rows": reference_rows, "current_rows": current_rows, "columns": columns},
+               "generate_s": generate_s, "profile": profile, "flywheel": ours}
+        if evidently:  # the cost-growth points time our side only
+            out["evidently"] = theirs = _child("evidently", work)
+            out["comparison"] = compare(ours["verdicts"], theirs["verdicts"])
+    return out
 
 
 def render(r: dict[str, Any]) -> str:
@@ -262,30 +266,57 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size (20k x 12 vs 4k)")
-    parser.add_argument("--reference-rows", type=int)
-    parser.add_argument("--current-rows", type=int)
-    parser.add_argument("--columns", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--step", choices=["profile", "flywheel", "evidently"], help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.step:
-        result = {"profile": step_profile, "flywheel": step_flywheel, "evidently": step_evidently}[args.step](
-            args.folder)
-        (args.folder / f"result_{args.step}.json").write_text(json.dumps(result))
-        return
-    size = dict(QUICK if args.quick else FULL)
-    for key in size:
-        if getattr(args, key) is not None:
-            size[key] = getattr(args, key)
-    result = measure(seed=args.seed, **size)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+GROWTH = {"full": {"reference_rows": 100_000, "columns": 50, "current": (10_000, 100_000, 1_000_000)},
+          "quick": {"reference_rows": 20_000, "columns": 12, "current": (1_000, 2_000, 4_000)}}
+TARGET_S, TARGET_MB = 10.0, 1536.0
+
+
+def records(r: dict[str, Any]) -> list[Record]:
+    s, f, e, c = r["size"], r["flywheel"], r["evidently"], r["comparison"]
+    full = s["current_rows"] >= FULL["current_rows"]
+    size = f"{s['reference_rows']:,} x {s['columns']} vs {s['current_rows']:,} rows"
+    return [
+        Record(benchmark="monitoring", name=f"drift + quality, {size}: wall", ours=f["seconds"],
+               baseline=e["seconds"], baseline_name="Evidently DataDriftPreset on both frames", unit="s",
+               target=f"<= {TARGET_S:g} s (full size)", met=f["seconds"] <= TARGET_S if full else None),
+        Record(benchmark="monitoring", name=f"drift + quality, {size}: peak RSS", ours=f["peak_mb"],
+               baseline=e["peak_mb"], unit="MB", target=f"<= {TARGET_MB:g} MB (full size)",
+               met=f["peak_mb"] <= TARGET_MB if full else None),
+        Record(benchmark="monitoring", name="column verdicts differing from Evidently's (outside the band)",
+               ours=len(c["disagreements"]), unit="columns", target="0", met=not c["disagreements"],
+               note=f"{c['columns']} columns, {len(c['within_band'])} within {BAND} of the threshold"),
+    ]
+
+
+def bench(quick: bool) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list[GrowthPoint]]:
+        g = GROWTH["quick" if quick else "full"]
+        points = []
+        for n in g["current"]:
+            got = measure(reference_rows=g["reference_rows"], current_rows=n, columns=g["columns"], evidently=False)
+            points.append(GrowthPoint(stage="monitoring", rows=n, seconds=got["flywheel"]["seconds"],
+                                      peak_mb=got["flywheel"]["peak_mb"]))
+        result = measure(**(QUICK if quick else FULL))
+        return result, records(result), points
+
+    return run_bench("monitoring", quick, run, render)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--step", choices=["profile", "flywheel", "evidently"], help=argparse.SUPPRESS)
+        parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+
+    def call(args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
+        if args.step:  # one step, in the fresh process `_child` started
+            result = {"profile": step_profile, "flywheel": step_flywheel, "evidently": step_evidently}[args.step](
+                args.folder)
+            (args.folder / f"result_{args.step}.json").write_text(json.dumps(result))
+            raise SystemExit(0)
+        return measure(seed=args.seed, **size)
+
+    cli(__doc__, FULL, QUICK, measure, render, argv, extra, call)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tests.benchmarks.common import BenchResult, GrowthPoint, Record, cli, run_bench
+
 FULL = {"entity_rows": 1_000_000, "feature_rows": 10_000_000}
 QUICK = {"entity_rows": 20_000, "feature_rows": 200_000}
 START = pd.Timestamp("2025-01-01", tz="UTC")
@@ -278,31 +280,65 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size (20k vs 200k)")
-    parser.add_argument("--entity-rows", type=int)
-    parser.add_argument("--feature-rows", type=int)
-    parser.add_argument("--entities", type=int, help="distinct entities (default: entity rows / 20)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-feast", action="store_true", help="time the flywheel side only")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--workdir", type=Path, help="keep the generated data here (and reuse it next time)")
-    parser.add_argument("--side", choices=["flywheel", "feast"], help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:
-        result = {"flywheel": side_flywheel, "feast": side_feast}[args.side](args.folder)
-        (args.folder / f"result_{args.side}.json").write_text(json.dumps(result))
-        return
-    size = dict(QUICK if args.quick else FULL)
-    for key in size:
-        if getattr(args, key) is not None:
-            size[key] = getattr(args, key)
-    result = measure(seed=args.seed, feast=not args.skip_feast, folder=args.workdir, entities=args.entities, **size)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+GROWTH = {"full": (10_000, 100_000), "quick": (2_000, 5_000)}  # entity rows; the main run is the third point
+TARGET_S, TARGET_MB = 15.0, 3072.0
+
+
+def records(r: dict[str, Any]) -> list[Record]:
+    s, f, e = r["size"], r["flywheel"], r.get("feast")
+    full = s["entity_rows"] >= FULL["entity_rows"]
+    size = f"{s['entity_rows']:,} x {s['feature_rows']:,} rows"
+    out = [
+        Record(benchmark="pit", name=f"point-in-time join, {size}: wall", ours=f["seconds"],
+               baseline=e["seconds"] if e else None, baseline_name="Feast get_historical_features (DuckDB store)",
+               unit="s", target=f"<= {TARGET_S:g} s (full size)", met=f["seconds"] <= TARGET_S if full else None),
+        Record(benchmark="pit", name=f"point-in-time join, {size}: peak RSS", ours=f["peak_mb"],
+               baseline=e["peak_mb"] if e else None, unit="MB", target=f"<= {TARGET_MB:g} MB (full size)",
+               met=f["peak_mb"] <= TARGET_MB if full else None),
+    ]
+    if e:
+        c = r["comparison"]
+        out.append(Record(benchmark="pit", name="cells differing from Feast's", ours=c["cells_differ"], unit="cells",
+                          target="0", met=c["cells_differ"] == 0 and c["flywheel_missing"] == 0,
+                          note=f"{c['cells_compared']:,} compared; rows missing: flywheel {c['flywheel_missing']}, "
+                          f"feast {c['feast_missing']}"))
+    return out
+
+
+def bench(quick: bool) -> BenchResult:
+    def run() -> tuple[dict[str, Any], list[Record], list[GrowthPoint]]:
+        size = QUICK if quick else FULL
+        points = []
+        for n in GROWTH["quick" if quick else "full"]:
+            got = measure(entity_rows=n, feature_rows=10 * n, feast=False)["flywheel"]
+            points.append(GrowthPoint(stage="point-in-time join", rows=n, seconds=got["seconds"],
+                                      peak_mb=got["peak_mb"]))
+        result = measure(**size)
+        points.append(GrowthPoint(stage="point-in-time join", rows=size["entity_rows"],
+                                  seconds=result["flywheel"]["seconds"], peak_mb=result["flywheel"]["peak_mb"]))
+        return result, records(result), points
+
+    return run_bench("pit", quick, run, render)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--entities", type=int, help="distinct entities (default: entity rows / 20)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--skip-feast", action="store_true", help="time the flywheel side only")
+        parser.add_argument("--workdir", type=Path, help="keep the generated data here (and reuse it next time)")
+        parser.add_argument("--side", choices=["flywheel", "feast"], help=argparse.SUPPRESS)
+        parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+
+    def call(args: argparse.Namespace, size: dict[str, Any]) -> dict[str, Any]:
+        if args.side:  # one side, in the fresh process `_child` started
+            result = {"flywheel": side_flywheel, "feast": side_feast}[args.side](args.folder)
+            (args.folder / f"result_{args.side}.json").write_text(json.dumps(result))
+            raise SystemExit(0)
+        return measure(seed=args.seed, feast=not args.skip_feast, folder=args.workdir, entities=args.entities,
+                       **size)
+
+    cli(__doc__, FULL, QUICK, measure, render, argv, extra, call)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ The client runs on the same machine as the servers: on 2 cores it competes with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -43,6 +44,7 @@ import httpx
 import numpy as np
 
 # tests.conftest sets the telemetry-off variables and OMP_NUM_THREADS=1 for everything started from here
+from tests.benchmarks.common import BenchResult, Record, run_bench
 from tests.conftest import PROJECT, make_home
 from tests.integration.test_service import AUTH, Service, start_service, stop_service
 
@@ -299,6 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: small data, few requests")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs) at the end")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
 
@@ -537,6 +540,12 @@ def main() -> None:
             "",
         )
         console.print(table)
+        if args.json:
+            args.json.write_text(json.dumps({
+                "size": {"rows": 21 * plan.rows_per_day, "single": plan.single, "batch_size": plan.batch_size},
+                "flywheel": fw, "baseline": bl, "rss_one_mb": fw_one[1], "rss_two_mb": fw_two[1],
+                "baseline_rss_mb": feast_rss[1] + mlflow_rss[1], "max_abs_diff": diff, "inference": str(inference),
+                "load_before": load_before, "load_after": os.getloadavg(), "seconds": elapsed}, indent=2, default=str))
         for name in ("flywheel", "baseline"):
             if results[name]["rate"] < 0.95 * plan.rate:
                 console.print(
@@ -560,6 +569,44 @@ def main() -> None:
             console.print(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def records(r: dict[str, Any]) -> list[Record]:
+    fw, bl = r["flywheel"], r["baseline"]
+    base = "feast serve + mlflow models serve"
+
+    def met(kind: str, target_ms: float) -> bool:
+        return fw[kind]["p99"] <= target_ms and bl[kind]["p99"] / fw[kind]["p99"] >= TARGET_RATIO
+
+    return [
+        Record(benchmark="serving", name="one entity per request: p99", ours=fw["single"]["p99"],
+               baseline=bl["single"]["p99"], baseline_name=base, unit="ms",
+               target=f"<= {TARGET_SINGLE_P99_MS:g} ms, >= {TARGET_RATIO:g}x lower",
+               met=met("single", TARGET_SINGLE_P99_MS)),
+        Record(benchmark="serving", name=f"batch of {r['size']['batch_size']}: p99", ours=fw["batch"]["p99"],
+               baseline=bl["batch"]["p99"], baseline_name=base, unit="ms",
+               target=f"<= {TARGET_BATCH_P99_MS:g} ms, >= {TARGET_RATIO:g}x lower",
+               met=met("batch", TARGET_BATCH_P99_MS)),
+        Record(benchmark="serving", name="throughput, one entity per request", ours=fw["throughput"],
+               baseline=bl["throughput"], baseline_name=base, unit="req/s", better="higher"),
+        Record(benchmark="serving", name="RSS for one model", ours=r["rss_one_mb"], baseline=r["baseline_rss_mb"],
+               baseline_name=base, unit="MB", note=f"max |p difference| {float(r['max_abs_diff']):.1e}"),
+    ]
+
+
+def bench(quick: bool) -> BenchResult:
+    """The serving benchmark in its own process (it starts and stops its servers by process group)."""
+    def run() -> tuple[dict[str, Any], list[Record], list]:
+        with tempfile.TemporaryDirectory(prefix="flywheel-bench-serving-json-") as tmp:
+            out = Path(tmp) / "result.json"
+            proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_serving", "--json", str(out),
+                                   *(["--quick"] if quick else [])], cwd=PROJECT, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                raise RuntimeError(f"bench_serving failed ({proc.returncode}): {proc.stderr[-1500:]}")
+            result = json.loads(out.read_text())
+        return result, records(result), []
+
+    return run_bench("serving", quick, run)
 
 
 if __name__ == "__main__":

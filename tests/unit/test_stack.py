@@ -260,7 +260,8 @@ def test_served_deployments_carry_run_settings_cron_and_checked_trigger_params(h
     s = load_settings("ci", home / "configs", environ={}, overrides={"batch": {"cron": "15 4 * * *"}})
     built = {d.name: d for d in build_deployments(s, "ci", str(home / "configs"))}
     assert set(built) == {"training", "batch-scoring", "monitoring", "rollout", "ingest", "outcomes",
-                          "materialization"}
+                          "materialization", "retention"}
+    assert [(sch.schedule.cron, sch.active) for sch in built["retention"].schedules] == [(s.retention.cron, True)]
     run_settings = {"profile": "ci", "config_dir": str(home / "configs")}
     batch = built["batch-scoring"]
     assert [sch.schedule.cron for sch in batch.schedules] == ["15 4 * * *"]  # from settings, not the yaml
