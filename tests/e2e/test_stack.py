@@ -49,8 +49,10 @@ def test_up_starts_every_process_and_says_where(stack: Stack) -> None:
     out = stack.up_output
     hook = next(r for r in stack.records if r["name"] == "webhook")
     assert hook["url"] in out and "flywheel webhook sign" in out
-    assert httpx.get(f"{hook['url']}/health", timeout=5).json() == {"ok": True, "deliveries_db": "ok",
-                                                                    "prefect_api": "ok"}
+    health = httpx.get(f"{hook['url']}/health", timeout=5).json()
+    assert {k: health[k] for k in ("ok", "deliveries_db", "prefect_api")} == {
+        "ok": True, "deliveries_db": "ok", "prefect_api": "ok"}, health
+    assert health["outbox"]["pending"] == 0 and health["loop"]["model"] == "churn", health
     assert stack.api.removesuffix("/api") in out, out  # the UI URL
     assert f"export PREFECT_API_URL={stack.api}" in out
     assert "flywheel down" in out and "mlflow" in out.lower()
