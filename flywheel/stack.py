@@ -291,11 +291,16 @@ def _clock_text(cfg: WallClockConfig | SimulatedClockConfig) -> str:
 
 
 def active_clock(settings: Settings) -> WallClockConfig | SimulatedClockConfig:
-    """The clock of the running stack (as `up` recorded it) when `active_api_url` finds one, else the
-    settings' own."""
-    if active_api_url(settings) is None:
+    """The clock of the running stack (as `up` recorded it) while any of its processes lives, else the
+    settings' own. Not tied to the API URL: PREFECT_API_URL set (by `use_active_stack` too) changes which
+    server a process talks to, not the time the stack's service and flows tell."""
+    directory = pid_dir(settings)
+    try:
+        recorded = read_clock(directory)
+        live = recorded is not None and any(is_running(r) for r in records(directory))
+    except StackError:
         return settings.clock
-    return read_clock(pid_dir(settings)) or settings.clock
+    return recorded if live and recorded is not None else settings.clock
 
 
 def project_clock(settings: Settings) -> Clock:

@@ -80,6 +80,32 @@ def test_up_records_one_anchor_a_running_stack_keeps_it_and_refuses_another_cloc
         read_clock(directory)
 
 
+def test_entry_points_on_a_running_stack_take_its_clock_even_with_the_api_url_set(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`use_active_stack` exports the running stack's clock (the demo's in-process flows load their settings
+    after it), and `project_clock` keeps telling it once PREFECT_API_URL is set; with no live process of
+    the stack, the settings' own clock."""
+    import os
+
+    import psutil
+
+    from flywheel.stack import URL_FILE, PidRecord, project_clock, settle_clock, use_active_stack, write_record
+
+    for name in ("PREFECT_API_URL", *clock_env(anchored(DEMO))):
+        monkeypatch.delenv(name, raising=False)
+    directory = settings.resolve(settings.stack.pid_dir)
+    recorded = settle_clock(directory, DEMO, running=False)
+    assert not isinstance(project_clock(settings), SimulatedClock), "no live process: the settings' wall clock"
+    me = psutil.Process()  # this test process stands in for the stack's server
+    write_record(directory, PidRecord(name="prefect", pid=me.pid, create_time=me.create_time(), argv=["test"]))
+    (directory / URL_FILE).write_text("http://127.0.0.1:1/api\n")
+    assert use_active_stack(settings) == "http://127.0.0.1:1/api"
+    assert os.environ["FLYWHEEL_CLOCK__ANCHOR"] == recorded.anchor.isoformat()
+    clock = project_clock(settings)
+    assert isinstance(clock, SimulatedClock) and clock.anchor == recorded.anchor and clock.start == recorded.start
+
+
 CHILD = """
 import sys
 from datetime import datetime
