@@ -361,7 +361,8 @@ def test_a_drift_decision_taken_outside_the_simulated_time_fails() -> None:
 
 def test_a_cooldown_suppression_beyond_the_cooldown_in_simulated_time_fails() -> None:
     early_fire = T0 + timedelta(hours=2)
-    late = (TIMED.drift_decisions[0], replace(FIRED, at=early_fire), replace(COOLED, at=early_fire + timedelta(hours=7)))
+    late = (TIMED.drift_decisions[0], replace(FIRED, at=early_fire),
+            replace(COOLED, at=early_fire + timedelta(hours=7)))
     line = _only(replace(ON_SIMULATED, lifecycle=replace(TIMED, drift_decisions=late)))
     assert line == "step 4: the cooldown suppression d2 came 7.0 h after the fire, not within the cooldown (6.0 h) " \
                    "in simulated time"
