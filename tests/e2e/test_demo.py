@@ -102,7 +102,8 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     assert "late labels: realized ROC AUC" in flat and "4. outcomes" in out, _tail(out)
     assert "simulated time" in out and "simulated h after the fire, inside the 6 h cooldown" in flat, _tail(out)
     status = st.cli("status", timeout=120)
-    assert status.returncode == 0 and "clock" in status.stdout and "simulated:" in status.stdout, status.stdout
+    told = status.stdout + status.stderr  # the CLI's console writes to stderr
+    assert status.returncode == 0 and "clock" in told and "simulated:" in told, told
 
     # -------------------------------------------------------------- the outcomes, read back from the stores
     from flywheel.audit import AuditLog
