@@ -14,10 +14,14 @@ env:
 	@$(UV) sync --frozen --quiet
 
 # The demo runs on the persistent local stack (left running: `flywheel down` stops it), with the
-# rollout plan `demo` (the canary in seconds) for the rollouts this stack starts, and the webhook
-# receiver on a throwaway secret generated here at run time (yours, if FLYWHEEL_WEBHOOK_SECRET is set).
+# rollout plan `demo` (the canary in seconds) for the rollouts this stack starts, the webhook
+# receiver on a throwaway secret generated here at run time (yours, if FLYWHEEL_WEBHOOK_SECRET is set),
+# and a simulated clock: one day per DEMO_SECONDS_PER_DAY wall seconds from the moment `flywheel up`
+# anchors it (windows, cooldowns, staleness, outcome arrival; Prefect stays on wall time).
+DEMO_SECONDS_PER_DAY ?= 600
 demo: env
 	export FLYWHEEL_WEBHOOK_SECRET="$${FLYWHEEL_WEBHOOK_SECRET:-$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')}"; \
+	export FLYWHEEL_CLOCK__KIND=simulated FLYWHEEL_CLOCK__SECONDS_PER_DAY=$(DEMO_SECONDS_PER_DAY); \
 	FLYWHEEL_ROLLOUT__STRATEGY=demo $(RUN) flywheel up && $(RUN) flywheel demo
 
 # Debian's chromium for the browser test (tests/e2e/test_ui_browser.py drives it with Playwright; Playwright's

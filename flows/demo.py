@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from flywheel.clock import Clock, SimulatedClock, describe_clock, wall_now
 from flywheel.demo_story import (
+    ClockSeen,
     DecisionSeen,
     DemoStory,
     LifecycleSeen,
@@ -41,6 +43,7 @@ from flywheel.demo_story import (
     WebhookSeen,
     WindowSeen,
     check_story,
+    cooldown_gap,
     skipped_checks,
 )
 
@@ -79,11 +82,13 @@ def run_demo(
 
     console = console or Console(stderr=True)
     ctx = start_run_context(profile, config_dir)
-    from flywheel.stack import use_active_stack
+    from flywheel.stack import project_clock, use_active_stack
 
     api = use_active_stack(ctx.settings)  # `flywheel up` running: runs land in its Prefect server and stay
     console.print(f"Prefect API: {api}" if api else "Prefect: no stack running (`flywheel up`); an ephemeral "
                   "server is used, its run pages vanish when the demo ends, and no rollout can run")
+    clock = project_clock(ctx.settings)  # the stack's (every process of it tells the same time), else ours
+    console.print(f"project clock: {describe_clock(clock)}", soft_wrap=True, highlight=False)
     files = _demo_batches(ctx, days, rows_per_day, seed, console)
     batches = [files[: len(files) - 7], files[len(files) - 7 :], []]
 
@@ -96,7 +101,7 @@ def run_demo(
     runs: list[dict[str, Any]] = []
     seen: list[TrainingSeen] = []
     rollout: RolloutSeen | RolloutSkipped | None = None
-    timeline = Timeline()
+    timeline = Timeline(clock)
     for (number, title, sabotage), batch_files in zip(STEPS, batches, strict=True):
         console.rule(f"{number}. {title}")
         _arrive(batch_files, ctx.source)
@@ -119,7 +124,8 @@ def run_demo(
     if lifecycle and os.environ.get("FLYWHEEL_DEMO_LIFECYCLE", "1") != "0":
         story_lifecycle = run_lifecycle(ctx, console, api, registry, profile, config_dir, files, seed, timeline,
                                         max(rollout_timeout_s, 600.0))
-    story = DemoStory(first=seen[0], second=seen[1], rollout=rollout, sabotaged=seen[2], lifecycle=story_lifecycle)
+    story = DemoStory(first=seen[0], second=seen[1], rollout=rollout, sabotaged=seen[2], lifecycle=story_lifecycle,
+                      clock=timeline.seen())
     _summary(console, runs, story, ctx)
     timeline.print(console)
     if api:
@@ -160,7 +166,10 @@ def _lifecycle_line(seen: LifecycleSeen) -> str:
                   f"{first.estimated_roc_auc:.3f} for window {first.window} ({len(filled)} windows filled in)")
     hook = (f"webhook retrain skipped ({seen.webhook.reason})" if isinstance(seen.webhook, Skipped)
             else f"webhook created {seen.webhook.runs_created} training run")
-    return (f"drift alarm at window {alarm}, one drift trigger fired, {cooled} suppressed by the cooldown, "
+    gap = cooldown_gap(seen)
+    held = (f" ({gap.total_seconds() / 3600:.1f} simulated h after the fire, inside the "
+            f"{seen.cooldown.total_seconds() / 3600:g} h cooldown)" if gap is not None and seen.cooldown else "")
+    return (f"drift alarm at window {alarm}, one drift trigger fired, {cooled} suppressed by the cooldown{held}, "
             f"{gated}; {hook}")
 
 
@@ -358,20 +367,39 @@ WEBHOOK_REASON = "demo step 4: a signed webhook asks for a retrain"
 
 
 class Timeline:
-    """What happened, when, and the evidence: the table the demo ends with."""
+    """What happened, when, and the evidence: the table the demo ends with. Times are the project clock's
+    (simulated under `make demo`), each row beside the wall seconds since the demo began."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[datetime, str, str, str]] = []
+    def __init__(self, clock: Clock, wall: Callable[[], datetime] = wall_now) -> None:
+        self.clock, self._wall = clock, wall
+        self.began = wall()
+        self.rows: list[tuple[datetime, float, str, str, str]] = []  # (project time, wall s, step, what, evidence)
+        self.samples: list[tuple[datetime, datetime]] = []  # (project, wall) read as each row was added
+
+    def now(self) -> datetime:
+        return self.clock.now()
 
     def add(self, step: str, what: str, evidence: str = "", at: datetime | None = None) -> None:
-        self.rows.append((at or datetime.now(UTC), step, what, evidence))
+        """A row at project time `at` (default: now); `at` given, the wall column says when it was reported."""
+        wall, now = self._wall(), self.clock.now()
+        self.samples.append((now, wall))
+        self.rows.append((at or now, (wall - self.began).total_seconds(), step, what, evidence))
+
+    def seen(self) -> ClockSeen:
+        clock = self.clock
+        return ClockSeen(simulated=isinstance(clock, SimulatedClock),
+                         speed=clock.speed if isinstance(clock, SimulatedClock) else 1.0, samples=tuple(self.samples))
 
     def print(self, console: Console) -> None:
-        table = Table(title="Timeline", show_lines=True)
-        for col in ("time (UTC)", "step", "what happened", "evidence"):
+        simulated = isinstance(self.clock, SimulatedClock)
+        table = Table(title="Timeline" + (f" (simulated time, {self.clock.speed:g}x wall time)"
+                                          if isinstance(self.clock, SimulatedClock) else ""), show_lines=True)
+        for col in ("simulated time (UTC)" if simulated else "time (UTC)", "wall s", "step", "what happened",
+                    "evidence"):
             table.add_column(col, overflow="fold")
-        for at, step, what, evidence in sorted(self.rows, key=lambda row: row[0]):  # stable: ties keep order
-            table.add_row(at.strftime("%H:%M:%S"), step, what, evidence or "-")
+        for at, wall, step, what, evidence in sorted(self.rows, key=lambda row: row[0]):  # stable: ties keep order
+            table.add_row(at.strftime("%m-%d %H:%M:%S" if simulated else "%H:%M:%S"), f"{wall:.0f}", step, what,
+                          evidence or "-")
         console.print(table)
 
 
@@ -388,7 +416,8 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
     if not champion:
         timeline.add("4", "skipped", "no champion to monitor")
         return Skipped("no champion to monitor (steps 1-2 registered none)")
-    started = datetime.now(UTC)
+    started_wall = datetime.now(UTC)  # Prefect's runs are created on wall time
+    started = timeline.now()  # the decisions are taken on the project's
     rows, labels = _drifted_days(ctx, demo_files, seed, console, timeline)
     windows = _monitored_traffic(ctx, console, profile, config_dir, rows, timeline)
     decisions = _drift_decisions(ctx, started)
@@ -401,7 +430,7 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
         retrain = _follow_retrain(ctx, console, api, registry, fired, timeline, timeout_s)
         if retrain.outcome == "challenger" and retrain.version:
             console.rule(f"the retrained challenger v{retrain.version} is rolled out: sending traffic")
-            rollout = watch_rollout(ctx, console, api, registry, retrain.version, started, timeout_s)
+            rollout = watch_rollout(ctx, console, api, registry, retrain.version, started_wall, timeout_s)
             timeline.add("4. rollout", f"rollout of v{retrain.version} ended {rollout.state or '(not seen to end)'}",
                          rollout.detail)
     else:
@@ -409,7 +438,13 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
     realized = _late_outcomes(ctx, console, profile, config_dir, labels, windows, timeline)
     webhook = _webhook_retrain(ctx, console, timeline)
     return LifecycleSeen(windows=tuple(windows), drift_decisions=tuple(decisions), retrain=retrain, rollout=rollout,
-                         webhook=webhook, realized=realized)
+                         webhook=webhook, realized=realized, cooldown=_cooldown(ctx))
+
+
+def _cooldown(ctx: RunContext) -> timedelta:
+    from flywheel.trigger_policy import load_policy
+
+    return load_policy(ctx.settings.resolve(ctx.settings.triggers.policy_file)).discipline.cooldown
 
 
 def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: Console,
@@ -463,7 +498,7 @@ def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, c
     base = f"http://{ctx.settings.serve.host}:{ctx.settings.serve.port}"
     service = ServiceClient(base, ctx.settings.serve.admin_token_env)
     seen: list[WindowSeen] = []
-    previous = datetime.now(UTC)
+    previous = timeline.now()  # windows on the project's time: the service stamps its log on the same clock
     try:
         service.flush_log(30)  # whatever was queued before belongs to earlier windows
         with httpx.Client(timeout=30) as http:
@@ -473,7 +508,7 @@ def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, c
                 for i in range(0, len(chunk), PREDICT_BATCH):
                     codes[http.post(f"{base}/predict", json={"rows": chunk[i:i + PREDICT_BATCH]}).status_code] += 1
                 flushed = service.flush_log(30)
-                end = datetime.now(UTC)
+                end = timeline.now()
                 result = monitoring(MonitoringParams(
                     profile=profile, config_dir=str(config_dir) if config_dir else None, report=False,
                     window_hours=max((end - previous).total_seconds(), 1.0) / 3600, end=end))
@@ -518,7 +553,7 @@ def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, confi
         reason = "the dataset collects no outcomes" if ds.outcomes is None else "no monitored window to fill in"
         timeline.add("4. outcomes", "skipped", reason)
         return Skipped(reason)
-    arrived = datetime.now(UTC)
+    arrived = timeline.now()  # the labels arrive now on the project's clock: after every prediction they judge
     folder = settings.resolve(ds.outcomes.source or Path(settings.paths.incoming_dir) / f"{ds.name}_labels")
     folder.mkdir(parents=True, exist_ok=True)
     batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_demo.parquet"
@@ -531,14 +566,14 @@ def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, confi
     console.print(f"-> {report.rows} labels of the served drifted rows landed ({batch.name}, batch "
                   f"{report.batch_id[:12]})", soft_wrap=True)
     timeline.add("4. outcomes", f"labels of {report.rows} served drifted rows landed late (outcome ingest)",
-                 f"{batch.name}; arrived {arrived:%H:%M:%S}, after every prediction they judge")
+                 f"{batch.name}; arrived {arrived:%m-%d %H:%M:%S}, after every prediction they judge")
     os.environ.update(admin_token_env(settings))
     service = ServiceClient(f"http://{settings.serve.host}:{settings.serve.port}", settings.serve.admin_token_env)
     try:
         service.flush_log(30)  # the rollout's traffic since the last window
     finally:
         service.close()
-    end = datetime.now(UTC)
+    end = timeline.now()
     result = monitoring(MonitoringParams(
         profile=profile, config_dir=str(config_dir) if config_dir else None, report=False,
         window_hours=max((end - windows[-1].end).total_seconds(), 1.0) / 3600, end=end))
@@ -559,7 +594,7 @@ def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, confi
         console.print(f"-> window {n}: {rec.summary()} (estimated {at_serving} when it was served)", soft_wrap=True)
         timeline.add(f"4. realized {n}", f"window {n}: {rec.summary()}",
                      f"estimate when served {at_serving} on {w.rows} rows; filled in by the monitoring run of "
-                     f"v{result.version} at {end:%H:%M:%S}", at=end)
+                     f"v{result.version} at {end:%m-%d %H:%M:%S}", at=end)
     if not seen:
         console.print(f"-> the monitoring run filled in no drifted window ({'; '.join(result.realized) or 'none'})",
                       soft_wrap=True)

@@ -12,8 +12,8 @@ configs/triggers.yaml; a data-quality alarm never does) and alarms sent to peopl
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
 from pydantic import BaseModel, Field
@@ -33,6 +33,9 @@ from tasks.monitor import (
     write_window_report,
 )
 from tasks.triggers import act_on_champion_state, act_on_realized, act_on_window, read_champion_state
+
+if TYPE_CHECKING:
+    from flywheel.clock import Clock
 
 
 class MonitoringParams(BaseModel):
@@ -65,6 +68,13 @@ class MonitoringResult(BaseModel):
     mlflow_run: str  # the window's MLflow run (experiment settings.monitor.mlflow_experiment)
 
 
+def window_bounds(end: datetime | None, hours: float, clock: Clock) -> tuple[datetime, datetime]:
+    """(start, end) of the judged window: `hours` long, ending at `end`, else at the project clock's now (the
+    prediction log's `at` is on that clock too)."""
+    end = end or clock.now()
+    return end - timedelta(hours=hours), end
+
+
 @flow(name="monitoring", log_prints=True)
 def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     """Served window -> drift and data-quality verdicts vs the champion's reference -> estimate -> history ->
@@ -79,12 +89,12 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     ctx = start_run_context(params.profile, params.config_dir)
     settings, dataset = ctx.settings, ctx.dataset
     model = params.model_name or ctx.model_name
-    end = params.end or datetime.now(UTC)
-    start = end - timedelta(hours=params.window_hours)
+    clock = build_clock(settings.clock)  # windows, liveness and triggers: the project's time, not Prefect's
+    start, end = window_bounds(params.end, params.window_hours, clock)
     policy = load_policy(settings.resolve(settings.monitor.policy_file)).for_dataset(dataset.name)
 
     version, profile = load_reference_profile(ctx.tracking_uri, ctx.audit_db_url, model, "champion")
-    now = build_clock(settings.clock).now()
+    now = clock.now()
     # read before this window is recorded: liveness asks when monitoring last ran before now
     champion = read_champion_state(ctx.tracking_uri, ctx.audit_db_url, dataset.name, model, version, now)
     # volume counts as the ingest runs count it: labelled rows (batches and outcomes) since the last training
@@ -105,7 +115,7 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
     perf = policy.performance
     estimate = estimate_window_performance(window.probabilities, ctx.train.seed, perf.n_boot, perf.confidence)
     rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality,
-                        assessment.verdict, str(report) if report else None, estimate=estimate)
+                        assessment.verdict, str(report) if report else None, judged_at=now, estimate=estimate)
     window_id = record_window(ctx.audit_db_url, rec)
     triggers = load_trigger_policy(settings.resolve(settings.triggers.policy_file))
     # outcomes known by the end of the judged window (now, for the scheduled run) fill in earlier windows

@@ -16,7 +16,6 @@ or aliases, which the command already handed to the next challenger. While the m
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -93,6 +92,7 @@ class _Run:
     """What every step of one rollout needs (built once from the settings)."""
 
     def __init__(self, params: RolloutParams) -> None:
+        from flywheel.clock import build_clock
         from flywheel.runtime import start_run_context
 
         ctx = start_run_context(params.profile, params.config_dir)
@@ -107,7 +107,9 @@ class _Run:
         self.approval = self.cfg.approval_required if params.approval_required is None else params.approval_required
         self.approval_timeout = params.approval_timeout_s or self.cfg.approval_timeout_s
         self.actor = ctx.actor()
-        self.started = datetime.now(UTC)
+        # the guards read the prediction log and the outcomes by the project's time (holds stay wall seconds)
+        self.clock = build_clock(s.clock)
+        self.started = self.clock.now()
 
     def check(self) -> None:
         """RolloutSuperseded when an operator superseded this rollout: checked before every routing change,
@@ -128,7 +130,7 @@ class _Run:
             readout = observe_traffic(
                 step if extension == 0 else f"{step} (extended x{extension})", policy, hold_s, self.url,
                 self.token_env, self.log_url, self.outcomes_url, self.ctx.dataset, target, plan.guards, self.cfg,
-                self.started, shadow, readout.started_at if readout else None)
+                self.started, shadow, readout.started_at if readout else None, self.clock)
             if judge_step(readout, plan.guards, extension) != "extend":
                 break
         assert readout is not None

@@ -450,9 +450,12 @@ def down(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
 def status(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
     """What `flywheel up` started: pid, URL, running, healthy. Exit 1 if any recorded process is down."""
     from flywheel import stack
+    from flywheel.clock import build_clock, describe_clock
 
     try:
-        rows = stack.status(_settings(profile, config_dir))
+        settings = _settings(profile, config_dir)
+        rows = stack.status(settings)
+        recorded = stack.read_clock(stack.pid_dir(settings))
     except FlywheelError as exc:
         _fail(exc)
     if not rows:
@@ -463,6 +466,8 @@ def status(profile: ProfileOpt = None, config_dir: ConfigDirOpt = None) -> None:
         word, color = (word, color) if row.running else ("gone", "red")
         console.print(f"{row.name:<12} pid {row.pid:<8} [{color}]{word:<10}[/] {row.url or '':<26} {row.detail}",
                       soft_wrap=True)
+    if recorded is not None:  # the time the stack's own logic runs on (Prefect's runs stay on wall time)
+        console.print(f"{'clock':<12} {describe_clock(build_clock(recorded))}", soft_wrap=True, highlight=False)
     if not all(r.running for r in rows):
         raise typer.Exit(code=1)
 
@@ -982,8 +987,7 @@ def retrain(
     flywheel.retrain.requested, which the training deployment runs on (one run at a time, queued)."""
     import uuid
 
-    from flywheel.clock import build_clock
-    from flywheel.stack import use_active_stack
+    from flywheel.stack import project_clock, use_active_stack
     from flywheel.trigger_policy import load_policy
     from flywheel.triggers import request_signal
 
@@ -1002,7 +1006,7 @@ def retrain(
         _fail(exc)
     from tasks.triggers import decide_record_emit, link_started_run
 
-    now = build_clock(settings.clock).now()
+    now = project_clock(settings).now()  # the running stack's clock, if it runs one
     signal = request_signal(model=name, reason=reason.strip(), actor=_user(), source="cli", occurred=now,
                             event_id=request_id or f"cli:{uuid.uuid4()}")
     decision = decide_record_emit(signal, policy, settings.audit_db_url, now, paused=False)

@@ -10,7 +10,10 @@ and retry back-off. A simulated clock only moves the project's decisions, never 
 
 Several processes (the CLI, a served flow, the service) agree on a simulated time when they share its
 `anchor`: the wall time at which the simulation stood at `start`. Without one, each process anchors at
-the moment it built the clock (good enough for one process, such as a test).
+the moment it built the clock (good enough for one process, such as a test); `flywheel up` fixes one for
+the whole stack (flywheel/stack.py). Without a `start` the simulation starts at its anchor: simulated time
+then never runs behind the wall clock, so ages measured from wall-time records (a model's registration)
+stay positive and only grow faster.
 """
 
 from __future__ import annotations
@@ -46,18 +49,19 @@ class WallClock:
 
 
 class SimulatedClock:
-    """Simulated time: `start` at wall time `anchor`, then one simulated day per `seconds_per_day` wall seconds."""
+    """Simulated time: `start` at wall time `anchor`, then one simulated day per `seconds_per_day` wall seconds.
+    No `start`: the simulation starts at its anchor."""
 
-    def __init__(self, start: datetime, seconds_per_day: float, anchor: datetime | None = None,
+    def __init__(self, start: datetime | None, seconds_per_day: float, anchor: datetime | None = None,
                  wall: Callable[[], datetime] = wall_now) -> None:
         if seconds_per_day <= 0:
             raise ValueError(f"seconds_per_day must be > 0, got {seconds_per_day}")
-        if start.tzinfo is None or (anchor is not None and anchor.tzinfo is None):
+        if (start is not None and start.tzinfo is None) or (anchor is not None and anchor.tzinfo is None):
             raise ValueError("start and anchor must be timezone-aware")
-        self.start = start.astimezone(UTC)
         self.seconds_per_day = float(seconds_per_day)
         self._wall = wall
         self.anchor = (anchor or wall()).astimezone(UTC)
+        self.start = (start or self.anchor).astimezone(UTC)
 
     @property
     def speed(self) -> float:
@@ -103,12 +107,51 @@ class SimulatedClockConfig(_Strict):
     """Days in seconds, for the demo. Processes sharing `anchor` agree on the simulated time."""
 
     kind: Literal["simulated"]
-    start: AwareDatetime  # the simulated time at `anchor`
+    start: AwareDatetime | None = None  # the simulated time at `anchor` (None: the anchor itself)
     seconds_per_day: float = Field(gt=0, le=SECONDS_PER_DAY)
     anchor: AwareDatetime | None = None  # wall time at which the simulation stood at `start` (None: at build)
 
 
 ClockConfig = Annotated[WallClockConfig | SimulatedClockConfig, Field(discriminator="kind")]
+
+
+def anchored(cfg: WallClockConfig | SimulatedClockConfig, wall: Callable[[], datetime] = wall_now,
+             ) -> WallClockConfig | SimulatedClockConfig:
+    """`cfg` with its anchor (and so its start) fixed now when it has none: what several processes share."""
+    if not isinstance(cfg, SimulatedClockConfig) or (cfg.anchor is not None and cfg.start is not None):
+        return cfg
+    anchor = cfg.anchor or wall().astimezone(UTC)
+    return cfg.model_copy(update={"anchor": anchor, "start": cfg.start or anchor})
+
+
+def clock_env(cfg: WallClockConfig | SimulatedClockConfig) -> dict[str, str]:
+    """The FLYWHEEL_CLOCK__* variables under which any settings load builds this (anchored) clock; {} for wall."""
+    if not isinstance(cfg, SimulatedClockConfig):
+        return {}
+    cfg = anchored(cfg)
+    assert cfg.start is not None and cfg.anchor is not None
+    return {"FLYWHEEL_CLOCK__KIND": "simulated", "FLYWHEEL_CLOCK__START": cfg.start.isoformat(),
+            "FLYWHEEL_CLOCK__SECONDS_PER_DAY": repr(cfg.seconds_per_day),
+            "FLYWHEEL_CLOCK__ANCHOR": cfg.anchor.isoformat()}
+
+
+def same_clock(running: WallClockConfig | SimulatedClockConfig, wanted: WallClockConfig | SimulatedClockConfig,
+               ) -> bool:
+    """Whether `wanted` (settings) describes the `running` (anchored) clock: an unset start or anchor in
+    `wanted` matches any."""
+    if isinstance(running, SimulatedClockConfig) and isinstance(wanted, SimulatedClockConfig):
+        return (running.seconds_per_day == wanted.seconds_per_day
+                and wanted.start in (None, running.start) and wanted.anchor in (None, running.anchor))
+    return type(running) is type(wanted)
+
+
+def describe_clock(clock: Clock) -> str:
+    """One line for people: what the clock is and the time it tells."""
+    now = clock.now()
+    if isinstance(clock, SimulatedClock):
+        return (f"simulated: {now:%Y-%m-%d %H:%M:%S} UTC (1 day per {clock.seconds_per_day:g} s, x{clock.speed:g}; "
+                f"stood at {clock.start:%Y-%m-%d %H:%M:%S} at wall {clock.anchor:%Y-%m-%d %H:%M:%S} UTC)")
+    return f"{type(clock).__name__.removesuffix('Clock').lower()}: {now:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def build_clock(cfg: WallClockConfig | SimulatedClockConfig, wall: Callable[[], datetime] = wall_now) -> Clock:

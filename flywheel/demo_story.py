@@ -11,6 +11,10 @@
    rows land late (outcome ingest) and a monitoring run fills in their windows' realized metric beside the
    estimate; a signed webhook retrain creates exactly one training run.
 
+On a simulated clock (`make demo`): the demo's clock advanced at its speed, every drift decision was
+taken at a simulated time inside the demo's, and the cooldown's suppression came within the cooldown of
+the fire in simulated time (hours of it in seconds of wall time).
+
 Pure: the demo gathers the observations (flows/demo.py), `check_story` judges them. A rollout that could
 not happen because no stack runs is reported by `skipped_checks`, not as a failure: the stack is what
 `make demo` starts first, and `flywheel demo` alone is allowed to be the smaller demo.
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Literal
 
 Outcome = Literal["champion", "challenger", "rejected"]
@@ -65,12 +70,84 @@ class DemoStory:
     sabotaged: TrainingSeen
     # step 4 (with a stack): None when not run at all (the three-step demo), Skipped with the reason
     lifecycle: LifecycleSeen | Skipped | None = None
+    clock: ClockSeen | None = None  # the time the demo ran on (None: not observed)
+
+
+@dataclass(frozen=True)
+class ClockSeen:
+    """The project's clock as the demo read it: one (project time, wall time) sample per timeline row, in the
+    order they were taken."""
+
+    simulated: bool
+    speed: float  # simulated seconds per wall second (1 on the wall clock)
+    samples: tuple[tuple[datetime, datetime], ...] = ()
+
+    @property
+    def span(self) -> tuple[datetime, datetime] | None:
+        """(first, last) project time the demo read, or None without samples."""
+        return (self.samples[0][0], self.samples[-1][0]) if self.samples else None
 
 
 def check_story(story: DemoStory) -> list[str]:
     """One line per expected outcome that did not happen, each naming its step and the reason."""
     return [*_check_first(story.first), *_check_second(story.second, story.rollout),
-            *_check_sabotaged(story.sabotaged), *check_lifecycle(story.lifecycle)]
+            *_check_sabotaged(story.sabotaged), *check_lifecycle(story.lifecycle), *check_clock(story)]
+
+
+SPEED_TOLERANCE = 0.2  # simulated time may run this share off its speed (the samples are two reads apart)
+
+
+def check_clock(story: DemoStory) -> list[str]:
+    """On a simulated clock: the clock advanced at its speed; step 4's drift decisions were taken at simulated
+    times inside the demo's, and the cooldown's suppression within the cooldown of the fire, in simulated time."""
+    seen = story.clock
+    if seen is None or not seen.simulated or not seen.samples:
+        return []
+    failures = []
+    sims = [sim for sim, _ in seen.samples]
+    if len(sims) < 2 or sims[-1] <= sims[0] or any(b < a for a, b in pairwise(sims)):
+        shown = ", ".join(f"{t:%m-%d %H:%M:%S}" for t in sims[:8])
+        failures.append(f"clock: the simulated time did not advance from one timeline row to the next ({shown})")
+    else:
+        wall = (seen.samples[-1][1] - seen.samples[0][1]).total_seconds()
+        ratio = (sims[-1] - sims[0]).total_seconds() / wall if wall > 0 else 0.0
+        if wall >= 1 and abs(ratio - seen.speed) > SPEED_TOLERANCE * seen.speed:
+            failures.append(f"clock: simulated time ran at x{ratio:.0f} of wall time, not at its speed "
+                            f"x{seen.speed:g}")
+    if isinstance(story.lifecycle, LifecycleSeen) and seen.span:
+        failures += _check_simulated_decisions(story.lifecycle, seen.span)
+    return failures
+
+
+def _check_simulated_decisions(seen: LifecycleSeen, span: tuple[datetime, datetime]) -> list[str]:
+    first, last = span
+    failures = [f"step 4: drift decision {d.id[:8]} ({d.outcome}) was taken at {d.at:%Y-%m-%d %H:%M:%S}, outside "
+                f"the demo's simulated time {first:%Y-%m-%d %H:%M:%S} - {last:%Y-%m-%d %H:%M:%S}: not on its clock"
+                for d in seen.drift_decisions if d.at is not None and not first <= d.at <= last]
+    fired = next((d for d in seen.drift_decisions if d.outcome == "fire"), None)
+    cooled = [d for d in seen.drift_decisions if d.suppressed_by == "cooldown"]
+    if fired is None or fired.at is None or not cooled or seen.cooldown is None:
+        return failures  # no fire or no suppression: reported by _check_decisions
+    for d in cooled:
+        gap = (d.at - fired.at) if d.at is not None else None
+        if gap is None or not timedelta(0) < gap < seen.cooldown:
+            failures.append(f"step 4: the cooldown suppression {d.id[:8]} came "
+                            f"{_hours(gap) if gap is not None else 'at no recorded time'} after the fire, not "
+                            f"within the cooldown ({_hours(seen.cooldown)}) in simulated time")
+    return failures
+
+
+def _hours(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 3600:.1f} h"
+
+
+def cooldown_gap(seen: LifecycleSeen) -> timedelta | None:
+    """The simulated time from the fired drift decision to the first one the cooldown suppressed."""
+    fired = next((d for d in seen.drift_decisions if d.outcome == "fire"), None)
+    cooled = next((d for d in seen.drift_decisions if d.suppressed_by == "cooldown"), None)
+    if fired is None or cooled is None or fired.at is None or cooled.at is None:
+        return None
+    return cooled.at - fired.at
 
 
 def skipped_checks(story: DemoStory) -> list[str]:
@@ -234,6 +311,7 @@ class LifecycleSeen:
     webhook: WebhookSeen | Skipped
     # the drifted windows' evaluations after their labels landed late; Skipped: why no labels landed
     realized: tuple[RealizedSeen, ...] | Skipped = ()
+    cooldown: timedelta | None = None  # the trigger policy's cooldown the decisions ran under
 
 
 def check_lifecycle(seen: LifecycleSeen | Skipped | None) -> list[str]:

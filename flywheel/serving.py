@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.clock import Clock, build_clock
 from flywheel.errors import FlywheelError
 from flywheel.predictionlog import PredictionLog
 from flywheel.predictor import TAG_INFERENCE, Predictor, build_predictor
@@ -478,8 +479,12 @@ class ServingState:
         *,
         registry_factory: Callable[[], Registry] | None = None,
         admin_token: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        # the prediction log's `at` is the project's time (monitoring windows and the outcome join read it);
+        # load and reload times and latencies stay on the wall clock
+        self.clock = clock or build_clock(settings.clock)
         self.dataset = dataset
         self.cfg = settings.serve
         self.model_name = self.cfg.model_name or settings.register_.model_name or dataset.name
@@ -856,7 +861,7 @@ class ServingState:
                     explanation=explanations[k],
                 )
         latency = (time.perf_counter() - t0) * 1000
-        now = datetime.now(UTC)
+        now = self.clock.now()
         final = [r for r in results if r is not None]
         self.log.append_many(
             [_record(r, row_values[i], slots.get(r.arm), request_id, now, latency, shadow=False,
@@ -878,7 +883,7 @@ class ServingState:
         """Count a model's failure on valid rows and add them to `failures`. A failed challenger's rows go
         to the champion; a failed champion ends the request with 500 (the failures are logged first)."""
         assert slot is not None
-        failures += [_failure(slot, e, request_id, exc) for e in entities]
+        failures += [_failure(slot, e, request_id, exc, self.clock.now()) for e in entities]
         if self.on_model_event:
             self.on_model_event("failed", slot.arm, slot.version)
         if slot.arm == "champion":
@@ -918,7 +923,7 @@ class ServingState:
                 rows, times = self.fetch_timed(slot.feature_service, ids)
             proba = slot.probabilities(rows)
             latency = (time.perf_counter() - t0) * 1000
-            now = datetime.now(UTC)
+            now = self.clock.now()
             records = []
             for k, entity in enumerate(ids):
                 p = float(proba[k])
@@ -933,7 +938,9 @@ class ServingState:
         except Exception as exc:
             log.exception("shadow scoring failed")
             if slots.challenger is not None:  # counted by the shadow rollout's error-rate guard
-                self.log.append_many([{**_failure(slots.challenger, e, request_id, exc), "shadow": True} for e in ids])
+                at = self.clock.now()
+                failed = [_failure(slots.challenger, e, request_id, exc, at) for e in ids]
+                self.log.append_many([{**f, "shadow": True} for f in failed])
                 if self.on_model_event:
                     self.on_model_event("failed", "challenger", slots.challenger.version)
         finally:
@@ -969,9 +976,9 @@ def _score(slot: ModelSlot | None, rows: list[dict[str, Any]]) -> np.ndarray:
     return proba
 
 
-def _failure(slot: ModelSlot, entity: Any, request_id: str, exc: Exception) -> dict[str, Any]:
-    """A prediction-log error record (the log keeps them in their own table)."""
-    return {"at": datetime.now(UTC), "request_id": request_id, "entity": entity, "model": slot.name,
+def _failure(slot: ModelSlot, entity: Any, request_id: str, exc: Exception, at: datetime) -> dict[str, Any]:
+    """A prediction-log error record (the log keeps them in their own table), at the project's time `at`."""
+    return {"at": at, "request_id": request_id, "entity": entity, "model": slot.name,
             "version": slot.version, "arm": slot.arm, "error": f"{type(exc).__name__}: {_short(exc)}",
             "shadow": False}
 

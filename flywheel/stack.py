@@ -19,6 +19,10 @@ removed with a message. `<pid_dir>/prefect.url` holds the API URL while the stac
 `active_api_url(settings)` reads it so that `flywheel train` and the demo use the running server.
 The service's admin token comes from `serve.admin_token_env`, else one generated per stack
 (`<pid_dir>/admin.token`, mode 0600) is given to both the service and the served rollout flows.
+One clock for the stack: `up` fixes the settings' clock once (a simulated clock without an anchor is
+anchored at that moment), writes it to `<pid_dir>/clock.json` and gives every child its FLYWHEEL_CLOCK__*
+variables; entry points on the running stack (`use_active_stack`) export the same, so the CLI, the demo,
+the served flows, the service and the webhook all tell the same simulated time.
 No Prefect import here: this module runs in the CLI before any flow.
 """
 
@@ -40,6 +44,16 @@ from typing import Literal
 import httpx
 import psutil
 
+from flywheel.clock import (
+    Clock,
+    ClockConfig,
+    SimulatedClockConfig,
+    WallClockConfig,
+    anchored,
+    build_clock,
+    clock_env,
+    same_clock,
+)
 from flywheel.errors import StackError
 from flywheel.settings import Settings
 
@@ -48,6 +62,7 @@ ORDER = ("prefect", "deployments", "service", "webhook", "mlflow-ui")  # start o
 URL_FILE = "prefect.url"
 READY_FILE = "deployments.ready.json"  # written by flows/serve_deployments.py once its deployments exist
 TOKEN_FILE = "admin.token"  # the stack's service admin token when the environment does not provide one
+CLOCK_FILE = "clock.json"  # the stack's clock, anchored once by `up`: every process of the stack reads it
 Echo = Callable[[str], None]
 
 
@@ -232,6 +247,67 @@ def wait_until_up(records_: list[PidRecord], directory: Path, timeout: float) ->
     return took
 
 
+# ------------------------------------------------------------------------------------------ the clock
+
+
+def read_clock(directory: Path) -> WallClockConfig | SimulatedClockConfig | None:
+    """The clock `up` recorded for the stack in `directory`, or None. A malformed file raises StackError."""
+    from pydantic import TypeAdapter, ValidationError
+
+    path = directory / CLOCK_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TypeAdapter(ClockConfig).validate_json(path.read_text())
+    except ValidationError as exc:
+        raise StackError(f"{path}: not a Flywheel clock record ({exc.errors()[0]['msg']}); "
+                         "remove it if no stack process runs") from None
+
+
+def settle_clock(directory: Path, wanted: WallClockConfig | SimulatedClockConfig, running: bool,
+                 ) -> WallClockConfig | SimulatedClockConfig:
+    """The clock the stack in `directory` runs on. A stack with live processes keeps its recorded clock, and
+    settings asking for another fail (its processes would tell another time); otherwise `wanted`, anchored
+    now, is recorded for the processes about to start."""
+    recorded = read_clock(directory)
+    if running and recorded is not None:
+        if not same_clock(recorded, wanted):
+            raise StackError(f"the running stack's clock is {_clock_text(recorded)}, these settings ask for "
+                             f"{_clock_text(wanted)}: stop it first (`flywheel down`), then `flywheel up` again")
+        return recorded
+    clock = anchored(wanted)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{CLOCK_FILE}.tmp"
+    tmp.write_text(clock.model_dump_json(indent=1))
+    tmp.replace(directory / CLOCK_FILE)  # atomic: a reader never sees half a record
+    return clock
+
+
+def _clock_text(cfg: WallClockConfig | SimulatedClockConfig) -> str:
+    if isinstance(cfg, SimulatedClockConfig):
+        start = cfg.start.isoformat() if cfg.start else "its anchor"
+        return f"simulated (1 day per {cfg.seconds_per_day:g} s from {start})"
+    return "wall"
+
+
+def active_clock(settings: Settings) -> WallClockConfig | SimulatedClockConfig:
+    """The clock of the running stack (as `up` recorded it) while any of its processes lives, else the
+    settings' own. Not tied to the API URL: PREFECT_API_URL set (by `use_active_stack` too) changes which
+    server a process talks to, not the time the stack's service and flows tell."""
+    directory = pid_dir(settings)
+    try:
+        recorded = read_clock(directory)
+        live = recorded is not None and any(is_running(r) for r in records(directory))
+    except StackError:
+        return settings.clock
+    return recorded if live and recorded is not None else settings.clock
+
+
+def project_clock(settings: Settings) -> Clock:
+    """The clock the project's logic runs on in this process: the running stack's, else the settings'."""
+    return build_clock(active_clock(settings))
+
+
 # ------------------------------------------------------------------------------------------ the plan
 
 
@@ -250,6 +326,9 @@ def _base_env(settings: Settings, webhook: bool = False) -> dict[str, str]:
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the code checkout first on the path: flows/ and tasks/ import as packages from any project home
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    recorded = read_clock(pid_dir(settings))
+    if recorded is not None:  # one simulated time for every process of the stack (written by `up` first)
+        env.update(clock_env(recorded))
     return env
 
 
@@ -375,6 +454,8 @@ def up(settings: Settings, profile: str | None = None, config_dir: Path | str | 
     directory.mkdir(parents=True, exist_ok=True)
     report = UpReport()
     started: list[PidRecord] = []
+    live = any(is_running(r) for r in records(directory))
+    settle_clock(directory, settings.clock, live)  # before the plan: every child gets its variables
     specs = plan(settings, profile, config_dir, mlflow_ui)
     if "webhook" not in {s.name for s in specs}:
         echo(f"webhook: not started: set {settings.webhook.secret_env} (the secret senders sign with, at least 16 "
@@ -530,7 +611,7 @@ def down(settings: Settings, echo: Echo = print) -> list[str]:
         if _stop(record, directory, settings.stack.stop_timeout_seconds, echo) == "stopped":
             stopped.append(record.name)
     if not records(directory):  # everything stopped: nothing holds the token any more
-        for name in (URL_FILE, READY_FILE, TOKEN_FILE):
+        for name in (URL_FILE, READY_FILE, TOKEN_FILE, CLOCK_FILE):
             (directory / name).unlink(missing_ok=True)
     return stopped
 
@@ -571,10 +652,13 @@ def active_api_url(settings: Settings, environ: dict[str, str] | None = None) ->
 
 
 def use_active_stack(settings: Settings) -> str | None:
-    """Point this process at the running stack (sets PREFECT_API_URL) if `active_api_url` finds one.
+    """Point this process at the running stack (sets PREFECT_API_URL, and FLYWHEEL_CLOCK__* when the stack
+    runs on a simulated clock) if `active_api_url` finds one.
 
     Call before Prefect is imported: Prefect reads its settings from the environment at import."""
     url = active_api_url(settings)
     if url:
         os.environ["PREFECT_API_URL"] = url
+        # and its clock: settings loaded in this process from now on (flows run in it) tell the stack's time
+        os.environ.update(clock_env(active_clock(settings)))
     return url

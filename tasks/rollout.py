@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flywheel.clock import Clock, WallClock
 from flywheel.locks import LockInfo, RolloutLocks
 from flywheel.outcomes import read_outcomes
 from flywheel.rollout import (
@@ -305,15 +306,18 @@ def observe_traffic(
     rollout_started: datetime,
     shadow: ShadowPlan | None = None,
     window_start: datetime | None = None,
+    clock: Clock | None = None,
 ) -> StepReadout:
-    """Hold the traffic for `hold_s`, have the service store its prediction log, then judge the guards on
-    what the log recorded (since `window_start` when a step is extended, else since this hold began)."""
+    """Hold the traffic for `hold_s` wall seconds, have the service store its prediction log, then judge the
+    guards on what the log recorded (since `window_start` when a step is extended, else since this hold
+    began), its window on `clock`, the project's (the log's `at` is on it; default: the wall clock)."""
+    clock = clock or WallClock()
     client = ServiceClient(service_url, token_env)
     try:
         counts_before = predict_request_counts(client.metrics())
-        started = datetime.now(UTC)
+        started = clock.now()
         time.sleep(hold_s)
-        ended = datetime.now(UTC)
+        ended = clock.now()
         counts_after = predict_request_counts(client.metrics())
         # every row of the window is stored before it is read (RolloutError when the writer does not ack)
         flushed = client.flush_log(LOG_ACK_TIMEOUT_S)

@@ -5,7 +5,10 @@ The demo checks its own story and exits 1 naming the step that broke; this test 
 reads the outcomes back from the stores itself: the registry's aliases and status tags (v1 champion then
 archived, v2 promoted, v3 rejected with no alias), the audit log (the promotion made by the rollout's flow
 run), the stack's Prefect server (the rollout run ended `Promoted`, the sabotaged training run
-`Rejected`). Then `flywheel down`, and no process `up` started is left.
+`Rejected`). All of it on `make demo`'s simulated clock (a day per 600 wall seconds, anchored by `up`):
+`flywheel status` tells the simulated time, the decisions were taken at simulated times (hours ahead of
+the wall clock) and the cooldown held within its 6 hours of them. Then `flywheel down`, and no process
+`up` started is left.
 
 It starts a stack of its own rather than sharing tests/e2e/test_stack.py's: `make demo`'s `flywheel up`
 is one of the commands under test (from a fresh home, under load), the demo trains models into the home
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -60,7 +64,8 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     st = demo_stack
     took: dict[str, float] = {}
     # -------------------------------------------------------------- make demo: the two commands
-    secret = {"FLYWHEEL_WEBHOOK_SECRET": secrets.token_hex(16)}  # as the Makefile does: a throwaway one
+    secret = {"FLYWHEEL_WEBHOOK_SECRET": secrets.token_hex(16),  # as the Makefile does: a throwaway one
+              "FLYWHEEL_CLOCK__KIND": "simulated", "FLYWHEEL_CLOCK__SECONDS_PER_DAY": "600"}  # and its clock
     t0 = time.monotonic()
     up = st.cli("up", timeout=600, env={"FLYWHEEL_ROLLOUT__STRATEGY": "demo", **secret})  # as the Makefile runs it
     took["up"] = time.monotonic() - t0
@@ -80,6 +85,10 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     assert "lifecycle checked: drift alarm at window 2, one drift trigger fired" in flat, _tail(out)
     assert "Timeline" in out and "4. window 3" in out and "4. webhook" in out, _tail(out)
     assert "late labels: realized ROC AUC" in flat and "4. outcomes" in out, _tail(out)
+    assert "simulated time" in out and "simulated h after the fire, inside the 6 h cooldown" in flat, _tail(out)
+    status = st.cli("status", timeout=120)
+    told = status.stdout + status.stderr  # the CLI's console writes to stderr
+    assert status.returncode == 0 and "clock" in told and "simulated:" in told, told
 
     # -------------------------------------------------------------- the outcomes, read back from the stores
     from flywheel.audit import AuditLog
@@ -88,8 +97,8 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
 
     settings = load_settings("ci", st.home / "configs", environ={})
     registry = Registry(settings.mlflow_tracking_uri, AuditLog(settings.audit_db_url))
-    status = {v: registry.version_tags("churn", v).get(TAG_STATUS) for v in ("1", "2", "3")}
-    assert status["1"] == "archived" and status["3"] == "rejected", status
+    tags = {v: registry.version_tags("churn", v).get(TAG_STATUS) for v in ("1", "2", "3")}
+    assert tags["1"] == "archived" and tags["3"] == "rejected", tags
     moves = [(e.alias, e.from_version, e.to_version, e.actor) for e in registry.audit.entries("churn")]
     promotion = [m for m in moves if m[0] == "champion" and m[2] == "2"]
     assert len(promotion) == 1 and promotion[0][1] == "1", moves
@@ -111,7 +120,11 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     store.dispose()
     fired = [d for d in drift if d.fired]
     assert len(fired) == 1, [(d.outcome, d.reason) for d in drift]
-    assert [d for d in drift if d.suppressed_by == "cooldown"], [(d.outcome, d.reason) for d in drift]
+    cooled = [d for d in drift if d.suppressed_by == "cooldown"]
+    assert cooled, [(d.outcome, d.reason) for d in drift]
+    # on the simulated clock: taken hours ahead of the wall clock, the suppression within 6 h of the fire
+    assert fired[0].at > datetime.now(UTC), (fired[0].at, datetime.now(UTC))
+    assert timedelta(0) < cooled[0].at - fired[0].at < timedelta(hours=6), (fired[0].at, cooled[0].at)
     trained = _flow_runs(st.api, {"deployments": {"name": {"any_": ["training"]}}})
     by_trigger = [r for r in trained if r["id"] == fired[0].flow_run_id]
     assert len(by_trigger) == 1, (fired[0], [r["id"] for r in trained])

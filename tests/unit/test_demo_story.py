@@ -7,11 +7,13 @@ broken, and returns (exit 0) when it holds; the e2e test (tests/e2e/test_demo.py
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import typer
 
 from flywheel.demo_story import (
+    ClockSeen,
     DecisionSeen,
     DemoStory,
     LifecycleSeen,
@@ -311,3 +313,61 @@ def test_a_skipped_webhook_or_lifecycle_is_stated_not_failed() -> None:
     assert check_story(story) == []
     assert skipped_checks(story) == ["step 4: the lifecycle (drift -> monitoring -> trigger -> retrain -> rollout) "
                                      "skipped: no stack running"]
+
+
+# ------------------------------------------------------------------------------------------ the simulated clock
+
+T0 = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+SPEED = 144.0  # `make demo`: a day per 600 s
+# (simulated, wall) samples the demo took, one per timeline row: 4 min of wall time, 9.6 simulated hours
+SAMPLES = tuple((T0 + timedelta(seconds=SPEED * s), T0 + timedelta(seconds=s)) for s in range(0, 241, 20))
+SIMULATED = ClockSeen(simulated=True, speed=SPEED, samples=SAMPLES)
+# the drift decisions at simulated times inside the demo's: the fire at +4 h, the suppression 1.5 h later
+AT_FIRE, AT_COOL = T0 + timedelta(hours=4), T0 + timedelta(hours=5, minutes=30)
+TIMED = replace(LIFECYCLE, cooldown=timedelta(hours=6), drift_decisions=(
+    replace(NO_ALARM, at=T0 + timedelta(hours=3)), replace(FIRED, at=AT_FIRE), replace(COOLED, at=AT_COOL)))
+ON_SIMULATED = replace(GOOD, lifecycle=TIMED, clock=SIMULATED)
+
+
+def test_the_story_on_a_simulated_clock_passes_and_its_line_states_the_cooldown_in_simulated_hours() -> None:
+    from flows.demo import _lifecycle_line
+
+    assert check_story(ON_SIMULATED) == []
+    assert "1 suppressed by the cooldown (1.5 simulated h after the fire, inside the 6 h cooldown)" \
+        in _lifecycle_line(TIMED)
+
+
+def test_a_simulated_clock_that_did_not_advance_fails() -> None:
+    stuck = replace(SIMULATED, samples=tuple((T0, wall) for _, wall in SAMPLES))
+    line = _only(replace(GOOD, clock=stuck))
+    assert line.startswith("clock: the simulated time did not advance from one timeline row to the next"), line
+    backwards = replace(SIMULATED, samples=(SAMPLES[1], SAMPLES[0], *SAMPLES[2:]))
+    assert _only(replace(GOOD, clock=backwards)).startswith("clock: the simulated time did not advance")
+
+
+def test_a_simulated_clock_off_its_speed_fails() -> None:
+    slow = replace(SIMULATED, samples=tuple((T0 + (sim - T0) / 2, wall) for sim, wall in SAMPLES))
+    assert _only(replace(GOOD, clock=slow)) == "clock: simulated time ran at x72 of wall time, not at its " \
+                                                       "speed x144"
+
+
+def test_a_drift_decision_taken_outside_the_simulated_time_fails() -> None:
+    # a process on the wall clock: its decision dated before the simulated time the demo saw at its start
+    on_wall = (replace(NO_ALARM, at=T0 - timedelta(minutes=2)), *TIMED.drift_decisions[1:])
+    line = _only(replace(ON_SIMULATED, lifecycle=replace(TIMED, drift_decisions=on_wall)))
+    assert line.startswith("step 4: drift decision d0 (suppressed) was taken at 2026-12-02 09:58:00, outside the "
+                           "demo's simulated time 2026-12-02 10:00:00 - 2026-12-02 19:36:00"), line
+
+
+def test_a_cooldown_suppression_beyond_the_cooldown_in_simulated_time_fails() -> None:
+    early_fire = T0 + timedelta(hours=2)
+    late = (TIMED.drift_decisions[0], replace(FIRED, at=early_fire),
+            replace(COOLED, at=early_fire + timedelta(hours=7)))
+    line = _only(replace(ON_SIMULATED, lifecycle=replace(TIMED, drift_decisions=late)))
+    assert line == "step 4: the cooldown suppression d2 came 7.0 h after the fire, not within the cooldown (6.0 h) " \
+                   "in simulated time"
+
+
+def test_the_wall_clock_story_has_no_clock_checks() -> None:
+    wall = ClockSeen(simulated=False, speed=1.0, samples=tuple((w, w) for _, w in SAMPLES))
+    assert check_story(replace(ON_SIMULATED, clock=wall)) == []

@@ -179,6 +179,35 @@ def test_a_failing_challenger_is_answered_by_the_champion_and_its_failures_logge
     state.log.close()
 
 
+def test_the_prediction_log_is_stamped_on_the_project_clock(
+    fitted: dict[str, Any], dataset: Any, settings: Any, tmp_path: Path
+) -> None:
+    """The log's `at` (which monitoring windows and the outcome join read) is the project clock's time, for
+    answered rows and failed ones alike: a simulated clock days ahead of the wall clock stamps its own time."""
+    from datetime import timedelta
+
+    from flywheel.clock import ManualClock
+
+    cfg = settings.model_copy(update={"serve": settings.serve.model_copy(
+        update={"prediction_log_url": f"sqlite:///{tmp_path}/p.db"})})
+    clock = ManualClock(datetime(2031, 1, 1, 12, tzinfo=UTC))
+    state = ServingState(cfg, dataset, clock=clock)
+    state.log.start()
+    champ = _slot(fitted["logistic_regression"], dataset)
+    broken = _broken(_slot(fitted["logistic_regression"], dataset, "challenger", "2"))
+    state._slots, state._policy = Slots(champ, broken), RoutingPolicy(mode="canary", share=0.5)
+    rows = [{**GOOD, "customer_id": i} for i in range(20)]
+    state.predict(None, rows)
+    clock.advance(timedelta(hours=3))
+    state.predict(None, rows)
+    assert state.log.flush()
+    stamps = sorted({r["at"].replace(tzinfo=UTC) for r in state.log.rows(limit=100)})
+    assert stamps == [datetime(2031, 1, 1, 12, tzinfo=UTC), datetime(2031, 1, 1, 15, tzinfo=UTC)], stamps
+    failed = {f["at"].replace(tzinfo=UTC) for f in state.log.failures()}
+    assert failed == set(stamps), "the challenger's failures carry the same clock's time"
+    state.log.close()
+
+
 # ---------------------------------------------------------------------------------------- input checks
 
 
