@@ -189,6 +189,8 @@ def upgrade_database(url: str, grant_to: Iterable[str] = ()) -> UpgradeReport:
             METADATA.create_all(conn, checkfirst=True)
             for table in METADATA.sorted_tables:
                 add_missing_columns(conn, table)
+                for index in table.indexes:  # create_all skips the indexes of a table that already exists
+                    index.create(conn, checkfirst=True)
             for module in modules:
                 for statement in getattr(module, "schema_extras", lambda _d: [])(dialect):
                     conn.execute(sa.text(statement))

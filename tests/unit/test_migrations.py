@@ -29,6 +29,25 @@ def test_upgrade_creates_declared_tables_once_and_is_idempotent(tmp_path: Path, 
     engine.dispose()
 
 
+def test_upgrade_adds_the_columns_and_indexes_a_table_gained(tmp_path: Path, monkeypatch) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = sa.MetaData()  # the table as an earlier revision declared it
+    sa.Table("flywheel_example", old, sa.Column("id", sa.Integer, primary_key=True))
+    engine = sa.create_engine(url)
+    old.create_all(engine)
+    metadata = sa.MetaData()
+    monkeypatch.setattr(migrations, "METADATA", metadata)
+    monkeypatch.setattr(migrations, "TABLE_MODULES", [])
+    sa.Table("flywheel_example", metadata, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("state", sa.String(16)), sa.Index("ix_flywheel_example_state", "state"))
+    migrations.upgrade(url)
+    migrations.upgrade(url)  # idempotent
+    inspector = sa.inspect(engine)
+    assert [c["name"] for c in inspector.get_columns("flywheel_example")] == ["id", "state"]
+    assert [ix["name"] for ix in inspector.get_indexes("flywheel_example")] == ["ix_flywheel_example_state"]
+    engine.dispose()
+
+
 def test_schema_digest_matches_the_revision() -> None:
     digest = migrations.schema_digest()
     assert digest == migrations.SCHEMA_DIGEST, (
