@@ -100,7 +100,9 @@ def test_flywheel_retrain_starts_the_triggered_deployment_and_links_its_run(home
     trigger = DeploymentEventTrigger(match={"prefect.resource.id": f"flywheel.model.{model}"},
                                      expect={RETRAIN_EVENT}, parameters={"reason": "{{ event.payload.reason }}"})
     deployment_id = fake_training.to_deployment(name="training", triggers=[trigger]).apply()
-    time.sleep(2)  # the triggers service loads new automations
+    # on SQLite the server loads a new automation in a task scheduled after its commit, with nothing to poll
+    # for it: 2 s was once too short beside other test files on the busy machine
+    time.sleep(6)
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     monkeypatch.setenv("FLYWHEEL_REGISTER__MODEL_NAME", model)  # the model this home's training deployment trains

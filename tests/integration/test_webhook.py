@@ -637,7 +637,9 @@ def test_a_retrain_delivery_is_a_trigger_decision_listed_with_the_automatic_ones
     trigger = DeploymentEventTrigger(match={"prefect.resource.id": f"flywheel.model.{model}"},
                                      expect=set(trig["expect"]), parameters=trig["parameters"])
     deployment_id = fake_training.to_deployment(name="training", triggers=[trigger]).apply()
-    time.sleep(2)  # the triggers service loads new automations
+    # on SQLite the server loads a new automation in a task scheduled after its commit, with nothing to poll
+    # for it: 2 s was once too short beside other test files on the busy machine
+    time.sleep(6)
 
     sent_at = time.monotonic()
     resp = receiver.post("retrain", {"reason": "labels for March reviewed"}, "dec-1")
