@@ -589,7 +589,7 @@ def _served_outcomes(ctx: RunContext, console: Console, drifted: pd.DataFrame, t
     def keyed(frame: pd.DataFrame) -> pd.DataFrame:  # one (entity, snapshot) key type on both sides
         ids = frame[ds.entity].astype("int64" if ds.entity_type == "int" else str)
         times = pd.to_datetime(frame[ds.timestamp], utc=True).astype("datetime64[us, UTC]")
-        return frame.assign(**{ds.entity: ids.to_numpy(), ds.timestamp: times.to_numpy()})
+        return frame.assign(**{ds.entity: ids, ds.timestamp: times})
 
     snapshots = keyed(pd.DataFrame({ds.entity: served["entity"], ds.timestamp: served["feature_time"]}))
     snapshots = snapshots.drop_duplicates()
