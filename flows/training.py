@@ -73,8 +73,8 @@ def training_source(params: TrainingParams, dataset: DatasetDefinition) -> Liter
     Served features need outcomes to join: a dataset that collects none fails here, naming the override."""
     source = params.training_source or dataset.training_source
     if source == "served_features" and dataset.outcomes is None:
-        raise FlywheelError(f"training_source=served_features (from the run's parameters) joins served features with "
-                          f"outcomes, but dataset {dataset.name!r} declares no `outcomes`")
+        raise FlywheelError(f"training_source=served_features (from the run's parameters) joins served features "
+                            f"with outcomes, but dataset {dataset.name!r} declares no `outcomes`")
     return source
 
 
@@ -111,6 +111,7 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     if params.decision_id:  # the decision (webhook, CLI, monitoring) links to the run it started
         link_decision_run(params.decision_id, ctx.audit_db_url)
     as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
+    source = training_source(params, dataset)  # checked before any batch is ingested
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
     quality = [validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir) for batch in batches]
@@ -122,7 +123,6 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     repo = render_feature_repo(settings.stores, settings.paths.home)
     service = apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
     materialize_features(repo, dataset, ctx.offline_dir, as_of)
-    source = training_source(params, dataset)
     if source == "served_features":  # what the service actually used, with its outcomes
         # the prediction log and the outcomes are stamped on the project's clock (simulated in the demo)
         served_as_of = params.as_of or build_clock(settings.clock).now()
