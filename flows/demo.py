@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
     from flows.training import TrainingParams
+    from flywheel.outcomes import OutcomeIngestReport
     from flywheel.registry import Registry
     from flywheel.runtime import RunContext
 
@@ -157,6 +159,8 @@ def _lifecycle_line(seen: LifecycleSeen) -> str:
     cooled = sum(d.suppressed_by == "cooldown" for d in seen.drift_decisions)
     retrain = seen.retrain
     gated = f"retrain v{retrain.version} {retrain.outcome}" if retrain else "no retrain"
+    if retrain is not None and retrain.training_source:
+        gated += f" (trained on {retrain.training_rows} rows of {retrain.training_source.replace('_', ' ')})"
     if seen.rollout is not None:
         gated += f", its rollout ended {seen.rollout.state}"
     filled = [r for r in seen.realized if r.realized] if not isinstance(seen.realized, Skipped) else []
@@ -407,8 +411,11 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
                   config_dir: Path | None, demo_files: list[Path], seed: int, timeline: Timeline,
                   timeout_s: float = 600.0) -> LifecycleSeen | Skipped:
     """Step 4 on the stack: drifted days arrive and are served, monitored window by window until the drift
-    trigger fires (once) and is then held by the cooldown; the retrain it starts is followed to its gates
-    (and a challenger to its rollout's decision); then a signed webhook asks for one more retrain."""
+    trigger fires (once) and is then held by the cooldown. After window 1, the outcomes of every snapshot
+    served so far land (step 2's traffic and window 1's drifted rows): the retrain the trigger starts trains
+    on those served features joined with their outcomes (configs/triggers.yaml: drift_detected.training_source)
+    and is followed to its gates (and a challenger to its rollout's decision); then the labels of windows 2-3
+    land and fill in the realized metric; then a signed webhook asks for one more retrain."""
     if not api:
         timeline.add("4", "skipped", NO_STACK)
         return Skipped(NO_STACK)
@@ -419,7 +426,12 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
     started_wall = datetime.now(UTC)  # Prefect's runs are created on wall time
     started = timeline.now()  # the decisions are taken on the project's
     rows, labels = _drifted_days(ctx, demo_files, seed, console, timeline)
-    windows = _monitored_traffic(ctx, console, profile, config_dir, rows, timeline)
+
+    def after_window(n: int) -> None:  # window 1's labels land a window late, before the drift trigger fires
+        if n == 1:
+            _served_outcomes(ctx, console, labels.iloc[:WINDOW_ROWS], timeline)
+
+    windows = _monitored_traffic(ctx, console, profile, config_dir, rows, timeline, after_window)
     decisions = _drift_decisions(ctx, started)
     for d in decisions:
         by = f" by {d.suppressed_by}" if d.suppressed_by else ""
@@ -435,7 +447,7 @@ def run_lifecycle(ctx: RunContext, console: Console, api: str | None, registry: 
                          rollout.detail)
     else:
         console.print("-> no drift decision fired: no retrain to follow")
-    realized = _late_outcomes(ctx, console, profile, config_dir, labels, windows, timeline)
+    realized = _late_outcomes(ctx, console, profile, config_dir, labels.iloc[WINDOW_ROWS:], windows, timeline)
     webhook = _webhook_retrain(ctx, console, timeline)
     return LifecycleSeen(windows=tuple(windows), drift_decisions=tuple(decisions), retrain=retrain, rollout=rollout,
                          webhook=webhook, realized=realized, cooldown=_cooldown(ctx))
@@ -452,7 +464,7 @@ def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: C
     """DRIFT_DAYS days after the demo's, with covariate drift (same seed, same customers), arrived in the
     incoming folder (the retrain trains on them); their feature rows as /predict sends them, shuffled, each
     naming its snapshot (the dataset's timestamp, so its outcome can join it later), and those rows'
-    labels (entity, snapshot, label), which land late in the lifecycle."""
+    labels (entity, snapshot, label, context columns), in the served order, which land late in the lifecycle."""
     import json
 
     import pandas as pd
@@ -481,13 +493,16 @@ def _drifted_days(ctx: RunContext, demo_files: list[Path], seed: int, console: C
     timeline.add("4. drift", f"{len(files)} drifted days arrived", f"{names}; DriftSpec(covariate={DRIFT})")
     # NaN -> null, numpy -> JSON, the snapshot time -> ISO 8601 in UTC
     rows = json.loads(served.to_json(orient="records", date_format="iso", date_unit="us"))
-    return rows, frame[[ds.entity, ds.timestamp, ds.label]].reset_index(drop=True)
+    context = [c for c in ds.context_columns if c in frame.columns]  # the fairness gate's attribute rides along
+    return rows, frame[[ds.entity, ds.timestamp, ds.label, *context]].reset_index(drop=True)
 
 
 def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, config_dir: Path | None,
-                       rows: list[dict[str, Any]], timeline: Timeline) -> list[WindowSeen]:
+                       rows: list[dict[str, Any]], timeline: Timeline,
+                       after_window: Callable[[int], None] | None = None) -> list[WindowSeen]:
     """Each window: its rows sent as raw-row /predict requests, the prediction log flushed, then the
-    monitoring flow on exactly the time since the previous window, as the hourly deployment would."""
+    monitoring flow on exactly the time since the previous window, as the hourly deployment would; then
+    `after_window(n)` (1-based)."""
     import httpx
 
     from flows.monitoring import MonitoringParams, monitoring
@@ -527,23 +542,86 @@ def _monitored_traffic(ctx: RunContext, console: Console, profile: str | None, c
                              f"{len(chunk)} drifted rows served; monitoring: {result.status}"
                              + (", ALARM" if result.alarm else ", no alarm"),
                              f"v{result.version}, {result.rows} rows judged; drifted: {drifted}", at=end)
+                if after_window is not None:
+                    after_window(n + 1)
     finally:
         service.close()
     return seen
 
 
+def _land_labels(ctx: RunContext, labels: pd.DataFrame, arrived: datetime, name: str
+                 ) -> tuple[OutcomeIngestReport, Path]:
+    """A labels batch (entity, snapshot, label, context) arriving at `arrived`, written to the dataset's outcome
+    folder and stored through the outcome ingest (validated; a bad batch is quarantined: FlywheelError)."""
+    import pandas as pd
+
+    from flywheel.outcomes import ingest_outcome_file
+
+    ds, settings = ctx.dataset, ctx.settings
+    assert ds.outcomes is not None and ds.label_timestamp is not None
+    folder = settings.resolve(ds.outcomes.source or Path(settings.paths.incoming_dir) / f"{ds.name}_labels")
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_{name}.parquet"
+    labels.assign(**{ds.label_timestamp: pd.Timestamp(arrived)}).to_parquet(batch, index=False)
+    report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir))
+    return report, batch
+
+
+def _served_outcomes(ctx: RunContext, console: Console, drifted: pd.DataFrame, timeline: Timeline) -> int:
+    """The outcomes of every feature snapshot the service has served so far land now, after the predictions
+    (step 2's rollout traffic and the `drifted` rows of window 1): the prediction log names each snapshot, its
+    label comes from the offline store's labels (or the drifted days'). The drift retrain trains on these
+    served features joined with their outcomes. Returns the rows stored (0, said on the timeline, when none)."""
+    import pandas as pd
+
+    from flywheel.errors import FlywheelError
+    from flywheel.featurestore import LABELS_FILE, dataset_dir
+    from flywheel.outcomes import read_served
+
+    ds, settings = ctx.dataset, ctx.settings
+    console.rule("outcomes of what the service served so far land: the drift retrain will train on them")
+    if ds.outcomes is None or ds.label_timestamp is None:
+        timeline.add("4. served outcomes", "skipped", "the dataset collects no outcomes")
+        return 0
+    arrived = timeline.now()
+    served = read_served(settings.store_url(settings.serve.prediction_log_url), ctx.model_name, arrived)
+
+    def keyed(frame: pd.DataFrame) -> pd.DataFrame:  # one (entity, snapshot) key type on both sides
+        ids = frame[ds.entity].astype("int64" if ds.entity_type == "int" else str)
+        times = pd.to_datetime(frame[ds.timestamp], utc=True).astype("datetime64[us, UTC]")
+        return frame.assign(**{ds.entity: ids, ds.timestamp: times})
+
+    snapshots = keyed(pd.DataFrame({ds.entity: served["entity"], ds.timestamp: served["feature_time"]}))
+    snapshots = snapshots.drop_duplicates()
+    known = pd.read_parquet(dataset_dir(ctx.offline_dir, ds) / LABELS_FILE)
+    columns = [c for c in drifted.columns if c in known.columns]
+    known = keyed(pd.concat([known[columns], drifted[columns]], ignore_index=True))
+    known = known.drop_duplicates([ds.entity, ds.timestamp], keep="last")
+    labels = snapshots.merge(known, on=[ds.entity, ds.timestamp], how="inner")
+    try:
+        report, batch = _land_labels(ctx, labels, arrived, "served")
+    except FlywheelError as exc:
+        timeline.add("4. served outcomes", "the labels batch was refused by the outcome ingest", str(exc)[:300])
+        console.print(f"-> the served snapshots' labels were refused: {exc}", soft_wrap=True)
+        return 0
+    console.print(f"-> outcomes of {report.rows} served snapshots landed ({len(snapshots)} snapshots served so far; "
+                  f"{batch.name})", soft_wrap=True)
+    timeline.add("4. served outcomes", f"outcomes of {report.rows} served snapshots landed (step 2's traffic, "
+                 "window 1's drifted rows)", f"{batch.name}; arrived {arrived:%m-%d %H:%M:%S}, after the "
+                 "predictions; the drift retrain trains on them", at=arrived)
+    return report.rows
+
+
 def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, config_dir: Path | None,
                    labels: pd.DataFrame, windows: list[WindowSeen], timeline: Timeline
                    ) -> tuple[RealizedSeen, ...] | Skipped:
-    """The labels of the served drifted rows land (a batch through the outcome ingest, arriving now: after
-    every prediction they judge), then the monitoring flow runs on the time since the last window and fills
-    in the drifted windows' realized performance beside their estimates."""
-    import pandas as pd
-
+    """The labels of the drifted rows of windows 2-3 land (a batch through the outcome ingest, arriving now:
+    after every prediction they judge; window 1's landed a window late, before the drift retrain), then the
+    monitoring flow runs on the time since the last window and fills in the drifted windows' realized
+    performance beside their estimates."""
     from flows.monitoring import MonitoringParams, monitoring
     from flywheel.errors import FlywheelError
     from flywheel.monitoring.realized import PerformanceHistory
-    from flywheel.outcomes import ingest_outcome_file
     from flywheel.stack import admin_token_env
     from tasks.rollout import ServiceClient
 
@@ -554,19 +632,16 @@ def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, confi
         timeline.add("4. outcomes", "skipped", reason)
         return Skipped(reason)
     arrived = timeline.now()  # the labels arrive now on the project's clock: after every prediction they judge
-    folder = settings.resolve(ds.outcomes.source or Path(settings.paths.incoming_dir) / f"{ds.name}_labels")
-    folder.mkdir(parents=True, exist_ok=True)
-    batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_demo.parquet"
-    labels.assign(**{ds.label_timestamp: pd.Timestamp(arrived)}).to_parquet(batch, index=False)
     try:
-        report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir))
+        report, batch = _land_labels(ctx, labels, arrived, "demo")
     except FlywheelError as exc:
         timeline.add("4. outcomes", "the labels batch was refused by the outcome ingest", str(exc)[:300])
         return Skipped(f"the labels batch was refused by the outcome ingest: {exc}")
-    console.print(f"-> {report.rows} labels of the served drifted rows landed ({batch.name}, batch "
-                  f"{report.batch_id[:12]})", soft_wrap=True)
-    timeline.add("4. outcomes", f"labels of {report.rows} served drifted rows landed late (outcome ingest)",
-                 f"{batch.name}; arrived {arrived:%m-%d %H:%M:%S}, after every prediction they judge")
+    console.print(f"-> {report.rows} labels of the drifted rows served in windows 2-{WINDOWS} landed ({batch.name}, "
+                  f"batch {report.batch_id[:12]})", soft_wrap=True)
+    timeline.add("4. outcomes", f"labels of {report.rows} drifted rows (windows 2-{WINDOWS}) landed late "
+                 "(outcome ingest)", f"{batch.name}; arrived {arrived:%m-%d %H:%M:%S}, after every prediction "
+                 "they judge")
     os.environ.update(admin_token_env(settings))
     service = ServiceClient(f"http://{settings.serve.host}:{settings.serve.port}", settings.serve.admin_token_env)
     try:
@@ -646,11 +721,29 @@ def _follow_retrain(ctx: RunContext, console: Console, api: str, registry: Regis
                            f"{run.state.name if run.state else 'without a state'} after {timeout_s:.0f} s ({page})")
     else:
         seen = _retrain_outcome(run_id, state, message, before, registry.aliases(ctx.model_name), page)
+        seen = replace(seen, **_trained_on(registry, ctx.model_name, seen.version))
+    trained = (f"; trained on {seen.training_rows} rows from {seen.training_source}" if seen.training_source
+               else "")
     console.print(f"-> training run {run.name} ended {state or 'not seen to end'}: "
-                  f"v{seen.version or '?'} {seen.outcome or 'unknown'} {message}", soft_wrap=True)
+                  f"v{seen.version or '?'} {seen.outcome or 'unknown'}{trained} {message}", soft_wrap=True)
     timeline.add("4. gates", f"training run {run.name} ended {state or '(not seen to end)'}: "
-                 f"v{seen.version or '?'} {seen.outcome or 'unknown'}", message or page)
+                 f"v{seen.version or '?'} {seen.outcome or 'unknown'}{trained}", message or page)
     return seen
+
+
+def _trained_on(registry: Registry, model: str, version: str | None) -> dict[str, Any]:
+    """What the version's training run trained on, from its MLflow run's tags (empty when unknown)."""
+    from flows.training import TAG_TRAINING_SOURCE
+
+    if not version:
+        return {}
+    try:
+        tags = registry.client.get_run(registry.model_version(model, version).run_id).data.tags
+    except Exception:  # the story check names the unknown source
+        return {}
+    rows = tags.get("flywheel.training_rows")
+    return {"training_source": tags.get(TAG_TRAINING_SOURCE),
+            "training_rows": int(rows) if rows and rows.isdigit() else None}
 
 
 def _retrain_outcome(run_id: str, state: str, message: str, before: Mapping[str, str], after: Mapping[str, str],

@@ -14,7 +14,10 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field, field_validator
 
+from flywheel.clock import build_clock
+from flywheel.errors import FlywheelError
 from flywheel.runsummary import RunSummary, mlflow_run_url, mlflow_version_url
+from flywheel.schemas import DatasetDefinition
 from tasks.evaluate import evaluate_candidate
 from tasks.features import (
     apply_feature_repo,
@@ -50,11 +53,29 @@ class TrainingParams(BaseModel):
     decision_id: str | None = Field(None, description="The trigger decision that started this run (recorded on it)")
     trigger: str | None = Field(None, description="What kind of trigger started it (drift_detected, retrain_requested, "
                                                   "...): recorded on the registered version, picks its rollout plan")
+    training_source: Literal["offline_store", "served_features"] | None = Field(
+        None, description="Train on the offline store, or on the features the service used joined with their "
+                          "outcomes (default: the dataset definition's `training_source`; a trigger rule may set it)")
 
-    @field_validator("decision_id", "trigger", "reason", mode="before")
+    @field_validator("decision_id", "trigger", "reason", "training_source", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return value or None  # a trigger's template renders a field its event lacks as ""
+
+
+TAG_TRAINING_SOURCE = "flywheel.training_source"  # the MLflow run's tag: offline_store | served_features
+SOURCE_TEXT = {"offline_store": "offline store (point-in-time join)",
+               "served_features": "served features joined with their outcomes"}
+
+
+def training_source(params: TrainingParams, dataset: DatasetDefinition) -> Literal["offline_store", "served_features"]:
+    """What this run trains on: the run's own `training_source` (set by a trigger rule), else the dataset's.
+    Served features need outcomes to join: a dataset that collects none fails here, naming the override."""
+    source = params.training_source or dataset.training_source
+    if source == "served_features" and dataset.outcomes is None:
+        raise FlywheelError(f"training_source=served_features (from the run's parameters) joins served features "
+                            f"with outcomes, but dataset {dataset.name!r} declares no `outcomes`")
+    return source
 
 
 def trigger_tag(trigger: str | None) -> dict[str, str]:
@@ -74,6 +95,8 @@ class TrainingResult(BaseModel):
     run_id: str
     failed_rules: list[str] = []
     batches_ingested: int = 0
+    training_source: Literal["offline_store", "served_features"] = "offline_store"
+    training_rows: int = 0
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -88,6 +111,7 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     if params.decision_id:  # the decision (webhook, CLI, monitoring) links to the run it started
         link_decision_run(params.decision_id, ctx.audit_db_url)
     as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
+    source = training_source(params, dataset)  # checked before any batch is ingested
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
     quality = [validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir) for batch in batches]
@@ -99,14 +123,17 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     repo = render_feature_repo(settings.stores, settings.paths.home)
     service = apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
     materialize_features(repo, dataset, ctx.offline_dir, as_of)
-    if dataset.training_source == "served_features":  # what the service actually used, with its outcomes
+    if source == "served_features":  # what the service actually used, with its outcomes
+        # the prediction log and the outcomes are stamped on the project's clock (simulated in the demo)
+        served_as_of = params.as_of or build_clock(settings.clock).now()
         frame = build_served_training_set(settings.store_url(settings.serve.prediction_log_url), ctx.audit_db_url,
-                                          dataset, ctx.model_name, as_of)
+                                          dataset, ctx.model_name, served_as_of)
     else:
         frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
+    logger.info("training set: %d rows from the %s", len(frame), SOURCE_TEXT[source])
     split = split_training_set(frame, dataset, params.shuffle_labels, ctx.train.seed)
 
-    lineage = ctx.lineage(service, frame, as_of, quality, params.shuffle_labels)
+    lineage = {**ctx.lineage(service, frame, as_of, quality, params.shuffle_labels), TAG_TRAINING_SOURCE: source}
     trained = train_model(split, dataset, ctx.train, gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     profile_reference(trained.pipeline, split, dataset, trained.run_id, ctx.tracking_uri)
     champion = load_champion(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
@@ -125,7 +152,8 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     result = TrainingResult(
         model_name=ctx.model_name, version=registered.version, outcome=registered.outcome,
         alias=registered.alias, feature_service=service, run_id=trained.run_id,
-        failed_rules=report.failed_rules, batches_ingested=len(batches),
+        failed_rules=report.failed_rules, batches_ingested=len(batches), training_source=source,
+        training_rows=len(frame),
     )
     summary = publish_run_summary(_summary(ctx, result, report, trained.experiment_id, registered.reason),
                                   ctx.tracking_uri, trained.run_id)
@@ -149,5 +177,6 @@ def _summary(ctx: Any, result: TrainingResult, report: Any, experiment_id: str, 
         champion=champion, mlflow_run_url=mlflow_run_url(ui, experiment_id, result.run_id),
         mlflow_version_url=mlflow_version_url(ui, result.model_name, result.version),
         details=[f"{result.batches_ingested} new batch(es) ingested; features from `{result.feature_service}`",
+                 f"trained on {result.training_rows} rows from the {SOURCE_TEXT[result.training_source]}",
                  f"alias: {result.alias or 'none'}"],
     )

@@ -6,10 +6,11 @@
 3. the sabotaged candidate is **rejected** (its run ends `Rejected`) and no alias moves;
 4. (with a stack) drifted traffic: the monitoring flow raises the drift alarm only after its persistence
    windows, the drift trigger fires exactly once and a later alarm is suppressed by the cooldown; the fired
-   decision starts a training run whose candidate the gates judge (challenger or rejected: both are
-   valid), a challenger's rollout ends with a decision (Promoted or RolledBack); the labels of the drifted
-   rows land late (outcome ingest) and a monitoring run fills in their windows' realized metric beside the
-   estimate; a signed webhook retrain creates exactly one training run.
+   decision starts a training run that trains on the served features joined with their outcomes (the drift
+   rule's `training_source`) and whose candidate the gates judge (challenger or rejected: both are valid),
+   a challenger's rollout ends with a decision (Promoted or RolledBack); the labels of the drifted rows land
+   late (outcome ingest) and a monitoring run fills in their windows' realized metric beside the estimate;
+   a signed webhook retrain creates exactly one training run.
 
 On a simulated clock (`make demo`): the demo's clock advanced at its speed, every drift decision was
 taken at a simulated time inside the demo's, and the cooldown's suppression came within the cooldown of
@@ -228,6 +229,7 @@ def _moves(before: Mapping[str, str], after: Mapping[str, str]) -> str:
 
 FINAL_ROLLOUT = ("Promoted", "RolledBack")  # the rollout decided: the challenger promoted, or rolled back
 GATED = ("challenger", "rejected")  # both are the gates' outcomes for a retrain under a champion
+SERVED = "served_features"  # what the drift retrain trains on: the service's logged features with their outcomes
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,9 @@ class RetrainSeen:
     version: str | None
     outcome: str | None  # challenger | rejected | champion | queued | stale; None: unknown
     detail: str = ""
+    # what it trained on (its MLflow run's flywheel.training_source / flywheel.training_rows); None: not read
+    training_source: str | None = None
+    training_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -363,14 +368,21 @@ def _check_retrain(retrain: RetrainSeen | None, rollout: RolloutSeen | None) -> 
     if retrain.outcome not in GATED:
         return [f"step 4: the retrained candidate was not gated to challenger or rejected: run ended "
                 f"{retrain.state}, outcome {retrain.outcome or 'unknown'}{_why(retrain.detail)}"]
+    failures = []
+    if retrain.training_source != SERVED:  # the drift rule (configs/triggers.yaml) asks for served features
+        rows = f" ({retrain.training_rows} rows)" if retrain.training_rows is not None else ""
+        failures.append(f"step 4: the drift retrain v{retrain.version} trained on "
+                        f"{retrain.training_source or 'an unknown source'}{rows}, not on the served features "
+                        "joined with their outcomes")
     if retrain.outcome != "challenger":
-        return []
+        return failures
     if rollout is None:
-        return [f"step 4: challenger v{retrain.version} was registered but no rollout of it was observed"]
+        return [*failures, f"step 4: challenger v{retrain.version} was registered but no rollout of it was observed"]
     if rollout.state not in FINAL_ROLLOUT:
         ended = f"rollout ended {rollout.state}" if rollout.state else "rollout not seen to end"
-        return [f"step 4: no rollout decision on challenger v{retrain.version}: {ended}{_why(rollout.detail)}"]
-    return []
+        return [*failures, f"step 4: no rollout decision on challenger v{retrain.version}: {ended}"
+                           f"{_why(rollout.detail)}"]
+    return failures
 
 
 def _check_realized(realized: tuple[RealizedSeen, ...] | Skipped) -> list[str]:

@@ -512,13 +512,21 @@ def served_training_frame(served: pd.DataFrame, outcomes: pd.DataFrame, dataset:
 def load_served_training_set(log_url: str, outcomes_url: str, dataset: DatasetDefinition, model: str,
                              as_of: datetime | None = None) -> tuple[pd.DataFrame, ServedTrainingReport]:
     """`served_training_frame` on the prediction log of `model` and the dataset's stored outcomes; fails
-    (FlywheelError) when no served snapshot has an outcome yet."""
+    (FlywheelError, naming the count and the minimum) when fewer than `outcomes.min_training_rows` served
+    snapshots have an outcome yet: a run asked to train on served features never falls back to the offline store."""
     served = read_served(log_url, model, as_of)
     outcomes = read_outcomes(outcomes_url, dataset, as_of)
     frame, report = served_training_frame(served, outcomes, dataset, as_of)
-    if frame.empty:
-        raise FlywheelError(
-            f"no training rows from served features of {model!r}: {report.predictions} logged prediction(s) with a "
-            f"recorded snapshot, {report.snapshots} snapshot(s), none with an outcome known at "
-            f"{report.as_of.isoformat()} (ingest outcome batches: `flywheel outcomes ingest`)")
+    check_served_rows(report, _outcomes_cfg(dataset).min_training_rows, model)
     return frame, report
+
+
+def check_served_rows(report: ServedTrainingReport, minimum: int, model: str) -> None:
+    """Too few served snapshots joined with an outcome to train on: FlywheelError naming the count and the minimum."""
+    if report.with_outcome < minimum:
+        raise FlywheelError(
+            f"too few training rows from served features of {model!r}: {report.with_outcome} served snapshot(s) with "
+            f"an outcome known at {report.as_of.isoformat()}, the minimum is {minimum} (outcomes.min_training_rows "
+            f"in the dataset definition); {report.predictions} logged prediction(s) with a recorded snapshot, "
+            f"{report.snapshots} snapshot(s). Not falling back to the offline store: ingest more outcome batches "
+            "(`flywheel outcomes ingest`) or train on the offline store")

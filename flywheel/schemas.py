@@ -75,6 +75,9 @@ class OutcomesSource(Section):
     source: Path | None = None  # a folder of label batches (labels_<date>.parquet) or one file; None: ingest by hand
     format: Literal["parquet", "csv"] = "parquet"
     label_values: list[str | int | bool] = Field(min_length=2)  # every value a label may take, positive_label included
+    # training on served features (`training_source: served_features`, or a trigger rule's) needs at least this
+    # many (snapshot, outcome) rows joined; fewer fail the run, naming both (it never falls back to the offline store)
+    min_training_rows: int = Field(1000, ge=1)
 
 
 class DatasetDefinition(Section):

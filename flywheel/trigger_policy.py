@@ -123,17 +123,25 @@ class Schedules(_Strict):
     training: CronSchedule = CronSchedule(cron="0 3 * * 1", active=False)  # weekly; off: events drive training
 
 
-class DriftRule(_Strict):
+TrainingSource = Literal["offline_store", "served_features"]
+
+
+class _AutomaticRule(_Strict):
+    """What every automatic rule takes: on/off, and what its retrain trains on. `training_source` None: the
+    dataset definition's own; `served_features`: the features the service actually used, joined with their
+    outcomes (the run fails, naming the count, when too few have joined: it never falls back)."""
+
+    enabled: bool = True
+    training_source: TrainingSource | None = None
+
+
+class DriftRule(_AutomaticRule):
     """Retrain when monitoring raises its drift alarm (after its own minimum sample, FDR and persistence)."""
 
-    enabled: bool = True
 
-
-class PerformanceRule(_Strict):
+class PerformanceRule(_AutomaticRule):
     """Retrain when the champion's performance falls: realized on outcomes when `min_labelled_rows` have
     arrived, else estimated from its probabilities alone (flywheel/monitoring/performance.py)."""
-
-    enabled: bool = True
     metric: Literal["roc_auc", "accuracy"] = "roc_auc"
     min_value: float = Field(0.70, ge=0, le=1)  # absolute floor
     max_drop: float | None = Field(0.05, ge=0, le=1)  # below the reference (the champion at its gates) by more
@@ -145,17 +153,13 @@ class PerformanceRule(_Strict):
     estimate_basis: Literal["value", "upper"] = "value"
 
 
-class VolumeRule(_Strict):
+class VolumeRule(_AutomaticRule):
     """Retrain when enough new labelled rows arrived since the last training."""
-
-    enabled: bool = True
     min_new_labelled_rows: int = Field(5000, ge=1)
 
 
-class StalenessRule(_Strict):
+class StalenessRule(_AutomaticRule):
     """Retrain a champion older than `max_age` (again each further `max_age` it stays champion)."""
-
-    enabled: bool = True
     max_age: Duration = timedelta(days=30)
 
     @field_validator("max_age")
@@ -167,7 +171,8 @@ class StalenessRule(_Strict):
 
 
 class RequestRule(_Strict):
-    """Explicit retrain requests (the signed webhook, `flywheel retrain`): no cooldown, no pause."""
+    """Explicit retrain requests (the signed webhook, `flywheel retrain`): no cooldown, no pause. They train
+    on the dataset definition's own source (no `training_source` here: a request names no evidence)."""
 
     enabled: bool = True
 

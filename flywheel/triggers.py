@@ -59,6 +59,7 @@ SuppressedBy = Literal["duplicate", "disabled", "below_threshold", "too_few_rows
 # decisions that observed nothing (condition unmet, rule off): the same event id may be decided again
 NOT_OBSERVED: frozenset[str] = frozenset({"disabled", "below_threshold", "too_few_rows"})
 RETRAIN_EVENT = "flywheel.retrain.requested"  # what the training deployment's trigger runs on
+TRAINING_SOURCE = "training_source"  # a fired decision's evidence key and its event's payload key (rule option)
 NAMESPACE = uuid.UUID("0f3a8f52-1c3e-4d8e-b0a9-7f1d2c4b6e90")
 
 
@@ -190,6 +191,11 @@ def decide(signal: Signal, history: History, policy: TriggerPolicy, paused: bool
         if last is not None and cooldown > timedelta(0) and now < last + cooldown:
             return suppressed("cooldown", f"cooldown until {iso_seconds(last + cooldown)} (last retrain "
                                           f"{iso_seconds(last)}; cooldown {describe_duration(cooldown)})")
+    # what the retrain trains on, when the rule says (configs/triggers.yaml): recorded with the evidence, so a
+    # re-sent event carries it too, and put in the event's payload for the training run's parameters
+    source = getattr(policy.rule(signal.kind), "training_source", None)
+    if source is not None:
+        base["evidence"] = {**signal.evidence, TRAINING_SOURCE: source}
     return Decision(**base, outcome="fire", reason=f"{signal.kind}: {signal.detail}".rstrip(": "))
 
 

@@ -24,7 +24,7 @@ from flywheel.notify import DeliveryResult, NotificationLog, notify
 from flywheel.settings import NotifyConfig
 from flywheel.trigger_decisions import TriggerDecisions
 from flywheel.trigger_policy import Liveness, TriggerPolicy
-from flywheel.triggers import RETRAIN_EVENT, Alarm, ChampionState, Decision, Signal, liveness_alarms
+from flywheel.triggers import RETRAIN_EVENT, TRAINING_SOURCE, Alarm, ChampionState, Decision, Signal, liveness_alarms
 from tasks._prefect import in_run, retry_transient, run_logger
 
 ACTION_EXECUTED = "prefect.automation.action.executed"  # the automation's event naming the run it started
@@ -52,7 +52,10 @@ def prefect_api_configured() -> bool:
 
 
 def retrain_event(decision: Decision) -> dict[str, Any]:
-    """The event a fired decision emits (Prefect's event fields)."""
+    """The event a fired decision emits (Prefect's event fields). `training_source` is in the payload only when
+    the rule set one: the deployment trigger's template renders a missing key as "" (the dataset's own
+    source), where a null would render as the text "None"."""
+    source = decision.evidence.get(TRAINING_SOURCE)
     return {
         "id": uuid.UUID(decision.id),
         "event": RETRAIN_EVENT,
@@ -62,7 +65,8 @@ def retrain_event(decision: Decision) -> dict[str, Any]:
                      "prefect.resource.name": decision.model, "flywheel.model": decision.model},
         "payload": {"reason": decision.reason, "model": decision.model, "kind": decision.kind,
                     "decision_id": decision.id, "signal_event_id": decision.event_id,
-                    "decided_at": decision.at.isoformat(), "evidence": decision.evidence},
+                    "decided_at": decision.at.isoformat(), "evidence": decision.evidence,
+                    **({TRAINING_SOURCE: source} if source else {})},
     }
 
 

@@ -85,6 +85,7 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     assert "lifecycle checked: drift alarm at window 2, one drift trigger fired" in flat, _tail(out)
     assert "Timeline" in out and "4. window 3" in out and "4. webhook" in out, _tail(out)
     assert "late labels: realized ROC AUC" in flat and "4. outcomes" in out, _tail(out)
+    assert "rows of served features)" in flat and "4. served outcomes" in out, _tail(out)
     assert "simulated time" in out and "simulated h after the fire, inside the 6 h cooldown" in flat, _tail(out)
     status = st.cli("status", timeout=120)
     told = status.stdout + status.stderr  # the CLI's console writes to stderr
@@ -130,6 +131,13 @@ def test_make_demo_proves_its_story_on_a_busy_machine(demo_stack: Stack, busy_co
     assert len(by_trigger) == 1, (fired[0], [r["id"] for r in trained])
     assert by_trigger[0]["parameters"]["params"]["reason"] == fired[0].reason, by_trigger[0]["parameters"]
     assert by_trigger[0]["state"]["name"] in ("Completed", "Rejected"), by_trigger[0]["state"]
+    # the drift rule's training_source reached the run, and its MLflow run says it trained on served features
+    assert by_trigger[0]["parameters"]["params"]["training_source"] == "served_features", by_trigger[0]["parameters"]
+    (retrained,) = [v for v in registry.client.search_model_versions("name = 'churn'")
+                    if v.tags.get("flywheel.trigger") == "drift_detected"]
+    run_tags = registry.client.get_run(retrained.run_id).data.tags
+    assert run_tags["flywheel.training_source"] == "served_features", run_tags
+    assert int(run_tags["flywheel.training_rows"]) >= 1000, run_tags  # outcomes.min_training_rows
     hooked = [r for r in trained if r["parameters"]["params"].get("reason", "").startswith("demo step 4: a signed")]
     assert len(hooked) == 1, [r["parameters"] for r in trained]
 

@@ -16,7 +16,8 @@ entity ids. Scenarios run in file order on that home:
    rollout rolls it out; one queued behind a promotion goes stale; `flywheel rollout supersede` stops a
    running rollout for a queued version; a paused loop holds instead of promoting (`flywheel loop ...`).
 9. labels already known before a rollout's predictions are not counted, even when delivered again after them;
-10. the features the service logged equal the offline store's for the same snapshot, and train a model.
+10. the features the service logged equal the offline store's for the same snapshot, and train a model, also
+    when a run's `training_source` (a trigger rule's) asks for them; too few joined rows fail the run closed.
 
 Outcomes reach the label-based guards only as they would in production: a labels batch lands (through the
 outcome ingest) while the rollout runs, AFTER the predictions it judges, for the feature snapshots the
@@ -883,3 +884,38 @@ def test_served_features_equal_the_offline_store_and_train_a_model(registry, ctx
                                               as_of=as_of), return_state=True).result()
     tags = registry.client.get_run(result.run_id).data.tags  # the lineage is on the version's run
     assert tags["flywheel.training_rows"] == str(len(served)), (tags, len(served))
+
+
+def test_a_run_told_to_train_on_served_features_does_and_fails_closed_on_too_few(registry, ctx) -> None:
+    """A run's `training_source` (what a trigger rule sets through the retrain event) trains the shipped dataset,
+    whose own source is the offline store, on the served features joined with their outcomes; with fewer joined
+    rows than `outcomes.min_training_rows` the run fails naming both, registers nothing and never falls back."""
+    from flows.training import TrainingParams, training_pipeline
+    from flywheel.errors import FlywheelError
+    from flywheel.outcomes import load_served_training_set
+
+    ds, home = ctx.dataset, ctx.settings.paths.home
+    assert ds.training_source == "offline_store"
+    as_of = datetime.now(UTC)
+    served, _ = load_served_training_set(ctx.settings.store_url(ctx.settings.serve.prediction_log_url),
+                                         ctx.audit_db_url, ds, "churn", as_of)
+    base = {"profile": "ci", "config_dir": str(home / "configs"), "as_of": as_of}
+    result = training_pipeline(TrainingParams(**base, training_source="served_features", seed=7),
+                               return_state=True).result()
+    assert (result.training_source, result.training_rows) == ("served_features", len(served)), result
+    tags = registry.client.get_run(result.run_id).data.tags
+    assert (tags["flywheel.training_source"], tags["flywheel.training_rows"]) == ("served_features", str(len(served)))
+
+    strict = home / "configs" / "datasets" / "churn_strict.yaml"
+    data = yaml.safe_load((home / "configs" / "datasets" / "churn.yaml").read_text())
+    data["outcomes"]["min_training_rows"] = len(served) + 1
+    strict.write_text(yaml.safe_dump(data))
+    before = registry.client.search_model_versions("name = 'churn'")
+    state = training_pipeline(TrainingParams(**base, dataset=str(strict), training_source="served_features"),
+                              return_state=True)
+    assert state.is_failed(), state
+    with pytest.raises(FlywheelError, match=rf"too few training rows from served features of 'churn': {len(served)} "
+                                            rf"served snapshot\(s\) .* the minimum is {len(served) + 1} .*Not falling "
+                                            r"back to the offline store"):
+        state.result()
+    assert len(registry.client.search_model_versions("name = 'churn'")) == len(before), "nothing registered"

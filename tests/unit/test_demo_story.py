@@ -198,7 +198,8 @@ WINDOWS = (WindowSeen(rows=600, status="drift", alarm=False, decisions=("drift_d
 NO_ALARM = DecisionSeen(id="d0", outcome="suppressed", suppressed_by="below_threshold", reason="no drift alarm")
 FIRED = DecisionSeen(id="d1", outcome="fire", suppressed_by=None, reason="drift alarm", flow_run_id="r1")
 COOLED = DecisionSeen(id="d2", outcome="suppressed", suppressed_by="cooldown", reason="cooldown until 14:00")
-RETRAIN = RetrainSeen(run_id="r1", state="Completed", version="4", outcome="challenger")
+RETRAIN = RetrainSeen(run_id="r1", state="Completed", version="4", outcome="challenger",
+                      training_source="served_features", training_rows=4200)
 REALIZED = tuple(RealizedSeen(window=n, scored_rows=600, labelled_rows=600, min_labelled_rows=500,
                               realized_roc_auc=0.80, estimated_roc_auc=0.82, roc_auc_error=0.02) for n in (1, 2, 3))
 LIFECYCLE = LifecycleSeen(windows=WINDOWS, drift_decisions=(NO_ALARM, FIRED, COOLED), retrain=RETRAIN,
@@ -281,6 +282,17 @@ def test_a_retrain_not_gated_fails() -> None:
     line = _only4(replace(LIFECYCLE, retrain=failed, rollout=None))
     assert line.startswith("step 4: the retrained candidate was not gated to challenger or rejected: run ended "
                            "Failed"), line
+
+
+def test_a_drift_retrain_on_the_offline_store_fails() -> None:
+    offline = replace(RETRAIN, training_source="offline_store", training_rows=30000)
+    line = _only4(replace(LIFECYCLE, retrain=offline))
+    assert line == ("step 4: the drift retrain v4 trained on offline_store (30000 rows), not on the served "
+                    "features joined with their outcomes")
+    rejected = replace(RETRAIN, state="Rejected", outcome="rejected", training_source=None, training_rows=None)
+    assert _only4(replace(LIFECYCLE, retrain=rejected, rollout=None)) == (
+        "step 4: the drift retrain v4 trained on an unknown source, not on the served features joined with their "
+        "outcomes")
 
 
 def test_a_retrained_challenger_without_a_rollout_fails() -> None:

@@ -190,6 +190,7 @@ def _definition(**over) -> dict:
     ({"outcomes": {"label_values": ["yes", "no"], "sorce": "x"}}, "Extra inputs are not permitted"),
     ({"outcomes": None, "training_source": "served_features"}, "declare `outcomes`"),
     ({"training_source": "prediction_log"}, "'offline_store' or 'served_features'"),
+    ({"outcomes": {"label_values": ["yes", "no"], "min_training_rows": 0}}, "greater than or equal to 1"),
 ])
 def test_outcome_fields_of_a_dataset_are_strict(over: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -308,6 +309,19 @@ def test_served_features_become_one_training_row_per_snapshot_with_an_outcome(ch
     assert (report.predictions, report.snapshots, report.with_outcome) == (3, 2, 2)
     empty, _ = served_training_frame(served, outs.iloc[:0], churn, as_of=h(4))
     assert empty.empty and list(empty.columns) == list(frame.columns)
+
+
+def test_too_few_served_rows_fail_naming_the_count_and_the_minimum(churn: DatasetDefinition) -> None:
+    from flywheel.errors import FlywheelError
+    from flywheel.outcomes import ServedTrainingReport, check_served_rows
+
+    assert churn.outcomes is not None and churn.outcomes.min_training_rows == 1000
+    report = ServedTrainingReport(predictions=1500, snapshots=1200, with_outcome=999, as_of=h(4))
+    with pytest.raises(FlywheelError, match=r"too few training rows from served features of 'churn': 999 served "
+                                            r"snapshot\(s\) with an outcome .* the minimum is 1000 .*Not falling "
+                                            r"back to the offline store"):
+        check_served_rows(report, churn.outcomes.min_training_rows, "churn")
+    check_served_rows(report.model_copy(update={"with_outcome": 1000}), 1000, "churn")  # at the minimum: trains
 
 
 # ------------------------------------------------------------------------------------ the generator

@@ -53,6 +53,23 @@ def test_a_drift_alarm_with_no_history_fires() -> None:
     assert d.evidence == {"share_drifted": 0.6}
 
 
+def test_a_rule_training_source_rides_on_its_fired_decision_and_event_only() -> None:
+    from flywheel.trigger_policy import DriftRule, Rules
+    from tasks.triggers import retrain_event
+
+    served = TriggerPolicy(rules=Rules(drift_detected=DriftRule(training_source="served_features")))
+    d = decide(drift(), History(), served, paused=False, now=T0)
+    assert d.fired and d.evidence == {"share_drifted": 0.6, "training_source": "served_features"}
+    assert retrain_event(d)["payload"]["training_source"] == "served_features"
+    held = decide(drift(), History(decisions=(fired("churn", T0 - timedelta(hours=1)),)), served, False, T0)
+    assert held.suppressed_by == "cooldown" and "training_source" not in held.evidence
+    # no rule option: no key at all, so the deployment trigger's template renders "" (the dataset's own source)
+    plain = decide(drift(), History(), POLICY, paused=False, now=T0)
+    assert "training_source" not in retrain_event(plain)["payload"]
+    asked = decide(request(), History(), served, paused=False, now=T0)
+    assert "training_source" not in asked.evidence, "the drift rule's option is the drift rule's only"
+
+
 def test_cooldown_suppresses_a_drift_signal_and_says_until_when() -> None:
     last = T0 - timedelta(hours=2)
     d = decide(drift(), History(decisions=(fired("churn", last),)), POLICY, paused=False, now=T0)

@@ -33,7 +33,13 @@ def test_shipped_policy_loads_with_the_documented_defaults(home: Path) -> None:
     assert policy.schedules.training.active is False, "weekly training is off by default"
     assert policy.rules.model_stale.max_age == timedelta(days=30)
     assert policy.liveness.monitoring_max_silence == timedelta(hours=3)
-    assert policy == TriggerPolicy(), "the file states the code's defaults: one story in both"
+    # the one deliberate departure from the code's defaults: the shipped drift rule retrains on served features
+    assert policy.rules.drift_detected.training_source == "served_features"
+    assert all(getattr(policy.rules, k).training_source is None for k in
+               ("performance_degraded", "volume_reached", "model_stale")), "the others: the dataset's own source"
+    shipped = policy.rules.model_copy(update={"drift_detected": TriggerPolicy().rules.drift_detected})
+    assert policy.model_copy(update={"rules": shipped}) == TriggerPolicy(), \
+        "otherwise the file states the code's defaults: one story in both"
 
 
 def test_batch_scoring_keeps_one_cron_source(home: Path) -> None:
@@ -72,6 +78,13 @@ def test_a_cron_for_batch_scoring_in_the_policy_is_refused_pointing_at_the_setti
         (lambda d: d["schedules"]["training"].update(cron="0 3 * * 5-1"), "schedules.training.cron",
          "runs backwards"),
         (lambda d: d.update(rule={}), "rule", "Extra inputs"),
+        (lambda d: d["rules"]["drift_detected"].update(training_source="prediction_log"),
+         "rules.drift_detected.training_source", "'offline_store' or 'served_features'"),
+        (lambda d: d["rules"]["volume_reached"].update(training_source=True),
+         "rules.volume_reached.training_source", "'offline_store' or 'served_features'"),
+        # an explicit request names no evidence: it trains on the dataset's own source, and says so by refusing
+        (lambda d: d["rules"]["retrain_requested"].update(training_source="served_features"),
+         "rules.retrain_requested.training_source", "Extra inputs"),
     ],
 )
 def test_invalid_policy_names_the_file_key_and_reason(home: Path, change, key: str, reason: str) -> None:

@@ -53,7 +53,8 @@ def test_prefect_yaml_runs_training_on_retrain_requests_one_at_a_time() -> None:
     assert "flywheel.retrain.requested" in trigger["name"] and "flywheel.retrain.requested" in trigger["description"]
     assert trigger["parameters"]["params"] == {"reason": "{{ event.payload.reason }}",
                                                "decision_id": "{{ event.payload.decision_id }}",
-                                               "trigger": "{{ event.payload.kind }}"}
+                                               "trigger": "{{ event.payload.kind }}",
+                                               "training_source": "{{ event.payload.training_source }}"}
     # the event the receiver builds has exactly what the trigger reads
     from flywheel.webhook import HOOKS, RetrainBody, build_event
 
@@ -81,15 +82,16 @@ def test_served_training_deployment_has_the_trigger_and_the_enqueueing_limit(hom
     # checked against TrainingParams at start; the run settings ride along (a trigger replaces `params`)
     assert trigger.parameters["params"] == {"reason": "{{ event.payload.reason }}",
                                             "decision_id": "{{ event.payload.decision_id }}",
-                                            "trigger": "{{ event.payload.kind }}", "profile": "ci",
-                                            "config_dir": str(home / "configs")}
+                                            "trigger": "{{ event.payload.kind }}",
+                                            "training_source": "{{ event.payload.training_source }}",
+                                            "profile": "ci", "config_dir": str(home / "configs")}
     # what the trigger renders reaches the run: an event without decision_id/kind renders "" (= not given);
     # the kind is tagged on the registered version (the rollout picks its plan by it)
     from flows.training import TrainingParams, trigger_tag
 
     rendered = TrainingParams.model_validate({"reason": "drift_detected: drift alarm raised", "decision_id": "",
-                                              "trigger": "drift_detected", "profile": "ci"})
-    assert (rendered.decision_id, rendered.trigger) == (None, "drift_detected")
+                                              "trigger": "drift_detected", "training_source": "", "profile": "ci"})
+    assert (rendered.decision_id, rendered.trigger, rendered.training_source) == (None, "drift_detected", None)
     assert trigger_tag(rendered.trigger) == {"flywheel.trigger": "drift_detected"} and trigger_tag(None) == {}
     assert built["batch-scoring"].concurrency_limit is None  # only training is limited
     assert built["rollout"].concurrency_limit is None
