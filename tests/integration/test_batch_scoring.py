@@ -223,9 +223,9 @@ def test_partitions_on_a_dask_cluster_write_the_same_rows_and_scores(trained: di
     ctx, model = _ctx(trained), trained["model"]
     ids = scoring.offline_entities(ctx.dataset, ctx.offline_dir, T)
     ids = pd.concat([ids, pd.Series([UNKNOWN])], ignore_index=True)  # one without features, in the last partition
-    serial = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "serial")
+    serial = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "serial", T)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        fanned = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "dask",
+        fanned = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "dask", T,
                                    ParallelismConfig(address=cluster.scheduler_address), partition_rows=300)
     a, b = pd.read_parquet(serial.path), pd.read_parquet(fanned.path)
     assert len(ids) > 3 * 300, "several partitions"
