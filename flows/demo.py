@@ -559,7 +559,8 @@ def _late_outcomes(ctx: RunContext, console: Console, profile: str | None, confi
     batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_demo.parquet"
     labels.assign(**{ds.label_timestamp: pd.Timestamp(arrived)}).to_parquet(batch, index=False)
     try:
-        report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir))
+        report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir),
+                                     arrived)  # stamped on the project clock: the volume trigger counts by it
     except FlywheelError as exc:
         timeline.add("4. outcomes", "the labels batch was refused by the outcome ingest", str(exc)[:300])
         return Skipped(f"the labels batch was refused by the outcome ingest: {exc}")

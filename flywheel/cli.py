@@ -842,11 +842,14 @@ def loop_pause_cmd(reason: Annotated[str, typer.Option(help="why (recorded with 
     """Pause the loop: candidates are queued instead of becoming challenger, rollouts hold instead of
     promoting. `flywheel rollout promote|rollback|start` still work."""
     from flywheel.loopcontrol import LoopControl
+    from flywheel.stack import project_clock
 
     try:
         settings = _settings(profile, config_dir)
         name = _rollout_model(settings, model)
-        state, recorded = LoopControl(settings.audit_db_url).pause(name, _user(), reason)
+        # on the project clock: the loop's state is its latest event by time
+        state, recorded = LoopControl(settings.audit_db_url).pause(name, _user(), reason,
+                                                                   project_clock(settings).now())
     except (FlywheelError, ValueError) as exc:
         _fail(exc)
     console.print(state.describe() if recorded else f"already paused, nothing recorded: {state.describe()}",
@@ -860,17 +863,17 @@ def loop_resume_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_d
     """Resume the loop, then hand the challenger queue off (the newest queued version becomes challenger
     and its rollout starts) unless a rollout is in flight."""
     from flywheel.loopcontrol import LoopControl
-    from flywheel.stack import use_active_stack
+    from flywheel.stack import project_clock, use_active_stack
 
     try:
         settings = _settings(profile, config_dir)
         name = _rollout_model(settings, model)
         actor = _user()
-        state, recorded = LoopControl(settings.audit_db_url).resume(name, actor, reason)
+        state, recorded = LoopControl(settings.audit_db_url).resume(name, actor, reason,
+                                                                    project_clock(settings).now())
         console.print(state.describe() + ("" if recorded else " (was not paused; nothing recorded)"),
                       markup=False, soft_wrap=True)
         use_active_stack(settings)  # before Prefect is imported: a released version's event goes to the stack
-        from flywheel.stack import project_clock
         from tasks.rollout import hand_off_and_announce
 
         done = hand_off_and_announce(settings.mlflow_tracking_uri, settings.audit_db_url, name, actor,
