@@ -45,9 +45,10 @@ def test_a_training_run_uses_the_labels_known_by_the_project_clocks_now(
     ci = yaml.safe_load((home / "configs" / "ci.yaml").read_text())  # about the clock, not the latency gate
     ci.setdefault("evaluate", {}).setdefault("gate_overrides", {})["latency"] = {"service_budget_ms": 10_000}
     (home / "configs" / "ci.yaml").write_text(yaml.safe_dump(ci))
-    spec = GeneratorSpec(seed=7, days=10, rows_per_day=200, customers=1500)
+    spec = GeneratorSpec(seed=7, days=24, rows_per_day=120, customers=1500)
     write_batches(spec, home / "data" / "incoming" / "churn")
-    sim = datetime(2026, 2, 6, 12, tzinfo=UTC)  # labels arrive 30 days after their events: Jan 1-6 and part of 7
+    # labels arrive 30 days after their events: known for Jan 1-16 and part of 17 (the holdout takes 7 days)
+    sim = datetime(2026, 2, 16, 12, tzinfo=UTC)
     model = f"clock{uuid.uuid4().hex[:8]}"
     simulated(monkeypatch, sim, model)
 
