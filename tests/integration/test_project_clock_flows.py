@@ -94,7 +94,7 @@ def test_the_volume_trigger_counts_landed_rows_after_the_last_training_on_the_pr
     landed = data_landed(LandedParams(batch=str(batch), **params))
     stamp = datetime.fromisoformat(ingested_batches(ctx.dataset, ctx.offline_dir)[batch.stem]["ingested_at"])
     assert sim <= stamp < sim + SLACK, f"ingested_at {stamp}: not on the simulated clock"
-    assert landed.new_labelled_rows == 120 and "too_few_rows" in landed.decision, landed
+    assert landed.new_labelled_rows == 120 and "too few rows" in landed.decision, landed
 
     outcomes = labels_landed(LandedParams(batch=str(labels), **params))
     assert outcomes.rows == 120 and outcomes.new_labelled_rows == 240, outcomes
