@@ -24,7 +24,8 @@ class BatchScoringParams(BaseModel):
     entities: str | None = Field(
         None, description="Parquet/CSV file with the entity id column (default: every entity in the offline store)"
     )
-    at: datetime | None = Field(None, description="Score with the features known at this time, tz-aware (default: now)")
+    at: datetime | None = Field(None, description="Score with the features known at this time, tz-aware "
+                                                  "(default: the project clock's now)")
     alias: str = Field("champion", min_length=1, description="Registry alias of the model to score with")
     model_name: str | None = Field(None, description="Registered model (default: register.model_name or the dataset)")
     skew_check: bool = Field(
@@ -64,14 +65,15 @@ def batch_scoring(params: BatchScoringParams | None = None) -> BatchScoringResul
     params = params or BatchScoringParams()
     ctx = start_run_context(params.profile, params.config_dir, params.dataset)
     settings, dataset = ctx.settings, ctx.dataset
-    at = (params.at or datetime.now(UTC)).astimezone(UTC)  # fixed once: the file name and every row carry it
+    now = ctx.clock.now()  # the project clock's: the default feature time, and every row's scored_at
+    at = (params.at or now).astimezone(UTC)  # fixed once: the file name and every row carry it
     model_name = params.model_name or ctx.model_name
 
     # bad input fails before the model is downloaded or anything is written
     ids = resolve_entities(Path(params.entities) if params.entities else None, dataset, ctx.offline_dir, at)
     model = load_model_by_alias(ctx.tracking_uri, ctx.audit_db_url, model_name, params.alias)
     repo = render_feature_repo(settings.stores, settings.paths.home)
-    report = score_entities(repo, model, dataset, ids, at, settings.resolve(settings.batch.output_dir),
+    report = score_entities(repo, model, dataset, ids, at, settings.resolve(settings.batch.output_dir), now,
                             settings.batch.parallelism, settings.batch.partition_rows)
     if report.no_feature_rows:
         get_run_logger().warning(

@@ -563,7 +563,8 @@ def _land_labels(ctx: RunContext, labels: pd.DataFrame, arrived: datetime, name:
     folder.mkdir(parents=True, exist_ok=True)
     batch = folder / f"labels_{arrived:%Y-%m-%dT%H%M%S}_{name}.parquet"
     labels.assign(**{ds.label_timestamp: pd.Timestamp(arrived)}).to_parquet(batch, index=False)
-    report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir))
+    # stamped on the project clock: the volume trigger counts by it
+    report = ingest_outcome_file(batch, ds, ctx.audit_db_url, settings.resolve(settings.paths.quarantine_dir), arrived)
     return report, batch
 
 

@@ -11,7 +11,6 @@ its decision is recorded, and a fired one emits the retrain event the training d
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from prefect import flow
@@ -52,10 +51,11 @@ def data_landed(params: LandedParams) -> LandedResult:
     settings, dataset = ctx.settings, ctx.dataset
     batch = check_landed_batch(params.batch, ctx.source)
     validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir)
-    ingested = ingest_batch(batch, dataset, ctx.offline_dir)
+    # the project clock's time: the volume trigger compares it with the last training's, on the same clock
+    ingested = ingest_batch(batch, dataset, ctx.offline_dir, ctx.clock.now())
     repo = render_feature_repo(settings.stores, settings.paths.home)
     apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
-    materialize_features(repo, dataset, ctx.offline_dir, datetime.now(UTC))
+    materialize_features(repo, dataset, ctx.offline_dir, ctx.clock.now())
     new_rows, decision = decide_volume(ctx)
     return LandedResult(dataset=dataset.name, batch=str(batch), rows=ingested.feature_rows, skipped=ingested.skipped,
                         new_labelled_rows=new_rows, decision=decision)
@@ -72,7 +72,7 @@ def labels_landed(params: LandedParams) -> LandedResult:
     if dataset.outcomes is None or dataset.outcomes.source is None:
         raise FlywheelError(f"dataset {dataset.name!r} declares no outcomes.source: labels cannot land")
     batch = check_landed_batch(params.batch, ctx.settings.resolve(dataset.outcomes.source))
-    stored = ingest_outcomes(batch, dataset, ctx.audit_db_url, ctx.quarantine_dir)
+    stored = ingest_outcomes(batch, dataset, ctx.audit_db_url, ctx.quarantine_dir, ctx.clock.now())
     new_rows, decision = decide_volume(ctx)
     return LandedResult(dataset=dataset.name, batch=str(batch), rows=stored.rows, skipped=stored.skipped,
                         new_labelled_rows=new_rows, decision=decision)
@@ -80,7 +80,6 @@ def labels_landed(params: LandedParams) -> LandedResult:
 
 def decide_volume(ctx: RunContext) -> tuple[int, str]:
     """The volume trigger on what arrived since the last training: (new labelled rows, the decision)."""
-    from flywheel.clock import build_clock
     from flywheel.trigger_policy import load_policy
     from flywheel.triggers import volume_signal
 
@@ -88,7 +87,7 @@ def decide_volume(ctx: RunContext) -> tuple[int, str]:
     policy = load_policy(settings.resolve(settings.triggers.policy_file))
     since = last_training_at(ctx.audit_db_url, ctx.model_name)
     new_rows = count_new_labelled_rows(ctx.dataset, ctx.offline_dir, ctx.audit_db_url, since)
-    now = build_clock(settings.clock).now()
+    now = ctx.clock.now()
     signal = volume_signal(new_rows, policy.rules.volume_reached, model=ctx.model_name, occurred=now, since=since)
     decision = decide_trigger(signal, policy, ctx.audit_db_url, now)
     return new_rows, f"{decision.outcome} ({decision.reason})"

@@ -7,7 +7,7 @@ The ingest ledger says which batches the online store has not seen (flywheel/fea
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from prefect import flow
@@ -33,7 +33,7 @@ def materialization(params: MaterializationParams | None = None) -> MaterializeR
     params = params or MaterializationParams()
     ctx = start_run_context(params.profile, params.config_dir)
     settings, dataset = ctx.settings, ctx.dataset
-    end = params.end or datetime.now(UTC)
+    end = params.end or ctx.clock.now()  # the project clock's: simulated event times load too
     if not ingested_batches(dataset, ctx.offline_dir):  # a fresh stack: nothing to load yet, not a failure
         print(f"no batch of {dataset.name} ingested yet: nothing to materialize")
         return MaterializeReport(dataset=dataset.name, end=end, loads=[], seconds=0.0)

@@ -214,7 +214,7 @@ def _superseded_by(run: _Run) -> RolloutSuperseded | None:
 def _hand_off(run: _Run, why: str) -> None:
     """The queue's hand-off after this rollout; its failure is logged, never raised over the rollout's end."""
     try:
-        hand_off_queued(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model, run.actor, why)
+        hand_off_queued(run.ctx.tracking_uri, run.ctx.audit_db_url, run.model, run.actor, why, run.clock)
     except Exception as exc:
         get_run_logger().error("could not hand the challenger queue off after %s: %s", why, exc)
 
@@ -273,7 +273,8 @@ def _ab_test(run: _Run, name: str, plan: ABTestPlan, target: RolloutTarget) -> R
     readout = run.observe(f"A/B split {plan.share:.0%}", {"mode": "canary", "share": plan.share}, plan.duration_s,
                           target, plan)
     # the split's own traffic: before it the champion answered every entity, which would put them in both arms
-    ab = read_ab_outcome(run.log_url, run.outcomes_url, run.ctx.dataset, target, plan, readout.started_at)
+    ab = read_ab_outcome(run.log_url, run.outcomes_url, run.ctx.dataset, target, plan, readout.started_at,
+                         run.clock.now())
     action = ab_next(plan, ab, judge_step(readout, plan.guards, plan.guards.max_extensions) == "breach")
     if action == "promote":
         return _promote(run, name, plan, target, [readout], ab.detail, ab=ab)
@@ -294,7 +295,8 @@ def _breach_reason(readout: StepReadout) -> str:
 def _decide(run: _Run, name: str, plan: Any, target: RolloutTarget, outcome: Any, reason: str,
             steps: list[StepReadout], **extra: Any) -> RolloutDecision:
     return RolloutDecision(model=run.model, plan=name, strategy=plan.strategy, champion=target.champion,
-                           challenger=target.challenger, outcome=outcome, reason=reason, steps=steps, **extra)
+                           challenger=target.challenger, outcome=outcome, reason=reason, steps=steps,
+                           decided_at=run.clock.now(), **extra)
 
 
 def _roll_back(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list[StepReadout], reason: str,
@@ -303,7 +305,7 @@ def _roll_back(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: li
     decision = _decide(run, name, plan, target, outcome, reason, steps, **extra)
     run.route("single")  # instant: the champion answers everything before anything else happens
     rollback_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"rollout {outcome}: {reason}",
-                        run.actor, decision.evidence())
+                        run.actor, decision.evidence(), run.clock)
     reload_service(run.url, run.token_env)
     return decision
 
@@ -322,7 +324,7 @@ def _promote(run: _Run, name: str, plan: Any, target: RolloutTarget, steps: list
     run.check()  # a supersede during the approval wait wins over the answer
     decision = _decide(run, name, plan, target, "promoted", reason, steps, approval=approval, **extra)
     promote_challenger(run.ctx.tracking_uri, run.ctx.audit_db_url, target, f"staged rollout ({name}): {reason}",
-                       run.actor, decision.evidence())
+                       run.actor, decision.evidence(), run.clock)
     reload_service(run.url, run.token_env)
     run.route("single")
     return decision

@@ -6,7 +6,7 @@ a named `Rejected` state (visible in the Prefect UI), still registered with its 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +42,7 @@ class TrainingParams(BaseModel):
     dataset: str | None = Field(None, description="Dataset definition YAML (default: the settings' dataset)")
     batch: str | None = Field(None, description="One batch file to validate and ingest (default: every new file)")
     seed: int | None = Field(None, ge=0, description="Override train.seed")
-    as_of: datetime | None = Field(None, description="Use labels known at this time (default: now)")
+    as_of: datetime | None = Field(None, description="Use labels known at this time (default: the project clock's now)")
     profile: Literal["local", "ci", "production"] | None = Field(None, description="Settings profile")
     config_dir: str | None = Field(None, description="Folder holding base.yaml (default: ./configs)")
     shuffle_labels: bool = Field(
@@ -110,14 +110,15 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     logger = get_run_logger()
     if params.decision_id:  # the decision (webhook, CLI, monitoring) links to the run it started
         link_decision_run(params.decision_id, ctx.audit_db_url)
-    as_of = params.as_of or datetime.now(UTC)  # fixed once: recorded in lineage, reused by reproduce
+    # the project clock's now (simulated in the demo), fixed once: recorded in lineage, reused by reproduce
+    as_of = params.as_of or ctx.clock.now()
     source = training_source(params, dataset)  # checked before any batch is ingested
 
     batches = [Path(params.batch)] if params.batch else find_new_batches(dataset, ctx.source, ctx.offline_dir)
     quality = [validate_batch(batch, dataset, settings.validate_, ctx.quarantine_dir) for batch in batches]
     publish_validation_table(quality, dataset)
     for batch in batches:
-        ingest_batch(batch, dataset, ctx.offline_dir)
+        ingest_batch(batch, dataset, ctx.offline_dir, ctx.clock.now())  # the volume trigger counts from it
     logger.info("ingested %d new batch(es)", len(batches))
 
     repo = render_feature_repo(settings.stores, settings.paths.home)
@@ -146,7 +147,7 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     registered = register_model(
         trained.pipeline, split.holdout[dataset.feature_names].head(5), trained.run_id, ctx.model_name,
         report, card, {**lineage, **trained.lineage(), **trigger_tag(params.trigger)}, ctx.tracking_uri,
-        ctx.audit_db_url, ctx.actor(),
+        ctx.audit_db_url, ctx.actor(), clock=ctx.clock,
     )
 
     result = TrainingResult(

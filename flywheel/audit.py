@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from flywheel import migrations
+from flywheel.clock import Clock, WallClock
 from flywheel.db import project_engine
 
 TABLE = "flywheel_alias_audit"
@@ -95,10 +96,13 @@ def append_only_tables() -> list[str]:
 
 
 class AuditLog:
-    """The alias audit log in the database at `url` (created idempotently on first use)."""
+    """The alias audit log in the database at `url` (created idempotently on first use). A move's `at` is the
+    project clock's time (`clock`, from the entry point): liveness, staleness and the volume trigger compare it
+    with the project's now."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Clock | None = None) -> None:
         self.url = url
+        self.clock = clock or WallClock()
         self._engine = project_engine(url, "audit log")
         self._table = AUDIT
         self._create()
@@ -132,7 +136,7 @@ class AuditLog:
     ) -> AuditEntry:
         """Record one alias move and return it as stored."""
         row = {
-            "at": (at or datetime.now(UTC)).astimezone(UTC),
+            "at": (at or self.clock.now()).astimezone(UTC),
             "model": model,
             "alias": alias,
             "from_version": None if from_version is None else str(from_version),

@@ -121,7 +121,7 @@ class SupersedeClaim(BaseModel):
 
 def in_flight(lock: LockInfo | None, now: datetime | None = None) -> bool:
     """A rollout is in flight while its lock is held and its lease has not expired."""
-    return lock is not None and lock.expires_at > (now or datetime.now(UTC))
+    return lock is not None and lock.expires_at > (now or datetime.now(UTC))  # leases are on the wall clock
 
 
 def is_stale(gated_against: str | None, champion: str | None) -> bool:

@@ -175,13 +175,15 @@ def outcomes_ingest(
     Re-ingesting a batch with the same content adds nothing. Exit 2 at the first batch that fails."""
     from flywheel.outcomes import ingest_outcome_file
     from flywheel.schemas import load_dataset
+    from flywheel.stack import project_clock
 
     try:
         settings = _settings(profile, config_dir)
         ds = load_dataset(dataset if dataset and dataset.is_file() else settings.resolve(dataset or settings.dataset))
         quarantine = settings.resolve(settings.paths.quarantine_dir)
+        clock = project_clock(settings)  # the running stack's, else the settings': the volume trigger counts by it
         for path in files:
-            report = ingest_outcome_file(path, ds, settings.audit_db_url, quarantine)
+            report = ingest_outcome_file(path, ds, settings.audit_db_url, quarantine, clock.now())
             verb = "already stored, nothing added" if report.skipped else f"{report.rows} outcome(s) stored"
             console.print(f"{path.name}: {verb} (batch {report.batch_id[:12]}; {report.total_rows} in total)",
                           soft_wrap=True)
@@ -210,17 +212,16 @@ def feature_apply(dataset: DatasetOpt = None, profile: ProfileOpt = None, config
 def feature_materialize(dataset: DatasetOpt = None, profile: ProfileOpt = None,
                         config_dir: ConfigDirOpt = None) -> None:
     """Load the offline store into the online store (full range first, incremental afterwards)."""
-    from datetime import UTC, datetime
-
     from flywheel.featurestore import materialize_online, open_store, render_repo
     from flywheel.schemas import load_dataset
+    from flywheel.stack import project_clock
 
     try:
         settings = _settings(profile, config_dir)
         ds = load_dataset(settings.resolve(dataset or settings.dataset))
         repo = render_repo(settings.stores, settings.paths.home)
         report = materialize_online(open_store(repo), ds, settings.resolve(settings.paths.offline_dir),
-                                    datetime.now(UTC))
+                                    project_clock(settings).now())  # up to the project's now
     except FlywheelError as exc:
         _fail(exc)
     console.print(f"materialized: {report}")
@@ -699,6 +700,7 @@ def monitor(
     from flywheel.monitoring.history import MonitoringHistory
     from flywheel.monitoring.window import monitor_window
     from flywheel.schemas import load_dataset
+    from flywheel.stack import project_clock
 
     try:
         settings = _settings(profile, config_dir)
@@ -723,7 +725,8 @@ def monitor(
             done = monitor_window(batch.profile, batch.window, policy, history, model=name, version=batch.version,
                                   reference=batch.reference, start=batch.start, end=batch.end,
                                   predictions=batch.predictions, dataset=ds, validate_cfg=settings.validate_,
-                                  report_path=report_path, estimate=perf.estimate)
+                                  report_path=report_path, estimate=perf.estimate,
+                                  judged_at=project_clock(settings).now())  # the loop's liveness reads it
         finally:
             history.close()
     except FlywheelError as exc:
@@ -839,11 +842,14 @@ def loop_pause_cmd(reason: Annotated[str, typer.Option(help="why (recorded with 
     """Pause the loop: candidates are queued instead of becoming challenger, rollouts hold instead of
     promoting. `flywheel rollout promote|rollback|start` still work."""
     from flywheel.loopcontrol import LoopControl
+    from flywheel.stack import project_clock
 
     try:
         settings = _settings(profile, config_dir)
         name = _rollout_model(settings, model)
-        state, recorded = LoopControl(settings.audit_db_url).pause(name, _user(), reason)
+        # on the project clock: the loop's state is its latest event by time
+        state, recorded = LoopControl(settings.audit_db_url).pause(name, _user(), reason,
+                                                                   project_clock(settings).now())
     except (FlywheelError, ValueError) as exc:
         _fail(exc)
     console.print(state.describe() if recorded else f"already paused, nothing recorded: {state.describe()}",
@@ -857,20 +863,21 @@ def loop_resume_cmd(model: ModelOpt = None, profile: ProfileOpt = None, config_d
     """Resume the loop, then hand the challenger queue off (the newest queued version becomes challenger
     and its rollout starts) unless a rollout is in flight."""
     from flywheel.loopcontrol import LoopControl
-    from flywheel.stack import use_active_stack
+    from flywheel.stack import project_clock, use_active_stack
 
     try:
         settings = _settings(profile, config_dir)
         name = _rollout_model(settings, model)
         actor = _user()
-        state, recorded = LoopControl(settings.audit_db_url).resume(name, actor, reason)
+        state, recorded = LoopControl(settings.audit_db_url).resume(name, actor, reason,
+                                                                    project_clock(settings).now())
         console.print(state.describe() + ("" if recorded else " (was not paused; nothing recorded)"),
                       markup=False, soft_wrap=True)
         use_active_stack(settings)  # before Prefect is imported: a released version's event goes to the stack
         from tasks.rollout import hand_off_and_announce
 
         done = hand_off_and_announce(settings.mlflow_tracking_uri, settings.audit_db_url, name, actor,
-                                     f"loop resumed by {actor}")
+                                     f"loop resumed by {actor}", project_clock(settings))
     except FlywheelError as exc:
         _fail(exc)
     if done["released"]:

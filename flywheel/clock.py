@@ -1,4 +1,5 @@
-"""The one clock the project's own logic reads: trigger cooldowns, model staleness, liveness, windows.
+"""The one clock the project's own logic reads: trigger cooldowns, model staleness, liveness, windows,
+a training's `as_of`, ingest and scoring times, the alias audit log.
 
 Logic never calls `datetime.now()` itself: it takes `now`, and the entry point that calls it asks a
 `Clock`. In production that is the wall clock. For the demo a `SimulatedClock` runs days in seconds, so
@@ -6,14 +7,15 @@ a weekly schedule, a 6-hour cooldown and a 30-day staleness limit all happen whi
 
 What stays on wall time whatever the clock: Prefect (schedules, concurrency slots, event dedupe, run
 times), HMAC signature timestamps (the receiver compares them with its own wall clock), HTTP timeouts
-and retry back-off. A simulated clock only moves the project's decisions, never the machinery's.
+and retry back-off, lock leases, MLflow's record times. A simulated clock only moves the project's
+decisions, never the machinery's (tests/unit/test_wall_time_guard.py lists every wall-time read).
 
 Several processes (the CLI, a served flow, the service) agree on a simulated time when they share its
 `anchor`: the wall time at which the simulation stood at `start`. Without one, each process anchors at
 the moment it built the clock (good enough for one process, such as a test); `flywheel up` fixes one for
 the whole stack (flywheel/stack.py). Without a `start` the simulation starts at its anchor: simulated time
-then never runs behind the wall clock, so ages measured from wall-time records (a model's registration)
-stay positive and only grow faster.
+then never runs behind the wall clock, so ages measured from any wall-time record left (one written
+before the clock was simulated) stay positive and only grow faster.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def compact_locked(folder: Path, dataset: DatasetDefinition, ledger: dict[str, d
             rows[(month, table)] = _merge([live / n for n in own], staged / merged) if own else 0
     if fail_after == "build":
         raise FlywheelError("compaction stopped after building the new set (test)")
-    stamp = datetime.now(UTC).isoformat()
+    stamp = datetime.now(UTC).isoformat()  # wall: bookkeeping of the compaction itself (cutoffs use `now`)
     append_ledger(folder, {b: {**{key: merged for _, key in TABLE_KEYS if ledger[b].get(key)},  # 2. commit
                                "compacted_at": stamp}
                            for _, batches, _, merged in done for b in batches})

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from flywheel.clock import wall_now
 from flywheel.errors import FeatureJoinError, FlywheelError
 from flywheel.schemas import DatasetDefinition, Result
 
@@ -596,8 +597,10 @@ def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
 
 def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path, batch_id: str,
                  ingested_at: datetime | None = None) -> IngestReport:
-    """Add a validated batch to the dataset's offline store as one new part file per table. `ingested_at` (default
-    now) is recorded in the ledger: compaction groups batches by the month of their ingest.
+    """Add a validated batch to the dataset's offline store as one new part file per table. `ingested_at` is
+    recorded in the ledger: compaction groups batches by the month of their ingest, and the volume trigger counts
+    the labelled rows ingested since the last training; the flows pass the project clock's now (the wall clock
+    is a default for direct calls).
 
     Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
     recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
@@ -606,7 +609,7 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
-    stamp = (ingested_at or datetime.now(UTC)).astimezone(UTC).isoformat()
+    stamp = (ingested_at or wall_now()).astimezone(UTC).isoformat()  # the wall: a library default only
     missing = _missing_columns(df, dataset)
     if missing:
         raise FlywheelError(f"batch {batch_id} lacks columns of dataset {dataset.name!r}: {missing}")
@@ -680,7 +683,7 @@ def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
     if not batch_ids:
         return
     with _locked(folder):
-        now = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC).isoformat()  # bookkeeping of the store's own work: nothing compares it with now
         _append_ledger(folder, {b: {"materialized_at": now} for b in sorted(batch_ids & set(_read_ledger(folder)))})
 
 
@@ -1014,7 +1017,7 @@ def build_training_set(
     service_name: str,
     cfg: FeaturesConfig,
     offline_dir: Path,
-    as_of: datetime | None = None,
+    as_of: datetime,
 ) -> tuple[pd.DataFrame, JoinReport]:
     """The labelled frame for training: point-in-time features for every label known at `as_of`.
 
@@ -1025,7 +1028,7 @@ def build_training_set(
     counted; past the configured shares the join fails (FeatureJoinError), below them the all-null rows are removed.
     """
     t0 = time.perf_counter()
-    cut = as_of or datetime.now(UTC)
+    cut = as_of
     if cut.tzinfo is None:
         raise FlywheelError("as_of must be tz-aware (UTC)")
     lpath = offline_path(dataset_dir(offline_dir, dataset), LABELS_FILE)

@@ -9,7 +9,8 @@ short. An operator superseding a running rollout takes its lock while the lease 
 
 Times are stored as naive UTC (`TIMESTAMP WITHOUT TIME ZONE`): SQLite keeps no offset and Postgres
 would otherwise convert naive values through the session time zone. SQLAlchemy Core only, so the same
-code runs on SQLite and Postgres.
+code runs on SQLite and Postgres. Leases are on the wall clock, whatever the project clock: they are
+machinery between processes (a lease of `lease_s` wall seconds), like Prefect's concurrency slots.
 """
 
 from __future__ import annotations

@@ -111,6 +111,7 @@ class LoopControl:
         ensure(self._engine, [EVENTS])
 
     def _append(self, model: str, action: Action, actor: str, reason: str, at: datetime | None) -> LoopEvent:
+        # the CLI passes the project clock's now; the wall's is a library default
         row = {"at": naive_utc(at or datetime.now(UTC)), "model": model, "action": action, "actor": actor,
                "reason": reason}
         with self._engine.begin() as conn:

@@ -174,6 +174,7 @@ class NotificationLog:
             return bool(conn.execute(q).scalar_one())
 
     def record(self, alarm: Alarm, result: DeliveryResult, at: datetime | None = None) -> None:
+        # wall: when the HTTP delivery happened (machinery), not the alarm's time on the project clock
         row = {"at": (at or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None), "alarm_id": alarm.id,
                "kind": alarm.kind, "model": alarm.model, "summary": alarm.summary, **result.model_dump(
                    include={"target", "delivery_id", "outcome", "attempts", "status_code", "error"})}

@@ -65,7 +65,7 @@ class OutboxSender:
         self.store, self.send = store, send
         self.on_emitted, self.on_failed = on_emitted, on_failed
         self.batch, self.poll_s, self.max_backoff_s, self.linger_s = batch, poll_s, max_backoff_s, linger_s
-        self.now = now or (lambda: datetime.now(UTC))
+        self.now = now or (lambda: datetime.now(UTC))  # wall: Prefect's events and their retry back-off
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None  # why the last send failed; None once one succeeds

@@ -35,6 +35,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from flywheel import migrations
+from flywheel.clock import wall_now
 from flywheel.db import project_engine
 from flywheel.errors import DataValidationError, FlywheelError
 from flywheel.schemas import DatasetDefinition, Result
@@ -225,9 +226,11 @@ def read_outcome_batch(path: Path, dataset: DatasetDefinition) -> pd.DataFrame:
     return read_batch(Path(path), dataset, None if Path(path).suffix else _outcomes_cfg(dataset).format)
 
 
-def ingest_outcome_file(path: Path, dataset: DatasetDefinition, url: str, quarantine_dir: Path) -> OutcomeIngestReport:
-    """Read, validate and store one outcome batch. A batch that fails validation (or cannot be read) is
-    moved to `quarantine_dir` with its report and DataValidationError names every failure."""
+def ingest_outcome_file(path: Path, dataset: DatasetDefinition, url: str, quarantine_dir: Path,
+                        ingested_at: datetime | None = None) -> OutcomeIngestReport:
+    """Read, validate and store one outcome batch, stamped `ingested_at` (entry points pass the project clock's
+    now). A batch that fails validation (or cannot be read) is moved to `quarantine_dir` with its report and
+    DataValidationError names every failure."""
     from flywheel.validation import quarantine_batch
 
     path = Path(path)
@@ -247,7 +250,7 @@ def ingest_outcome_file(path: Path, dataset: DatasetDefinition, url: str, quaran
         raise DataValidationError(outcome.batch, outcome.failures, str(moved))
     store = OutcomeStore(url)
     try:
-        return store.ingest(outcome_rows(df, dataset), dataset, source=str(path))
+        return store.ingest(outcome_rows(df, dataset), dataset, source=str(path), ingested_at=ingested_at)
     finally:
         store.close()
 
@@ -266,9 +269,12 @@ class OutcomeStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def ingest(self, rows: pd.DataFrame, dataset: DatasetDefinition, source: str) -> OutcomeIngestReport:
-        """Store normalized rows (`outcome_rows`) as one batch; a batch whose content is already stored adds
-        nothing (also when two processes ingest it at once: the batch row's primary key decides)."""
+    def ingest(self, rows: pd.DataFrame, dataset: DatasetDefinition, source: str,
+               ingested_at: datetime | None = None) -> OutcomeIngestReport:
+        """Store normalized rows (`outcome_rows`) as one batch, stamped `ingested_at` (the volume trigger counts
+        from it; entry points pass the project clock's now, the wall clock is only a library default); a batch
+        whose content is already stored adds nothing (also when two processes ingest it at once: the batch
+        row's primary key decides)."""
         batch = content_id(rows, dataset)
         records = [
             {"dataset": dataset.name, "entity": r.entity, "event_time": self._time(r.event_time), "label": r.label,
@@ -284,7 +290,7 @@ class OutcomeStore:
                 else:
                     conn.execute(OUTCOME_BATCHES.insert().values(
                         batch_id=batch, dataset=dataset.name, source=source[-512:], rows=len(records),
-                        ingested_at=self._time(datetime.now(UTC))))
+                        ingested_at=self._time(ingested_at or wall_now())))
                     if records:
                         conn.execute(OUTCOMES.insert(), records)
         except sa.exc.IntegrityError:
@@ -316,12 +322,11 @@ class OutcomeStore:
             last = conn.execute(sa.select(sa.func.max(o.c.arrived_at)).where(known)).scalar_one()
         return n, (_stamp(last).to_pydatetime() if last is not None else None)
 
-    def read(self, dataset: DatasetDefinition, as_of: datetime | None = None,
+    def read(self, dataset: DatasetDefinition, as_of: datetime,
              arrived_since: datetime | None = None) -> pd.DataFrame:
-        """The dataset's outcomes known at `as_of` (default now): OUTCOME_COLUMNS, `y` 1 for the positive
+        """The dataset's outcomes known at `as_of` (the project clock's time): OUTCOME_COLUMNS, `y` 1 for the positive
         label. With `arrived_since`, only snapshots with an arrival after it, but then with ALL their
         arrivals up to `as_of` (the join needs each snapshot's first arrival to refuse labels known early)."""
-        as_of = as_of or datetime.now(UTC)
         o = OUTCOMES
         q = sa.select(o.c.entity, o.c.event_time, o.c.label, o.c.arrived_at, o.c.context).where(
             o.c.dataset == dataset.name, o.c.arrived_at <= self._time(as_of))
@@ -357,7 +362,7 @@ def outcomes_frame(frame: pd.DataFrame, dataset: DatasetDefinition) -> pd.DataFr
     return out[OUTCOME_COLUMNS]
 
 
-def read_outcomes(url: str, dataset: DatasetDefinition, as_of: datetime | None = None,
+def read_outcomes(url: str, dataset: DatasetDefinition, as_of: datetime,
                   arrived_since: datetime | None = None) -> pd.DataFrame:
     """`OutcomeStore(url).read(...)` in one call (an empty frame when the dataset collects no outcomes)."""
     store = OutcomeStore(url)
@@ -462,7 +467,7 @@ def read_served(log_url: str, model: str, as_of: datetime | None = None) -> pd.D
 
 
 def served_training_frame(served: pd.DataFrame, outcomes: pd.DataFrame, dataset: DatasetDefinition,
-                          as_of: datetime | None = None) -> tuple[pd.DataFrame, ServedTrainingReport]:
+                          as_of: datetime) -> tuple[pd.DataFrame, ServedTrainingReport]:
     """A training frame from the features the service actually used, joined with their outcomes.
 
     `served`: entity, at, feature_time, features (dict per prediction); `outcomes`: OUTCOME_COLUMNS.
@@ -473,7 +478,7 @@ def served_training_frame(served: pd.DataFrame, outcomes: pd.DataFrame, dataset:
     training does not need the label to arrive after the prediction: no prediction is being judged, and
     the features are the snapshot's own, served before `as_of`.
     """
-    cut = _stamp(as_of or datetime.now(UTC))
+    cut = _stamp(as_of)
     s = served[served["feature_time"].notna() & served["entity"].notna()]
     s = s.assign(entity=s["entity"].astype(str), feature_time=_utc(s["feature_time"]).array,
                  at=_utc(s["at"]).array)
@@ -510,7 +515,7 @@ def served_training_frame(served: pd.DataFrame, outcomes: pd.DataFrame, dataset:
 
 
 def load_served_training_set(log_url: str, outcomes_url: str, dataset: DatasetDefinition, model: str,
-                             as_of: datetime | None = None) -> tuple[pd.DataFrame, ServedTrainingReport]:
+                             as_of: datetime) -> tuple[pd.DataFrame, ServedTrainingReport]:
     """`served_training_frame` on the prediction log of `model` and the dataset's stored outcomes; fails
     (FlywheelError, naming the count and the minimum) when fewer than `outcomes.min_training_rows` served
     snapshots have an outcome yet: a run asked to train on served features never falls back to the offline store."""

@@ -372,6 +372,7 @@ class PredictionLog:
         return json.loads(row[0]) if row else None
 
     def save_policy(self, model: str, policy: dict[str, Any], actor: str) -> None:
+        # wall time: when a person or a rollout changed the routing (shown, never compared with the project's now)
         values = {"policy": json.dumps(policy, sort_keys=True), "updated_at": datetime.now(UTC), "updated_by": actor}
         with self._engine.begin() as conn:
             done = conn.execute(self.routing.update().where(self.routing.c.model == model).values(**values))

@@ -792,7 +792,7 @@ class RolloutDecision(Strict):
     approval: dict[str, Any] | None = None
     rollback_path: list[float] = Field(default_factory=list, description="gradual rollback: challenger shares "
                                        "held on the way down, ending at 0")
-    decided_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    decided_at: datetime  # the project clock's time (the flow passes it)
 
     def evidence(self) -> dict[str, Any]:
         out: dict[str, Any] = {"plan": self.plan, "strategy": self.strategy, "champion": self.champion,

@@ -72,7 +72,7 @@ class RolloutControls:
 
     def request_supersede(self, model: str, holder: str, version: str | None, actor: str, reason: str,
                           at: datetime | None = None) -> ControlRequest:
-        at = (at or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
+        at = (at or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)  # wall: shown, never compared
         row = {"at": at, "model": model, "holder": holder, "action": "supersede", "version": version,
                "actor": actor, "reason": reason}
         with self._engine.begin() as conn:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from flywheel.schemas import DatasetDefinition, GatesConfig, load_dataset, load_
 from flywheel.settings import Settings, TrainConfig, apply_runtime_environment, load_settings
 
 if TYPE_CHECKING:
+    from flywheel.clock import Clock
     from flywheel.validation import ValidationOutcome
 
 
@@ -53,6 +55,13 @@ class RunContext:
     @property
     def audit_db_url(self) -> str:
         return self.settings.audit_db_url
+
+    @cached_property
+    def clock(self) -> Clock:
+        """The project clock of this run, built once (a simulated one without an anchor anchors here)."""
+        from flywheel.clock import build_clock
+
+        return build_clock(self.settings.clock)
 
     @property
     def model_name(self) -> str:

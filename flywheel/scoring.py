@@ -47,7 +47,7 @@ _ENTITY_TS = "event_timestamp"  # Feast's entity-frame timestamp column
 
 # output columns after the entity id, in order
 OUTPUT_COLUMNS = (
-    "scored_at",  # when this run scored (wall clock, UTC)
+    "scored_at",  # when this run scored (the project clock, UTC)
     "feature_time",  # the point in time whose features were used (`at`)
     "model_name",
     "model_version",
@@ -211,12 +211,12 @@ def score_features(
     dataset: DatasetDefinition,
     at: datetime,
     feature_service: str,
-    scored_at: datetime | None = None,
+    scored_at: datetime,
 ) -> pd.DataFrame:
     """One output row per entity of `features` (index: entity id). Entities with every feature missing
     get a null score and `reason` = no_features; the others get the model's probability and 0/1 label."""
     at = require_utc(at)
-    scored_at = require_utc(scored_at or datetime.now(UTC), "scored_at")
+    scored_at = require_utc(scored_at, "scored_at")
     names = dataset.feature_names
     missing = features[names].isna()
     empty = missing.all(axis=1).to_numpy()
@@ -345,12 +345,14 @@ def batch_score(
     ids: Sequence[Any] | pd.Series,
     at: datetime,
     output_dir: Path,
+    scored_at: datetime,
 ) -> ScoringReport:
-    """Offline features at `at` through the model's service -> predictions -> one parquet file."""
+    """Offline features at `at` through the model's service -> predictions -> one parquet file, every row
+    stamped `scored_at` (the project clock's now)."""
     t0 = time.perf_counter()
     service = model_feature_service(model)
     features = offline_features(store, service, dataset, ids, at)
-    scored = score_features(model, features, dataset, at, service)
+    scored = score_features(model, features, dataset, at, service, scored_at)
     path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
     return summarize(scored, path, time.perf_counter() - t0)
 
@@ -383,11 +385,12 @@ def batch_score_partitioned(
     output_dir: Path,
     partition_rows: int,
     map_partitions: PartitionMap,
+    scored_at: datetime,
 ) -> ScoringReport:
     """`batch_score` with the entities cut into partitions of `partition_rows`, scored by `map_partitions`
     (e.g. on Dask workers), then joined in order into the same one file, every row with one `scored_at`."""
     t0 = time.perf_counter()
-    frames = map_partitions(partitions(ids, partition_rows), datetime.now(UTC))
+    frames = map_partitions(partitions(ids, partition_rows), scored_at)
     scored = pd.concat(frames, ignore_index=True)
     path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
     return summarize(scored, path, time.perf_counter() - t0)

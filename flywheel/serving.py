@@ -209,7 +209,7 @@ def make_slot(loaded: LoadedModel, arm: Arm, dataset: DatasetDefinition) -> Mode
         version=str(loaded.version),
         predictor=predictor,
         feature_service=service,
-        loaded_at=datetime.now(UTC),
+        loaded_at=datetime.now(UTC),  # wall: the process's own status, not the project's logic
         run_id=loaded.run_id,
     )
 
@@ -630,7 +630,7 @@ class ServingState:
         from flywheel.errors import ModelIntegrityError
 
         with self._reload_lock:
-            self.last_reload = datetime.now(UTC)
+            self.last_reload = datetime.now(UTC)  # wall: the process's own status
             try:
                 registry = self._registry or self._registry_factory()
                 wanted = {arm: registry.alias_version(self.model_name, arm) for arm in ARMS}
@@ -1003,4 +1003,4 @@ def _short(exc: Exception) -> str:
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat()
+    return datetime.now(UTC).isoformat()  # wall: status and error reports of the process

@@ -87,7 +87,7 @@ class TriggerDecisions:
     def record(self, decision: Decision, recorded_at: datetime | None = None) -> Decision:
         """Insert one decision; DecisionConflict if its id is taken (another process decided it first)."""
         row = {"id": decision.id, "at": naive_utc(decision.at),
-               "recorded_at": naive_utc(recorded_at or datetime.now(UTC)),
+               "recorded_at": naive_utc(recorded_at or datetime.now(UTC)),  # wall, beside `at` on the project clock
                "model": decision.model, "kind": decision.kind, "event_id": decision.event_id,
                "occurred": naive_utc(decision.occurred), "outcome": decision.outcome,
                "suppressed_by": decision.suppressed_by, "reason": decision.reason,
@@ -131,7 +131,7 @@ class TriggerDecisions:
 
     def mark_emitted(self, decision_id: str, at: datetime | None = None) -> bool:
         """Record when the decision's event went out (once)."""
-        return self._fill(decision_id, "emitted_at", naive_utc(at or datetime.now(UTC)))
+        return self._fill(decision_id, "emitted_at", naive_utc(at or datetime.now(UTC)))  # Prefect's time: wall
 
     def link_run(self, decision_id: str, flow_run_id: str) -> bool:
         """Record the training flow run the decision started (once)."""

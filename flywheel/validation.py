@@ -386,7 +386,7 @@ def quarantine_batch(path: Path, quarantine_dir: Path, outcome: ValidationOutcom
     report = {
         "source": str(path),
         "quarantined_to": str(target),
-        "quarantined_at": datetime.now(UTC).isoformat(),
+        "quarantined_at": datetime.now(UTC).isoformat(),  # wall: a report for people, nothing compares it
         **outcome.model_dump(mode="json"),
     }
     tmp = _report_path(target).with_suffix(".tmp")

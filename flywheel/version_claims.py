@@ -52,6 +52,7 @@ CLAIMS = sa.Table(
 
 
 def _now() -> datetime:
+    # wall time: claims are leases between processes (machinery), not the project's logic
     return datetime.now(UTC).replace(tzinfo=None)
 
 

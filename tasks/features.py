@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -51,9 +51,11 @@ def batch_id(path: Path) -> str:
     retries=2,
     retry_delay_seconds=5,
 )
-def ingest_batch(batch: Path, dataset: DatasetDefinition, offline_dir: Path) -> IngestReport:
-    """Append one validated batch file to the offline store (idempotent per file name)."""
-    report = featurestore.ingest_batch(read_batch(batch, dataset), dataset, offline_dir, batch_id(batch))
+def ingest_batch(batch: Path, dataset: DatasetDefinition, offline_dir: Path, ingested_at: datetime) -> IngestReport:
+    """Append one validated batch file to the offline store (idempotent per file name), stamped `ingested_at`
+    (the project clock's time: the volume trigger counts the rows that arrived since the last training)."""
+    report = featurestore.ingest_batch(read_batch(batch, dataset), dataset, offline_dir, batch_id(batch),
+                                       ingested_at=ingested_at)
     run_logger("flywheel.features").info(
         "%s %s: %d feature rows, %d label rows",
         "skipped (already ingested)" if report.skipped else "ingested", report.batch_id,
@@ -68,12 +70,11 @@ def ingest_batch(batch: Path, dataset: DatasetDefinition, offline_dir: Path) -> 
     retries=2,
     retry_delay_seconds=5,
 )
-def materialize_features(
-    repo: Path, dataset: DatasetDefinition, offline_dir: Path, end: datetime | None = None
-) -> MaterializeReport:
-    """Load the online store up to `end` (default now): the full range first, incrementally afterwards."""
+def materialize_features(repo: Path, dataset: DatasetDefinition, offline_dir: Path, end: datetime) -> MaterializeReport:
+    """Load the online store up to `end` (the project clock's now, or a training's as_of): the full range
+    first, incrementally afterwards."""
     store = featurestore.open_store(repo)
-    report = featurestore.materialize_online(store, dataset, offline_dir, end or datetime.now(UTC))
+    report = featurestore.materialize_online(store, dataset, offline_dir, end)
     run_logger("flywheel.features").info("materialized %s in %.2f s", report.modes, report.seconds)
     return report
 
@@ -91,7 +92,7 @@ def build_training_set(
     service: str,
     cfg: FeaturesConfig,
     offline_dir: Path,
-    as_of: datetime | None = None,
+    as_of: datetime,
 ) -> pd.DataFrame:
     """Point-in-time training set through a feature service; publishes the join report as an artifact."""
     store = featurestore.open_store(repo)

@@ -231,7 +231,7 @@ def log_monitoring_run(tracking_uri: str, artifact_location: str, experiment: st
                             tags={"flywheel.model": model_name, "flywheel.version": str(version),
                                   "flywheel.reference": reference, "flywheel.window": window_key,
                                   "mlflow.note.content": summary})
-    stamp = int(datetime.now().timestamp() * 1000)
+    stamp = int(datetime.now().timestamp() * 1000)  # MLflow's record time (wall); the window is in the tags
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in sorted(metrics.items())])
     if report is not None and Path(report).exists():
         client.log_artifact(run.info.run_id, str(report), "report")

@@ -17,11 +17,12 @@ from tasks._prefect import in_run, retry_transient, run_logger
 
 @task(name="ingest_outcomes", task_run_name="ingest-outcomes-{batch.name}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def ingest_outcomes(batch: Path, dataset: DatasetDefinition, outcomes_url: str, quarantine_dir: Path
-                    ) -> OutcomeIngestReport:
-    """Validate one outcome batch and store it in flywheel_outcomes (idempotent by content). A failing batch
-    is quarantined and DataValidationError names every failure (not retried: bad data does not heal)."""
-    report = outcomes.ingest_outcome_file(Path(batch), dataset, outcomes_url, quarantine_dir)
+def ingest_outcomes(batch: Path, dataset: DatasetDefinition, outcomes_url: str, quarantine_dir: Path,
+                    ingested_at: datetime) -> OutcomeIngestReport:
+    """Validate one outcome batch and store it in flywheel_outcomes (idempotent by content), stamped
+    `ingested_at` (the project clock's now). A failing batch is quarantined and DataValidationError names every
+    failure (not retried: bad data does not heal)."""
+    report = outcomes.ingest_outcome_file(Path(batch), dataset, outcomes_url, quarantine_dir, ingested_at)
     run_logger("flywheel.outcomes").info(
         "%s: %s (batch %s; %d outcomes of %s stored)", Path(batch).name,
         "already stored, nothing added" if report.skipped else f"{report.rows} outcome(s) added",
@@ -32,7 +33,7 @@ def ingest_outcomes(batch: Path, dataset: DatasetDefinition, outcomes_url: str, 
 @task(name="build_served_training_set", task_run_name="served-training-set-{dataset.name}", cache_policy=NO_CACHE,
       retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def build_served_training_set(log_url: str, outcomes_url: str, dataset: DatasetDefinition, model: str,
-                              as_of: datetime | None = None) -> pd.DataFrame:
+                              as_of: datetime) -> pd.DataFrame:
     """The training frame from the prediction log's served features joined with their outcomes
     (`training_source: served_features`); the counts become an artifact."""
     frame, report = outcomes.load_served_training_set(log_url, outcomes_url, dataset, model, as_of)

@@ -13,6 +13,7 @@ from prefect.logging import get_logger
 from pydantic import BaseModel
 
 from flywheel.challenger_queue import CHALLENGER_REASON, FIRST_CHAMPION_REASON  # noqa: F401 (re-exported)
+from flywheel.clock import Clock
 from flywheel.errors import RegistryError
 from flywheel.schemas import DatasetDefinition, GateReport
 from tasks._prefect import in_run, retry_transient
@@ -293,9 +294,11 @@ def register_model(
     audit_db_url: str,
     actor: str,
     gate_markdown: str | None = None,
+    clock: Clock | None = None,
 ) -> RegistrationOutcome:
     """Log, register and verify the candidate; by its gate report: rejected, or champion / challenger, or
-    queued while a rollout of the model is in flight or its loop is paused (flywheel/challenger_queue.py)."""
+    queued while a rollout of the model is in flight or its loop is paused (flywheel/challenger_queue.py).
+    `clock`: the project clock the alias moves are audited on (default: wall)."""
     import mlflow
     from mlflow.entities import RunTag
 
@@ -320,7 +323,7 @@ def register_model(
     from flywheel.version_claims import VersionClaims
     from tasks.evaluate import render_named_gate_report, report_json
 
-    registry = Registry(tracking_uri, AuditLog(audit_db_url))
+    registry = Registry(tracking_uri, AuditLog(audit_db_url, clock))
     # one version per (model, data, config): the first training to claim it registers, the others report it
     digests, claims = _digests_of(lineage), VersionClaims(audit_db_url)
     if digests is not None:

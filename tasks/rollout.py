@@ -118,11 +118,12 @@ def _detail(response: httpx.Response) -> str:
         return response.text[:300]
 
 
-def _registry(tracking_uri: str, audit_db_url: str) -> Any:
+def _registry(tracking_uri: str, audit_db_url: str, clock: Clock | None = None) -> Any:
+    """The registry, its alias moves audited on `clock` (the project clock; default wall)."""
     from flywheel.audit import AuditLog
     from flywheel.registry import Registry
 
-    return Registry(tracking_uri, AuditLog(audit_db_url))
+    return Registry(tracking_uri, AuditLog(audit_db_url, clock))
 
 
 # ------------------------------------------------------------------------------------ plan, target
@@ -217,12 +218,13 @@ def announce_release(registry: Any, model: str, done: Any, why: str) -> str | No
         related_run_id=mv.run_id)
 
 
-def hand_off_and_announce(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str) -> dict[str, Any]:
+def hand_off_and_announce(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str,
+                          clock: Clock | None = None) -> dict[str, Any]:
     """The queue's hand-off (flywheel/challenger_queue.py) and the released version's event."""
     from flywheel.challenger_queue import hand_off
     from flywheel.loopcontrol import LoopControl
 
-    registry = _registry(tracking_uri, audit_db_url)
+    registry = _registry(tracking_uri, audit_db_url, clock)
     done = hand_off(registry, RolloutLocks(audit_db_url), LoopControl(audit_db_url), model, actor, why)
     event = announce_release(registry, model, done, why)
     return {**done.model_dump(), "event": event}
@@ -230,10 +232,11 @@ def hand_off_and_announce(tracking_uri: str, audit_db_url: str, model: str, acto
 
 @task(task_run_name="hand-off-queued-{model}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_transient)
-def hand_off_queued(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str) -> dict[str, Any]:
+def hand_off_queued(tracking_uri: str, audit_db_url: str, model: str, actor: str, why: str,
+                    clock: Clock | None = None) -> dict[str, Any]:
     """After a rollout released its lock: the newest queued challenger takes the alias and its
     challenger-registered event starts its rollout; older ones are superseded, a stale one is kept out."""
-    out = hand_off_and_announce(tracking_uri, audit_db_url, model, actor, why)
+    out = hand_off_and_announce(tracking_uri, audit_db_url, model, actor, why, clock)
     log = run_logger("flywheel.rollout")
     if out["released"]:
         log.info("queued v%s released to %s (%s); event %s", out["released"], out["alias"], why,
@@ -344,7 +347,8 @@ def _judge_window(span: tuple[datetime, datetime], log_url: str, outcomes_url: s
     started, ended = span
     versions = [target.champion, target.challenger]
     window = read_predictions(log_url, target.model, versions, started, ended)
-    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=rollout_started - timedelta(seconds=1))
+    # known by the window's end on the project clock (arrivals are on it, not on the wall's)
+    outcomes = read_outcomes(outcomes_url, dataset, as_of=ended, arrived_since=rollout_started - timedelta(seconds=1))
     failed = count_failures(log_url, target.model, target.challenger, started, ended, shadow=shadow is not None)
     if shadow is not None:
         champ, chall = split_arms(window, target.champion, target.challenger, shadow=True)
@@ -365,12 +369,12 @@ def _judge_window(span: tuple[datetime, datetime], log_url: str, outcomes_url: s
 
 @task(task_run_name="read-ab-outcome", cache_policy=NO_CACHE)
 def read_ab_outcome(log_url: str, outcomes_url: str, dataset: DatasetDefinition, target: RolloutTarget,
-                    plan: ABTestPlan, since: datetime) -> ABReadout:
-    """Per-arm outcome metric on the outcomes that arrived after the test's predictions, with a confidence
-    interval on the difference."""
+                    plan: ABTestPlan, since: datetime, now: datetime) -> ABReadout:
+    """Per-arm outcome metric on the outcomes that arrived after the test's predictions (and by `now`, the
+    project clock's), with a confidence interval on the difference."""
     rows = read_predictions(log_url, target.model, [target.champion, target.challenger], since)
     champ, chall = split_arms(rows, target.champion, target.challenger)
-    outcomes = read_outcomes(outcomes_url, dataset, arrived_since=since)
+    outcomes = read_outcomes(outcomes_url, dataset, as_of=now, arrived_since=since)
     return ab_readout(champ, chall, outcomes, plan)
 
 
@@ -380,9 +384,9 @@ def read_ab_outcome(log_url: str, outcomes_url: str, dataset: DatasetDefinition,
 @task(task_run_name="promote-challenger-{target.challenger}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_transient)
 def promote_challenger(tracking_uri: str, audit_db_url: str, target: RolloutTarget, reason: str, actor: str,
-                       evidence: dict[str, Any]) -> int:
+                       evidence: dict[str, Any], clock: Clock | None = None) -> int:
     """Challenger -> champion (the old champion is archived, the challenger alias cleared; all audited)."""
-    registry = _registry(tracking_uri, audit_db_url)
+    registry = _registry(tracking_uri, audit_db_url, clock)
     if registry.alias_version(target.model, "champion") == target.challenger:
         return -1  # a retry after the move went through
     if registry.alias_version(target.model, "challenger") != target.challenger:
@@ -395,11 +399,11 @@ def promote_challenger(tracking_uri: str, audit_db_url: str, target: RolloutTarg
 @task(task_run_name="roll-back-challenger-{target.challenger}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_transient)
 def rollback_challenger(tracking_uri: str, audit_db_url: str, target: RolloutTarget, reason: str, actor: str,
-                        evidence: dict[str, Any]) -> int | None:
+                        evidence: dict[str, Any], clock: Clock | None = None) -> int | None:
     """Keep the champion: drop the challenger alias (audited with the evidence) and tag it rolled back."""
     from flywheel.registry import TAG_STATUS
 
-    registry = _registry(tracking_uri, audit_db_url)
+    registry = _registry(tracking_uri, audit_db_url, clock)
     entry = None
     if registry.alias_version(target.model, "challenger") == target.challenger:
         entry = registry.remove_alias(target.model, "challenger", reason, actor, evidence)
@@ -421,6 +425,13 @@ def publish_decision(decision: RolloutDecision) -> str | None:
 
 
 # ------------------------------------------------------------------------ operator actions (the CLI)
+
+
+def _operator_clock(settings: Any) -> Clock:
+    """A person's alias move is audited on the project clock: the running stack's, else the settings'."""
+    from flywheel.stack import project_clock
+
+    return project_clock(settings)
 
 
 def rollout_status(settings: Any, model: str, entries: int = 5) -> dict[str, Any]:
@@ -468,7 +479,7 @@ def _tell_service(settings: Any, calls: list[tuple[str, dict[str, Any] | None]])
 
 def manual_promote(settings: Any, model: str, version: str | None, actor: str, reason: str) -> str:
     """Instant promotion (audited), under the rollout lock so it cannot cut into a running rollout."""
-    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url, _operator_clock(settings))
     version = version or registry.alias_version(model, "challenger")
     if version is None:
         raise RolloutError(f"model {model!r} has no challenger; pass --version")
@@ -490,7 +501,7 @@ def manual_rollback(settings: Any, model: str, actor: str, reason: str, to_previ
     promotion (the champion alias goes back to the version it came from). Both audited."""
     from flywheel.registry import TAG_STATUS
 
-    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url, _operator_clock(settings))
     # traffic first: the champion answers everything before the aliases move
     told = _tell_service(settings, [("/admin/routing", {"mode": "single", "share": 0.0, "active": "champion"})])
     evidence = {"via": "flywheel rollout rollback", "aliases_before": registry.aliases(model)}
@@ -523,7 +534,7 @@ def manual_supersede(settings: Any, model: str, version: str | None, actor: str,
     from flywheel.challenger_queue import claim_supersede, finish_supersede
     from flywheel.rollout_controls import RolloutControls
 
-    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url)
+    registry = _registry(settings.mlflow_tracking_uri, settings.audit_db_url, _operator_clock(settings))
     locks = RolloutLocks(settings.audit_db_url)
     claim = claim_supersede(registry, locks, RolloutControls(settings.audit_db_url), model, version, actor, reason)
     # traffic first: the champion answers everything before the aliases move

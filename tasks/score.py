@@ -68,18 +68,20 @@ def load_model_by_alias(tracking_uri: str, audit_db_url: str, model_name: str, a
 )
 def score_entities(
     repo: Path, model: Any, dataset: DatasetDefinition, ids: pd.Series, at: datetime, output_dir: Path,
-    parallelism: ParallelismConfig | None = None, partition_rows: int = 100_000,
+    scored_at: datetime, parallelism: ParallelismConfig | None = None, partition_rows: int = 100_000,
 ) -> ScoringReport:
-    """Offline features at `at` through the model's service -> predictions -> parquet; a summary artifact.
+    """Offline features at `at` through the model's service -> predictions -> parquet (every row stamped
+    `scored_at`, the project clock's now); a summary artifact.
     With `parallelism` asking for Dask, the entities are scored in partitions of `partition_rows` on its workers
     (the same rows and scores as the serial path, one file either way)."""
     from tasks.fanout import partition_fanout
 
     with partition_fanout(parallelism or ParallelismConfig(), repo, model, dataset, at) as fan:
         if fan is None:
-            report = scoring.batch_score(featurestore.open_store(repo), model, dataset, ids, at, output_dir)
+            report = scoring.batch_score(featurestore.open_store(repo), model, dataset, ids, at, output_dir, scored_at)
         else:
-            report = scoring.batch_score_partitioned(model, dataset, ids, at, output_dir, partition_rows, fan)
+            report = scoring.batch_score_partitioned(model, dataset, ids, at, output_dir, partition_rows, fan,
+                                                      scored_at)
     run_logger(__name__).info(
         "scored %d of %d entities with %s v%s (%d without features) -> %s",
         report.scored_rows, report.rows, report.model_name, report.model_version, report.no_feature_rows, report.path,

@@ -309,8 +309,17 @@ def read_champion_state(tracking_uri: str, db_url: str, dataset: str, model: str
     from flywheel.outcomes import OutcomeStore
     from flywheel.registry import Registry
 
-    mv = Registry(tracking_uri, AuditLog(db_url)).model_version(model, version)
-    registered = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    audit = AuditLog(db_url)
+    try:
+        # on the project clock, as `now` is: the first alias move to the version (its registration as
+        # champion, challenger or queued); MLflow's creation time (wall) only for a version the log lacks
+        registered = next((e.at for e in audit.entries(model) if e.to_version == str(version)), None)
+        if registered is None:
+            mv = Registry(tracking_uri, audit).model_version(model, version)
+            registered = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    finally:
+        audit.dispose()
+    registered = registered if registered.tzinfo else registered.replace(tzinfo=UTC)
     store = OutcomeStore(db_url)
     try:
         new_rows, last_outcome = store.arrivals(dataset, registered, now)

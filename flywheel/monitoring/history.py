@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -125,9 +125,9 @@ def _estimate_columns(estimate: Estimate | None) -> dict[str, float | None]:
 
 def window_record(model: str, version: str | None, reference: str, start: datetime, end: datetime,
                   drift: DriftResult, quality: QualityResult, verdict: WindowVerdict,
-                  report_path: str | None = None, judged_at: datetime | None = None,
+                  report_path: str | None, judged_at: datetime,
                   estimate: Estimate | None = None) -> WindowRecord:
-    """The row of a judged window (pure: nothing is written)."""
+    """The row of a judged window (pure: nothing is written), judged at `judged_at` (the project clock's)."""
     scores = {c.column: {"method": c.method, "score": c.score, "threshold": c.threshold, "drifted": c.drifted,
                          "note": c.note} for c in drift.columns}
     dq = {"problems": verdict.data_quality_problems, "expectations_run": quality.expectations_run,
@@ -136,7 +136,7 @@ def window_record(model: str, version: str | None, reference: str, start: dateti
                        for f in quality.features}}
     return WindowRecord(
         model=model, version=version, reference=reference, window_start=aware_utc(start), window_end=aware_utc(end),
-        judged_at=judged_at or datetime.now(UTC), rows=verdict.rows, status=verdict.status,
+        judged_at=judged_at, rows=verdict.rows, status=verdict.status,
         dataset_drift=verdict.dataset_drift, share_drifted=verdict.share_drifted,
         drifted_features=verdict.drifted_features, scores=scores,
         prediction_score=drift.prediction.score if drift.prediction else None,

@@ -234,6 +234,7 @@ def profile_frame(frame: pd.DataFrame, dataset: DatasetDefinition, predictions: 
     if dataset.timestamp in frame.columns and len(frame):
         ts = pd.to_datetime(frame[dataset.timestamp], utc=True)
         start, end = ts.min().to_pydatetime(), ts.max().to_pydatetime()
+    # created_at is metadata (wall time): the profile's own span is start/end, from the frame's event times
     return ReferenceProfile(
         dataset=dataset.name, rows=len(frame), created_at=created_at or datetime.now(UTC), start=start, end=end,
         quantile_levels=QUANTILE_LEVELS.tolist(), features=features,

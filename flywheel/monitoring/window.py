@@ -75,9 +75,11 @@ def monitor_window(profile: ReferenceProfile, window: pd.DataFrame, policy: Data
                    history: MonitoringHistory, *, model: str, version: str | None, reference: str,
                    start: datetime, end: datetime, predictions: np.ndarray | None = None,
                    dataset: DatasetDefinition | None = None, validate_cfg: ValidateConfig | None = None,
-                   report_path: Path | None = None, estimate: Estimate | None = None) -> MonitoredWindow:
+                   report_path: Path | None = None, estimate: Estimate | None = None,
+                   judged_at: datetime) -> MonitoredWindow:
     """Judge one window against the recorded windows of its series (model, reference) that ended before
-    it began, write its report (when `report_path` is given) and record it."""
+    it began, write its report (when `report_path` is given) and record it as judged at `judged_at` (the
+    project clock's now: liveness compares it with the project's time)."""
     if end < start:
         raise MonitoringError(f"window end {end.isoformat()} is before its start {start.isoformat()}")
     previous = [r.status for r in history.previous(model, reference, before=start)]
@@ -92,7 +94,7 @@ def monitor_window(profile: ReferenceProfile, window: pd.DataFrame, policy: Data
             error = f"{type(exc).__name__}: {exc}"
             log.warning("the report of window %s - %s failed: %s", start, end, error)
     rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality,
-                        assessment.verdict, str(written) if written else None, estimate=estimate)
+                        assessment.verdict, str(written) if written else None, judged_at, estimate)
     rec = rec.model_copy(update={"id": history.record(rec)})
     return MonitoredWindow(assessment=assessment, record=rec, report_path=written, report_error=error)
 

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,11 @@ def run_direct(config_dir: Path) -> str:
 
     ctx = start_run_context("local", config_dir)
     s, ds = ctx.settings, ctx.dataset
-    as_of = datetime.now(UTC)
+    as_of = ctx.clock.now()  # as the training flow takes it
     batches = find_new_batches.fn(ds, ctx.source, ctx.offline_dir)
     quality = [validate_batch.fn(b, ds, s.validate_, ctx.quarantine_dir) for b in batches]
     for b in batches:
-        ingest_batch.fn(b, ds, ctx.offline_dir)
+        ingest_batch.fn(b, ds, ctx.offline_dir, as_of)
     repo = render_feature_repo.fn(s.stores, s.paths.home)
     service = apply_feature_repo.fn(repo, ds, s.features, ctx.offline_dir)
     materialize_features.fn(repo, ds, ctx.offline_dir, as_of)

@@ -7,7 +7,7 @@ online vectors, and the skew check must pass until the online store is tampered 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,9 @@ def test_partitions_on_a_dask_cluster_write_the_same_rows_and_scores(trained: di
     ctx, model = _ctx(trained), trained["model"]
     ids = scoring.offline_entities(ctx.dataset, ctx.offline_dir, T)
     ids = pd.concat([ids, pd.Series([UNKNOWN])], ignore_index=True)  # one without features, in the last partition
-    serial = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "serial")
+    serial = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "serial", T)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        fanned = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "dask",
+        fanned = score_entities.fn(trained["repo"], model, ctx.dataset, ids, T, tmp_path / "dask", T,
                                    ParallelismConfig(address=cluster.scheduler_address), partition_rows=300)
     a, b = pd.read_parquet(serial.path), pd.read_parquet(fanned.path)
     assert len(ids) > 3 * 300, "several partitions"
@@ -240,3 +240,17 @@ def test_partitions_are_cut_in_order_and_an_empty_list_fails() -> None:
     assert scoring.partitions([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
     with pytest.raises(FlywheelError, match="no entities"):
         scoring.partitions([], 2)
+
+
+def test_every_row_is_scored_at_the_project_clocks_now(trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """`scored_at` is the project clock's now (here a simulated clock years from the wall's), not the wall's."""
+    sim = datetime(2031, 3, 1, tzinfo=UTC)
+    for key, value in {"FLYWHEEL_CLOCK__KIND": "simulated", "FLYWHEEL_CLOCK__START": sim.isoformat(),
+                       "FLYWHEEL_CLOCK__SECONDS_PER_DAY": "86400",
+                       "FLYWHEEL_CLOCK__ANCHOR": datetime.now(UTC).isoformat()}.items():
+        monkeypatch.setenv(key, value)
+    state = _score(trained, at=T - timedelta(days=1))  # its own file: the other tests' stays as it is
+    assert state.is_completed(), state.message
+    stamps = pd.read_parquet(state.result().path)["scored_at"]
+    assert stamps.nunique() == 1 and sim <= stamps.iloc[0].to_pydatetime() < sim + timedelta(minutes=15), stamps

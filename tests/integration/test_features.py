@@ -378,9 +378,11 @@ def test_tasks_run_the_stage_from_a_batch_file(settings, dataset, offline, small
     for i, batch in enumerate(small_batches[:3]):
         paths.append(tmp_path / f"batch_2026-01-0{i + 1}.parquet")
         batch.to_parquet(paths[-1])
-    reports = [ingest_batch.fn(p, dataset, offline) for p in paths]
+    ingested = datetime(2031, 5, 1, tzinfo=UTC)  # a project clock far from the wall's: the ledger keeps its time
+    reports = [ingest_batch.fn(p, dataset, offline, ingested) for p in paths]
     assert [r.batch_id for r in reports] == ["batch_2026-01-01", "batch_2026-01-02", "batch_2026-01-03"]
-    assert ingest_batch.fn(paths[0], dataset, offline).skipped
+    assert {e["ingested_at"] for e in fs.ingested_batches(dataset, offline).values()} == {ingested.isoformat()}
+    assert ingest_batch.fn(paths[0], dataset, offline, ingested).skipped
 
     service = apply_feature_repo.fn(repo, dataset, cfg, offline)
     mat = materialize_features.fn(repo, dataset, offline, datetime(2026, 1, 4, tzinfo=UTC))

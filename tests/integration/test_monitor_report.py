@@ -70,7 +70,7 @@ def test_the_flow_pieces_judge_record_and_report_a_window(frames, tmp_path: Path
     assert a.verdict.status == "drift" and not a.verdict.alarm, "one drifted window: persistence holds the alarm"
     report = write_window_report.fn(profile, window, a.drift, tmp_path / "report.html", policy)
     rec = window_record("churn", "1", "v1", start, start + timedelta(days=1), a.drift, a.quality, a.verdict,
-                        str(report))
+                        str(report), start + timedelta(days=1))
     assert record_window.fn(url, rec) == 1
     assert previous_window_statuses.fn(url, "churn", "v1", start + timedelta(days=2)) == ["drift"]
     md = verdict_markdown("churn", "v1", start, start + timedelta(days=1), a)

@@ -5,6 +5,7 @@ bad batch quarantined. (The join against real service traffic: tests/integration
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -88,6 +89,15 @@ def test_ingest_outcomes_task_stores_a_batch(home: Path, prefect_harness: None) 
     ds = load_dataset(home / "configs" / "datasets" / "churn.yaml")
     (path,) = write_label_batches(GeneratorSpec(seed=2, days=1, rows_per_day=25, customers=50), home / "in")
     url = f"sqlite:///{home}/data/flywheel.db"
-    report = ingest_outcomes(path, ds, url, home / "data" / "quarantine")
+    at = datetime(2031, 3, 1, tzinfo=UTC)  # the project clock's now, far from the wall's
+    report = ingest_outcomes(path, ds, url, home / "data" / "quarantine", at)
     assert (report.skipped, report.rows, report.total_rows) == (False, 25, 25)
-    assert ingest_outcomes(path, ds, url, home / "data" / "quarantine").skipped
+    assert ingest_outcomes(path, ds, url, home / "data" / "quarantine", at).skipped
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            (stamp,) = conn.execute(sa.text("SELECT ingested_at FROM flywheel_outcome_batches")).scalars()
+    finally:
+        engine.dispose()
+    stamp = datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp
+    assert stamp.replace(tzinfo=stamp.tzinfo or UTC) == at, "the batch is stamped with the time given"

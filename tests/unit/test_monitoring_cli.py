@@ -56,3 +56,26 @@ def test_a_key_feature_the_dataset_lacks_is_a_config_error(home: Path) -> None:
     policy.write_text(yaml.safe_dump(data))
     res = _monitor(home, "--current", str(_batch(home)), "--reference-data", str(_batch(home)))
     assert res.exit_code == 2 and "alarm.key_features: 'shoe_size' is not a feature" in res.output
+
+
+def test_a_judged_batch_is_recorded_at_the_project_clocks_time(home: Path) -> None:
+    """The loop's liveness compares `judged_at` with the project clock: `flywheel monitor` records it on that
+    clock (a simulated one years from the wall's here), not on the wall's."""
+    from datetime import UTC, datetime, timedelta
+
+    from flywheel.monitoring.history import MonitoringHistory
+    from flywheel.settings import load_settings
+
+    sim = datetime(2031, 3, 1, tzinfo=UTC)
+    env = {"FLYWHEEL_CLOCK__KIND": "simulated", "FLYWHEEL_CLOCK__START": sim.isoformat(),
+           "FLYWHEEL_CLOCK__SECONDS_PER_DAY": "86400", "FLYWHEEL_CLOCK__ANCHOR": datetime.now(UTC).isoformat()}
+    batch = _batch(home)
+    res = runner.invoke(app, ["monitor", "--profile", "ci", "--config-dir", str(home / "configs"), "--no-report",
+                              "--current", str(batch), "--reference-data", str(batch)], env=env)
+    assert res.exit_code == 0, res.output
+    history = MonitoringHistory(load_settings("ci", home / "configs", environ={}).audit_db_url)
+    try:
+        judged = history.last_judged("churn")
+    finally:
+        history.close()
+    assert judged is not None and sim <= judged < sim + timedelta(minutes=10), f"judged_at {judged}"

@@ -30,7 +30,7 @@ def _judged(score: float, day: int, previous: list, rows: int = 1000, model: str
     verdict = judge_window(drift, quality, previous, POLICY)
     start = T0 + day * DAY
     return window_record(model, "1", reference, start, start + DAY - timedelta(seconds=1), drift, quality, verdict,
-                         report_path=f"/reports/{day}.html")
+                         report_path=f"/reports/{day}.html", judged_at=start + DAY)
 
 
 @pytest.fixture

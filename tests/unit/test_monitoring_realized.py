@@ -37,7 +37,7 @@ def _window(hour: int, rows: int = 100, version: str | None = "1"):
     verdict = judge_window(drift, quality, [], AlarmSettings(min_rows=10))
     start = T0 + hour * HOUR
     return window_record("churn", version, f"v{version}" if version else "profile:abc", start, start + HOUR, drift,
-                         quality, verdict)
+                         quality, verdict, None, start + HOUR)
 
 
 def _labels(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

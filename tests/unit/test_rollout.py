@@ -492,7 +492,7 @@ def test_a_step_with_too_little_traffic_is_extended_then_rolled_back() -> None:
 
 def test_decision_markdown_and_evidence_carry_guard_values() -> None:
     d = RolloutDecision(model="churn", plan="canary", strategy="canary", champion="1", challenger="2",
-                        outcome="rolled_back", reason="psi breach", steps=[_readout(True)])
+                        outcome="rolled_back", reason="psi breach", steps=[_readout(True)], decided_at=NOW)
     md = d.markdown()
     assert "rolled back" in md and "| psi | breach | 2 | 0.25 |" in md
     assert d.evidence()["steps"][0]["guards"]["psi"] == {"status": "breach", "value": 2.0, "threshold": 0.25}

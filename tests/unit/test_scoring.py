@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +106,15 @@ def test_score_features_nulls_entities_without_features(model, dataset, small_ba
     rows.iloc[2, rows.columns.get_loc("payment_method")] = None
     rows.iloc[3] = None  # no features at all
     features = scoring.model_input(rows, dataset)
-    out = scoring.score_features(model, features, dataset, AT, "churn_abc")
+    scored_at = AT + timedelta(days=400)  # a project clock far from the wall's: the rows carry its time
+    out = scoring.score_features(model, features, dataset, AT, "churn_abc", scored_at)
 
     assert list(out.columns) == ["customer_id", *scoring.OUTPUT_COLUMNS]
     assert out["customer_id"].tolist() == rows.index.tolist()
     assert out["imputed_features"].tolist() == [None, "avg_session_minutes", "payment_method", None]
     assert out["reason"].tolist() == [None, None, None, scoring.REASON_NO_FEATURES]
     assert out["probability"].isna().tolist() == [False, False, False, True]
+    assert (out["scored_at"] == pd.Timestamp(scored_at)).all(), "scored_at is the time given, not the wall's"
     expected = model.pipeline.predict_proba(features.iloc[:3])[:, 1]
     served = served_predictor(model, dataset)  # batch scores go through the path the service serves
     assert served.predict_frame(features.iloc[:3]).tolist() == out["probability"].iloc[:3].tolist()
