@@ -53,8 +53,7 @@ def prefect_api_configured() -> bool:
 
 def retrain_event(decision: Decision) -> dict[str, Any]:
     """The event a fired decision emits (Prefect's event fields). `training_source` is in the payload only when
-    the rule set one: the deployment trigger's template renders a missing key as "" (the dataset's own
-    source), where a null would render as the text "None"."""
+    the rule set one: the deployment trigger's template defaults a missing key to null (the dataset's own)."""
     source = decision.evidence.get(TRAINING_SOURCE)
     return {
         "id": uuid.UUID(decision.id),

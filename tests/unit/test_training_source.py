@@ -3,6 +3,8 @@ the deployment trigger's template), else the dataset definition's; bad values fa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -43,12 +45,38 @@ def test_served_features_for_a_dataset_without_outcomes_fail_before_training(chu
     assert training_source(TrainingParams(), bare) == "offline_store"
 
 
+def _render(template: str, payload: dict) -> object:
+    """A trigger parameter as Prefect's automation renders it (a single expression keeps its JSON type)."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.utilities.user_templates import render_user_template_sync
+
+    wrapped = RunDeployment._wrap_v1_template(template)
+    return json.loads(render_user_template_sync(wrapped["value"]["template"], {"event": {"payload": payload}}))
+
+
 def test_the_training_deployment_trigger_passes_the_rule_training_source_on() -> None:
-    """deployments/prefect.yaml renders the retrain event's payload key into the run's parameters (an absent key
-    renders as "", which TrainingParams reads as the dataset's own source)."""
+    """deployments/prefect.yaml renders the retrain event's payload into the run's parameters, whether the event
+    carries `training_source` (a rule's) or not (the webhook's events): Prefect fails the whole action, and
+    starts no run, on a key its template cannot render."""
+    from datetime import UTC, datetime
+
+    from flywheel.webhook import HOOKS, RetrainBody, build_event
+
     spec = yaml.safe_load((PROJECT / "deployments" / "prefect.yaml").read_text())
     (training,) = [d for d in spec["deployments"] if d["name"] == "training"]
     (trigger,) = training["triggers"]
     params = trigger["parameters"]["params"]
-    assert params["training_source"] == "{{ event.payload.training_source }}"
     assert set(params) <= set(TrainingParams.model_fields)
+    ruled = {"reason": "drift_detected: drift alarm raised", "decision_id": "d1", "kind": "drift_detected",
+             "training_source": "served_features"}
+    from flywheel.trigger_policy import TriggerPolicy
+    from flywheel.triggers import History, decide, request_signal
+
+    now = datetime.now(UTC)
+    asked = decide(request_signal(model="churn", reason="why", actor="webhook", event_id="webhook:d", occurred=now),
+                   History(), TriggerPolicy(), False, now)  # the receiver records a decision for each retrain
+    hooked = build_event(HOOKS["retrain"], RetrainBody(reason="why"), "d", now, "churn", asked)["payload"]
+    assert "training_source" not in hooked
+    for payload, want in ((ruled, "served_features"), (hooked, None)):
+        rendered = TrainingParams.model_validate({k: _render(t, payload) for k, t in params.items()})
+        assert rendered.training_source == want, (payload, rendered)

@@ -63,7 +63,7 @@ def test_a_rule_training_source_rides_on_its_fired_decision_and_event_only() -> 
     assert retrain_event(d)["payload"]["training_source"] == "served_features"
     held = decide(drift(), History(decisions=(fired("churn", T0 - timedelta(hours=1)),)), served, False, T0)
     assert held.suppressed_by == "cooldown" and "training_source" not in held.evidence
-    # no rule option: no key at all, so the deployment trigger's template renders "" (the dataset's own source)
+    # no rule option: no key at all; the deployment trigger's template defaults it to null (the dataset's own)
     plain = decide(drift(), History(), POLICY, paused=False, now=T0)
     assert "training_source" not in retrain_event(plain)["payload"]
     asked = decide(request(), History(), served, paused=False, now=T0)
