@@ -1,8 +1,7 @@
 """Reliability of the stores under concurrency and under a database restart (production profile).
 
 - Eight training runs of the same model started at once, each a direct flow call in its own process (through the
-  deployment they would queue one by one: the point here is the stores), forked from one parent that imported the
-  libraries first (LAUNCH_SCRIPT): a Prefect server and an MLflow tracking
+  deployment they would queue one by one: the point here is the stores): a Prefect server and an MLflow tracking
   server, both on PostgreSQL, the project tables on PostgreSQL, Feast online on a Redis of the test's own. One
   version for the one (data digest, config digest), at most one alias move and an audit row for it, every process
   exits 0, no "database is locked", no 5xx from either server. A sampler hits both APIs during the runs and the
@@ -51,60 +50,19 @@ LOCKED = "database is locked"
 SERVER_ERROR = re.compile(r"retryable status code 5\d\d|Internal Server Error|Service Unavailable")
 ACCESS_5XX = re.compile(r'HTTP/1\.[01]" 5\d\d')
 
-# one training in this process; prints its outcome as one JSON line, returns its exit code
-TRAIN_FUNCTION = """
+# one training, as a process of its own; prints its outcome as one JSON line
+TRAIN_SCRIPT = """
 import json, sys
 from datetime import datetime
 from flows.training import TrainingParams, training_pipeline
-
-def train_once(config_dir, as_of, profile):
-    state = training_pipeline(TrainingParams(profile=profile, config_dir=config_dir,
-                                             as_of=datetime.fromisoformat(as_of)), return_state=True)
-    result = state.result(raise_on_failure=False)
-    out = {"state": state.name, "completed": state.is_completed(), "message": state.message}
-    if state.is_completed():
-        out.update(version=result.version, outcome=result.outcome, alias=result.alias, run_id=result.run_id)
-    print("TRAINING-RESULT " + json.dumps(out), flush=True)
-    return 0 if state.is_completed() else 1
-"""
-# one training, as a process of its own
-TRAIN_SCRIPT = TRAIN_FUNCTION + "sys.exit(train_once(*sys.argv[1:4]))\n"
-# what a training imports on its way (most of it lazily, inside its tasks): imported once by the launcher below
-PRELOAD = ("flows.training", "flywheel.runtime", "great_expectations", "feast", "mlflow", "mlflow.sklearn",
-           "sklearn.ensemble", "sklearn.linear_model", "sklearn.pipeline", "sklearn.model_selection", "scipy.stats",
-           "optuna", "duckdb", "skops.io", "evidently", "sqlalchemy", "psycopg",
-           "redis", "pyarrow.parquet")
-# N trainings started at once, each a process of its own: forked from one parent that imported the libraries
-# first. Eight interpreters importing the same ~60 s of CPU each on two cores measured the imports, not the
-# stores; forked, the eight reach the stores within moments of each other (a tighter race, not a looser one).
-# Each child writes its own log and exits with its code; the parent prints them all as one JSON line.
-LAUNCH_SCRIPT = TRAIN_FUNCTION + """
-import importlib, os, threading, time
-config_dir, as_of, profile, runs, folder = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-t0 = time.monotonic()
-for name in sys.argv[6:]:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass  # not installed here: the child that needs it imports it (and fails) itself
-threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-if threads:  # a fork copies no threads, only the locks they hold
-    sys.exit(f"threads alive after the imports, not forking: {threads}")
-print(f"LAUNCH-IMPORTS {time.monotonic() - t0:.1f}", flush=True)
-sys.stdout.flush(); sys.stderr.flush()
-children = {}
-for i in range(runs):
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(os.path.join(folder, f"training-{i}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)
-        sys.exit(train_once(config_dir, as_of, profile))  # a normal exit: atexit handlers flush as usual
-    children[pid] = i
-codes = [None] * runs
-for _ in range(runs):
-    pid, status = os.wait()
-    codes[children[pid]] = os.waitstatus_to_exitcode(status)
-print("TRAINING-CODES " + json.dumps(codes), flush=True)
+state = training_pipeline(TrainingParams(profile=sys.argv[3], config_dir=sys.argv[1],
+                                         as_of=datetime.fromisoformat(sys.argv[2])), return_state=True)
+result = state.result(raise_on_failure=False)
+out = {"state": state.name, "completed": state.is_completed(), "message": state.message}
+if state.is_completed():
+    out.update(version=result.version, outcome=result.outcome, alias=result.alias, run_id=result.run_id)
+print("TRAINING-RESULT " + json.dumps(out), flush=True)
+sys.exit(0 if state.is_completed() else 1)
 """
 
 
@@ -133,7 +91,7 @@ def mlflow_server(backend_url: str, folder: Path) -> Iterator[str]:
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a deadline, not a wait: a loaded 2-core machine took 180 s and more
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -231,32 +189,6 @@ def _finish(proc: subprocess.Popen[str], deadline: float) -> int:
         return -9
 
 
-def _start_trainings(home: Path, env: dict[str, str], profile: str = "production",
-                     ) -> tuple[subprocess.Popen[str], list[Path]]:
-    """RUNS trainings at once (LAUNCH_SCRIPT): the launcher, in a session of its own, and each run's log."""
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH_SCRIPT, str(home / "configs"), AS_OF.isoformat(), profile, str(RUNS),
-         str(home), *PRELOAD],
-        env=env, cwd=home, stdout=(home / "launcher.log").open("w"), stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    return launcher, [home / f"training-{i}.log" for i in range(RUNS)]
-
-
-def _finish_all(launcher: subprocess.Popen[str], home: Path, deadline: float) -> list[int]:
-    """Each run's exit code; past the deadline the launcher's session (it and every run) is killed: -9 each."""
-    if _finish(launcher, deadline) == -9:
-        return [-9] * RUNS
-    text = (home / "launcher.log").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("TRAINING-CODES ")]
-    assert lines, f"the launcher did not report its runs:\n{text[-4000:]}"
-    return json.loads(lines[-1].removeprefix("TRAINING-CODES "))
-
-
-def _imports_s(home: Path) -> str:
-    found = re.search(r"LAUNCH-IMPORTS ([0-9.]+)", (home / "launcher.log").read_text())
-    return f"the shared imports {found.group(1)} s of it" if found else "imports not reported"
-
-
 def _result(log: Path) -> dict | None:
     lines = [line for line in log.read_text().splitlines() if line.startswith("TRAINING-RESULT ")]
     return json.loads(lines[-1].removeprefix("TRAINING-RESULT ")) if lines else None
@@ -295,16 +227,16 @@ def test_eight_concurrent_trainings_register_one_version(prefect_api: str, tmp_p
             })
             sampler.start()
             started = time.monotonic()
-            launcher, run_logs = _start_trainings(home, env)
-            codes = _finish_all(launcher, home, started + RUN_BUDGET_S)
+            procs = [_start_training(home, env, i) for i in range(RUNS)]
+            codes = [_finish(p, started + RUN_BUDGET_S) for p, _ in procs]
             wall = time.monotonic() - started
             sampler.halt.set()
             sampler.join(30)
 
-            logs = {i: log.read_text() if log.is_file() else "(no log)" for i, log in enumerate(run_logs)}
-            results = [_result(log) if log.is_file() else None for log in run_logs]
+            logs = {i: log.read_text() for i, (_, log) in enumerate(procs)}
+            results = [_result(log) for _, log in procs]
             stats = sampler.summary()
-            print(f"\n{RUNS} concurrent trainings: {wall:.0f} s wall ({_imports_s(home)}); outcomes "
+            print(f"\n{RUNS} concurrent trainings: {wall:.0f} s wall; outcomes "
                   f"{sorted((r or {}).get('outcome', 'none') for r in results)}")
             for name, s in stats.items():
                 print(f"{name} API during the runs: {s['calls']} calls, p50 {s['p50_ms']:.0f} ms, "
@@ -441,14 +373,13 @@ def test_eight_concurrent_trainings_on_sqlite(prefect_api: str, tmp_path: Path) 
     ctx = start_run_context("local", home / "configs")
     MlflowClient(ctx.tracking_uri).search_experiments()  # MLflow's migrations once, before the eight start
     started = time.monotonic()
-    launcher, run_logs = _start_trainings(home, env, "local")
-    codes = _finish_all(launcher, home, started + RUN_BUDGET_S)
+    procs = [_start_training(home, env, i, "local") for i in range(RUNS)]
+    codes = [_finish(p, started + RUN_BUDGET_S) for p, _ in procs]
     wall = time.monotonic() - started
-    logs = {i: log.read_text() if log.is_file() else "(no log)" for i, log in enumerate(run_logs)}
-    results = [_result(log) if log.is_file() else None for log in run_logs]
+    logs = {i: log.read_text() for i, (_, log) in enumerate(procs)}
+    results = [_result(log) for _, log in procs]
     locked = [i for i, text in logs.items() if LOCKED in text]
-    print(f"\n{RUNS} concurrent trainings on SQLite: {wall:.0f} s wall ({_imports_s(home)}); exit codes {codes}; "
-          f"outcomes "
+    print(f"\n{RUNS} concurrent trainings on SQLite: {wall:.0f} s wall; exit codes {codes}; outcomes "
           f"{sorted((r or {}).get('outcome', 'failed') for r in results)}; 'database is locked' in runs {locked}")
     for i, code in enumerate(codes):
         assert code == 0, f"training {i} exited {code}:\n{logs[i][-4000:]}"
