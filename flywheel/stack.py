@@ -63,6 +63,9 @@ URL_FILE = "prefect.url"
 READY_FILE = "deployments.ready.json"  # written by flows/serve_deployments.py once its deployments exist
 TOKEN_FILE = "admin.token"  # the stack's service admin token when the environment does not provide one
 CLOCK_FILE = "clock.json"  # the stack's clock, anchored once by `up`: every process of the stack reads it
+# in stack.prefect_home: the Prefect version whose migrations the server there last ran to the end (written by
+# `up` once that server answered); a warm start of the same version skips Alembic's walk over ~200 revisions
+MIGRATED_FILE = "flywheel-migrated.json"
 Echo = Callable[[str], None]
 
 
@@ -374,6 +377,8 @@ def plan(settings: Settings, profile: str | None, config_dir: Path | str | None,
             "PREFECT_UI_API_URL": url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         })
+        if schema_current(prefect_home):  # a variable set by the user still wins
+            env.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "false")
         specs.append(ProcessSpec(
             name="prefect",
             argv=[py, "-m", "prefect", "server", "start", "--host", st.host, "--port", str(st.prefect_port)],
@@ -415,6 +420,31 @@ def plan(settings: Settings, profile: str | None, config_dir: Path | str | None,
                                  cwd=settings.paths.home, url=f"http://{st.host}:{st.mlflow_ui_port}",
                                  health_url=f"http://{st.host}:{st.mlflow_ui_port}/health", wait="ok"))
     return specs
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")  # the installed distribution's metadata: no Prefect import
+
+
+def schema_current(prefect_home: Path) -> bool:
+    """True when the local server's SQLite database exists and its schema was brought to the head of the
+    installed Prefect's migrations by an earlier `up` (MIGRATED_FILE); an upgraded Prefect migrates again."""
+    marker = prefect_home / MIGRATED_FILE
+    if not (prefect_home / "prefect.db").is_file() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("prefect") == _prefect_version()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def mark_schema_current(prefect_home: Path) -> None:
+    """Record that the server on this home answered: its start-up migrations ran to the end."""
+    tmp = prefect_home / f"{MIGRATED_FILE}.tmp"
+    tmp.write_text(json.dumps({"prefect": _prefect_version()}))
+    tmp.replace(prefect_home / MIGRATED_FILE)
 
 
 def _recorded_alive(directory: Path, name: str) -> bool:
@@ -475,6 +505,8 @@ def up(settings: Settings, profile: str | None = None, config_dir: Path | str | 
         # its API); the server first: the others' failures are often only a consequence of it
         server = [r for r in started if r.name == "prefect"]
         report.seconds.update(wait_until_up(server, directory, settings.stack.start_timeout_seconds))
+        if server:  # it answers /health only after its lifespan ran the migrations
+            mark_schema_current(settings.resolve(settings.stack.prefect_home))
         if settings.stores.prefect_api_url:  # an external server: it must answer before anything uses it
             _wait_external(api_url(settings), settings.stack.start_timeout_seconds)
         (directory / URL_FILE).write_text(api_url(settings) + "\n")

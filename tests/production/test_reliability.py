@@ -91,7 +91,7 @@ def mlflow_server(backend_url: str, folder: Path) -> Iterator[str]:
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a deadline, not a wait: a loaded 2-core machine took 180 s and more
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -111,7 +111,7 @@ def mlflow_server(backend_url: str, folder: Path) -> Iterator[str]:
 class Sampler(threading.Thread):
     """Calls each API every `every_s` while the runs go; keeps latency (ms) and status code per call."""
 
-    def __init__(self, calls: dict[str, tuple[str, str, dict | None]], every_s: float = 0.25) -> None:
+    def __init__(self, calls: dict[str, tuple[str, str, dict | None]], every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.calls, self.every_s = calls, every_s
         self.samples: dict[str, list[tuple[float, int]]] = {name: [] for name in calls}

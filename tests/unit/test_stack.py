@@ -173,6 +173,26 @@ def test_plan_for_a_local_profile(home: Path) -> None:
     assert "mlflow-ui" in [p.name for p in stack.plan(s, "ci", home / "configs", mlflow_ui=True)]
 
 
+def test_warm_start_skips_migrations_only_for_the_version_that_ran_them(home: Path) -> None:
+    s = load_settings("ci", home / "configs", environ={})
+    prefect_home = s.resolve(s.stack.prefect_home)
+
+    def migrate_var() -> str | None:
+        server = next(p for p in stack.plan(s, "ci", home / "configs") if p.name == "prefect")
+        return server.env.get("PREFECT_API_DATABASE_MIGRATE_ON_START")
+
+    assert migrate_var() is None  # cold: no database yet, the server migrates on start
+    prefect_home.mkdir(parents=True)
+    stack.mark_schema_current(prefect_home)
+    assert migrate_var() is None  # a marker without the database it speaks of: migrate
+    (prefect_home / "prefect.db").write_bytes(b"")
+    assert migrate_var() == "false"  # warm, same Prefect: Alembic's walk skipped
+    (prefect_home / stack.MIGRATED_FILE).write_text('{"prefect": "2.0.0"}')
+    assert migrate_var() is None  # another Prefect version migrated it last: migrate again
+    (prefect_home / stack.MIGRATED_FILE).write_text("not json")
+    assert migrate_var() is None
+
+
 def test_service_and_rollouts_share_one_admin_token(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLYWHEEL_ADMIN_TOKEN", raising=False)
     s = load_settings("ci", home / "configs", environ={})
