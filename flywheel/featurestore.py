@@ -878,7 +878,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-SCRIPT_ENTITIES = 500  # entities per script call: keeps each call (which blocks the server) to about a millisecond
+SCRIPT_ENTITIES = 500  # entities per script call: a script blocks the server while it runs, so keep calls short
 
 
 def _write_redis(store: FeatureStore, view: FeatureView, table: pa.Table) -> None:
