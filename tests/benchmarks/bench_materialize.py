@@ -9,7 +9,7 @@ benchmark's own on a free port, no persistence, stopped by pid), two Feast repos
 - feast: `FeatureStore.materialize(start, end)` over the whole history;
 - flywheel: `materialize_online` (a first, full load): DuckDB picks the newest row per entity from the part
   files, then the rows are written exactly as the store's own `online_write_batch` stores them (SQLite: one
-  `executemany` in key order; Redis: one pipeline of HSETs).
+  `executemany` in key order; Redis: the same HSETs, 500 entities per call of a server-side script, pipelined).
 Rows/s is offline rows in the window per second of the load (entity rows written: one per entity); the CPU
 time of the benchmark's process (the Redis server's apart) is the steadier figure on a busy machine. Then a
 sample of entities is read back from both stores (the store's `online_read`) and compared: values and

@@ -127,11 +127,8 @@ def _stored(store, view: str) -> list | dict:
         with sqlite3.connect(cfg.path) as con:
             return con.execute(f"SELECT entity_key, feature_name, value, value_text, event_ts, created_ts "
                                f"FROM flywheel_{view} ORDER BY entity_key, feature_name").fetchall()
-    import redis
 
-    host_port, db = cfg.connection_string.split(",db=")
-    host, port = host_port.split(":")
-    client = redis.Redis(host=host, port=int(port), db=int(db))
+    client = _redis_client(cfg.connection_string)
     return {k: client.hgetall(k) for k in client.scan_iter()}
 
 
@@ -142,12 +139,18 @@ def _churn(settings):
 
 
 def _flush(*stores) -> None:
-    import redis
 
     for store in stores:
-        host_port, db = store.config.online_store.connection_string.split(",db=")
-        host, port = host_port.split(":")
-        redis.Redis(host=host, port=int(port), db=int(db)).flushdb()
+        _redis_client(store.config.online_store.connection_string).flushdb()
+
+
+def _redis_client(connection_string: str):
+    """A client (default user) on the host, port and db of a Feast connection string."""
+    import redis
+
+    address, *params = connection_string.split(",")
+    host, port = address.split(":")
+    return redis.Redis(host=host, port=int(port), db=int(dict(p.split("=") for p in params)["db"]))
 
 
 def test_a_rerun_writes_nothing_and_a_late_row_in_the_window_is_picked_up(settings, offline):
@@ -185,3 +188,69 @@ def test_no_row_is_lost_at_the_watermark(settings, offline):
     assert [(x.mode, x.start) for x in second.loads] == [("incremental", T - H)]
     assert [v["x"] for v, _ in _online(store, service, [1, 2, 3, 4])] == [1.0, 2.0, 3.0, 4.0]
     assert all("materialized_at" in e for e in fs.ingested_batches(ds, offline).values())
+
+
+def test_bulk_entity_keys_are_feasts_serialized_keys(settings, offline):
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.type_map import python_values_to_proto_values
+
+    store = _store(settings, "a")
+    version = store.config.entity_key_serialization_version
+    cases = ((_churn(settings), [0, -1, 7, 2**62, -(2**63)]), (_typed_dataset(), ["a", "", "é-ü", "x" * 300]))
+    for ds, values in cases:
+        service = fs.apply_definitions(store, ds, 30, offline)
+        view = store.get_feature_view(store.get_feature_service(service).feature_view_projections[0].name)
+        (key,) = view.entity_columns
+        protos = python_values_to_proto_values(values, key.dtype.to_value_type())
+        theirs = [serialize_entity_key(EntityKey(join_keys=[key.name], entity_values=[v]),
+                                       entity_key_serialization_version=version) for v in protos]
+        table = pa.table({ds.entity: values})
+        assert fs._entity_keys(store, view, table) == theirs
+        assert fs._entity_keys(store, view, table, suffix=b"proj") == [k + b"proj" for k in theirs]
+
+
+@pytest.mark.parametrize("scripting", [True, False])
+def test_redis_first_load_with_a_ttl_with_and_without_scripting(settings, offline, small_batches, redis_server,
+                                                                scripting, caplog, monkeypatch):
+    """The bulk write through the server-side script, and the plain HSET pipeline a server refusing scripts gets
+    (an ACL user without @scripting), both store what Feast's materialize stores, TTL included."""
+    import logging
+
+    import redis
+
+    monkeypatch.setattr(fs, "SCRIPT_ENTITIES", 7)  # several script calls per chunk
+    admin = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    admin.execute_command("ACL", "SETUSER", "noscript", "on", "nopass", "~*", "&*", "+@all", "-@scripting")
+    user = "" if scripting else ",username=noscript"
+    base = f"127.0.0.1:{redis_server.port}"
+    ours = _with_key_ttl(_store(settings, "ours", {"type": "redis", "connection_string": f"{base},db=3{user}"}))
+    feasts = _with_key_ttl(_store(settings, "feast", {"type": "redis", "connection_string": f"{base},db=4"}))
+    ds = _churn(settings)
+    fs.apply_definitions(ours, ds, 30, offline)
+    fs.apply_definitions(feasts, ds, 30, offline)
+    for i, batch in enumerate(small_batches[:3]):
+        fs.ingest_batch(batch, ds, offline, f"day{i}")
+    with caplog.at_level(logging.INFO, logger="flywheel.featurestore"):
+        (load,) = fs.materialize_online(ours, ds, offline, datetime(2026, 2, 1, tzinfo=UTC)).loads
+    feasts.materialize(start_date=load.start, end_date=load.end)
+    try:
+        assert ("refused the bulk-write script" in caplog.text) is not scripting
+        stored = _stored(ours, load.view)
+        assert stored and stored == _stored(feasts, load.view)
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=3)
+        assert all(0 < client.ttl(k) <= 3600 for k in stored)
+    finally:
+        _flush(ours, feasts)
+
+
+def _with_key_ttl(store, seconds: int = 3600):
+    """The same repo with the Redis store's `key_ttl_seconds` set (Flywheel's settings do not set it; a
+    hand-edited feature_store.yaml can)."""
+    import yaml
+
+    path = Path(store.repo_path) / "feature_store.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["online_store"]["key_ttl_seconds"] = seconds
+    path.write_text(yaml.safe_dump(config))
+    return fs.open_store(Path(store.repo_path))
