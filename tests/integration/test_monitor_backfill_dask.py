@@ -65,6 +65,7 @@ def _recorded(home: Path) -> list[tuple]:
         history.close()
 
 
+@pytest.mark.timeout(1800)  # its module trains a champion first: 900 s expired at load 20-30
 def test_backfill_judges_in_time_order_and_dask_records_the_same_verdicts(
     home: Path, cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
