@@ -191,8 +191,6 @@ def backfill_bounds(end: datetime, hours: float, windows: int) -> list[tuple[dat
 def monitoring_backfill(params: BackfillParams | None = None) -> BackfillResult:
     """N windows measured (in parallel on Dask when monitor.parallelism asks), then judged and recorded in time
     order against the champion's reference profile."""
-    from prefect.utilities.annotations import quote
-
     from flywheel.clock import build_clock
     from flywheel.monitoring.alarms import judge_window
     from flywheel.monitoring.config import load_policy
@@ -209,9 +207,8 @@ def monitoring_backfill(params: BackfillParams | None = None) -> BackfillResult:
     version, profile = load_reference_profile(ctx.tracking_uri, ctx.audit_db_url, model, "champion")
     reference = f"v{version}"
     log_url = settings.store_url(settings.serve.prediction_log_url)
-    # quote: Prefect would otherwise walk every number of the profile on each call, looking for futures (slow)
     calls = [{"log_url": log_url, "model_name": model, "version": version, "start": start, "end": end,
-              "dataset": dataset, "profile": quote(profile), "policy": policy, "validate_cfg": settings.validate_,
+              "dataset": dataset, "profile": profile, "policy": policy, "validate_cfg": settings.validate_,
               "perf": policy.performance, "seed": ctx.train.seed} for start, end in bounds]
     measured = map_task(settings.monitor.parallelism, assess_backfill_window, calls)
     now = clock.now()
