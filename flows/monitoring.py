@@ -8,6 +8,11 @@ labels since the champion's training or the champion's age, under the cooldown, 
 configs/triggers.yaml; a data-quality alarm never does) and alarms sent to people, a silent loop's too.
 `flywheel monitor` judges a batch file the same way; both record into the same history series (model,
 `v<champion version>`).
+
+`monitoring_backfill` catches up on N consecutive windows: each read and measured on its own (on Dask when
+`monitor.parallelism` asks), then judged and recorded one after another in time order, so the persistence
+rule sees the windows before each one as the scheduled flow would have. It records history only: no report,
+MLflow run or trigger decision for past windows (the scheduled flow acts on the current one).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import TYPE_CHECKING, Literal
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from tasks.fanout import map_task
 from tasks.landing import count_new_labelled_rows, last_training_at
 from tasks.monitor import (
+    assess_backfill_window,
     assess_window,
     estimate_window_performance,
     load_reference_profile,
@@ -143,3 +150,80 @@ def monitoring(params: MonitoringParams | None = None) -> MonitoringResult:
         decisions=[f"{d.kind}: {d.outcome} ({d.reason})" for d in [*decisions, *loop_decisions]],
         liveness_alarms=[a.summary for a in silences], mlflow_run=mlflow_run,
     )
+
+
+class BackfillParams(BaseModel):
+    """The run form of a monitoring backfill: `windows` consecutive windows of `window_hours`, the last ending
+    at `end`."""
+
+    model_name: str | None = Field(None, description="Model to monitor (default: the settings' model)")
+    window_hours: float = Field(1.0, gt=0, le=24 * 31, description="Length of each window")
+    windows: int = Field(24, ge=1, le=10_000, description="How many consecutive windows, the last ending at `end`")
+    end: datetime | None = Field(None, description="End of the last window (default: now)")
+    profile: Literal["local", "ci", "production"] | None = Field(None, description="Settings profile")
+    config_dir: str | None = Field(None, description="Folder holding base.yaml (default: ./configs)")
+
+
+class BackfilledWindow(BaseModel):
+    window: str  # its key
+    rows: int
+    status: str  # ok | drift | too_few_rows
+    streak: int
+    alarm: bool
+    data_quality_alarm: bool
+    drifted_features: list[str]
+
+
+class BackfillResult(BaseModel):
+    model_name: str
+    version: str
+    parallel: bool  # measured on Dask (monitor.parallelism)
+    windows: list[BackfilledWindow]  # oldest first
+
+
+def backfill_bounds(end: datetime, hours: float, windows: int) -> list[tuple[datetime, datetime]]:
+    """(start, end) of `windows` contiguous windows of `hours`, oldest first, the last ending at `end`."""
+    step = timedelta(hours=hours)
+    return [(end - (windows - i) * step, end - (windows - i - 1) * step) for i in range(windows)]
+
+
+@flow(name="monitoring-backfill", log_prints=True)
+def monitoring_backfill(params: BackfillParams | None = None) -> BackfillResult:
+    """N windows measured (in parallel on Dask when monitor.parallelism asks), then judged and recorded in time
+    order against the champion's reference profile."""
+    from flywheel.clock import build_clock
+    from flywheel.monitoring.alarms import judge_window
+    from flywheel.monitoring.config import load_policy
+    from flywheel.monitoring.history import window_record
+    from flywheel.runtime import start_run_context
+
+    params = params or BackfillParams()
+    ctx = start_run_context(params.profile, params.config_dir)
+    settings, dataset = ctx.settings, ctx.dataset
+    model = params.model_name or ctx.model_name
+    clock = build_clock(settings.clock)
+    bounds = backfill_bounds(params.end or clock.now(), params.window_hours, params.windows)
+    policy = load_policy(settings.resolve(settings.monitor.policy_file)).for_dataset(dataset.name)
+    version, profile = load_reference_profile(ctx.tracking_uri, ctx.audit_db_url, model, "champion")
+    reference = f"v{version}"
+    log_url = settings.store_url(settings.serve.prediction_log_url)
+    calls = [{"log_url": log_url, "model_name": model, "version": version, "start": start, "end": end,
+              "dataset": dataset, "profile": profile, "policy": policy, "validate_cfg": settings.validate_,
+              "perf": policy.performance, "seed": ctx.train.seed} for start, end in bounds]
+    measured = map_task(settings.monitor.parallelism, assess_backfill_window, calls)
+    now = clock.now()
+    out = []
+    for (start, end), (assessment, estimate) in zip(bounds, measured, strict=True):
+        # in time order: the statuses before this window include the backfill's earlier windows, just recorded
+        previous = previous_window_statuses(ctx.audit_db_url, model, reference, start)
+        verdict = judge_window(assessment.drift, assessment.quality, previous, policy.alarm)
+        rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality, verdict,
+                            judged_at=now, estimate=estimate)
+        record_window(ctx.audit_db_url, rec)
+        out.append(BackfilledWindow(window=rec.key, rows=verdict.rows, status=verdict.status, streak=verdict.streak,
+                                    alarm=verdict.alarm, data_quality_alarm=verdict.data_quality_alarm,
+                                    drifted_features=list(verdict.drifted_features)))
+    print(f"backfilled {len(out)} window(s) of {model} {reference}: "
+          f"{sum(w.alarm for w in out)} alarm(s), {sum(w.status == 'drift' for w in out)} drifted")
+    return BackfillResult(model_name=model, version=version, parallel=settings.monitor.parallelism.parallel,
+                          windows=out)

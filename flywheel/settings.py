@@ -151,10 +151,10 @@ Family = Literal["logistic_regression", "hist_gradient_boosting", "random_forest
 
 
 class ParallelismConfig(Section):
-    """Where search trials (`train.parallelism`) or batch-scoring partitions (`batch.parallelism`) run: here one
-    after another (the default), on a local Dask cluster of `workers` processes started for the work, or on an
-    existing Dask cluster at `address` (tcp://host:8786), all through Prefect's Dask task runner. One thread per
-    trial or partition either way."""
+    """Where search trials (`train.parallelism`), batch-scoring partitions (`batch.parallelism`) or the windows of
+    a monitoring backfill (`monitor.parallelism`) run: here one after another (the default), on a local Dask
+    cluster of `workers` processes started for the work, or on an existing Dask cluster at `address`
+    (tcp://host:8786), all through Prefect's Dask task runner. One thread per trial, partition or window."""
 
     workers: int = Field(0, ge=0, le=256)  # 0: serial, unless address is set
     address: str | None = None
@@ -264,6 +264,8 @@ class MonitorConfig(Section):
     policy_file: Path = Path("configs/monitoring.yaml")
     # each judged window is also an MLflow run here (metrics to plot, the Evidently report as an artifact)
     mlflow_experiment: str = "flywheel-monitoring"
+    # the windows of a backfill (flows/monitoring.py monitoring_backfill) judged on Dask; recorded in time order
+    parallelism: ParallelismConfig = ParallelismConfig()
 
 
 class StackConfig(Section):

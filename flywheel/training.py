@@ -427,10 +427,11 @@ def evaluate_trial(
     split: Split, dataset: DatasetDefinition, imputation: ImputationConfig, seed: int, metric: str,
     family: str, params: dict[str, Any],
 ) -> Trial:
-    """One search trial: fit on train, score on train and validation (OpenMP limited to FIT_THREADS). A
-    module-level function, so a Dask worker can run it (tasks/train.py's fit_trial)."""
+    """One search trial: fit on train, score on train and validation, on FIT_THREADS thread(s): OpenMP and BLAS
+    both (a serial trial would otherwise get BLAS threads a Dask worker's trial does not). A module-level
+    function, so a Dask worker can run it (tasks/fanout.py: fit_trials)."""
     y_train, y_val = labels(split.train, dataset), labels(split.validation, dataset)
-    with threadpool_limits(limits=FIT_THREADS, user_api="openmp"):
+    with threadpool_limits(limits=FIT_THREADS):
         pipe = build_pipeline(family, params, dataset, imputation, seed)
         start = time.perf_counter()
         pipe.fit(split.train[dataset.feature_names], y_train)

@@ -1,12 +1,13 @@
-"""Search trials (train.parallelism) and batch-scoring partitions (batch.parallelism) fanned out through
-Prefect's Dask task runner (prefect-dask), when the settings ask.
+"""Search trials (train.parallelism), batch-scoring partitions (batch.parallelism) and the windows of a monitoring
+backfill (monitor.parallelism) fanned out through Prefect's Dask task runner (prefect-dask), when the settings ask.
 
 A local Dask cluster of `workers` processes (one thread each, its dashboard on a free port: the default 8787
-collides between runs) is started for the search and stopped after it; or the trials go to an existing
+collides between runs) is started for the work and stopped after it; or the work goes to an existing
 cluster's `address`.
-Each trial is a Prefect task run (`fit_trial`) on a Dask worker. The split travels once: a `stage_split`
-task holds it on a worker and every trial takes that task's future, so Dask moves the frame worker to worker
-at most once each instead of shipping it with every trial.
+The trials go in shares of about equal expected cost, two per worker, each share a Prefect task run
+(`fit_trials`) on a Dask worker (a task run per trial cost as much as the trial). The split travels once: a
+`stage_split` task holds it on a worker and every share takes that task's future, so Dask moves the frame
+worker to worker at most once each instead of shipping it with every task.
 
 prefect_dask and distributed are imported inside the functions (workers re-import the entry module).
 """
@@ -36,13 +37,16 @@ def stage_split(split: Split) -> Split:
     return split
 
 
-@task(name="fit_trial", task_run_name="trial-{family}", cache_policy=NO_CACHE)
-def fit_trial(
-    split: Split, dataset: DatasetDefinition, imputation: ImputationConfig, seed: int, metric: str, family: str,
-    params: dict[str, Any],
-) -> Trial:
-    """One search trial on a Dask worker: fit on train, score on train and validation."""
-    return training.evaluate_trial(split, dataset, imputation, seed, metric, family, params)
+@task(name="fit_trials", task_run_name="trials-{index}", cache_policy=NO_CACHE)
+def fit_trials(
+    index: int, split: Split, dataset: DatasetDefinition, imputation: ImputationConfig, seed: int, metric: str,
+    configs: list[tuple[str, dict[str, Any]]],
+) -> list[Trial]:
+    """A share of the search's trials on a Dask worker, one after another: fit on train, score on train and
+    validation. Trials go in shares, not one task each: a task run costs about 1-2.5 s of Prefect API calls on
+    the worker, as much as a trial's fit at 200k rows (measured, README "Benchmarks")."""
+    return [training.evaluate_trial(split, dataset, imputation, seed, metric, family, params)
+            for family, params in configs]
 
 
 def _peak_mb() -> float:
@@ -53,6 +57,39 @@ def _peak_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def expected_cost(family: str, params: dict[str, Any]) -> float:
+    """A rough relative cost of one trial, for the order of submission only (longest first): boosting and forests
+    grow with their trees (iterations x depth), a logistic regression costs about one short boosting run."""
+    if family == "hist_gradient_boosting":
+        return float(params.get("max_iter", 100)) / 50 * min(float(params.get("max_depth") or 8), 8.0) / 4
+    if family == "random_forest":
+        return float(params.get("n_estimators", 100)) / 50 * min(float(params.get("max_depth") or 12), 12.0) / 4
+    return 1.0
+
+
+def shares(configs: list[tuple[str, dict[str, Any]]], n: int) -> list[list[int]]:
+    """The configurations' indices cut into `n` shares of about equal expected cost: longest first, each to the
+    share with the least so far (ties: the first share); each share longest first. Empty shares dropped."""
+    order = sorted(range(len(configs)), key=lambda i: -expected_cost(*configs[i]))  # stable: ties in plan order
+    bins: list[list[int]] = [[] for _ in range(max(1, n))]
+    load = [0.0] * len(bins)
+    for i in order:
+        k = load.index(min(load))
+        bins[k].append(i)
+        load[k] += expected_cost(*configs[i])
+    return [b for b in bins if b]
+
+
+def _warm_up() -> None:
+    """Import what a trial runs on a worker (Prefect's task engine, scikit-learn's estimators) while the cluster
+    starts, not inside the first trial of each worker."""
+    import prefect.task_engine  # noqa: F401
+    import sklearn.ensemble
+    import sklearn.linear_model  # noqa: F401
+
+    import tasks.fanout  # noqa: F401
 
 
 @dataclass
@@ -68,13 +105,18 @@ class TrialFanout:
     workers: int  # how many trials run at once (the cluster's worker threads)
 
     def map(self, configs: list[tuple[str, dict[str, Any]]]) -> list[Trial]:
-        futures = [
-            self.runner.submit(fit_trial, {"split": self.staged, "dataset": self.dataset,
-                                           "imputation": self.imputation, "seed": self.seed,
-                                           "metric": self.metric, "family": family, "params": params})
-            for family, params in configs
-        ]
-        return [f.result() for f in futures]
+        """The trials in `shares` tasks of about equal expected cost (two per worker: fewer task runs than trials,
+        yet a share that runs long leaves the others something to take); returned in plan order, so the
+        results do not depend on how they were shared out."""
+        bins = shares(configs, min(len(configs), 2 * self.workers))
+        futures = [self.runner.submit(fit_trials, {"index": n, "split": self.staged, "dataset": self.dataset,
+                                                   "imputation": self.imputation, "seed": self.seed,
+                                                   "metric": self.metric, "configs": [configs[i] for i in b]})
+                   for n, b in enumerate(bins)]
+        out: dict[int, Trial] = {}
+        for b, f in zip(bins, futures, strict=True):
+            out.update(zip(b, f.result(), strict=True))
+        return [out[i] for i in range(len(configs))]
 
     def worker_peak_mb(self) -> dict[str, float]:
         """Each worker's peak RSS so far (MB), by worker address."""
@@ -106,6 +148,7 @@ def trial_fanout(
         return
     with task_runner(cfg) as runner:
         staged = runner.submit(stage_split, {"split": split})
+        runner.client.run(_warm_up)  # part of the cluster's start-up, reported with it
         threads = sum(runner.client.nthreads().values()) or 1
         yield TrialFanout(runner=runner, staged=staged, dataset=dataset, imputation=imputation, seed=seed,
                           metric=metric, workers=threads)
@@ -146,3 +189,16 @@ def partition_fanout(cfg: ParallelismConfig, repo: Path, model: Any, dataset: Da
             return [f.result() for f in futures]
 
         yield map_partitions
+
+
+# ------------------------------------------------------------------------------ any list of task calls
+
+
+def map_task(cfg: ParallelismConfig, fn: Any, calls: list[dict[str, Any]]) -> list[Any]:
+    """Each call's result, in the calls' order: the Prefect task `fn` run once per call on the Dask cluster the
+    settings describe, else one after another here (monitoring backfill windows)."""
+    if not cfg.parallel:
+        return [fn(**call) for call in calls]
+    with task_runner(cfg) as runner:
+        futures = [runner.submit(fn, call) for call in calls]
+        return [f.result() for f in futures]

@@ -84,6 +84,26 @@ def assess_window(profile: ReferenceProfile, window: pd.DataFrame, policy: Datas
     return core.assess_window(profile, window, policy, previous, predictions, dataset, validate_cfg)
 
 
+@task(name="assess_backfill_window", task_run_name="assess-window-{start:%Y%m%dT%H%M%S}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def assess_backfill_window(log_url: str, model_name: str, version: str, start: datetime, end: datetime,
+                           dataset: DatasetDefinition, profile: ReferenceProfile, policy: DatasetPolicy,
+                           validate_cfg: ValidateConfig, perf: PerformanceSettings, seed: int
+                           ) -> tuple[WindowAssessment, Estimate | None]:
+    """One window of a backfill, read and measured on its own (a Dask worker may run it): drift, data quality
+    and the estimate. Its verdict here ignores the windows before it; the backfill judges it again, in time
+    order, once those are recorded (persistence)."""
+    from flywheel.monitoring import window as core
+    from flywheel.monitoring.performance import estimate_performance
+    from flywheel.monitoring.serving import read_serving_window
+
+    window = read_serving_window(log_url, model_name, version, start, end, dataset)
+    assessment = core.assess_window(profile, window.frame, policy, [], window.probabilities, dataset, validate_cfg)
+    estimate = (estimate_performance(np.asarray(window.probabilities, float), perf.n_boot, perf.confidence, seed)
+                if window.rows else None)
+    return assessment, estimate
+
+
 @task(name="write_window_report", task_run_name="report-{path.name}", cache_policy=NO_CACHE)
 def write_window_report(profile: ReferenceProfile, window: pd.DataFrame, drift: DriftResult, path: Path,
                         policy: DatasetPolicy) -> Path:

@@ -6,9 +6,10 @@ The demo churn dataset generated at `--rows` (default 200,000; `--quick`: 12,000
 family, the correctness-only size), split by time; a temporary Prefect server (Prefect's test harness)
 and MLflow on SQLite in a temp folder. `train_model` (the real training task: search, refit, evaluation,
 plots, MLflow parent and child runs) runs twice on the same split: serial, then with
-`train.parallelism.workers` local Dask workers of one thread each (the search's OpenMP is one thread in both).
-Reported: the search stage's wall time and the speed-up (target >= 1.6x on 2 cores), the cluster's start-up
-apart, the whole task's wall time, each worker's peak RSS, the MLflow trial logging's share of the run, and
+`train.parallelism.workers` local Dask workers of one thread each (each trial runs on one thread in both: OpenMP
+and BLAS limited by threadpoolctl in the trial). Reported: the search stage's wall time and the speed-up (target
+>= 1.6x on 2 cores), the cluster's start-up apart (workers started, trial modules imported) and the speed-up with
+it counted, the whole task's wall time, each worker's peak RSS, the MLflow trial logging's share of the run, and
 whether both runs selected the same model with the same metrics and child runs.
 """
 
@@ -24,6 +25,8 @@ from typing import Any
 from tests.benchmarks.common import BenchResult, Record, cli, run_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
+# The issue asks for 1M rows: about 10 min for this benchmark on a quiet 2-core machine (5x the 200k run's 130 s),
+# beyond `make bench`'s 20-minute budget (18.7 min already); run it with --rows 1000000.
 FULL = {"rows": 200_000, "trials": 10, "workers": 2}
 QUICK = {"rows": 12_000, "trials": 2, "workers": 2}
 SPACE = {
@@ -102,6 +105,7 @@ def _measure(work: Path, rows: int, trials: int, workers: int, seed: int) -> dic
         }
     s, d = out["serial"], out["dask"]
     out["speedup_search"] = s["search_s"] / d["search_s"]
+    out["speedup_with_start"] = s["search_s"] / (d["search_s"] + d["cluster_start_s"])
     out["same_selection"] = s["selected"] == d["selected"]
     out["same_children"] = s["children"] == d["children"]
     for side in (s, d):
@@ -127,7 +131,8 @@ def render(r: dict[str, Any]) -> str:
         f"{d['trial_fit_s']:.1f} s | {d['trial_logging_s']:.2f} s ({d['logging_share']:.1%}) | "
         f"{d['worker_peak_mb'] or 0:.0f} MB | {d['children']} |",
         "",
-        f"search speed-up {r['speedup_search']:.2f}x; same selected model and metrics: {r['same_selection']}; "
+        f"search speed-up {r['speedup_search']:.2f}x ({r['speedup_with_start']:.2f}x counting the cluster's start); "
+        f"same selected model and metrics: {r['same_selection']}; "
         f"same child runs: {r['same_children']}",
     ])
 
@@ -138,7 +143,8 @@ def records(r: dict[str, Any]) -> list[Record]:
         Record(benchmark="fanout", name=f"search of {z['trials']} trials on {z['rows']:,} rows, {z['workers']} Dask "
                "workers", ours=d["search_s"], baseline=s["search_s"], baseline_name="serial search", unit="s",
                target=">= 1.6x", met=r["speedup_search"] >= 1.6,
-               note=f"same selection {r['same_selection']}, same child runs {r['same_children']}"),
+               note=f"{r['speedup_with_start']:.2f}x counting the cluster's start; same selection "
+               f"{r['same_selection']}, same child runs {r['same_children']}"),
         Record(benchmark="fanout", name="MLflow trial logging share of the run", ours=100 * d["logging_share"],
                unit="%", target="<= 2%", met=d["logging_share"] <= 0.02),
     ]

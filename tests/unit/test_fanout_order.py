@@ -1,0 +1,33 @@
+"""The order trials are submitted to Dask in: longest expected first (results come back in plan order, checked
+against the serial search in tests/integration/test_search_dask.py)."""
+
+from __future__ import annotations
+
+from tasks.fanout import expected_cost
+
+
+def test_longer_boosting_runs_are_expected_to_cost_more() -> None:
+    short = expected_cost("hist_gradient_boosting", {"max_iter": 50, "max_depth": 3})
+    longer = expected_cost("hist_gradient_boosting", {"max_iter": 100, "max_depth": 3})
+    deeper = expected_cost("hist_gradient_boosting", {"max_iter": 100, "max_depth": 7})
+    assert short < longer < deeper
+
+
+def test_a_logistic_regression_sorts_after_a_long_boosting_run() -> None:
+    configs = [("logistic_regression", {"C": 1.0}), ("hist_gradient_boosting", {"max_iter": 100, "max_depth": 7}),
+               ("random_forest", {"n_estimators": 300})]
+    ordered = sorted(configs, key=lambda c: -expected_cost(*c))
+    assert [f for f, _ in ordered] == ["random_forest", "hist_gradient_boosting", "logistic_regression"]
+
+
+def test_shares_balance_the_expected_cost_and_hold_every_trial_once() -> None:
+    from tasks.fanout import shares
+
+    configs = [("logistic_regression", {"C": c}) for c in (0.1, 1.0, 10.0)] + [
+        ("hist_gradient_boosting", {"max_iter": m, "max_depth": d}) for m in (50, 100) for d in (3, 7)]
+    bins = shares(configs, 4)
+    assert sorted(i for b in bins for i in b) == list(range(len(configs)))
+    loads = [sum(expected_cost(*configs[i]) for i in b) for b in bins]
+    assert max(loads) - min(loads) <= max(expected_cost(*c) for c in configs)
+    assert bins[0][0] == 6, "the longest trial (100 iterations, depth 7) goes first"
+    assert shares(configs[:1], 4) == [[0]], "no empty shares"
