@@ -14,8 +14,8 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 from pydantic import BaseModel, Field, field_validator
 
-from flywheel.clock import build_clock
 from flywheel.errors import FlywheelError
+from flywheel.lineage import TAG_TRAINING_SOURCE
 from flywheel.runsummary import RunSummary, mlflow_run_url, mlflow_version_url
 from flywheel.schemas import DatasetDefinition
 from tasks.evaluate import evaluate_candidate
@@ -63,7 +63,6 @@ class TrainingParams(BaseModel):
         return value or None  # a trigger's template renders a field its event lacks as ""
 
 
-TAG_TRAINING_SOURCE = "flywheel.training_source"  # the MLflow run's tag: offline_store | served_features
 SOURCE_TEXT = {"offline_store": "offline store (point-in-time join)",
                "served_features": "served features joined with their outcomes"}
 
@@ -125,10 +124,10 @@ def training_pipeline(params: TrainingParams | None = None) -> State[Any]:
     service = apply_feature_repo(repo, dataset, settings.features, ctx.offline_dir)
     materialize_features(repo, dataset, ctx.offline_dir, as_of)
     if source == "served_features":  # what the service actually used, with its outcomes
-        # the prediction log and the outcomes are stamped on the project's clock (simulated in the demo)
-        served_as_of = params.as_of or build_clock(settings.clock).now()
+        # the prediction log and the outcomes are stamped on the project's clock, as `as_of` is: the same instant
+        # is recorded in the lineage, so `flywheel reproduce` rebuilds this very frame
         frame = build_served_training_set(settings.store_url(settings.serve.prediction_log_url), ctx.audit_db_url,
-                                          dataset, ctx.model_name, served_as_of)
+                                          dataset, ctx.model_name, as_of)
     else:
         frame = build_training_set(repo, dataset, service, settings.features, ctx.offline_dir, as_of)
     logger.info("training set: %d rows from the %s", len(frame), SOURCE_TEXT[source])

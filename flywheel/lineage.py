@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 UNKNOWN = "unknown"
+TAG_TRAINING_SOURCE = "flywheel.training_source"  # a training run's tag: offline_store | served_features
 _PROJECT = Path(__file__).resolve().parents[1]
 
 

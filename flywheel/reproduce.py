@@ -4,7 +4,8 @@ The lineage tags written at registration name the dataset definition (and its di
 service, the `as_of` time of the training set, the training config, the family, params and seed, the
 data hash and the git sha. Rebuilding the training set through the same feature service at the same
 `as_of` must give the same data hash; refitting with the same params and seed must give the same
-holdout metrics.
+holdout metrics. A version trained on served features (`flywheel.training_source`) is rebuilt from the prediction
+log joined with the outcomes known at its `as_of`, as its training run did.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flywheel.errors import RegistryError
+from flywheel.lineage import TAG_TRAINING_SOURCE
 from flywheel.settings import Settings, TrainConfig
 
 COMPARED = ("roc_auc", "average_precision", "log_loss", "brier")
@@ -98,12 +100,19 @@ def reproduce_version(settings: Settings, model: str, version: str) -> Reproduce
     train_cfg = TrainConfig.model_validate_json(lin["train_config"])
     params = json.loads(lin["params"])
 
-    repo = featurestore.render_repo(settings.stores, settings.paths.home)
-    store = featurestore.open_store(repo)
-    frame, _ = featurestore.build_training_set(
-        store, dataset, lin["feature_service"], settings.features, settings.resolve(settings.paths.offline_dir),
-        datetime.fromisoformat(lin["as_of"]),
-    )
+    as_of = datetime.fromisoformat(lin["as_of"])
+    if tags.get(TAG_TRAINING_SOURCE) == "served_features":  # what the service used, with the outcomes known at as_of
+        from flywheel.outcomes import load_served_training_set
+
+        frame, _ = load_served_training_set(settings.store_url(settings.serve.prediction_log_url),
+                                            settings.audit_db_url, dataset, model, as_of)
+    else:
+        repo = featurestore.render_repo(settings.stores, settings.paths.home)
+        store = featurestore.open_store(repo)
+        frame, _ = featurestore.build_training_set(
+            store, dataset, lin["feature_service"], settings.features, settings.resolve(settings.paths.offline_dir),
+            as_of,
+        )
     split = training.split_by_time(frame, dataset)
     pipeline = training.fit_final(split, dataset, lin["family"], params, train_cfg.imputation, int(lin["seed"]))
     reproduced = training.overall_metrics(pipeline, split.holdout, dataset)

@@ -905,6 +905,10 @@ def test_a_run_told_to_train_on_served_features_does_and_fails_closed_on_too_few
     assert (result.training_source, result.training_rows) == ("served_features", len(served)), result
     tags = registry.client.get_run(result.run_id).data.tags
     assert (tags["flywheel.training_source"], tags["flywheel.training_rows"]) == ("served_features", str(len(served)))
+    from flywheel.reproduce import reproduce_version
+
+    again = reproduce_version(ctx.settings, "churn", result.version)  # rebuilt from the served features, same as_of
+    assert again.data_matches and again.metrics_match, again.summary()
 
     strict = home / "configs" / "datasets" / "churn_strict.yaml"
     data = yaml.safe_load((home / "configs" / "datasets" / "churn.yaml").read_text())
