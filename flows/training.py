@@ -60,7 +60,7 @@ class TrainingParams(BaseModel):
     @field_validator("decision_id", "trigger", "reason", "training_source", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
-        return value or None  # a trigger's template renders a field its event lacks as ""
+        return value or None  # a template field the event left empty ("") or null (`default(none)`): not set
 
 
 SOURCE_TEXT = {"offline_store": "offline store (point-in-time join)",
