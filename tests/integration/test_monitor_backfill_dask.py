@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_home
-from tests.integration.test_monitoring_flow import SERVED, WINDOW_ROWS, _serve
+from tests.integration.test_monitoring_flow import SERVED, WINDOW_ROWS, _serve, champion_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,19 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Path:
     """A champion trained by the real training flow on 15 drift-free days, and four served hours."""
-    import shutil
-
-    from flows.training import TrainingParams, training_pipeline
-    from flywheel.datagen import GeneratorSpec, write_batches
-
-    home = make_home(tmp_path_factory.mktemp("backfill"))
-    files = write_batches(GeneratorSpec(seed=21, days=15, rows_per_day=600, customers=6000), home / "data" / "staging")
-    incoming = home / "data" / "incoming" / "churn"
-    incoming.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy2(f, incoming / f.name)
-    result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
-    assert result.alias == "champion", result
+    home = champion_home(tmp_path_factory, "backfill")
     for hour, drift in enumerate((0.0, 1.0, 1.0, 1.0)):
         _serve(home, hour, covariate_drift=drift, seed=300 + hour)
     return home

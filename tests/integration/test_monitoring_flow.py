@@ -22,15 +22,14 @@ SERVED = datetime(2030, 1, 1, tzinfo=UTC)  # served windows start here, hour by 
 WINDOW_ROWS = 800  # above the policy's minimum sample per window
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Path:
-    """A champion trained by the real training flow on 15 drift-free days."""
+def champion_home(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A home whose champion the real training flow trained on 15 drift-free days (needs the Prefect harness)."""
     import shutil
 
     from flows.training import TrainingParams, training_pipeline
     from flywheel.datagen import GeneratorSpec, write_batches
 
-    home = make_home(tmp_path_factory.mktemp("monitoring"))
+    home = make_home(tmp_path_factory.mktemp(name))
     files = write_batches(GeneratorSpec(seed=21, days=15, rows_per_day=600, customers=6000), home / "data" / "staging")
     incoming = home / "data" / "incoming" / "churn"
     incoming.mkdir(parents=True, exist_ok=True)
@@ -39,6 +38,11 @@ def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Pat
     result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
     assert result.alias == "champion", result
     return home
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Path:
+    return champion_home(tmp_path_factory, "monitoring")
 
 
 def _settings(home: Path):
