@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.common import BenchResult, Record, cli, run_bench
+from tests.benchmarks.common import BenchResult, Record, cli, sized_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
 FULL = {"rows": 1_000_000, "entities": 250_000, "workers": 2, "partition_rows": 50_000}
@@ -122,11 +122,7 @@ def records(r: dict[str, Any]) -> list[Record]:
 
 
 def bench(quick: bool) -> BenchResult:
-    def run() -> tuple[dict[str, Any], list[Record], list]:
-        result = measure(**(QUICK if quick else FULL))
-        return result, records(result), []
-
-    return run_bench("batch_fanout", quick, run, render)
+    return sized_bench("batch_fanout", quick, FULL, QUICK, measure, records, render)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.common import BenchResult, Record, cli, run_bench
+from tests.benchmarks.common import BenchResult, Record, cli, sized_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
 # The issue asks for 1M rows: about 10 min for this benchmark on a quiet 2-core machine (5x the 200k run's 130 s),
@@ -151,11 +151,7 @@ def records(r: dict[str, Any]) -> list[Record]:
 
 
 def bench(quick: bool) -> BenchResult:
-    def run() -> tuple[dict[str, Any], list[Record], list]:
-        result = measure(**(QUICK if quick else FULL))
-        return result, records(result), []
-
-    return run_bench("fanout", quick, run, render)
+    return sized_bench("fanout", quick, FULL, QUICK, measure, records, render)
 
 
 def main(argv: list[str] | None = None) -> None:

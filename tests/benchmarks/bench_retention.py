@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.common import BenchResult, Record, cli, run_bench
+from tests.benchmarks.common import BenchResult, Record, cli, sized_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
 FULL = {"days": 180, "predictions_per_day": 2_000, "batch_rows": 500, "windows_per_day": 24, "keep_days": 90,
@@ -224,11 +224,7 @@ def records(r: dict[str, Any]) -> list[Record]:
 
 
 def bench(quick: bool) -> BenchResult:
-    def run() -> tuple[dict[str, Any], list[Record], list]:
-        result = measure(**(QUICK if quick else FULL))
-        return result, records(result), []
-
-    return run_bench("retention", quick, run, render)
+    return sized_bench("retention", quick, FULL, QUICK, measure, records, render)
 
 
 def main(argv: list[str] | None = None) -> None:

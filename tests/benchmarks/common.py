@@ -117,6 +117,17 @@ def cli(doc: str, full: dict[str, Any], quick: dict[str, Any], measure: Callable
     return result
 
 
+def sized_bench(name: str, quick: bool, full: dict[str, Any], quick_size: dict[str, Any],
+                measure: Callable[..., dict[str, Any]], records: Callable[[dict[str, Any]], list[Record]],
+                render: Callable[[dict[str, Any]], str]) -> BenchResult:
+    """`run_bench` for a benchmark that is one `measure(**size)` at its full or quick size, without growth points."""
+    def run() -> tuple[dict[str, Any], list[Record], list[GrowthPoint]]:
+        result = measure(**(quick_size if quick else full))
+        return result, records(result), []
+
+    return run_bench(name, quick, run, render)
+
+
 def run_bench(name: str, quick: bool, fn: Callable[[], tuple[dict[str, Any], list[Record], list[GrowthPoint]]],
               render: Callable[[dict[str, Any]], str] | None = None) -> BenchResult:
     """Run one benchmark's measurement into a BenchResult (an exception becomes its `error`, not the run's end)."""
