@@ -218,7 +218,7 @@ def monitoring_backfill(params: BackfillParams | None = None) -> BackfillResult:
         previous = previous_window_statuses(ctx.audit_db_url, model, reference, start)
         verdict = judge_window(assessment.drift, assessment.quality, previous, policy.alarm)
         rec = window_record(model, version, reference, start, end, assessment.drift, assessment.quality, verdict,
-                            judged_at=now, estimate=estimate)
+                            report_path=None, judged_at=now, estimate=estimate)  # backfills write no report
         record_window(ctx.audit_db_url, rec)
         out.append(BackfilledWindow(window=rec.key, rows=verdict.rows, status=verdict.status, streak=verdict.streak,
                                     alarm=verdict.alarm, data_quality_alarm=verdict.data_quality_alarm,
