@@ -93,12 +93,14 @@ def gate_summary(report: GateReport) -> dict[str, Any]:
 
 def version_tags(lineage: dict[str, str]) -> dict[str, str]:
     """The few short tags a model version shows in the MLflow UI (besides status and what the code reads back:
-    feature service, inference path, gated-against, digests): family, a short data hash, the Prefect run.
+    feature service, trigger, inference path, gated-against, digests): family, a short data hash, the Prefect run.
     Everything else of the lineage is on the version's MLflow run."""
+    from flywheel.registry import TAG_TRIGGER
     from flywheel.serving import TAG_FEATURE_SERVICE
     from tasks.summary import prefect_run_url
 
-    out = {k: lineage[k] for k in (TAG_FEATURE_SERVICE, "flywheel.family") if k in lineage}
+    # the trigger is read back too: the rollout picks its plan by it
+    out = {k: lineage[k] for k in (TAG_FEATURE_SERVICE, "flywheel.family", TAG_TRIGGER) if k in lineage}
     if "flywheel.data_hash" in lineage:
         out["flywheel.data_hash"] = lineage["flywheel.data_hash"][:12]
     url = prefect_run_url() if in_run() else None

@@ -85,10 +85,14 @@ def rejected_run(stack: Stack, browser: Any, tmp_path_factory: pytest.TempPathFa
     pg.goto(f"{stack.api.removesuffix('/api')}/deployments/deployment/{training['id']}/run")
     pg.get_by_text("Shuffle Labels").first.wait_for()
     pg.locator("input[type=text]").first.fill("sabotaged-from-the-form")  # the form's first field: Run Name
-    pg.get_by_role("switch").click()  # TrainingParams' only boolean: shuffle_labels
-    pg.screenshot(path=str(tmp_path_factory.mktemp("form") / "training-form-filled.png"), full_page=True)
+    # TrainingParams' only boolean: shuffle_labels. check() clicks and then asserts the switch is on: on a loaded
+    # machine a click before the form has hydrated was lost, and the run went off with the default (CI, 12-02)
+    pg.get_by_role("switch").check()
+    shots = tmp_path_factory.mktemp("form")
+    pg.screenshot(path=str(shots / "training-form-filled.png"), full_page=True)
     pg.get_by_role("button", name="Submit").click()
-    deadline, run = time.monotonic() + 600, None
+    pg.wait_for_url("**/flow-run/**")  # the UI opens the run it created: the submission went through
+    deadline, run, found = time.monotonic() + 600, None, []
     while time.monotonic() < deadline:
         found = httpx.post(f"{stack.api}/flow_runs/filter", timeout=10,
                            json={"flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json()
@@ -98,7 +102,8 @@ def rejected_run(stack: Stack, browser: Any, tmp_path_factory: pytest.TempPathFa
             break
         time.sleep(1)
     context.close()
-    assert run is not None, "no run of the training deployment with shuffled labels started from the form"
+    assert run is not None, ("no run of the training deployment with shuffled labels started from the form: "
+                             f"{[r['parameters'] for r in found]}")
     assert run["state"]["name"] == "Rejected", run["state"]
     return run
 
