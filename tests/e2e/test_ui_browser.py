@@ -91,7 +91,6 @@ def rejected_run(stack: Stack, browser: Any, tmp_path_factory: pytest.TempPathFa
     shots = tmp_path_factory.mktemp("form")
     pg.screenshot(path=str(shots / "training-form-filled.png"), full_page=True)
     pg.get_by_role("button", name="Submit").click()
-    pg.wait_for_url("**/flow-run/**")  # the UI opens the run it created: the submission went through
     deadline, run, found = time.monotonic() + 600, None, []
     while time.monotonic() < deadline:
         found = httpx.post(f"{stack.api}/flow_runs/filter", timeout=10,
