@@ -662,8 +662,9 @@ def test_a_retrain_delivery_is_a_trigger_decision_listed_with_the_automatic_ones
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(uuid.UUID(run_id))
     assert run.deployment_id == deployment_id
+    # the webhook's event names no training_source: the template renders null, the dataset's own applies
     assert run.parameters["params"] == {"reason": "labels for March reviewed", "decision_id": decision_id,
-                                        "trigger": "retrain_requested"}
+                                        "trigger": "retrain_requested", "training_source": None}
     assert run_flow(fake_training, flow_run=run, parameters=run.parameters) == "labels for March reviewed"
     (linked,) = [d for d in decisions(settings, model) if d.id == decision_id]
     assert linked.flow_run_id == run_id
