@@ -80,7 +80,7 @@ def _measure(home: Path, rows: int, entities: int, workers: int, partition_rows:
     files = {}
     for name, par in (("serial", ParallelismConfig()), ("dask", ParallelismConfig(workers=workers))):
         t0 = time.perf_counter()
-        report = score_entities.fn(repo, model, dataset, ids, at, home / f"out_{name}", par, partition_rows)
+        report = score_entities.fn(repo, model, dataset, ids, at, home / f"out_{name}", at, par, partition_rows)
         wall = time.perf_counter() - t0
         # the scoring's own time (batch_score's summary): the wall minus it is the cluster's start and stop
         out[name] = {"wall_s": wall, "scoring_s": report.seconds, "rows": report.rows,
