@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,20 @@ def make_home(tmp: Path) -> Path:
         shutil.copytree(PROJECT / "feature_repo", tmp / "feature_repo")
     (tmp / "data").mkdir()
     return tmp
+
+
+def outcome_batch_stamp(url: str) -> datetime:
+    """`ingested_at` of the one outcome batch in the project database at `url` (UTC when stored naive)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            (stamp,) = conn.execute(sa.text("SELECT ingested_at FROM flywheel_outcome_batches")).scalars()
+    finally:
+        engine.dispose()
+    stamp = datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp
+    return stamp.replace(tzinfo=stamp.tzinfo or UTC)
 
 
 def train_champion_and_challenger(home: Path, spec) -> None:

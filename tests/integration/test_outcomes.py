@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from flywheel.cli import app
+from tests.conftest import outcome_batch_stamp
 
 pytestmark = [pytest.mark.integration]
 runner = CliRunner()
@@ -93,11 +94,4 @@ def test_ingest_outcomes_task_stores_a_batch(home: Path, prefect_harness: None) 
     report = ingest_outcomes(path, ds, url, home / "data" / "quarantine", at)
     assert (report.skipped, report.rows, report.total_rows) == (False, 25, 25)
     assert ingest_outcomes(path, ds, url, home / "data" / "quarantine", at).skipped
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            (stamp,) = conn.execute(sa.text("SELECT ingested_at FROM flywheel_outcome_batches")).scalars()
-    finally:
-        engine.dispose()
-    stamp = datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp
-    assert stamp.replace(tzinfo=stamp.tzinfo or UTC) == at, "the batch is stamped with the time given"
+    assert outcome_batch_stamp(url) == at, "the batch is stamped with the time given"

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
-import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from flywheel.clock import ManualClock
 from flywheel.datagen import GeneratorSpec, generate, write_label_batches
+from tests.conftest import outcome_batch_stamp
 
 SIM = datetime(2031, 3, 1, tzinfo=UTC)  # far from any wall time these tests run at
 SPEC = GeneratorSpec(seed=3, days=1, rows_per_day=40, customers=100)
@@ -88,11 +88,5 @@ def test_flywheel_outcomes_ingest_stamps_the_batch_on_the_project_clock(home: Pa
     res = CliRunner().invoke(app, ["outcomes", "ingest", str(labels), "--profile", "ci", "--config-dir",
                                    str(home / "configs")], env=simulated_env())
     assert res.exit_code == 0, res.output
-    engine = sa.create_engine(f"sqlite:///{home}/data/flywheel.db")
-    try:
-        with engine.connect() as conn:
-            (stamp,) = conn.execute(sa.text("SELECT ingested_at FROM flywheel_outcome_batches")).scalars()
-    finally:
-        engine.dispose()
-    stamp = datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp
+    stamp = outcome_batch_stamp(f"sqlite:///{home}/data/flywheel.db")
     assert near(stamp, SIM), f"ingested_at {stamp}: not on the simulated clock"
