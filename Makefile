@@ -32,9 +32,11 @@ browsers:
 	  echo "installed chromium"; } || \
 	  echo "chromium could not be installed (needs root, apt-get and a Debian mirror): the browser test skips"
 
+# Two pytest-xdist workers (TEST_WORKERS=0 runs in one process): the suite's groups are in tests/conftest.py.
+TEST_WORKERS ?= 2
 test: env browsers
 	$(RUN) ruff check .
-	$(RUN) pytest -q
+	$(RUN) pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test-fast: env
 	$(RUN) pytest -q -m "not integration and not slow and not production" -x

@@ -26,6 +26,35 @@ for _var, _val in {
     os.environ.setdefault(_var, _val)
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): each group below runs whole on one
+# worker, in this order. A module is a group, so its module-scoped fixtures start once; the e2e modules are one
+# group (each starts a whole stack; the demo holds a core busy on purpose), and so are the production modules
+# (PostgreSQL's 100 connections, Redis database 11 flushed after each test, the private clusters). The longest
+# groups go first: the scheduler hands groups out in collection order, and one started last is the run's tail.
+_GROUP_ORDER = ("production", "e2e", "tests/integration/", "tests/unit/")
+
+
+def _xdist_group(item: pytest.Item) -> str:
+    path = Path(str(item.path)).relative_to(PROJECT).as_posix()
+    for shared in ("production", "e2e"):
+        if path.startswith(f"tests/{shared}/"):
+            return shared
+    return path
+
+
+def _group_rank(group: str) -> int:
+    return next((i for i, prefix in enumerate(_GROUP_ORDER) if group.startswith(prefix)), len(_GROUP_ORDER))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marker into the node id
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    # stable sort: the order inside a group is the collection order
+    items.sort(key=lambda item: _group_rank(item.get_closest_marker("xdist_group").args[0]))
+
+
 def make_home(tmp: Path) -> Path:
     """A project home in `tmp`: a copy of configs/ and feature_repo/, data/ empty."""
     shutil.copytree(PROJECT / "configs", tmp / "configs")

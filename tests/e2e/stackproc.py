@@ -68,7 +68,9 @@ def stack_home(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[S
     home = make_home(tmp)
     prefect_port, service_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLYWHEEL_"))}
+    # every port a free one: the suite runs on two xdist workers, and a user's own stack may hold the defaults
     env.update({"FLYWHEEL_STACK__PREFECT_PORT": str(prefect_port), "FLYWHEEL_SERVE__PORT": str(service_port),
+                "FLYWHEEL_WEBHOOK__PORT": str(free_port()), "FLYWHEEL_STACK__MLFLOW_UI_PORT": str(free_port()),
                 **(extra_env or {})})
     st = Stack(home, env, f"http://127.0.0.1:{prefect_port}/api", "", [])
     try:
