@@ -3,8 +3,9 @@
     make bench-serving              # or: uv run python -m tests.benchmarks.bench_serving [--quick]
 
 1. A trained project home in a temp folder: 21 daily churn batches (ending ~40 days before today, inside
-   the 90-day feature TTL), one training run under an ephemeral Prefect test server: the registry holds
-   a champion and the Feast online store (SQLite) is materialized.
+   the 90-day feature TTL), one training run (the training flow's tasks called in its order, as the training
+   benchmark's direct arm: no Prefect server to start for a set-up step): the registry holds a champion and
+   the Feast online store (SQLite) is materialized.
 2. Flywheel: `python -m flywheel.service` (one process) on a free port, /health 200.
 3. Baseline: `feast serve` (Feast's Python feature server, `/get-online-features` on the champion's
    feature service) plus `mlflow models serve --env-manager local` on the SAME fitted pipeline logged
@@ -136,11 +137,8 @@ def rss_mb(pid: int) -> tuple[float, float, int]:
 
 def build_home(root: Path, rows_per_day: int) -> Path:
     """A project home with a champion in the registry and the online store materialized."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.training import TrainingParams, training_pipeline
     from flywheel.datagen import GeneratorSpec, write_batches
+    from tests.benchmarks.bench_training import run_direct
 
     home = make_home(root)
     days = 21
@@ -149,12 +147,8 @@ def build_home(root: Path, rows_per_day: int) -> Path:
         seed=11, days=days, rows_per_day=rows_per_day, customers=max(2000, rows_per_day * 6), start=start
     )
     write_batches(spec, home / "data" / "incoming" / "churn")
-    with (
-        prefect_test_harness(server_startup_timeout=180),
-        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
-        result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
-    if getattr(result, "alias", None) != "champion":
+    result = run_direct(home / "configs", "ci")
+    if result != {"outcome": "champion", "version": "1"}:
         raise RuntimeError(f"training did not register a champion: {result!r}")
     return home
 

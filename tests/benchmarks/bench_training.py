@@ -102,9 +102,10 @@ def make_home(root: Path, batches: list[Path]) -> Path:
     return root
 
 
-def run_direct(config_dir: Path) -> dict[str, str]:
+def run_direct(config_dir: Path, profile: str = "local") -> dict[str, str]:
     """The flow's story with every task called as a plain function (no Prefect): the registration's outcome and
-    model version."""
+    model version. (The flow's Prefect-only steps, its validation table and run summary artifacts, are left out.)"""
+    from flywheel.lineage import TAG_TRAINING_SOURCE
     from flywheel.runtime import start_run_context
     from tasks.evaluate import evaluate_candidate
     from tasks.features import (
@@ -120,7 +121,7 @@ def run_direct(config_dir: Path) -> dict[str, str]:
     from tasks.train import split_training_set, train_model
     from tasks.validate import validate_batch
 
-    ctx = start_run_context("local", config_dir)
+    ctx = start_run_context(profile, config_dir)
     s, ds = ctx.settings, ctx.dataset
     as_of = ctx.clock.now()  # as the training flow takes it
     batches = find_new_batches.fn(ds, ctx.source, ctx.offline_dir)
@@ -132,7 +133,9 @@ def run_direct(config_dir: Path) -> dict[str, str]:
     materialize_features.fn(repo, ds, ctx.offline_dir, as_of)
     frame = build_training_set.fn(repo, ds, service, s.features, ctx.offline_dir, as_of)
     split = split_training_set.fn(frame, ds, False, ctx.train.seed)
-    lineage = ctx.lineage(service, frame, as_of, quality)
+    if ds.training_source != "offline_store":
+        raise RuntimeError(f"the direct arm trains on the offline store only, not {ds.training_source}")
+    lineage = {**ctx.lineage(service, frame, as_of, quality), TAG_TRAINING_SOURCE: ds.training_source}  # as the flow
     trained = train_model.fn(split, ds, ctx.train, ctx.gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     profile_reference.fn(trained.pipeline, split, ds, trained.run_id, ctx.tracking_uri)
     champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
@@ -144,7 +147,7 @@ def run_direct(config_dir: Path) -> dict[str, str]:
     card = write_model_card.fn(ctx.model_name, ds, service, trained, report, lineage)
     outcome = register_model.fn(
         trained.pipeline, split.holdout[ds.feature_names].head(5), trained.run_id, ctx.model_name, report, card,
-        {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, "benchmark",
+        {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, "benchmark", clock=ctx.clock,
     )  # fmt: skip
     return {"outcome": outcome.outcome, "version": str(outcome.version)}
 
