@@ -3,8 +3,9 @@
     make bench-serving              # or: uv run python -m tests.benchmarks.bench_serving [--quick]
 
 1. A trained project home in a temp folder: 21 daily churn batches (ending ~40 days before today, inside
-   the 90-day feature TTL), one training run under an ephemeral Prefect test server: the registry holds
-   a champion and the Feast online store (SQLite) is materialized.
+   the 90-day feature TTL), one training run (the training flow's tasks called in its order, as the training
+   benchmark's direct arm: no Prefect server to start for a set-up step): the registry holds a champion and
+   the Feast online store (SQLite) is materialized.
 2. Flywheel: `python -m flywheel.service` (one process) on a free port, /health 200.
 3. Baseline: `feast serve` (Feast's Python feature server, `/get-online-features` on the champion's
    feature service) plus `mlflow models serve --env-manager local` on the SAME fitted pipeline logged
@@ -136,11 +137,8 @@ def rss_mb(pid: int) -> tuple[float, float, int]:
 
 def build_home(root: Path, rows_per_day: int) -> Path:
     """A project home with a champion in the registry and the online store materialized."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.training import TrainingParams, training_pipeline
     from flywheel.datagen import GeneratorSpec, write_batches
+    from tests.benchmarks.bench_training import run_direct
 
     home = make_home(root)
     days = 21
@@ -149,12 +147,8 @@ def build_home(root: Path, rows_per_day: int) -> Path:
         seed=11, days=days, rows_per_day=rows_per_day, customers=max(2000, rows_per_day * 6), start=start
     )
     write_batches(spec, home / "data" / "incoming" / "churn")
-    with (
-        prefect_test_harness(server_startup_timeout=180),
-        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
-        result = training_pipeline(TrainingParams(profile="ci", config_dir=str(home / "configs")))
-    if getattr(result, "alias", None) != "champion":
+    result = run_direct(home / "configs", "ci")
+    if result != {"outcome": "champion", "version": "1"}:
         raise RuntimeError(f"training did not register a champion: {result!r}")
     return home
 
@@ -266,8 +260,8 @@ def back_to_back(client: httpx.Client, call: Call, ids: list[int], n: int, size:
 
 def saturate(
     make_client: Callable[[], httpx.Client], call: Call, ids: list[int], seconds: float, threads: int
-) -> tuple[float, int]:
-    """Single-entity requests from `threads` clients for `seconds`: (requests/s, errors)."""
+) -> tuple[float, int, int]:
+    """Single-entity requests from `threads` clients for `seconds`: (requests/s, requests answered, errors)."""
     stop = threading.Event()
     counts = [0] * threads
     errors = [0] * threads
@@ -291,7 +285,7 @@ def saturate(
     stop.set()
     for t in pool:
         t.join(60)
-    return sum(counts) / (time.perf_counter() - t0), sum(errors)
+    return sum(counts) / (time.perf_counter() - t0), sum(counts), sum(errors)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -437,25 +431,31 @@ def main() -> None:
         console.print(f"max |probability difference| flywheel vs baseline on {len(probe)} entities: {diff:.2e}")
 
         # ---- warm-up, then the measurements (systems alternate per scenario)
-        results: dict[str, dict[str, Any]] = {name: {} for name, _, _ in systems}
-        for _, call, make in systems:
+        # requests answered, each call's HTTP requests all 200 (a call raises otherwise): the probe, the warm-up,
+        # the paced and batch runs, the saturation run
+        results: dict[str, dict[str, Any]] = {name: {"answered": len(probe)} for name, _, _ in systems}
+        for name, call, make in systems:
             with make() as client:
                 back_to_back(client, call, ids, plan.warmup, 1)
                 back_to_back(client, call, ids, max(5, plan.warmup // 10), plan.batch_size)
+            results[name]["answered"] += plan.warmup + max(5, plan.warmup // 10)
         console.print("warm-up done; measuring ...")
         for name, call, make in systems:
             with make() as client:
                 lat, achieved = paced(client, call, ids, plan.single, plan.rate)
             results[name]["single"] = percentiles(lat)
             results[name]["rate"] = achieved
+            results[name]["answered"] += len(lat)
             console.print(f"  {name}: single done (achieved {achieved:.0f} req/s)")
         for name, call, make in systems:
             with make() as client:
                 results[name]["batch"] = percentiles(back_to_back(client, call, ids, plan.batch, plan.batch_size))
+            results[name]["answered"] += plan.batch
             console.print(f"  {name}: batch-{plan.batch_size} done")
         for name, call, make in systems:
-            rps, errs = saturate(make, call, ids, plan.saturation_s, plan.threads)
+            rps, answered, errs = saturate(make, call, ids, plan.saturation_s, plan.threads)
             results[name]["throughput"], results[name]["errors"] = rps, errs
+            results[name]["answered"] += answered
             console.print(f"  {name}: saturation done ({rps:.0f} req/s, {errs} errors)")
 
         # ---- memory: champion only, then champion + challenger
@@ -542,9 +542,13 @@ def main() -> None:
         console.print(table)
         if args.json:
             args.json.write_text(json.dumps({
-                "size": {"rows": 21 * plan.rows_per_day, "single": plan.single, "batch_size": plan.batch_size},
+                "size": {"rows": 21 * plan.rows_per_day, "single": plan.single, "batch": plan.batch,
+                         "batch_size": plan.batch_size, "warmup": plan.warmup},
                 "flywheel": fw, "baseline": bl, "rss_one_mb": fw_one[1], "rss_two_mb": fw_two[1],
-                "baseline_rss_mb": feast_rss[1] + mlflow_rss[1], "max_abs_diff": diff, "inference": str(inference),
+                "baseline_rss_mb": feast_rss[1] + mlflow_rss[1], "max_abs_diff": diff, "probe": len(probe),
+                "inference": str(inference), "model": type(champion.pipeline.steps[-1][1]).__name__,
+                "champion_version": str(champion.version), "challenger_version": str(version),
+                "entities_online": len(ids),
                 "load_before": load_before, "load_after": os.getloadavg(), "seconds": elapsed}, indent=2, default=str))
         for name in ("flywheel", "baseline"):
             if results[name]["rate"] < 0.95 * plan.rate:
@@ -594,19 +598,43 @@ def records(r: dict[str, Any]) -> list[Record]:
     ]
 
 
+def measure(quick: bool) -> dict[str, Any]:
+    """The serving benchmark in its own process (it starts and stops its servers by process group): its JSON."""
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-serving-json-") as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_serving", "--json", str(out),
+                               *(["--quick"] if quick else [])], cwd=PROJECT, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"bench_serving failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        return json.loads(out.read_text())
+
+
+def render(r: dict[str, Any]) -> str:
+    """Both systems side by side, as markdown (the detail under the project's table)."""
+    fw, bl = r["flywheel"], r["baseline"]
+
+    def p50_p99(kind: str) -> tuple[str, str]:
+        return f"{fw[kind]['p50']:.2f} / {fw[kind]['p99']:.2f}", f"{bl[kind]['p50']:.2f} / {bl[kind]['p99']:.2f}"
+
+    rows = [("requests answered (HTTP 200)", fw["answered"], bl["answered"]),
+            ("errors at saturation", fw["errors"], bl["errors"]),
+            ("single entity: p50 / p99 ms", *p50_p99("single")),
+            (f"batch of {r['size']['batch_size']}: p50 / p99 ms", *p50_p99("batch")),
+            ("throughput, req/s", f"{fw['throughput']:.0f}", f"{bl['throughput']:.0f}"),
+            ("RSS MiB, one model", f"{r['rss_one_mb']:.0f}", f"{r['baseline_rss_mb']:.0f}")]
+    return ("| measure | flywheel | feast serve + mlflow models serve |\n|---|---:|---:|\n"
+            + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+            + f"\n\n{r['model']} v{r['champion_version']} (flywheel inference: {r['inference']}); "
+              f"max |p difference| on {r['probe']} entities {float(r['max_abs_diff']):.1e}")
+
+
 def bench(quick: bool) -> BenchResult:
     """The serving benchmark in its own process (it starts and stops its servers by process group)."""
     def run() -> tuple[dict[str, Any], list[Record], list]:
-        with tempfile.TemporaryDirectory(prefix="flywheel-bench-serving-json-") as tmp:
-            out = Path(tmp) / "result.json"
-            proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_serving", "--json", str(out),
-                                   *(["--quick"] if quick else [])], cwd=PROJECT, capture_output=True, text=True)
-            if proc.returncode != 0 or not out.exists():
-                raise RuntimeError(f"bench_serving failed ({proc.returncode}): {proc.stderr[-1500:]}")
-            result = json.loads(out.read_text())
+        result = measure(quick)
         return result, records(result), []
 
-    return run_bench("serving", quick, run)
+    return run_bench("serving", quick, run, render)
 
 
 if __name__ == "__main__":

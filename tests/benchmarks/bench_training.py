@@ -1,12 +1,14 @@
 """Training-flow benchmark: the work itself vs Prefect's orchestration overhead, at ~100k rows.
 
-    uv run python -m tests.benchmarks.bench_training [--quick] [--rows 100000] [--json PATH]
+    uv run python -m tests.benchmarks.bench_training [--quick] [--rows 100000] [--repeats 3] [--warmup-rows 5600]
+                                                     [--json PATH]
 
 1. A Prefect server (SQLite, its own PREFECT_HOME in a temp folder) is started and timed to healthy;
    it is stopped by pid at the end. Start-up is reported apart from the run.
 2. The same generated data (the demo churn dataset, 28 daily batches) is put in two fresh project
    homes. Every library is imported before timing, so neither side pays import costs.
-   One untimed warm-up run of each side on a tiny data set pays the first run's one-time costs.
+   One untimed warm-up run of each side on a tiny data set (`--warmup-rows`; none at the quick size, which is for
+   correctness only) pays the first run's one-time costs.
 3. "direct": the pipeline's task functions called in the flow's order as plain Python (`task.fn`).
    "prefect": `training_pipeline` against the running server (task runs, states, artifacts, logs,
    heartbeats as in production). Each side runs `--repeats` times on fresh homes, in pairs run back to back,
@@ -100,8 +102,10 @@ def make_home(root: Path, batches: list[Path]) -> Path:
     return root
 
 
-def run_direct(config_dir: Path) -> str:
-    """The flow's story with every task called as a plain function (no Prefect)."""
+def run_direct(config_dir: Path, profile: str = "local") -> dict[str, str]:
+    """The flow's story with every task called as a plain function (no Prefect): the registration's outcome and
+    model version. (The flow's Prefect-only steps, its validation table and run summary artifacts, are left out.)"""
+    from flywheel.lineage import TAG_TRAINING_SOURCE
     from flywheel.runtime import start_run_context
     from tasks.evaluate import evaluate_candidate
     from tasks.features import (
@@ -117,7 +121,7 @@ def run_direct(config_dir: Path) -> str:
     from tasks.train import split_training_set, train_model
     from tasks.validate import validate_batch
 
-    ctx = start_run_context("local", config_dir)
+    ctx = start_run_context(profile, config_dir)
     s, ds = ctx.settings, ctx.dataset
     as_of = ctx.clock.now()  # as the training flow takes it
     batches = find_new_batches.fn(ds, ctx.source, ctx.offline_dir)
@@ -129,7 +133,9 @@ def run_direct(config_dir: Path) -> str:
     materialize_features.fn(repo, ds, ctx.offline_dir, as_of)
     frame = build_training_set.fn(repo, ds, service, s.features, ctx.offline_dir, as_of)
     split = split_training_set.fn(frame, ds, False, ctx.train.seed)
-    lineage = ctx.lineage(service, frame, as_of, quality)
+    if ds.training_source != "offline_store":
+        raise RuntimeError(f"the direct arm trains on the offline store only, not {ds.training_source}")
+    lineage = {**ctx.lineage(service, frame, as_of, quality), TAG_TRAINING_SOURCE: ds.training_source}  # as the flow
     trained = train_model.fn(split, ds, ctx.train, ctx.gates, ctx.tracking_uri, ctx.artifact_location, lineage)
     profile_reference.fn(trained.pipeline, split, ds, trained.run_id, ctx.tracking_uri)
     champion = load_champion.fn(ctx.tracking_uri, ctx.audit_db_url, ctx.model_name)
@@ -141,16 +147,17 @@ def run_direct(config_dir: Path) -> str:
     card = write_model_card.fn(ctx.model_name, ds, service, trained, report, lineage)
     outcome = register_model.fn(
         trained.pipeline, split.holdout[ds.feature_names].head(5), trained.run_id, ctx.model_name, report, card,
-        {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, "benchmark",
+        {**lineage, **trained.lineage()}, ctx.tracking_uri, ctx.audit_db_url, "benchmark", clock=ctx.clock,
     )  # fmt: skip
-    return outcome.outcome
+    return {"outcome": outcome.outcome, "version": str(outcome.version)}
 
 
-def run_prefect(config_dir: Path) -> str:
+def run_prefect(config_dir: Path) -> dict[str, str]:
     from flows.training import TrainingParams, training_pipeline
 
     state = training_pipeline(TrainingParams(profile="local", config_dir=str(config_dir)), return_state=True)
-    return state.result().outcome
+    outcome = state.result()
+    return {"outcome": outcome.outcome, "version": str(outcome.version)}
 
 
 def warm_imports() -> None:
@@ -163,8 +170,8 @@ def warm_imports() -> None:
     from flywheel import featurestore, gates, registry, training, validation  # noqa: F401
 
 
-FULL = {"rows": 100_000, "repeats": 3}
-QUICK = {"rows": 5_600, "repeats": 1}
+FULL = {"rows": 100_000, "repeats": 3, "warmup_rows": 5_600}
+QUICK = {"rows": 5_600, "repeats": 1, "warmup_rows": 0}  # correctness only: no warm-up, the figures mean nothing
 GROWTH = {"full": (10_000, 100_000, 1_000_000), "quick": (2_000, 5_000, 10_000)}
 TARGET_OVERHEAD = 0.05
 
@@ -210,7 +217,8 @@ def bench(quick: bool) -> BenchResult:
         with tempfile.TemporaryDirectory(prefix="flywheel-bench-training-") as tmp:
             out = Path(tmp) / "result.json"
             proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_training", "--rows", str(size["rows"]),
-                                   "--repeats", str(size["repeats"]), "--json", str(out)],
+                                   "--repeats", str(size["repeats"]), "--warmup-rows", str(size["warmup_rows"]),
+                                   "--json", str(out)],
                                   cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
             if proc.returncode != 0 or not out.exists():
                 raise RuntimeError(f"bench_training failed ({proc.returncode}): {proc.stderr[-1500:]}")
@@ -227,14 +235,18 @@ def bench(quick: bool) -> BenchResult:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the correctness-only size (5,600 rows, one run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the correctness-only size (5,600 rows, one run per side, no warm-up)")
     parser.add_argument("--rows", type=int, default=None, help="total rows (28 daily batches; default 100,000)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per side, in back-to-back pairs whose order alternates; medians count (default 3)")
+    parser.add_argument("--warmup-rows", type=int, default=None,
+                        help="rows of the untimed warm-up run per side, 0 for none (default 5,600; quick: 0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    size = size_for(FULL, QUICK, args.quick, {"rows": args.rows, "repeats": args.repeats})
-    args.rows, args.repeats = size["rows"], size["repeats"]
+    size = size_for(FULL, QUICK, args.quick, {"rows": args.rows, "repeats": args.repeats,
+                                              "warmup_rows": args.warmup_rows})
+    args.rows, args.repeats, args.warmup_rows = size["rows"], size["repeats"], size["warmup_rows"]
 
     from rich.console import Console
     from rich.table import Table
@@ -258,16 +270,20 @@ def main() -> None:
         os.environ["PREFECT_API_URL"] = api
         warm_imports()
         # One untimed run of each side on a tiny data set: the first run in a process pays one-time costs the
-        # later ones do not (imports inside tasks, first client and registry set-ups): measured at the quick
-        # size on a busy machine, 41 s CPU for a first direct run, 25 s for the second, 28 s for each Prefect run.
-        tiny = write_batches(GeneratorSpec(days=days, rows_per_day=200, customers=1_000), workdir / "warm-source")
-        for side, fn in (("direct", run_direct), ("prefect", run_prefect)):
-            started = time.perf_counter()
-            fn(make_home(workdir / f"warm-{side}", tiny) / "configs")
-            console.print(f"warm-up ({side}, {days * 200} rows, untimed): {time.perf_counter() - started:.1f} s")
+        # later ones do not (imports inside tasks, first client and registry set-ups): measured on 5,600 rows
+        # on a busy machine, 41 s CPU for a first direct run, 25 s for the second, 28 s for each Prefect run.
+        if args.warmup_rows > 0:
+            tiny = write_batches(GeneratorSpec(days=days, rows_per_day=max(1, args.warmup_rows // days),
+                                               customers=1_000), workdir / "warm-source")
+            for side, fn in (("direct", run_direct), ("prefect", run_prefect)):
+                started = time.perf_counter()
+                fn(make_home(workdir / f"warm-{side}", tiny) / "configs")
+                console.print(f"warm-up ({side}, {args.warmup_rows:,} rows, untimed): "
+                              f"{time.perf_counter() - started:.1f} s")
 
         results: dict[str, list[float]] = {"direct": [], "prefect": []}
         cpu: dict[str, list[float]] = {"direct": [], "prefect": []}
+        outcomes: dict[str, list[dict[str, str]]] = {"direct": [], "prefect": []}
         for i in range(args.repeats):
             sides = [("direct", run_direct), ("prefect", run_prefect)]
             for side, fn in sides if i % 2 == 0 else sides[::-1]:
@@ -276,8 +292,9 @@ def main() -> None:
                 outcome = fn(home / "configs")
                 results[side].append(time.perf_counter() - started)
                 cpu[side].append(time.process_time() - cpu0)
-                console.print(f"{side} run {i + 1}: {results[side][-1]:.1f} s, CPU {cpu[side][-1]:.1f} s ({outcome}), "
-                              f"load average {os.getloadavg()[0]:.2f}")
+                outcomes[side].append(outcome)
+                console.print(f"{side} run {i + 1}: {results[side][-1]:.1f} s, CPU {cpu[side][-1]:.1f} s "
+                              f"({outcome['outcome']} v{outcome['version']}), load average {os.getloadavg()[0]:.2f}")
 
         direct, prefect = statistics.median(results["direct"]), statistics.median(results["prefect"])
         pairs = [p / d - 1 for d, p in zip(results["direct"], results["prefect"], strict=True)]
@@ -304,12 +321,15 @@ def main() -> None:
                 ("prefect", f"{prefect:.2f} s (runs: {', '.join(f'{x:.1f}' for x in results['prefect'])})"),
                 ("overhead", f"{100 * share:+.1f}% (pairs: {', '.join(f'{100 * x:+.1f}%' for x in pairs)})"),
                 ("CPU, direct / prefect", f"{cpu_direct:.2f} / {cpu_prefect:.2f} s ({100 * cpu_share:+.1f}%)"),
-                ("server start-up", f"{startup:.2f} s"))]
+                ("server start-up", f"{startup:.2f} s"),
+                ("registered", "; ".join(f"{side}: " + ", ".join(f"{o['outcome']} v{o['version']}" for o in outs)
+                                         for side, outs in outcomes.items())))]
             args.json.write_text(json.dumps({
-                "size": {"rows": spec.days * spec.rows_per_day, "repeats": args.repeats},
+                "size": {"rows": spec.days * spec.rows_per_day, "repeats": args.repeats,
+                         "warmup_rows": args.warmup_rows},
                 "rows": spec.days * spec.rows_per_day, "direct_s": direct, "prefect_s": prefect,
                 "overhead_share": share, "pair_overheads": pairs, "cpu_s": cpu, "cpu_overhead_share": cpu_share,
-                "startup_s": startup, "runs": results,
+                "startup_s": startup, "runs": results, "outcomes": outcomes,
                 "table": "| side | median |\n|---|---:|\n" + "\n".join(rows)}, indent=2))
     finally:
         if server is not None:

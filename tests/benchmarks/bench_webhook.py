@@ -47,6 +47,7 @@ import psutil
 
 from flywheel.hmacsig import signature_header
 from tests.benchmarks.bench_training import _free_port, start_prefect_server, stop
+from tests.benchmarks.common import size_for
 
 PROJECT = Path(__file__).resolve().parents[2]
 SECRET = "bench-webhook-secret-0123456789"
@@ -151,8 +152,13 @@ def events_stored(api: str, expected: int, timeout: float = 90) -> int:
     return total
 
 
-def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> None:
-    """Start the receiver against `api`, send the paced deliveries, check and print; the receiver is stopped."""
+FULL = {"rate": 50.0, "seconds": 20.0}
+QUICK = {"rate": 50.0, "seconds": 5.0}  # the correctness-only size tests/integration/test_webhook_bench.py runs
+
+
+def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Start the receiver against `api`, send the paced deliveries, check and print (the receiver is stopped);
+    the figures."""
     from rich.table import Table
 
     n = int(rate * seconds)
@@ -196,35 +202,48 @@ def measure(console: Any, home: Path, api: str, rate: float, seconds: float) -> 
     console.print(f"p99 accepted {p99:.1f} ms (target <= {TARGET_P99_MS:.0f} ms: {verdict}); events stored "
                   f"{stored}/{n + 20} (all within {drained:.1f} s of the last send, read back included); "
                   f"load average {load:.1f}; receiver RSS {rss:.0f} MiB")
+    return {"size": {"rate": rate, "seconds": seconds}, "deliveries": n, "warm_up": len(warm),
+            "statuses": {"accepted": [s for s, _ in results], "duplicates": [s for s, _ in dups],
+                         "direct": [s for s, _ in direct]},
+            "events_stored": stored, "drained_s": drained, "rss_mb": rss, "load_average": load,
+            "accepted_ms": {q: pct(ms, q) for q in (50, 90, 99)} | {"max": max(ms)},
+            "direct_ms": {q: pct([m for _, m in direct], q) for q in (50, 90, 99)}, "target_met": p99 <= TARGET_P99_MS}
+
+
+def run(rate: float, seconds: float, prefect_db: str = "sqlite", console: Any = None) -> dict[str, Any]:
+    """A Prefect server and a project home in a temp folder, `measure`, everything stopped and removed."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
+    home = workdir / "home"
+    shutil.copytree(PROJECT / "configs", home / "configs")
+    (home / "data").mkdir(parents=True)
+    try:
+        with prefect_database(prefect_db, workdir) as db_url:
+            console.print(f"starting a Prefect server ({prefect_db}) ...")
+            server, api, startup = start_prefect_server(workdir, db_url)
+            try:
+                console.print(f"server healthy after {startup:.1f} s at {api}")
+                return {**measure(console, home, api, rate, seconds), "startup_s": startup}
+            finally:
+                stop(server)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_webhook",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 s instead of 20 (a smoke run)")
-    parser.add_argument("--rate", type=float, default=50.0, help="deliveries per second")
+    parser.add_argument("--rate", type=float, default=None, help="deliveries per second (default 50)")
     parser.add_argument("--seconds", type=float, default=None, help="default 20 (5 with --quick)")
     parser.add_argument("--prefect-db", choices=["sqlite", "postgres"], default="sqlite",
                         help="the Prefect server's database (postgres: a fresh database on 127.0.0.1:5432)")
     args = parser.parse_args()
-    from rich.console import Console
-
-    console = Console()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
-    home = workdir / "home"
-    shutil.copytree(PROJECT / "configs", home / "configs")
-    (home / "data").mkdir(parents=True)
-    try:
-        with prefect_database(args.prefect_db, workdir) as db_url:
-            console.print(f"starting a Prefect server ({args.prefect_db}) ...")
-            server, api, startup = start_prefect_server(workdir, db_url)
-            try:
-                console.print(f"server healthy after {startup:.1f} s at {api}")
-                measure(console, home, api, args.rate, args.seconds or (5.0 if args.quick else 20.0))
-            finally:
-                stop(server)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    size = size_for(FULL, QUICK, args.quick, {"rate": args.rate, "seconds": args.seconds})
+    run(size["rate"], size["seconds"], args.prefect_db)
 
 
 if __name__ == "__main__":
