@@ -79,6 +79,12 @@ def _exchange(a: Path, b: Path) -> None:
     os.replace(parked, b)
 
 
+def interrupted(folder: Path) -> bool:
+    """Whether a compaction left a staged or parked folder behind: a few stats, so that writers read the whole
+    ledger for `resume` only when there is something to resume."""
+    return any(next_dir(folder, table).is_dir() or (folder / f"{table}.old").is_dir() for table, _ in TABLE_KEYS)
+
+
 def resume(folder: Path, ledger: dict[str, dict[str, Any]]) -> list[str]:
     """Finish or discard a compaction a crash interrupted (called under the dataset's lock). The ledger decides:
     when it names files that only `.<table>.next/` holds, the compaction committed and the swap completes;

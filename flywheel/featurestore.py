@@ -5,9 +5,11 @@ Layout of the offline store (one folder per dataset under `paths.offline_dir`), 
                                batch id), named `<sequence>_<batch id>.parquet` so name order is ingest order
   <dataset>/labels.parquet/    the same for label rows (entity, event (prediction) time, label, label time,
                                context, batch id)
-  <dataset>/ledger.jsonl       the manifest, one JSON line appended per ingest or load: batch id -> content
-                               digest, part files, row counts, event-time span, load time; duplicates are found
-                               here, without reading any stored rows
+  <dataset>/ledger.jsonl       the manifest and source of truth, one JSON line appended per ingest, load or
+                               compaction: batch id -> content digest, part files, row counts, event-time span,
+                               load time
+  <dataset>/index.sqlite       derived from the ledger (flywheel/ledger.py): what an ingest looks up (batch id,
+                               digest, sequence, totals) without reading other batches' records or listing parts
 The `.parquet` folders read as one table with pandas/pyarrow (`pd.read_parquet(folder)`), DuckDB and Feast's
 DuckDB and file offline stores, so the Feast source path (and every service name hashed from it) is unchanged
 from the single-file layout of earlier versions, which the next ingest migrates (migrate_offline_store).
@@ -48,6 +50,7 @@ import yaml
 
 from flywheel.clock import wall_now
 from flywheel.errors import FeatureJoinError, FlywheelError
+from flywheel.ledger import LEDGER_FILE, LedgerIndex, append_ledger, open_index, read_ledger, write_ledger
 from flywheel.schemas import DatasetDefinition, Result
 
 if TYPE_CHECKING:
@@ -61,7 +64,6 @@ log = logging.getLogger("flywheel.featurestore")
 PROJECT = "flywheel"
 FEATURES_FILE = "features.parquet"
 LABELS_FILE = "labels.parquet"
-LEDGER_FILE = "ledger.jsonl"
 OLD_LEDGER_FILE = "ledger.json"  # the rewritten-per-ingest JSON ledger of earlier versions
 BATCH_COLUMN = "flywheel_batch_id"
 DEFAULT_CREATED_COLUMN = "flywheel_created_at"  # when the dataset has no arrival-time column
@@ -85,6 +87,9 @@ class IngestReport(Result):
     total_label_rows: int
     features_path: str
     labels_path: str
+    # ledger records this ingest read: its own, plus any appended since the last write (loads, compactions);
+    # every record only when the index was built (first touch of an older folder): the history it cost
+    ledger_records_read: int = 0
 
 
 class ViewLoad(Result):
@@ -482,34 +487,10 @@ def _parts(path: Path) -> list[str]:
     return [e.name for e in os.scandir(path) if e.name.endswith(".parquet")] if path.is_dir() else []
 
 
-def _read_ledger(folder: Path) -> dict[str, dict[str, Any]]:
-    """The ledger folded from its records (later fields win). A last line without its newline is an append
-    that died half-way: not committed, ignored."""
-    path = folder / LEDGER_FILE
-    if not path.exists():
-        return {}
-    ledger: dict[str, dict[str, Any]] = {}
-    text = path.read_text()
-    for line in text[: text.rfind("\n") + 1].splitlines():
-        record = json.loads(line)
-        ledger.setdefault(record.pop("batch"), {}).update(record)
-    return ledger
-
-
-def _append_ledger(folder: Path, records: dict[str, dict[str, Any]]) -> None:
-    """Append one JSON line per batch: the commit point of an ingest or a load. Appending, not rewriting,
-    keeps its cost independent of the history (rewriting a file by rename flushed the whole file on ext4)."""
-    path = folder / LEDGER_FILE
-    with open(path, "ab+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size:  # drop the torn tail of an append that died half-way
-            fh.seek(max(0, size - 4096))
-            tail = fh.read()
-            keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
-            if keep != size:
-                fh.truncate(keep)
-        fh.write(b"".join(json.dumps({"batch": b, **r}, sort_keys=True).encode() + b"\n"
-                          for b, r in records.items()))
+# The ledger (the source of truth) and its index live in flywheel/ledger.py; these names are what compaction is
+# handed and what older callers import.
+_read_ledger = read_ledger
+_append_ledger = append_ledger
 
 
 def _part_name(seq: int, batch_id: str) -> str:
@@ -517,25 +498,49 @@ def _part_name(seq: int, batch_id: str) -> str:
     return f"{seq:07d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', batch_id)[:80]}.parquet"
 
 
-def _write_part(table: pa.Table, folder: Path, target: Path) -> None:
-    """Write next to the dataset folder, then rename into the table's folder: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{target.parent.name}.{target.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+def _staged(folder: Path, table: str, name: str) -> Path:
+    """Where a part waits between its write and its ledger record: in the dataset folder, which no reader lists
+    as a table, under a name derived from the part's own (so recovery knows which table and part it is)."""
+    return folder / f".{table}.{name}.tmp"
 
 
-def _remove_orphans(folder: Path, ledger: dict[str, dict[str, Any]]) -> list[str]:
-    """Delete part files no ledger entry names (a writer died between the file and the ledger) and temp files."""
-    named = {e.get(key) for e in ledger.values() for key in ("features_file", "labels_file")}
+def _stage_part(table: pa.Table, folder: Path, table_name: str, name: str) -> None:
+    pq.write_table(table, _staged(folder, table_name, name))
+
+
+def _publish_part(folder: Path, table_name: str, name: str) -> None:
+    """Rename a staged part into its table folder (after the ledger names it): readers see all of it or none."""
+    (folder / table_name).mkdir(parents=True, exist_ok=True)
+    os.replace(_staged(folder, table_name, name), folder / table_name / name)
+
+
+def _settle_staged(folder: Path, index: LedgerIndex) -> list[str]:
+    """Finish what a writer that died left in the dataset folder (a few entries, whatever the history): a staged
+    part the ledger names was committed and is published; any other temp file was never committed and goes."""
+    done = []
+    for tmp in folder.glob(".*.tmp"):
+        match = re.fullmatch(r"\.(features\.parquet|labels\.parquet)\.((\d{7})_.*\.parquet)\.tmp", tmp.name)
+        if match:
+            table, name, seq = match.groups()
+            key = "features_file" if table == FEATURES_FILE else "labels_file"
+            if name in index.file_of_seq(int(seq), key) and not (folder / table / name).exists():
+                _publish_part(folder, table, name)
+                done.append(f"published {table}/{name}")
+                continue
+        tmp.unlink()
+        done.append(f"removed {tmp.name}")
+    return done
+
+
+def _remove_orphans(folder: Path, named: set[str]) -> list[str]:
+    """Delete part files the ledger does not name. Only needed where a writer may have published before its
+    commit: versions before the index did (their crash left such files), so this runs when the index is built."""
     removed = []
     for table in (FEATURES_FILE, LABELS_FILE):
         for name in _parts(folder / table):
             if name not in named:
                 (folder / table / name).unlink()
                 removed.append(f"{table}/{name}")
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink()
     return removed
 
 
@@ -549,37 +554,60 @@ def _batch_stats(rows: pd.DataFrame, dataset: DatasetDefinition) -> dict[str, An
 
 
 def migrate_offline_store(dataset: DatasetDefinition, offline_dir: Path) -> bool:
-    """One-off, run by the next ingest or load: turn single-file tables into partitioned folders.
+    """Run by the next ingest, load or compaction: bring a dataset folder to the current layout and state.
 
-    The old file moves into the folder as its first part (same rows, same order); its batches' ledger entries
-    get the file name and their event-time span, read once from the old file. True when something moved.
+    Single-file tables become partitioned folders (the old file moves in as the first part: same rows, same order;
+    its batches' ledger entries get the file name and their event-time span, read once from the old file); a
+    compaction or an ingest a crash cut short is finished or undone; the ledger index is built (first touch of a
+    folder from before it) or brought up to date. True when something moved or the index was built from a ledger.
     """
     folder = dataset_dir(offline_dir, dataset)
     with _locked(folder):
-        return _migrate_locked(folder, dataset)
+        index, changed = _recover_locked(folder, dataset)
+        index.close()
+        return changed
+
+
+def _recover_locked(folder: Path, dataset: DatasetDefinition) -> tuple[LedgerIndex, bool]:
+    """Everything a writer does first, under the lock: migrations, interrupted work, the index up to the ledger.
+    Costs a few stats and the new ledger lines when nothing was interrupted; returns the open index."""
+    moved = _migrate_locked(folder, dataset)
+    index, rebuilt = open_index(folder)
+    try:
+        if rebuilt:  # first touch, or a ledger the index was not built from: one sweep of the whole folders
+            removed = _remove_orphans(folder, index.named_files())
+            if removed:
+                log.warning("offline store %s: removed part files no ledger record names: %s", folder, removed)
+        settled = _settle_staged(folder, index)
+        if settled:
+            log.warning("offline store %s: finished an interrupted ingest: %s", folder, settled)
+    except BaseException:
+        index.close()
+        raise
+    return index, moved or (rebuilt and index.records_read > 0) or bool(settled)
 
 
 def _migrate_locked(folder: Path, dataset: DatasetDefinition) -> bool:
+    """The older layouts and an interrupted compaction; reads the ledger only when one of them is found."""
     moved = False
     old = folder / OLD_LEDGER_FILE
     if old.exists():  # the JSON ledger becomes the first records of the append-only one
         if not (folder / LEDGER_FILE).exists():
-            records = json.loads(old.read_text())
-            tmp = folder / f".{LEDGER_FILE}.{os.getpid()}.tmp"
-            tmp.write_text("".join(json.dumps({"batch": b, **r}, sort_keys=True) + "\n" for b, r in records.items()))
-            os.replace(tmp, folder / LEDGER_FILE)
+            write_ledger(folder, json.loads(old.read_text()))
         old.unlink()
         moved = True
-    ledger = _read_ledger(folder)
-    from flywheel.compaction import resume  # a compaction a crash cut short is finished or undone first
+    from flywheel.compaction import interrupted, resume  # a compaction a crash cut short is finished or undone
 
-    moved = bool(resume(folder, ledger)) or moved
+    if interrupted(folder):
+        moved = bool(resume(folder, _read_ledger(folder))) or moved
+    ledger: dict[str, dict[str, Any]] | None = None
     for table, key in ((FEATURES_FILE, "features_file"), (LABELS_FILE, "labels_file")):
         path, parked = folder / table, folder / f".{table}.legacy"
         if path.is_file():  # step 1: park the old file (a crash after this resumes at step 2)
             os.replace(path, parked)
         if not parked.exists():
             continue
+        ledger = _read_ledger(folder) if ledger is None else ledger
         name = _part_name(0, "legacy")
         if table == FEATURES_FILE:
             cols = list(dict.fromkeys([dataset.timestamp, created_column(dataset), BATCH_COLUMN]))
@@ -607,8 +635,13 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
 
     Idempotent by content: the same batch id with the same rows adds nothing; the same rows under another id are
     recorded as a duplicate of the first and add nothing; the same id with different rows is refused (a corrected
-    batch needs a new id, or the stored one would silently differ from the file). Duplicates are found in the
-    ledger (batch id -> content digest, files, row counts, event-time span): nothing already stored is read.
+    batch needs a new id, or the stored one would silently differ from the file). Duplicates, the next sequence
+    number and the totals come from the ledger's index (flywheel/ledger.py): no stored rows, no other batch's
+    ledger record and no listing of the part folders are read, so the cost is the batch's own.
+
+    The write: both parts are staged in the dataset folder, the ledger record is appended (the commit point),
+    then the parts are renamed into their table folders. A crash before the record leaves staged files only
+    (never visible to readers; the next writer deletes them); after it, the next writer publishes them.
     """
     if not batch_id:
         raise FlywheelError("ingest_batch needs a non-empty batch_id")
@@ -621,34 +654,27 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
     features, labels = _feature_rows(df, dataset, batch_id), _label_rows(df, dataset, batch_id)
     digest = _digest(features, labels)
     with _locked(folder):
-        _migrate_locked(folder, dataset)
-        ledger = _read_ledger(folder)
-        known = ledger.get(batch_id)
-        twin = next((b for b, e in ledger.items() if e.get("digest") == digest), None)
-        if known is not None and known.get("digest") not in (None, digest):
-            raise FlywheelError(
-                f"batch {batch_id!r} of dataset {dataset.name!r} was ingested already with different rows "
-                f"(digest {known['digest'][:12]} stored, {digest[:12]} now); give the corrected batch a new id"
-            )
-        skipped = known is not None or twin is not None
-        if not skipped:
-            _remove_orphans(folder, ledger)
-            seq = max((e.get("seq", 0) for e in ledger.values()), default=0) + 1
-            entry: dict[str, Any] = {
-                "seq": seq, "digest": digest, "feature_rows": len(features), "label_rows": len(labels),
-                "features_file": _part_name(seq, batch_id), "labels_file": _part_name(seq, batch_id),
-                "ingested_at": stamp, **_batch_stats(features, dataset),
-            }
-            like = next((lpath / e["labels_file"] for e in ledger.values() if e.get("labels_file")), None)
-            _write_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
-                        folder, fpath / entry["features_file"])
-            _write_part(_label_table(labels, dataset, like), folder, lpath / entry["labels_file"])
-            ledger[batch_id] = entry  # the commit point: until the ledger names them, the files are orphans
-            _append_ledger(folder, {batch_id: entry})
-        elif known is None:  # the same rows under a new id: remember the id, store nothing
-            ledger[batch_id] = {"digest": digest, "duplicate_of": twin, "feature_rows": 0, "label_rows": 0,
-                                "ingested_at": stamp}
-            _append_ledger(folder, {batch_id: ledger[batch_id]})
+        index, _ = _recover_locked(folder, dataset)
+        try:
+            known = index.entry(batch_id)
+            twin = index.first_with_digest(digest)
+            if known is not None and known.get("digest") not in (None, digest):
+                raise FlywheelError(
+                    f"batch {batch_id!r} of dataset {dataset.name!r} was ingested already with different rows "
+                    f"(digest {known['digest'][:12]} stored, {digest[:12]} now); give the corrected batch a new id"
+                )
+            skipped = known is not None or twin is not None
+            if not skipped:
+                _write_batch(folder, index, dataset, batch_id, features, labels, {
+                    "digest": digest, "ingested_at": stamp, **_batch_stats(features, dataset)})
+            elif known is None:  # the same rows under a new id: remember the id, store nothing
+                _append_ledger(folder, {batch_id: {"digest": digest, "duplicate_of": twin, "feature_rows": 0,
+                                                   "label_rows": 0, "ingested_at": stamp}})
+                index.sync()
+            total_features, total_labels = index.totals()
+            records_read = index.records_read
+        finally:
+            index.close()
         return IngestReport(
             dataset=dataset.name,
             batch_id=batch_id,
@@ -656,11 +682,30 @@ def ingest_batch(df: pd.DataFrame, dataset: DatasetDefinition, offline_dir: Path
             duplicate_of=twin if known is None else None,
             feature_rows=0 if skipped else len(features),
             label_rows=0 if skipped else len(labels),
-            total_feature_rows=sum(e.get("feature_rows", 0) for e in ledger.values()),
-            total_label_rows=sum(e.get("label_rows", 0) for e in ledger.values()),
+            total_feature_rows=total_features,
+            total_label_rows=total_labels,
             features_path=str(fpath),
             labels_path=str(lpath),
+            ledger_records_read=records_read,
         )
+
+
+def _write_batch(folder: Path, index: LedgerIndex, dataset: DatasetDefinition, batch_id: str,
+                 features: pd.DataFrame, labels: pd.DataFrame, fields: dict[str, Any]) -> None:
+    """Stage both parts, commit the ledger record, publish the parts, fold the record into the index."""
+    seq = index.max_seq() + 1
+    name = _part_name(seq, batch_id)
+    entry = {"seq": seq, "feature_rows": len(features), "label_rows": len(labels), "features_file": name,
+             "labels_file": name, **fields}
+    like = index.first_labels_file()
+    _stage_part(pa.Table.from_pandas(features, schema=_feature_schema(dataset), preserve_index=False),
+                folder, FEATURES_FILE, name)
+    _stage_part(_label_table(labels, dataset, folder / LABELS_FILE / like if like else None),
+                folder, LABELS_FILE, name)
+    _append_ledger(folder, {batch_id: entry})  # the commit point
+    _publish_part(folder, FEATURES_FILE, name)
+    _publish_part(folder, LABELS_FILE, name)
+    index.sync()  # reads back just this record
 
 
 def compact_offline_store(dataset: DatasetDefinition, offline_dir: Path, before: datetime,
@@ -672,17 +717,20 @@ def compact_offline_store(dataset: DatasetDefinition, offline_dir: Path, before:
 
     folder = dataset_dir(offline_dir, dataset)
     with _locked(folder):
-        _migrate_locked(folder, dataset)
-        report = compact_locked(folder, dataset, _read_ledger(folder), before, _append_ledger, _part_name,
-                                fail_after)
-        if report.months:  # fold the ledger: its records stay, one line per batch (atomic rename)
-            _atomic_write_text(folder / LEDGER_FILE, "".join(
-                json.dumps({"batch": b, **e}, sort_keys=True) + "\n" for b, e in _read_ledger(folder).items()))
+        index, _ = _recover_locked(folder, dataset)
+        try:
+            report = compact_locked(folder, dataset, _read_ledger(folder), before, _append_ledger, _part_name,
+                                    fail_after)
+            if report.months:  # fold the ledger: its records stay, one line per batch (atomic rename)
+                write_ledger(folder, _read_ledger(folder))
+            index.sync()  # a folded ledger is a new file: the index is rebuilt from it here, not by the next ingest
+        finally:
+            index.close()
         return report
 
 
 def _mark_materialized(folder: Path, batch_ids: set[str]) -> None:
-    """Record in the ledger that these batches are in the online store."""
+    """Record in the ledger that these batches are in the online store (the index folds it in on the next write)."""
     if not batch_ids:
         return
     with _locked(folder):

@@ -5,8 +5,9 @@
 A churn batch (default 1,000 rows, the churn dataset's columns) is ingested into an offline store that already
 holds 10, 100 and 1,000 batches (`--quick`: 2, 5 and 10 batches of 50 rows, the correctness-only size the test
 suite runs). At each level:
-- flywheel: `ingest_batch` of K new batches (median wall and CPU time per batch): one part file per table and the
-  ledger, nothing stored read back;
+- flywheel: `ingest_batch` of K new batches (median wall and CPU time per batch): one part file per table, one
+  ledger line and the index's lookups and update (flywheel/ledger.py); no stored rows, no other batch's ledger
+  record and no listing of the part folders are read;
 - single file: what ingest did before (read the whole batch-id column to find duplicates, then read the whole
   file, append, rewrite it), timed on a single file holding the same rows.
 Each batch differs from the others (timestamps shifted by a day per batch), so none is a duplicate.
@@ -121,7 +122,7 @@ def measure(rows: int, levels: tuple[int, ...], repeats: int) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     lines = [f"Ingest of one {result['rows_per_batch']:,}-row batch, median of {result['repeats']} "
              "(wall / CPU of the process; CPU is the steadier figure on a busy machine):", "",
-             "| existing batches | stored rows | flywheel (part file + ledger) | single-file rewrite (before) |",
+             "| existing batches | stored rows | flywheel (part + ledger + index) | single-file rewrite (before) |",
              "|---:|---:|---:|---:|"]
     for r in result["levels"]:
         lines.append(f"| {r['existing_batches']:,} | {r['stored_rows']:,} | "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +12,7 @@ import pytest
 
 from flywheel import featurestore as fs
 from flywheel.errors import FlywheelError
+from flywheel.ledger import INDEX_FILE, LedgerIndex
 
 
 @pytest.fixture
@@ -86,21 +90,186 @@ def test_each_batch_is_one_new_part_and_earlier_parts_are_untouched(dataset, off
     assert pd.Timestamp(entry["event_min"]) == small_batches[1][dataset.timestamp].min()
 
 
-def test_a_write_that_died_before_the_ledger_leaves_nothing_behind(dataset, offline, small_batches):
-    first = fs.ingest_batch(small_batches[0], dataset, offline, "day0")
-    folder = Path(first.features_path)
-    # what a writer killed between its part file and the ledger leaves: a part no ledger entry names, a temp file
-    (folder / "0000002_lost.parquet").write_bytes((folder / "0000001_day0.parquet").read_bytes())
-    (folder.parent / ".features.parquet.0000002_day1.parquet.99.tmp").write_bytes(b"half")
-    with open(folder.parent / fs.LEDGER_FILE, "a") as fh:  # and the torn start of its ledger record
+def _crash_while_ingesting(batch, dataset, offline: Path, batch_id: str, where: str, calls: int = 1) -> None:
+    """Ingest in a forked process that dies (os._exit: no cleanup, no unwinding, the lock freed by the kernel, as
+    under SIGKILL) on the `calls`-th call of `where`, a step of the write in flywheel.featurestore or the index."""
+    from flywheel import ledger
+
+    owner, name = (ledger.LedgerIndex, "sync") if where == "index.sync" else (fs, where)
+
+    def child() -> None:
+        real, seen = getattr(owner, name), []
+
+        def dying(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == calls:
+                os._exit(17)
+            return real(*args, **kwargs)
+
+        setattr(owner, name, dying)
+        fs.ingest_batch(batch, dataset, offline, batch_id)
+        os._exit(0)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 17, f"the writer was to die in {where}, exit code {proc.exitcode}"
+
+
+def part_names(offline: Path, dataset, table: str = fs.FEATURES_FILE) -> list[str]:
+    return sorted(p.name for p in (offline / dataset.name / table).iterdir())
+
+
+def test_a_writer_that_died_before_its_ledger_record_leaves_nothing_visible(dataset, offline, small_batches):
+    fs.ingest_batch(small_batches[0], dataset, offline, "day0")
+    _crash_while_ingesting(small_batches[1], dataset, offline, "day1", "_append_ledger")
+    folder = offline / dataset.name
+    # both parts were written, staged beside the tables: readers see the committed batch only
+    assert sorted(p.name for p in folder.glob(".*.tmp")) == [
+        ".features.parquet.0000002_day1.parquet.tmp", ".labels.parquet.0000002_day1.parquet.tmp"]
+    assert part_names(offline, dataset) == part_names(offline, dataset, fs.LABELS_FILE) == ["0000001_day0.parquet"]
+    assert set(pd.read_parquet(folder / fs.FEATURES_FILE)[fs.BATCH_COLUMN]) == {"day0"}
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0"]
+
+    again = fs.ingest_batch(small_batches[1], dataset, offline, "day1")  # not a duplicate: it was never committed
+    assert not again.skipped and again.total_feature_rows == 600
+    assert not list(folder.glob(".*.tmp"))
+    assert part_names(offline, dataset) == ["0000001_day0.parquet", "0000002_day1.parquet"]
+    assert pd.read_parquet(folder / fs.LABELS_FILE)[fs.BATCH_COLUMN].value_counts().to_dict() == {
+        "day0": 300, "day1": 300}
+
+
+@pytest.mark.parametrize("calls", [1, 2], ids=["before-publishing", "between-the-two-tables"])
+def test_a_writer_that_died_after_its_ledger_record_is_published_by_the_next(dataset, offline, small_batches, calls):
+    fs.ingest_batch(small_batches[0], dataset, offline, "day0")
+    _crash_while_ingesting(small_batches[1], dataset, offline, "day1", "_publish_part", calls)
+    folder = offline / dataset.name
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0", "day1"], "the record is the commit"
+    features = pd.read_parquet(folder / fs.FEATURES_FILE)[fs.BATCH_COLUMN]
+    assert set(features) == ({"day0"} if calls == 1 else {"day0", "day1"})
+
+    report = fs.ingest_batch(small_batches[2], dataset, offline, "day2")  # the next writer publishes day1 first
+    assert (report.skipped, report.total_feature_rows) == (False, 900)
+    assert not list(folder.glob(".*.tmp"))
+    for table in (fs.FEATURES_FILE, fs.LABELS_FILE):
+        assert part_names(offline, dataset, table) == [
+            "0000001_day0.parquet", "0000002_day1.parquet", "0000003_day2.parquet"]
+        assert pd.read_parquet(folder / table)[fs.BATCH_COLUMN].value_counts().to_dict() == {
+            "day0": 300, "day1": 300, "day2": 300}
+    assert fs.ingest_batch(small_batches[1], dataset, offline, "day1").skipped
+
+
+def test_a_writer_that_died_before_updating_the_index_is_caught_up_from_the_ledger(dataset, offline, small_batches):
+    fs.ingest_batch(small_batches[0], dataset, offline, "day0")
+    _crash_while_ingesting(small_batches[1], dataset, offline, "day1", "index.sync", calls=2)  # after publishing
+    assert part_names(offline, dataset) == ["0000001_day0.parquet", "0000002_day1.parquet"]
+
+    # the index missed day1's record: the next writer reads it (and only it) from the ledger
+    twin = fs.ingest_batch(small_batches[1], dataset, offline, "day1-copy")
+    assert (twin.skipped, twin.duplicate_of, twin.total_feature_rows) == (True, "day1", 600)
+    assert twin.ledger_records_read == 2, "day1's record, then its own"
+    nxt = fs.ingest_batch(small_batches[2], dataset, offline, "day2")
+    assert part_names(offline, dataset)[-1] == "0000003_day2.parquet" and nxt.total_feature_rows == 900
+
+
+def test_an_ingest_reads_neither_other_batches_records_nor_the_part_folders(dataset, offline, small_batches):
+    """At any history the ingest reads one ledger record (its own) and lists no table folder."""
+    folder = offline / dataset.name
+    tables = {str(folder / fs.FEATURES_FILE), str(folder / fs.LABELS_FILE)}
+    listed: list[str] = []
+    watching = [False]
+
+    def audit(event: str, args: tuple) -> None:  # the interpreter's own record of directory listings
+        if watching[0] and event in ("os.scandir", "os.listdir", "glob.glob") and args and \
+                any(str(args[0]).startswith(t) for t in tables):
+            listed.append(f"{event} {args[0]}")
+
+    sys.addaudithook(audit)  # cannot be removed: it does nothing once `watching` is off
+    tiny = small_batches[0].head(10)
+
+    def batch(i: int) -> pd.DataFrame:
+        return tiny.assign(**{c: tiny[c] + pd.Timedelta(days=i) for c in
+                              {dataset.timestamp, dataset.created_timestamp, dataset.label_timestamp} - {None}})
+
+    reads = {}
+    try:
+        for i in range(60):
+            if i in (2, 59):
+                watching[0] = True
+            report = fs.ingest_batch(batch(i), dataset, offline, f"b{i}")
+            watching[0] = False
+            reads[i] = report.ledger_records_read
+            assert not report.skipped and report.total_feature_rows == 10 * (i + 1)
+    finally:
+        watching[0] = False
+    assert reads[2] == reads[59] == 1, reads
+    assert listed == []
+    # duplicates are still found at that history, by id and by content, reading nothing else
+    again, twin = fs.ingest_batch(batch(3), dataset, offline, "b3"), fs.ingest_batch(batch(3), dataset, offline, "x")
+    assert again.skipped and (twin.skipped, twin.duplicate_of, twin.ledger_records_read) == (True, "b3", 1)
+    with pytest.raises(FlywheelError, match="different rows"):
+        fs.ingest_batch(batch(4), dataset, offline, "b3")
+    # a load's records appended in between are read once by the next ingest, then not again
+    fs._mark_materialized(folder, {"b0", "b1", "b2"})
+    assert fs.ingest_batch(batch(60), dataset, offline, "b60").ledger_records_read == 3 + 1
+    assert fs.ingest_batch(batch(61), dataset, offline, "b61").ledger_records_read == 1
+
+
+def test_a_folder_from_before_the_index_is_indexed_and_swept_on_first_touch(dataset, offline, small_batches):
+    """An append-only ledger folder written by the previous version (no index), with what that version's crash
+    left: a published part no record names, a temp file, the torn start of a record."""
+    for i in range(3):
+        fs.ingest_batch(small_batches[i], dataset, offline, f"day{i}")
+    folder = offline / dataset.name
+    ledger_lines = (folder / fs.LEDGER_FILE).read_text()
+    LedgerIndex.drop(folder)  # the previous version kept only the ledger
+    assert not (folder / INDEX_FILE).exists()
+    parts = folder / fs.FEATURES_FILE
+    (parts / "0000004_lost.parquet").write_bytes((parts / "0000001_day0.parquet").read_bytes())
+    (folder / ".features.parquet.0000004_lost.parquet.99.tmp").write_bytes(b"half")
+    with open(folder / fs.LEDGER_FILE, "a") as fh:
         fh.write('{"batch": "lost", "feature_rows": 30')
-    assert list(fs.ingested_batches(dataset, offline)) == ["day0"], "a torn record is not committed"
-    fs.ingest_batch(small_batches[1], dataset, offline, "day1")
-    stored = pd.read_parquet(folder)
-    assert stored[fs.BATCH_COLUMN].value_counts().to_dict() == {"day0": 300, "day1": 300}
-    assert not list(folder.parent.glob(".*.tmp"))
-    assert list(fs.ingested_batches(dataset, offline)) == ["day0", "day1"]
-    assert sorted(p.name for p in folder.iterdir()) == ["0000001_day0.parquet", "0000002_day1.parquet"]
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0", "day1", "day2"], "a torn record is not committed"
+
+    report = fs.ingest_batch(small_batches[3], dataset, offline, "day3")
+    assert report.ledger_records_read == 3 + 1, "the whole ledger once, to build the index, then its own record"
+    assert (folder / INDEX_FILE).exists()
+    assert (folder / fs.LEDGER_FILE).read_text().startswith(ledger_lines), "the records were kept as they were"
+    assert not list(folder.glob(".*.tmp"))
+    assert part_names(offline, dataset) == [f"000000{i + 1}_day{i}.parquet" for i in range(4)]
+    assert pd.read_parquet(parts)[fs.BATCH_COLUMN].value_counts().to_dict() == {f"day{i}": 300 for i in range(4)}
+    assert list(fs.ingested_batches(dataset, offline)) == ["day0", "day1", "day2", "day3"]
+    assert report.total_feature_rows == report.total_label_rows == 1200
+    # the migrated index knows the history: duplicates by id and by content, the refusal of changed rows
+    assert fs.ingest_batch(small_batches[1], dataset, offline, "day1").skipped
+    assert fs.ingest_batch(small_batches[1], dataset, offline, "day1-again").duplicate_of == "day1"
+    with pytest.raises(FlywheelError, match="different rows"):
+        fs.ingest_batch(small_batches[4], dataset, offline, "day0")
+    assert not fs.migrate_offline_store(dataset, offline), "a second touch has nothing to migrate"
+
+
+def test_an_unreadable_index_is_rebuilt_from_the_ledger(dataset, offline, small_batches):
+    fs.ingest_batch(small_batches[0], dataset, offline, "day0")
+    folder = offline / dataset.name
+    (folder / INDEX_FILE).write_bytes(b"not a database, whatever an OS crash left" * 100)
+    assert fs.ingest_batch(small_batches[0], dataset, offline, "day0").skipped
+    report = fs.ingest_batch(small_batches[1], dataset, offline, "day1")
+    assert part_names(offline, dataset) == ["0000001_day0.parquet", "0000002_day1.parquet"]
+    assert report.total_feature_rows == 600
+
+
+def test_a_rewritten_ledger_rebuilds_the_index(dataset, offline, small_batches):
+    """The index follows the ledger, not the other way round: a ledger replaced under it (compaction folds it)
+    is read whole once, and what it says wins."""
+    for i in range(2):
+        fs.ingest_batch(small_batches[i], dataset, offline, f"day{i}")
+    folder = offline / dataset.name
+    from flywheel.ledger import write_ledger
+
+    write_ledger(folder, fs.ingested_batches(dataset, offline))  # same records, one line each, a new file
+    report = fs.ingest_batch(small_batches[2], dataset, offline, "day2")
+    assert report.ledger_records_read == 2 + 1 and report.total_feature_rows == 900
+    assert fs.ingest_batch(small_batches[3], dataset, offline, "day3").ledger_records_read == 1
 
 
 def test_all_null_optional_column_in_the_first_batch_keeps_the_table_readable(dataset, offline, small_batches):
