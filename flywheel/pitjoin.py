@@ -17,6 +17,9 @@ row at T is the best of a prefix; only rows that beat every row ready before (or
 (a running max of (event_ts, created_ts)), so those "record" rows are kept, and an ASOF join on `ready`
 finds the answer. The TTL then only needs checking on the winner: every other qualifying row is older.
 Exact duplicates (same key, event and created time) are broken arbitrarily, as Feast does.
+
+`entity_rows_join` is the same join reading only the rows keyed by the entity frame's keys (a semi join in the
+parquet scan, before the ranking window): batch scoring's partitions read their own entities' rows, not the store.
 """
 
 from __future__ import annotations
