@@ -74,7 +74,8 @@ def batch_scoring(params: BatchScoringParams | None = None) -> BatchScoringResul
     model = load_model_by_alias(ctx.tracking_uri, ctx.audit_db_url, model_name, params.alias)
     repo = render_feature_repo(settings.stores, settings.paths.home)
     report = score_entities(repo, model, dataset, ids, at, settings.resolve(settings.batch.output_dir), now,
-                            settings.batch.parallelism, settings.batch.partition_rows)
+                            settings.batch.parallelism, settings.batch.partition_rows,
+                            settings.features.join_memory_limit)
     if report.no_feature_rows:
         get_run_logger().warning(
             "%d of %d entities had no features at %s: written with a null score", report.no_feature_rows,

@@ -17,6 +17,9 @@ row at T is the best of a prefix; only rows that beat every row ready before (or
 (a running max of (event_ts, created_ts)), so those "record" rows are kept, and an ASOF join on `ready`
 finds the answer. The TTL then only needs checking on the winner: every other qualifying row is older.
 Exact duplicates (same key, event and created time) are broken arbitrarily, as Feast does.
+
+`entity_rows_join` is the same join reading only the rows keyed by the entity frame's keys (a semi join in the
+parquet scan, before the ranking window): batch scoring's partitions read their own entities' rows, not the store.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 ROW = "__pit_row"  # the entity row's position, carried through each view's join
 _T = "__pit_t"  # the entity row's timestamp inside the SQL
 _MIN_US = -(2**63) + 1  # below any created time, in microseconds
+_ROWS = "__pit_rows"  # a view's rows filtered to the entities' keys (entity_rows_join)
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,12 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _view_sql(view: ViewSpec, filter_by_created: bool) -> str:
-    """One view's join against the registered `entities` relation: returns (ROW, features...)."""
-    ts, created = _q(view.timestamp), _q(view.created) if view.created else None
+def _rows_sql(view: ViewSpec, filter_by_created: bool, only_entities: bool) -> str:
+    """The view's rows a join at the `entities` relation's times can use: (k..., t, o, ready, f...), ready by the
+    latest entity time. With `only_entities`, also keyed by one of the entity rows' keys: a semi join inside the
+    scan, so a partition of entities reads (and sorts, and ranks) only its own entities' rows, not the store's."""
+    ts = f"p.{_q(view.timestamp)}"
+    created = f"p.{_q(view.created)}" if view.created else None
     # a null created time never qualifies under the created filter (Feast compares it: NULL <= T is not true)
     ready = f"CASE WHEN {created} IS NOT NULL THEN greatest({ts}, {created}) END" if created and filter_by_created \
         else ts
@@ -107,21 +114,31 @@ def _view_sql(view: ViewSpec, filter_by_created: bool) -> str:
     # a null created time ranks lowest, as in Feast's descending sort
     order_key = (f"epoch_us({ts})::HUGEINT * 18446744073709551616 + coalesce(epoch_us({created}), {_MIN_US})"
                  if created else f"epoch_us({ts})")
-    keys = ", ".join(f"{_q(src)} AS k{i}" for i, (src, _) in enumerate(view.keys))
-    partition = ", ".join(f"k{i}" for i in range(len(view.keys)))
-    feats = ", ".join(f"{_q(src)} AS f{i}" for i, (src, _) in enumerate(view.features))
+    keys = ", ".join(f"p.{_q(src)} AS k{i}" for i, (src, _) in enumerate(view.keys))
+    feats = ", ".join(f"p.{_q(src)} AS f{i}" for i, (src, _) in enumerate(view.features))
     files = "[" + ", ".join(_lit(p) for p in view.paths) + "]"
+    semi = ""
+    if only_entities:
+        wanted = ", ".join(dict.fromkeys(_q(ent) for _, ent in view.keys))
+        on = " AND ".join(f"p.{_q(src)} = e.{_q(ent)}" for src, ent in view.keys)
+        semi = f"SEMI JOIN (SELECT DISTINCT {wanted} FROM entities) e ON {on}"
+    return f"""
+        SELECT {keys}, {ts}::TIMESTAMPTZ AS t, {order_key} AS o, {ready}::TIMESTAMPTZ AS ready, {feats}
+        FROM read_parquet({files}, union_by_name = true) p {semi}
+        WHERE {ready} <= (SELECT max({_T}) FROM entities)
+    """
+
+
+def _view_sql(view: ViewSpec, rows: str) -> str:
+    """One view's join of the candidate `rows` (a query or relation from `_rows_sql`) against the registered
+    `entities` relation: returns (ROW, features...)."""
+    partition = ", ".join(f"k{i}" for i in range(len(view.keys)))
     on = " AND ".join(f"e.{_q(ent)} = r.k{i}" for i, (_, ent) in enumerate(view.keys))
     fresh = f"r.t + to_microseconds({int(view.ttl / timedelta(microseconds=1))}) >= e.{_T}" if view.ttl else "TRUE"
     # a row past the TTL, or no row at all (r.t is null), yields nulls
     out = ", ".join(f"CASE WHEN {fresh} THEN r.f{i} END AS f{i}" for i in range(len(view.features)))
     return f"""
-        WITH f AS (
-            SELECT {keys}, {ts}::TIMESTAMPTZ AS t, {order_key} AS o, {ready}::TIMESTAMPTZ AS ready,
-                   {feats}
-            FROM read_parquet({files}, union_by_name = true)
-            WHERE {ready} <= (SELECT max({_T}) FROM entities)
-        ),
+        WITH f AS ({rows}),
         r AS (
             SELECT * FROM f
             QUALIFY o = max(o) OVER (PARTITION BY {partition} ORDER BY ready
@@ -160,9 +177,28 @@ def point_in_time_join(
 
     `timestamp` names the entity frame's (tz-aware) timestamp column; the key columns are those each view
     names. Output feature columns keep their Feast names; two views projecting the same name are refused.
+    Each view is scanned whole, in one statement with its join: for a training set, whose label rows cover
+    the store's entities, a filter by key would drop next to nothing (`entity_rows_join` filters).
     """
-    import pyarrow as pa
+    return _join(entity_df, timestamp, views, filter_by_created, con, only_entities=False)[0]
 
+
+def entity_rows_join(
+    entity_df: pd.DataFrame,
+    timestamp: str,
+    views: Sequence[ViewSpec],
+    filter_by_created: bool = True,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """`point_in_time_join` (same rows, same values) that reads from each view only the rows keyed by one of the
+    entity frame's keys: a semi join pushed into the parquet scan, before the window that ranks rows and the
+    ASOF join. For a partition of a batch scoring: its cost follows its entities' rows, not the whole store's.
+    Returns the joined frame and, per view, the feature rows the join read (after the key and time filters)."""
+    return _join(entity_df, timestamp, views, filter_by_created, con, only_entities=True)
+
+
+def _checked_timestamps(entity_df: pd.DataFrame, timestamp: str, views: Sequence[ViewSpec]) -> pd.Series:
+    """The entity frame's timestamp column, after refusing a frame the join cannot place rows of."""
     names = [out for v in views for _, out in v.features]
     clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(entity_df.columns)))
     if clash:
@@ -175,6 +211,20 @@ def point_in_time_join(
         raise FlywheelError(f"point-in-time join: entity column {timestamp!r} must hold tz-aware timestamps")
     if ts.isna().any():
         raise FlywheelError(f"point-in-time join: entity column {timestamp!r} has {int(ts.isna().sum())} nulls")
+    return ts
+
+
+def _join(
+    entity_df: pd.DataFrame,
+    timestamp: str,
+    views: Sequence[ViewSpec],
+    filter_by_created: bool,
+    con: duckdb.DuckDBPyConnection | None,
+    only_entities: bool,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    import pyarrow as pa
+
+    ts = _checked_timestamps(entity_df, timestamp, views)
     own = con is None
     con = con or connect()
     keys = sorted({ent for v in views for _, ent in v.keys})
@@ -184,11 +234,20 @@ def point_in_time_join(
         **{k: pa.array(entity_df[k].to_numpy()) for k in keys},
     })
     out = entity_df.reset_index(drop=True).copy()
+    read: dict[str, int] = {}
     try:
         con.register("entities", entities)
         for view in views:
+            if only_entities:
+                # the filtered rows held once: counted (what the join read), then ranked and joined
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {_ROWS} AS {_rows_sql(view, filter_by_created, True)}"
+                            ).fetchall()  # DuckDB 2.0 refuses the next statement while a result is unread
+                read[view.name] = int(con.execute(f"SELECT count(*) FROM {_ROWS}").fetchall()[0][0])
+                rows_query = f"SELECT * FROM {_ROWS}"
+            else:
+                rows_query = _rows_sql(view, filter_by_created, False)
             # put rows back in place in Arrow: DuckDB 2.0 returned an ASOF join's `ORDER BY` out of order
-            got = con.sql(_view_sql(view, filter_by_created)).to_arrow_table().sort_by(ROW)
+            got = con.sql(_view_sql(view, rows_query)).to_arrow_table().sort_by(ROW)
             rows = got.column(ROW).to_numpy()
             if not np.array_equal(rows, np.arange(len(out))):  # an ASOF LEFT JOIN keeps each row exactly once
                 raise FlywheelError(f"point-in-time join of {view.name!r} returned {got.num_rows} rows "
@@ -197,6 +256,8 @@ def point_in_time_join(
                 out[name] = got.column(f"f{i}").to_pandas()
         con.unregister("entities")
     finally:
+        if only_entities:
+            con.execute(f"DROP TABLE IF EXISTS {_ROWS}").fetchall()
         if own:
             con.close()
-    return out
+    return out, read

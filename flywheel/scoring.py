@@ -2,14 +2,19 @@
 
 Batch scoring reads point-in-time features from the Feast OFFLINE store through the model's own
 feature service (the version tag `flywheel.feature_service`), at one time `at` for every entity, and
-applies the registry-verified model. The skew check reads a sample of entities from the ONLINE store
+applies the registry-verified model. The offline read is Feast's point-in-time rules executed as a DuckDB
+ASOF join (flywheel/pitjoin.py, the training set's default engine) over the views' parquet, filtered in the
+scan to the scored entities' keys: a partition of entities reads its own rows, not the whole store (issue 11:
+five partitions on Dask used to be five full scans through get_historical_features, each worker importing
+Feast). The views' definitions come from Feast's registry once, on the caller (`offline_reader`).
+The skew check reads a sample of entities from the ONLINE store
 and from the OFFLINE store at the time the online store was loaded up to, and compares the vectors
 feature by feature and the model's predictions on both: if the two paths disagree, online serving and
 batch scoring (and training) see different inputs.
 
 Both paths hand the model the same input contract (`model_input`): numeric features as float64 (NaN
 for missing), categorical ones as objects (None for missing). Feast returns nullable Int64 columns
-from one store and int64 or float from the other; coercing once keeps dtype noise out of the check.
+from the online store and the join int64 or float; coercing once keeps dtype noise out of the check.
 
 Feast is only used through objects the caller passes in (and `flywheel.featurestore`); nothing here
 imports Prefect.
@@ -21,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +36,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from flywheel.errors import FlywheelError, SkewError
-from flywheel.featurestore import FEATURES_FILE, LABELS_FILE, dataset_dir, open_store
+from flywheel.featurestore import FEATURES_FILE, LABELS_FILE, dataset_dir
+from flywheel.pitjoin import ViewSpec
 from flywheel.predictor import served_predictor
 from flywheel.schemas import DatasetDefinition, Result
 
@@ -165,23 +172,58 @@ def model_input(frame: pd.DataFrame, dataset: DatasetDefinition) -> pd.DataFrame
     return out
 
 
+@dataclass(frozen=True)
+class OfflineReader:
+    """How batch scoring reads point-in-time features: the service's views as the DuckDB join reads them
+    (flywheel/pitjoin.py, Feast's rules), resolved once from Feast's registry by whoever holds the store. A
+    partition on a Dask worker gets this small value, not the store: it needs neither Feast (seconds to import)
+    nor the registry, and reads only its own entities' rows (`pitjoin.entity_rows_join`)."""
+
+    service: str
+    views: tuple[ViewSpec, ...]
+    memory_limit: str | None = None  # DuckDB's cap (it spills to a temp folder past it)
+    threads: int | None = None  # DuckDB's threads; None: one per core (a Dask worker of one thread asks for 1)
+
+    def read(self, dataset: DatasetDefinition, ids: Sequence[Any] | pd.Series, at: datetime
+             ) -> tuple[pd.DataFrame, int]:
+        """Each entity's features at `at` in `model_input` form, one row per id in the order given (index:
+        entity id; an entity with no qualifying row reads as all-null), and how many feature rows were read."""
+        import tempfile
+
+        from flywheel import pitjoin
+
+        at = require_utc(at)
+        ids = pd.Series(list(ids), name=dataset.entity)
+        if ids.empty:
+            raise FlywheelError("no entities to read features for")
+        entity_df = pd.DataFrame({dataset.entity: ids, _ENTITY_TS: pd.Timestamp(at)})
+        with tempfile.TemporaryDirectory(prefix="flywheel-score-") as spill:
+            con = pitjoin.connect(memory_limit=self.memory_limit, threads=self.threads, temp_dir=Path(spill))
+            try:
+                joined, read = pitjoin.entity_rows_join(entity_df, _ENTITY_TS, self.views, con=con)
+            finally:
+                con.close()
+        joined.index = pd.Index(ids, name=dataset.entity)  # the join keeps the entity frame's rows in order
+        return model_input(joined, dataset), sum(read.values())
+
+    def with_threads(self, threads: int | None) -> OfflineReader:
+        return replace(self, threads=threads)
+
+
+def offline_reader(store: FeatureStore, service_name: str, memory_limit: str | None = None) -> OfflineReader:
+    """The reader of a feature service's offline features, from the store's registry (a fresh read)."""
+    from flywheel import pitjoin
+
+    service = store.get_feature_service(service_name, allow_cache=False)
+    return OfflineReader(service_name, tuple(pitjoin.view_specs(store, service)), memory_limit)
+
+
 def offline_features(
     store: FeatureStore, service_name: str, dataset: DatasetDefinition, ids: Sequence[Any] | pd.Series, at: datetime
 ) -> pd.DataFrame:
     """Point-in-time features of each entity at `at` from the offline store, one row per id, in the
-    order given (index: entity id). An entity Feast returns nothing for reads as all-null."""
-    at = require_utc(at)
-    ids = pd.Series(list(ids), name=dataset.entity)
-    if ids.empty:
-        raise FlywheelError("no entities to read features for")
-    service = store.get_feature_service(service_name, allow_cache=False)
-    entity_df = pd.DataFrame({dataset.entity: ids, _ENTITY_TS: pd.Timestamp(at)})
-    joined = store.get_historical_features(
-        entity_df=entity_df, features=service, filter_by_created_timestamp=True
-    ).to_df()
-    # one entity row per id at one time, so the id is the join key back (Feast does not keep the order)
-    joined = joined.drop_duplicates(dataset.entity, keep="last").set_index(dataset.entity)
-    return model_input(joined.reindex(ids), dataset)
+    order given (index: entity id). An entity with no qualifying feature row reads as all-null."""
+    return offline_reader(store, service_name).read(dataset, ids, at)[0]
 
 
 def online_features(
@@ -278,6 +320,7 @@ class ScoringReport(Result):
     probability_quantiles: dict[str, float]  # min, p10, p50, p90, max, mean of scored rows
     path: str
     seconds: float
+    feature_rows_read: int = 0  # offline feature rows the retrieval read (every partition's, summed)
 
     def to_markdown(self) -> str:
         rows = [
@@ -290,6 +333,7 @@ class ScoringReport(Result):
             ("no features (null score)", f"{self.no_feature_rows} ({self.null_share:.2%})"),
             ("scored with imputed features", self.imputed_rows),
             ("predicted positive", "n/a" if self.positive_share is None else f"{self.positive_share:.2%}"),
+            ("offline feature rows read", self.feature_rows_read),
             ("output", f"`{self.path}`"),
             ("seconds", f"{self.seconds:.2f}"),
         ]
@@ -308,7 +352,7 @@ class ScoringReport(Result):
         )
 
 
-def summarize(scored: pd.DataFrame, path: Path, seconds: float) -> ScoringReport:
+def summarize(scored: pd.DataFrame, path: Path, seconds: float, feature_rows_read: int = 0) -> ScoringReport:
     """The run's numbers, from the frame that was written."""
     if scored.empty:
         raise FlywheelError("nothing was scored")
@@ -335,11 +379,12 @@ def summarize(scored: pd.DataFrame, path: Path, seconds: float) -> ScoringReport
         probability_quantiles=quantiles,
         path=str(path),
         seconds=seconds,
+        feature_rows_read=feature_rows_read,
     )
 
 
 def batch_score(
-    store: FeatureStore,
+    reader: OfflineReader,
     model: LoadedModel,
     dataset: DatasetDefinition,
     ids: Sequence[Any] | pd.Series,
@@ -348,17 +393,22 @@ def batch_score(
     scored_at: datetime,
 ) -> ScoringReport:
     """Offline features at `at` through the model's service -> predictions -> one parquet file, every row
-    stamped `scored_at` (the project clock's now)."""
+    stamped `scored_at` (the project clock's now). One retrieval for every id, filtered to their rows like a
+    partition's: the whole store when every entity is scored, a few rows for an entities file of a few ids."""
     t0 = time.perf_counter()
-    service = model_feature_service(model)
-    features = offline_features(store, service, dataset, ids, at)
-    scored = score_features(model, features, dataset, at, service, scored_at)
-    path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
-    return summarize(scored, path, time.perf_counter() - t0)
+    scored = score_partition(reader, model, dataset, list(ids), at, scored_at)
+    path = write_parquet_atomic(scored.frame, output_path(output_dir, model.name, model.version, at))
+    return summarize(scored.frame, path, time.perf_counter() - t0, scored.feature_rows_read)
 
 
-# (partitions of ids, scored_at) -> one scored frame per partition, in order
-PartitionMap = Callable[[list[list[Any]], datetime], list[pd.DataFrame]]
+@dataclass(frozen=True)
+class ScoredPartition:
+    frame: pd.DataFrame  # the partition's output rows, in the order of its ids
+    feature_rows_read: int  # offline feature rows its retrieval read (its own entities' only)
+
+
+# (partitions of ids, scored_at) -> one scored partition per partition, in order
+PartitionMap = Callable[[list[list[Any]], datetime], list[ScoredPartition]]
 
 
 def partitions(ids: Sequence[Any] | pd.Series, rows: int) -> list[list[Any]]:
@@ -369,12 +419,12 @@ def partitions(ids: Sequence[Any] | pd.Series, rows: int) -> list[list[Any]]:
     return [ids[i:i + rows] for i in range(0, len(ids), rows)]
 
 
-def score_partition(repo: Path, model: LoadedModel, dataset: DatasetDefinition, ids: list[Any], at: datetime,
-                    scored_at: datetime) -> pd.DataFrame:
-    """One partition's output rows, on whatever process runs it (it opens the feature store itself)."""
-    service = model_feature_service(model)
-    features = offline_features(open_store(repo), service, dataset, ids, at)
-    return score_features(model, features, dataset, at, service, scored_at)
+def score_partition(reader: OfflineReader, model: LoadedModel, dataset: DatasetDefinition, ids: list[Any],
+                    at: datetime, scored_at: datetime) -> ScoredPartition:
+    """One partition's output rows, on whatever process runs it: its entities' rows of the offline store,
+    joined at `at`, then the model's scores (no Feast, no registry: `reader` carries what the join needs)."""
+    features, read = reader.read(dataset, ids, at)
+    return ScoredPartition(score_features(model, features, dataset, at, reader.service, scored_at), read)
 
 
 def batch_score_partitioned(
@@ -388,12 +438,13 @@ def batch_score_partitioned(
     scored_at: datetime,
 ) -> ScoringReport:
     """`batch_score` with the entities cut into partitions of `partition_rows`, scored by `map_partitions`
-    (e.g. on Dask workers), then joined in order into the same one file, every row with one `scored_at`."""
+    (e.g. on Dask workers), then joined in order into the same one file, every row with one `scored_at`.
+    Each partition reads only its entities' rows, so the partitions together read what one serial pass does."""
     t0 = time.perf_counter()
-    frames = map_partitions(partitions(ids, partition_rows), scored_at)
-    scored = pd.concat(frames, ignore_index=True)
+    done = map_partitions(partitions(ids, partition_rows), scored_at)
+    scored = pd.concat([p.frame for p in done], ignore_index=True)
     path = write_parquet_atomic(scored, output_path(output_dir, model.name, model.version, at))
-    return summarize(scored, path, time.perf_counter() - t0)
+    return summarize(scored, path, time.perf_counter() - t0, sum(p.feature_rows_read for p in done))
 
 
 # --------------------------------------------------------------------------------------- skew

@@ -18,10 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -164,27 +162,44 @@ def stage_model(model: Any) -> Any:
 
 
 @task(name="score_partition", task_run_name="score-partition-{index}", cache_policy=NO_CACHE)
-def score_partition(index: int, repo: Path, model: Any, dataset: DatasetDefinition, ids: list[Any], at: datetime,
-                    scored_at: datetime) -> pd.DataFrame:
-    """One partition of a batch scoring on a Dask worker: its offline features, then the model's scores."""
-    return scoring.score_partition(repo, model, dataset, ids, at, scored_at)
+def score_partition(index: int, reader: scoring.OfflineReader, model: Any, dataset: DatasetDefinition,
+                    ids: list[Any], at: datetime, scored_at: datetime) -> scoring.ScoredPartition:
+    """One partition of a batch scoring on a Dask worker: its entities' offline rows joined at `at`, then the
+    model's scores."""
+    return scoring.score_partition(reader, model, dataset, ids, at, scored_at)
+
+
+def _warm_up_scoring() -> None:
+    """Import what a partition runs on a worker (Prefect's task engine, DuckDB, scikit-learn for the model)
+    while the cluster starts, not inside each worker's first partition. Feast is not among them: partitions
+    get the views' definitions from the caller (scoring.OfflineReader)."""
+    import duckdb  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+    import tasks.fanout  # noqa: F401
 
 
 @contextmanager
-def partition_fanout(cfg: ParallelismConfig, repo: Path, model: Any, dataset: DatasetDefinition, at: datetime
-                     ) -> Iterator[scoring.PartitionMap | None]:
+def partition_fanout(cfg: ParallelismConfig, reader: scoring.OfflineReader, model: Any, dataset: DatasetDefinition,
+                     at: datetime) -> Iterator[scoring.PartitionMap | None]:
     """A PartitionMap running each partition as a task on the Dask cluster the settings describe (None when
-    they ask for serial scoring). Workers read the feature repo at `repo`: a cluster elsewhere needs it on a
-    shared path."""
+    they ask for serial scoring). Workers read the offline store's parquet files at the paths `reader` names:
+    a cluster elsewhere needs them on a shared path."""
     if not cfg.parallel:
         yield None
         return
+    # a local worker runs one task at a time on its own core: DuckDB inside it gets one thread, not one per core
+    # (two workers x two DuckDB threads on two cores only add switching); a remote cluster's machines are unknown
+    local = reader.with_threads(1) if not cfg.address else reader
     with task_runner(cfg) as runner:
         staged = runner.submit(stage_model, {"model": model})
+        runner.client.run(_warm_up_scoring)  # part of the cluster's start-up, reported with it
 
-        def map_partitions(parts: list[list[Any]], scored_at: datetime) -> list[pd.DataFrame]:
-            futures = [runner.submit(score_partition, {"index": i, "repo": repo, "model": staged, "dataset": dataset,
-                                                       "ids": ids, "at": at, "scored_at": scored_at})
+        def map_partitions(parts: list[list[Any]], scored_at: datetime) -> list[scoring.ScoredPartition]:
+            futures = [runner.submit(score_partition, {"index": i, "reader": local, "model": staged,
+                                                       "dataset": dataset, "ids": ids, "at": at,
+                                                       "scored_at": scored_at})
                        for i, ids in enumerate(parts)]
             return [f.result() for f in futures]
 

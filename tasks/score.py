@@ -69,22 +69,28 @@ def load_model_by_alias(tracking_uri: str, audit_db_url: str, model_name: str, a
 def score_entities(
     repo: Path, model: Any, dataset: DatasetDefinition, ids: pd.Series, at: datetime, output_dir: Path,
     scored_at: datetime, parallelism: ParallelismConfig | None = None, partition_rows: int = 100_000,
+    memory_limit: str | None = None,
 ) -> ScoringReport:
     """Offline features at `at` through the model's service -> predictions -> parquet (every row stamped
     `scored_at`, the project clock's now); a summary artifact.
     With `parallelism` asking for Dask, the entities are scored in partitions of `partition_rows` on its workers
-    (the same rows and scores as the serial path, one file either way)."""
+    (the same rows and scores as the serial path, one file either way). Either way the features come from the
+    DuckDB point-in-time join reading only the scored entities' rows (`memory_limit`: its cap, e.g. "2GB");
+    the service's views are looked up in Feast's registry here, once, so workers never open the store."""
     from tasks.fanout import partition_fanout
 
-    with partition_fanout(parallelism or ParallelismConfig(), repo, model, dataset, at) as fan:
+    reader = scoring.offline_reader(featurestore.open_store(repo), scoring.model_feature_service(model),
+                                    memory_limit)
+    with partition_fanout(parallelism or ParallelismConfig(), reader, model, dataset, at) as fan:
         if fan is None:
-            report = scoring.batch_score(featurestore.open_store(repo), model, dataset, ids, at, output_dir, scored_at)
+            report = scoring.batch_score(reader, model, dataset, ids, at, output_dir, scored_at)
         else:
             report = scoring.batch_score_partitioned(model, dataset, ids, at, output_dir, partition_rows, fan,
                                                       scored_at)
     run_logger(__name__).info(
-        "scored %d of %d entities with %s v%s (%d without features) -> %s",
-        report.scored_rows, report.rows, report.model_name, report.model_version, report.no_feature_rows, report.path,
+        "scored %d of %d entities with %s v%s (%d without features; %d offline feature rows read) -> %s",
+        report.scored_rows, report.rows, report.model_name, report.model_version, report.no_feature_rows,
+        report.feature_rows_read, report.path,
     )
     _publish(report.to_markdown(), f"batch-scoring-{dataset.name}",
              f"batch scoring of {dataset.name} with {report.model_name} v{report.model_version}")

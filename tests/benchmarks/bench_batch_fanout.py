@@ -8,7 +8,8 @@ store in a temp folder with the dataset's Feast definitions applied, and a logis
 `tasks.score.score_entities` (the batch scoring flow's task: the offline features at `at` through the model's
 feature service, the predictions, one parquet file) runs twice on every entity: serial (one retrieval for all),
 then in partitions of `--partition-rows` on `--workers` local Dask workers of one thread each. Reported: both wall
-times and the ratio, the cluster's start-up apart, and whether both files hold the same rows and scores.
+times and the ratio, the cluster's start-up apart, whether both files hold the same rows and scores, and the
+offline feature rows each run read (the partitions read only their own entities' rows: together, what serial reads).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _measure(home: Path, rows: int, entities: int, workers: int, partition_rows:
         wall = time.perf_counter() - t0
         # the scoring's own time (batch_score's summary): the wall minus it is the cluster's start and stop
         out[name] = {"wall_s": wall, "scoring_s": report.seconds, "rows": report.rows,
-                     "scored_rows": report.scored_rows}
+                     "scored_rows": report.scored_rows, "feature_rows_read": report.feature_rows_read}
         files[name] = pd.read_parquet(report.path)
     a, b = files["serial"], files["dask"]
     columns = [c for c in a.columns if c != "scored_at"]
@@ -109,6 +110,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"speed-up {r['speedup']:.2f}x ({r['speedup_with_cluster']:.2f}x counting the cluster); same rows and "
         f"scores: {r['same_rows_and_scores']}",
+        f"offline feature rows read: serial {s.get('feature_rows_read', 0):,}, dask partitions together "
+        f"{d.get('feature_rows_read', 0):,} (each partition reads only its entities' rows)",
     ])
 
 

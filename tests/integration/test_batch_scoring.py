@@ -234,6 +234,34 @@ def test_partitions_on_a_dask_cluster_write_the_same_rows_and_scores(trained: di
     assert b["scored_at"].nunique() == 1, "one scoring time for the whole file"
     columns = [c for c in a.columns if c != "scored_at"]
     pd.testing.assert_frame_equal(a[columns], b[columns])
+    # each partition read only its entities' rows: together, exactly what the one serial pass read (not a
+    # whole-store scan per partition, as when every partition ran get_historical_features over the store)
+    assert fanned.feature_rows_read == serial.feature_rows_read == _rows_ready(ctx, ids, T)
+
+
+def _rows_ready(ctx: RunContext, ids: Any, at: datetime) -> int:
+    """The offline feature rows of these entities that a join at `at` can use (event and arrival by then)."""
+    rows = pd.read_parquet(fs.offline_path(fs.dataset_dir(ctx.offline_dir, ctx.dataset), fs.FEATURES_FILE))
+    ready = rows[[ctx.dataset.timestamp, fs.created_column(ctx.dataset)]].max(axis=1) <= pd.Timestamp(at)
+    return int((rows[ctx.dataset.entity].isin(set(ids)) & ready).sum())
+
+
+def test_a_partitions_retrieval_reads_only_its_entities_rows(trained: dict[str, Any]) -> None:
+    """What a Dask worker runs for one partition: the offline read of its entities only, with the values the
+    whole population's read gives them."""
+    ctx, model = _ctx(trained), trained["model"]
+    reader = scoring.offline_reader(fs.open_store(trained["repo"]), model.tags[scoring.TAG_FEATURE_SERVICE])
+    every = scoring.offline_entities(ctx.dataset, ctx.offline_dir, T)
+    part = scoring.partitions(every, 300)[2]
+
+    scored = scoring.score_partition(reader, model, ctx.dataset, part, T, T)
+
+    all_features, all_read = reader.read(ctx.dataset, every, T)
+    assert scored.feature_rows_read == _rows_ready(ctx, part, T) > 0
+    assert all_read == _rows_ready(ctx, every, T) and scored.feature_rows_read < all_read / 4
+    assert scored.frame["customer_id"].tolist() == part
+    part_features, _ = reader.read(ctx.dataset, part, T)
+    pd.testing.assert_frame_equal(part_features, all_features.loc[part])
 
 
 def test_partitions_are_cut_in_order_and_an_empty_list_fails() -> None:

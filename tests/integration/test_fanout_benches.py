@@ -3,6 +3,8 @@ and the batch scoring each run serially and on a local Dask cluster, and must ag
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,3 +30,6 @@ def test_quick_batch_fanout_writes_the_same_rows_and_scores_as_the_serial_run() 
                            "workers": QUICK["workers"], "partition_rows": QUICK["partition_rows"]}
     assert result.size["rows"] > 0 and result.size["entities"] > QUICK["partition_rows"], result.size
     assert "same rows and scores: True" in result.detail, result.detail
+    # the partitions together read the rows the serial pass read, no whole-store scan per partition
+    read = re.search(r"rows read: serial ([\d,]+), dask partitions together ([\d,]+)", result.detail)
+    assert read is not None and read.group(1) == read.group(2) != "0", result.detail

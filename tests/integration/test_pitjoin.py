@@ -187,3 +187,36 @@ def test_bad_entity_frames_fail_closed(tmp_path):
         pitjoin.point_in_time_join(entity_rows((1, T)).drop(columns="uid"), "event_timestamp", specs)
     with pytest.raises(FlywheelError, match="appear twice"):
         pitjoin.point_in_time_join(entity_rows((1, T)).assign(x=1.0), "event_timestamp", specs)
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_entity_rows_join_reads_only_its_entities_rows_and_agrees(tmp_path, layout):
+    """A batch-scoring partition's join (`entity_rows_join`): the same rows and values as the whole-store join and
+    as Feast's, from only the feature rows of its own entities (ready by its latest time), per view."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    uid, hours, lag = rng.integers(0, 100, n), rng.integers(0, 24 * 10, n), rng.integers(0, 30, n)
+    rows = feature_rows(*[(int(u), T - int(h) * H, T - int(h) * H + int(g) * H, float(i))
+                          for i, (u, h, g) in enumerate(zip(uid, hours, lag, strict=True))])
+    rows = rows.drop_duplicates(["uid", "ts", "created"])
+    other = feature_rows(*[(int(u), T - int(h) * H, T - int(h) * H, float(u)) for u, h in
+                           zip(rng.integers(0, 100, 500), rng.integers(0, 24 * 10, 500), strict=True)], name="y")
+    other = other.drop_duplicates(["uid", "ts", "created"])
+    store, service = make_store(tmp_path, {"v": (rows, 3 * D), "w": (other, 30 * D)}, layout=layout)
+    specs = pitjoin.view_specs(store, service)
+    # a partition: 10 of the 100 stored entities (one twice, at two times) and one the store never saw
+    part = entity_rows((3, T), (17, T), (17, T - 2 * D), (25, T), (31, T), (40, T), (52, T), (60, T), (77, T),
+                       (88, T), (99, T), (1000, T))
+
+    filtered, read = pitjoin.entity_rows_join(part, "event_timestamp", specs)
+
+    whole = pitjoin.point_in_time_join(part, "event_timestamp", specs)
+    pd.testing.assert_frame_equal(filtered, whole)
+    ours, theirs = both(store, service, part)
+    pd.testing.assert_frame_equal(ours, theirs, check_dtype=False)
+    keys = set(part["uid"])
+    for name, frame in (("v", rows), ("w", other)):
+        mine = frame["uid"].isin(keys) & (frame[["ts", "created"]].max(axis=1) <= T)
+        assert read[name] == int(mine.sum()), f"view {name}: only its entities' rows ready by T"
+        assert 0 < read[name] < len(frame) // 5, f"view {name}: a fraction of the store, not all of it"
+    assert filtered.loc[filtered["uid"] == 1000, ["x", "y"]].isna().all(axis=None)
