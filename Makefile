@@ -36,7 +36,7 @@ browsers:
 TEST_WORKERS ?= 2
 test: env browsers
 	$(RUN) ruff check .
-	$(RUN) pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	$(RUN) pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
 test-fast: env
 	$(RUN) pytest -q -m "not integration and not slow and not production" -x

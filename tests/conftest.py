@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -26,33 +27,40 @@ for _var, _val in {
     os.environ.setdefault(_var, _val)
 
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): each group below runs whole on one
-# worker, in this order. A module is a group, so its module-scoped fixtures start once; the e2e modules are one
-# group (each starts a whole stack; the demo holds a core busy on purpose), and so are the production modules
-# (PostgreSQL's 100 connections, Redis database 11 flushed after each test, the private clusters). The longest
-# groups go first: the scheduler hands groups out in collection order, and one started last is the run's tail.
-_GROUP_ORDER = ("production", "e2e", "tests/integration/", "tests/unit/")
+# `make test` runs the suite on two pytest-xdist workers: each group below runs whole on one worker, in this
+# order. A module is a group, so its module-scoped fixtures start once; the e2e modules are one group (each starts
+# a whole stack; the demo holds a core busy on purpose), and so are the production modules (PostgreSQL's 100
+# connections, Redis database 11 flushed after each test, the private clusters). The longest groups go first: the
+# scheduler hands groups out in collection order, and one started last is the run's tail. (xdist's own
+# `--dist loadgroup` ignores `xdist_group` marks under pytest 9.2: the groups are made by the scheduler below.)
+_SHARED_GROUPS = ("production", "e2e")
+_GROUP_ORDER = (*_SHARED_GROUPS, "tests/integration/", "tests/unit/")
 
 
-def _xdist_group(item: pytest.Item) -> str:
-    path = Path(str(item.path)).relative_to(PROJECT).as_posix()
-    for shared in ("production", "e2e"):
-        if path.startswith(f"tests/{shared}/"):
-            return shared
-    return path
+def suite_group(nodeid: str) -> str:
+    """The group a test runs in: `production`, `e2e`, or its module's path."""
+    path = nodeid.split("::", 1)[0]
+    return next((g for g in _SHARED_GROUPS if path.startswith(f"tests/{g}/")), path)
 
 
-def _group_rank(group: str) -> int:
+def _group_rank(nodeid: str) -> int:
+    group = suite_group(nodeid)
     return next((i for i, prefix in enumerate(_GROUP_ORDER) if group.startswith(prefix)), len(_GROUP_ORDER))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marker into the node id
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
-    # stable sort: the order inside a group is the collection order
-    items.sort(key=lambda item: _group_rank(item.get_closest_marker("xdist_group").args[0]))
+    items.sort(key=lambda item: _group_rank(item.nodeid))  # stable: collection order inside a group
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduler with `suite_group` as the scope: a group's tests all go to one worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return suite_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def make_home(tmp: Path) -> Path:
