@@ -14,6 +14,7 @@ prefect_dask and distributed are imported inside the functions (workers re-impor
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,14 +81,29 @@ def shares(configs: list[tuple[str, dict[str, Any]]], n: int) -> list[list[int]]
     return [b for b in bins if b]
 
 
-def _warm_up() -> None:
-    """Import what a trial runs on a worker (Prefect's task engine, scikit-learn's estimators) while the cluster
-    starts, not inside the first trial of each worker."""
-    import prefect.task_engine  # noqa: F401
-    import sklearn.ensemble
-    import sklearn.linear_model  # noqa: F401
+# What a trial imports on a worker (Prefect's task engine, scikit-learn's estimators) and what a scoring partition
+# imports (DuckDB and scikit-learn for the model; not Feast: partitions get the views' definitions from the caller)
+TRIAL_MODULES = ("prefect.task_engine", "sklearn.ensemble", "sklearn.linear_model", "tasks.fanout")
+SCORING_MODULES = ("duckdb", "prefect.task_engine", "sklearn.linear_model", "tasks.fanout")
 
-    import tasks.fanout  # noqa: F401
+
+def _import_modules(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
+def warm_up_workers(client: Any, modules: tuple[str, ...]) -> None:
+    """Import `modules` on every worker while the cluster starts, not inside each worker's first task.
+
+    One plain Dask task pinned to each worker, not `client.run`: `run` calls the function on the worker's event
+    loop, and an import that takes over 30 s on a loaded machine leaves the worker deaf past distributed's TCP
+    timeout, so the scheduler drops it (seen in CI: CommClosedError on the broadcast). A task runs in the
+    worker's thread pool while its loop keeps answering. Loose restrictions: a worker lost meanwhile leaves its
+    warm-up to another, not hanging."""
+    futures = [client.submit(_import_modules, modules, workers=[address], allow_other_workers=True, pure=False,
+                             key=f"warm-up-{n}")
+               for n, address in enumerate(client.scheduler_info()["workers"])]
+    client.gather(futures)
 
 
 @dataclass
@@ -146,7 +162,7 @@ def trial_fanout(
         return
     with task_runner(cfg) as runner:
         staged = runner.submit(stage_split, {"split": split})
-        runner.client.run(_warm_up)  # part of the cluster's start-up, reported with it
+        warm_up_workers(runner.client, TRIAL_MODULES)  # part of the cluster's start-up, reported with it
         threads = sum(runner.client.nthreads().values()) or 1
         yield TrialFanout(runner=runner, staged=staged, dataset=dataset, imputation=imputation, seed=seed,
                           metric=metric, workers=threads)
@@ -169,17 +185,6 @@ def score_partition(index: int, reader: scoring.OfflineReader, model: Any, datas
     return scoring.score_partition(reader, model, dataset, ids, at, scored_at)
 
 
-def _warm_up_scoring() -> None:
-    """Import what a partition runs on a worker (Prefect's task engine, DuckDB, scikit-learn for the model)
-    while the cluster starts, not inside each worker's first partition. Feast is not among them: partitions
-    get the views' definitions from the caller (scoring.OfflineReader)."""
-    import duckdb  # noqa: F401
-    import prefect.task_engine  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-
-    import tasks.fanout  # noqa: F401
-
-
 @contextmanager
 def partition_fanout(cfg: ParallelismConfig, reader: scoring.OfflineReader, model: Any, dataset: DatasetDefinition,
                      at: datetime) -> Iterator[scoring.PartitionMap | None]:
@@ -194,7 +199,7 @@ def partition_fanout(cfg: ParallelismConfig, reader: scoring.OfflineReader, mode
     local = reader.with_threads(1) if not cfg.address else reader
     with task_runner(cfg) as runner:
         staged = runner.submit(stage_model, {"model": model})
-        runner.client.run(_warm_up_scoring)  # part of the cluster's start-up, reported with it
+        warm_up_workers(runner.client, SCORING_MODULES)  # part of the cluster's start-up, reported with it
 
         def map_partitions(parts: list[list[Any]], scored_at: datetime) -> list[scoring.ScoredPartition]:
             futures = [runner.submit(score_partition, {"index": i, "reader": local, "model": staged,
