@@ -487,8 +487,9 @@ def _parts(path: Path) -> list[str]:
     return [e.name for e in os.scandir(path) if e.name.endswith(".parquet")] if path.is_dir() else []
 
 
-# The ledger (the source of truth) and its index live in flywheel/ledger.py; these names are what compaction is
-# handed and what older callers import.
+# The ledger (the source of truth) and its index live in flywheel/ledger.py. Ingest calls them through these
+# module names, so a crash test can fail the commit step in place (tests/unit/test_featurestore.py); compaction
+# is handed the same two.
 _read_ledger = read_ledger
 _append_ledger = append_ledger
 

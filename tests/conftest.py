@@ -43,9 +43,14 @@ def suite_group(nodeid: str) -> str:
     return next((g for g in _SHARED_GROUPS if path.startswith(f"tests/{g}/")), path)
 
 
-def _group_rank(nodeid: str) -> int:
+# tests/e2e/conftest.py's shared stack is stopped by test_stack.py's last test (`flywheel down`): it goes last
+_LAST_MODULES = ("tests/e2e/test_stack.py",)
+
+
+def _group_rank(nodeid: str) -> tuple[int, bool]:
     group = suite_group(nodeid)
-    return next((i for i, prefix in enumerate(_GROUP_ORDER) if group.startswith(prefix)), len(_GROUP_ORDER))
+    rank = next((i for i, prefix in enumerate(_GROUP_ORDER) if group.startswith(prefix)), len(_GROUP_ORDER))
+    return rank, nodeid.split("::", 1)[0] in _LAST_MODULES
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,6 +20,7 @@ import psutil
 from tests.conftest import make_home
 
 FLYWHEEL = str(Path(sys.executable).with_name("flywheel"))
+WEBHOOK_SECRET = "e2e-webhook-secret-0123456789"  # the shared stack's (tests/e2e/conftest.py)
 
 
 def free_port() -> int:

@@ -5,8 +5,10 @@ The event triggers are tested against the real server with the deployments serve
 deployment (a signed repeat none); and the event that training emits for a passing challenger
 (`flywheel.model.challenger-registered`, emitted by the same function tasks/register.py uses) must
 create a run of the rollout deployment, with the model name and version of the event as parameters,
-and the serve process must pick it up. The rollout itself may fail here (no trained model in this
-home): the test asserts creation, parameters and pickup only.
+and the serve process must pick it up. The test asserts creation, parameters and pickup only.
+
+The stack is the session's (tests/e2e/conftest.py), shared with the browser test: after that module it holds
+champion v1 and a rejected v2; run alone, no model. Runs that existed before a test are not counted as its own.
 """
 
 from __future__ import annotations
@@ -15,36 +17,28 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import PROJECT
-from tests.e2e.stackproc import Stack, free_port, read_records, stack_home
+from tests.e2e.stackproc import WEBHOOK_SECRET, Stack, read_records
 from tests.e2e.stackproc import ours as _ours
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PICKED_UP = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED"}
-WEBHOOK_SECRET = "e2e-webhook-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    extra = {"FLYWHEEL_WEBHOOK__PORT": str(free_port()), "FLYWHEEL_WEBHOOK_SECRET": WEBHOOK_SECRET}
-    with stack_home(tmp_path_factory.mktemp("stack"), extra) as st:
-        result = st.cli("up")
-        st.up_output = result.stdout + result.stderr
-        st.records = read_records(st.run_dir)
-        assert result.returncode == 0, st.up_output
-        print("\n" + st.up_output)
-        yield st
+def stack(local_stack: Stack) -> Stack:
+    """The session's stack (tests/e2e/conftest.py); this module's last test stops it."""
+    return local_stack
 
 
 def test_up_starts_every_process_and_says_where(stack: Stack) -> None:
     names = {r["name"] for r in stack.records}
-    assert names == {"prefect", "deployments", "service", "webhook"}
+    assert names == {"prefect", "deployments", "service", "webhook", "mlflow-ui"}
     assert all(_ours(r) is not None for r in stack.records)
     out = stack.up_output
     hook = next(r for r in stack.records if r["name"] == "webhook")
@@ -67,7 +61,7 @@ def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
     again = stack.cli("up", timeout=120)
     text = again.stdout + again.stderr
     assert again.returncode == 0, text
-    for name in ("prefect", "deployments", "service", "webhook"):
+    for name in ("prefect", "deployments", "service", "webhook", "mlflow-ui"):
         assert f"{name}: already running" in text
     assert read_records(stack.run_dir) == stack.records  # nothing restarted
 
@@ -77,7 +71,11 @@ def test_up_again_is_idempotent_and_status_reports_health(stack: Stack) -> None:
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
     assert "healthy" in lines["prefect"]
     assert "healthy" in lines["deployments"] and "batch-scoring" in lines["deployments"]
-    assert "503" in lines["service"]  # up, but no model trained in this home
+    # the service's line says what the service answers: 200 with a champion (the browser module trains one), else
+    # 503 "no model loaded yet"
+    served = httpx.get(next(r["health_url"] for r in stack.records if r["name"] == "service"), timeout=10)
+    assert f"HTTP {served.status_code}" in lines["service"], (served.status_code, lines["service"])
+    assert ("healthy" if served.status_code == 200 else "no model loaded yet") in lines["service"]
     assert "healthy" in lines["webhook"]
 
 
@@ -103,6 +101,11 @@ def test_challenger_event_starts_a_rollout_run_picked_up_by_serve(stack: Stack) 
     assert len(deps) == 1, deps
     rollout_id = deps[0]["id"]
 
+    def rollout_runs() -> list[dict]:
+        return httpx.post(f"{stack.api}/flow_runs/filter",
+                          json={"flow_runs": {"deployment_id": {"any_": [rollout_id]}}}, timeout=10).json()
+
+    before = {r["id"] for r in rollout_runs()}
     emit = ("from tasks.register import emit_model_event\n"
             "assert emit_model_event('flywheel.model.challenger-registered', 'churn', '2', "
             "{'version': '2', 'outcome': 'challenger'}) is not None\n")
@@ -116,8 +119,7 @@ def test_challenger_event_starts_a_rollout_run_picked_up_by_serve(stack: Stack) 
     deadline = sent_at + 90
     run, created = None, None
     while time.monotonic() < deadline:
-        runs = httpx.post(f"{stack.api}/flow_runs/filter",
-                          json={"flow_runs": {"deployment_id": {"any_": [rollout_id]}}}, timeout=10).json()
+        runs = [r for r in rollout_runs() if r["id"] not in before]
         if runs:
             run = runs[0]
             created = created or time.monotonic() - sent_at
@@ -156,6 +158,12 @@ def test_a_signed_retrain_webhook_starts_exactly_one_training_run(stack: Stack) 
         return httpx.post(f"{hook}/hooks/retrain", content=raw, timeout=30, headers={
             "Content-Type": "application/json", "X-Flywheel-Delivery": "e2e-retrain-1", "X-Flywheel-Signature": sig})
 
+    def runs() -> list[dict]:  # those this test started: the shared stack's browser module ran one from the form
+        return [r for r in httpx.post(f"{stack.api}/flow_runs/filter", timeout=10, json={
+            "flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json() if r["id"] not in before]
+
+    before: set[str] = set()
+    before = {r["id"] for r in runs()}
     sent_at = time.monotonic()
     first = deliver()
     assert first.status_code == 202, first.text
@@ -163,10 +171,6 @@ def test_a_signed_retrain_webhook_starts_exactly_one_training_run(stack: Stack) 
     assert again.pop("status") in ("pending", "emitted")  # its event queued in the outbox, or already out
     assert again == {"duplicate": True, "of": first.json()["event_id"], "delivery": "e2e-retrain-1",
                      "event": "flywheel.retrain.requested"}
-
-    def runs() -> list[dict]:
-        return httpx.post(f"{stack.api}/flow_runs/filter", timeout=10,
-                          json={"flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json()
 
     deadline = time.monotonic() + 60
     while not runs() and time.monotonic() < deadline:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import PROJECT
-from tests.e2e.stackproc import Stack, free_port, read_records, stack_home
+from tests.e2e.stackproc import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -53,21 +53,12 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The local stack with the MLflow UI, champion v1 trained by the CLI, then v2 from the training deployment
-    with shuffled labels (its gates reject it), run by the stack's serve process."""
-    extra = {"FLYWHEEL_STACK__MLFLOW_UI": "true", "FLYWHEEL_STACK__MLFLOW_UI_PORT": str(free_port()),
-             "FLYWHEEL_STACK__START_TIMEOUT_SECONDS": "600"}  # the MLflow UI alone took 85 s to answer here
-    with stack_home(tmp_path_factory.mktemp("ui"), extra) as st:
-        gen = st.cli("data", "generate", "--days", "21", "--rows-per-day", "500", "--seed", "5")
-        assert gen.returncode == 0, gen.stdout + gen.stderr
-        up = st.cli("up", timeout=600)
-        st.up_output = up.stdout + up.stderr
-        st.records = read_records(st.run_dir)
-        assert up.returncode == 0, st.up_output
-        train = st.cli("train", timeout=600)
-        assert train.returncode == 0, train.stdout + train.stderr
-        yield st
+def stack(local_stack: Stack) -> Stack:
+    """The session's stack (tests/e2e/conftest.py) with champion v1 trained by the CLI; v2 comes from the training
+    deployment with shuffled labels (its gates reject it), run by the stack's serve process."""
+    train = local_stack.cli("train", timeout=600)
+    assert train.returncode == 0, train.stdout + train.stderr
+    return local_stack
 
 
 def _deployments(api: str) -> dict[str, dict[str, Any]]:
