@@ -10,9 +10,9 @@ run), the stack's Prefect server (the rollout run ended `Promoted`, the sabotage
 the wall clock) and the cooldown held within its 6 hours of them. Then `flywheel down`, and no process
 `up` started is left.
 
-It starts a stack of its own rather than sharing tests/e2e/test_stack.py's: `make demo`'s `flywheel up`
-is one of the commands under test (from a fresh home, under load), the demo trains models into the home
-(test_stack asserts a service with no model), and both end by stopping their stack.
+It starts a stack of its own rather than sharing the session's (tests/e2e/conftest.py, used by the browser and
+stack modules): `make demo`'s `flywheel up` is one of the commands under test (from a fresh home, with a core
+busy), the demo's story needs a home with no model yet (v1, v2, v3 in order), and it ends by stopping its stack.
 """
 
 from __future__ import annotations
