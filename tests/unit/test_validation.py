@@ -45,6 +45,20 @@ def test_clean_batch_passes(batch: pd.DataFrame, dataset: DatasetDefinition, cfg
     assert outcome.batch == "batch_2026-01-01.parquet"
 
 
+def test_a_suite_reused_between_batches_follows_the_settings_and_the_definition(
+        batch: pd.DataFrame, dataset: DatasetDefinition, cfg: ValidateConfig):
+    """The suite is built once per (definition, settings) in a process: a change to either must still count,
+    and a failing batch must not leave its failure on the next one."""
+    tight = cfg.model_copy(update={"row_count": RowCountConfig(min=1, max=10)})
+    assert by_expectation(validate_frame(batch, dataset, tight, "a"), "ExpectTableRowCountToBeBetween")
+    assert validate_frame(batch, dataset, cfg, "b").success
+    assert by_expectation(validate_frame(batch, dataset, tight, "c"), "ExpectTableRowCountToBeBetween")
+    narrower = dataset.model_copy(update={"features": [
+        f.model_copy(update={"max": 1}) if f.name == "tenure_months" else f for f in dataset.features]})
+    assert by_expectation(validate_frame(batch, narrower, cfg, "d"), "ExpectColumnValuesToBeBetween", "tenure_months")
+    assert validate_frame(batch, dataset, cfg, "e").success
+
+
 def test_suite_checks_every_required_column_and_derives_rules(dataset: DatasetDefinition, cfg: ValidateConfig):
     suite = build_suite(dataset, cfg)
     kinds = [(type(e).__name__, getattr(e, "column", None)) for e in suite.expectations]
