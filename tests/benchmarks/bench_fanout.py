@@ -2,8 +2,8 @@
 
     uv run python -m tests.benchmarks.bench_fanout [--quick] [--rows N] [--trials N] [--workers N]
 
-The demo churn dataset generated at `--rows` (default 1,000,000, the issue's size; `--quick`: 12,000 rows and 2 trials per
-family, the correctness-only size), split by time; a temporary Prefect server (Prefect's test harness)
+The demo churn dataset generated at `--rows` (default 1,000,000, the issue's size; `--quick`: 12,000 rows and 2
+trials per family, the correctness-only size), split by time; a temporary Prefect server (Prefect's test harness)
 and MLflow on SQLite in a temp folder. `train_model` (the real training task: search, refit, evaluation,
 plots, MLflow parent and child runs) runs twice on the same split: serial, then with
 `train.parallelism.workers` local Dask workers of one thread each (each trial runs on one thread in both: OpenMP
