@@ -47,7 +47,7 @@ import psutil
 
 from flywheel.hmacsig import signature_header
 from tests.benchmarks.bench_training import _free_port, start_prefect_server, stop
-from tests.benchmarks.common import size_for
+from tests.benchmarks.common import BenchResult, Record, run_bench, size_for
 
 PROJECT = Path(__file__).resolve().parents[2]
 SECRET = "bench-webhook-secret-0123456789"
@@ -231,6 +231,34 @@ def run(rate: float, seconds: float, prefect_db: str = "sqlite", console: Any = 
                 stop(server)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def records(r: dict[str, Any]) -> list[Record]:
+    n = r["deliveries"]
+    return [Record(benchmark="webhook", name=f"signed retrain delivery, {n:,} at {r['size']['rate']:g}/s: p99",
+                   ours=r["accepted_ms"][99], baseline=r["direct_ms"][99],
+                   baseline_name="the same events posted straight to Prefect's POST /events (emitting inline)",
+                   unit="ms", target=f"<= {TARGET_P99_MS:g} ms", met=r["target_met"],
+                   note=f"events stored {r['events_stored']:,} for {n + r['warm_up']:,} deliveries")]
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [("202 accepted (event queued)", r["accepted_ms"]), ("Prefect POST /events alone", r["direct_ms"])]
+    lines = ["| answers | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {ms[50]:.1f} | {ms[90]:.1f} | {ms[99]:.1f} |" for label, ms in rows]
+    return "\n".join(lines) + (f"\n\nevents stored {r['events_stored']}, all within {r['drained_s']:.1f} s of the "
+                               f"last send; receiver RSS {r['rss_mb']:.0f} MiB; server start {r['startup_s']:.1f} s")
+
+
+def bench(quick: bool) -> BenchResult:
+    """For `make bench`: the run at its full or quick size, its console output kept out of the aggregate's."""
+    from rich.console import Console
+
+    def run_() -> tuple[dict[str, Any], list[Record], list]:
+        result = run(**(QUICK if quick else FULL), console=Console(quiet=True))
+        return result, records(result), []
+
+    return run_bench("webhook", quick, run_, render)
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from tests.benchmarks.common import RESULTS_DIR, BenchResult, machine, write_res
 
 # in the order they run: the short ones first, the ones that start servers or clusters last
 BENCHMARKS = ("ingest", "retention", "materialize", "pit", "monitoring", "inference", "training", "fanout",
-              "batch_fanout", "serving")
+              "batch_fanout", "webhook", "serving")
 MODULES = {"ingest": "bench_ingest", "retention": "bench_retention", "materialize": "bench_materialize",
            "pit": "bench_pit", "monitoring": "bench_monitoring", "inference": "bench_inference",
            "training": "bench_training", "fanout": "bench_fanout", "batch_fanout": "bench_batch_fanout",
-           "serving": "bench_serving"}
+           "webhook": "bench_webhook", "serving": "bench_serving"}
 
 
 def run(names: list[str], quick: bool, out: Path = RESULTS_DIR) -> tuple[list[BenchResult], dict[str, Path]]:
