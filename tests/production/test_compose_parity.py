@@ -7,8 +7,9 @@ moto S3 server on a free port), started in `depends_on` order, each waited on wi
 check. Then the loop runs through it: the `deploy` job registered the deployments, a deployment run started
 from the CLI is picked up by the `worker`, trains and registers churn v1 as champion through the MLflow
 server (basic auth, artifacts in the S3 bucket), and the `service`, connected as the application role,
-serves it. Prefect and MLflow answer 401 without credentials. A wrong variable, command or volume in the
-compose file fails here. Every process is started in its own session and killed by pid."""
+serves it, and a signed `POST /hooks/retrain` to the `webhook` receiver starts a run of the training deployment.
+Prefect and MLflow answer 401 without credentials. A wrong variable, command or volume in the compose file fails
+here. Every process is started in its own session and killed by pid."""
 
 from __future__ import annotations
 
@@ -282,6 +283,35 @@ def test_the_compose_stack_run_natively_trains_through_its_worker_and_serves_the
         assert webhook.status_code == 200 and webhook.json()["ok"], webhook.text
         _the_model_lives_in_the_bucket(tr, stack["services"], mlflow)
         _the_services_connect_as_the_application_role(tr, stack["roles"])
+        _a_signed_webhook_starts_a_retrain(tr, api, prefect_auth)
+
+
+def _a_signed_webhook_starts_a_retrain(tr: Translation, api: str, auth: tuple[str, ...]) -> None:
+    """A signed `POST /hooks/retrain` to the compose stack's receiver is accepted (202), and the training
+    deployment's trigger (registered by the `deploy` job) creates one run of it carrying the request's reason (the
+    worker takes it; the test stops at its creation and parameters)."""
+    from flywheel.hmacsig import DELIVERY_HEADER, SIGNATURE_HEADER, signature_header
+
+    (training,) = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": ["training"]}}},
+                             auth=auth, timeout=10).json()
+
+    def runs() -> list[dict[str, Any]]:
+        return httpx.post(f"{api}/flow_runs/filter", auth=auth, timeout=10,
+                          json={"flow_runs": {"deployment_id": {"any_": [training["id"]]}}}).json()
+
+    before = {r["id"] for r in runs()}
+    raw = json.dumps({"reason": "parity: labels reviewed"}).encode()
+    delivery = f"parity-{uuid.uuid4().hex[:12]}"
+    sig = signature_header([SECRETS["FLYWHEEL_WEBHOOK_SECRET"]], int(time.time()), delivery, raw)
+    sent = httpx.post(f"{_url(tr, 'webhook', 8090)}/hooks/retrain", content=raw, timeout=30, headers={
+        "Content-Type": "application/json", DELIVERY_HEADER: delivery, SIGNATURE_HEADER: sig})
+    assert sent.status_code == 202, sent.text
+    deadline = time.monotonic() + 180
+    while not (new := [r for r in runs() if r["id"] not in before]):
+        assert time.monotonic() < deadline, "the signed webhook started no run of the training deployment"
+        time.sleep(1)
+    assert len(new) == 1, [r["id"] for r in new]
+    assert new[0]["parameters"]["params"]["reason"] == "parity: labels reviewed", new[0]["parameters"]
 
 
 def _the_model_lives_in_the_bucket(tr: Translation, services: dict[str, Any], mlflow: str) -> None:
