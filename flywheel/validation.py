@@ -2,7 +2,9 @@
 
 Great Expectations is imported inside the functions that need it (3-8 s import): reading a batch,
 building the outcome and quarantining a file stay cheap to import for the CLI and the flows.
-Each validation uses its own ephemeral GX context (about 15 ms), so concurrent task runs share nothing.
+Each validation uses its own ephemeral GX context (about 15 ms); the suite, built once per definition and
+settings in a process, is only read by GX (it hands each validator fresh expectation configurations), so
+concurrent task runs share nothing they write.
 """
 
 from __future__ import annotations

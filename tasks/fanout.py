@@ -100,9 +100,8 @@ def warm_up_workers(client: Any, modules: tuple[str, ...]) -> None:
     timeout, so the scheduler drops it (seen in CI: CommClosedError on the broadcast). A task runs in the
     worker's thread pool while its loop keeps answering. Loose restrictions: a worker lost meanwhile leaves its
     warm-up to another, not hanging."""
-    futures = [client.submit(_import_modules, modules, workers=[address], allow_other_workers=True, pure=False,
-                             key=f"warm-up-{n}")
-               for n, address in enumerate(client.scheduler_info()["workers"])]
+    futures = [client.submit(_import_modules, modules, workers=[address], allow_other_workers=True, pure=False)
+               for address in client.scheduler_info()["workers"]]
     client.gather(futures)
 
 
