@@ -25,8 +25,8 @@ from typing import Any
 from tests.benchmarks.common import BenchResult, Record, cli, sized_bench
 
 PROJECT = Path(__file__).resolve().parents[2]
-# The size: 1M rows, 20 trials. 5.9 min for this benchmark on a quiet 2-core machine (2026-12-03), which
-# `make bench` (14.6 min with the 200k run's 1.4 min) still fits in its 20 minutes; --rows 200000 for a quicker look.
+# The size: 1M rows, 20 trials: 2.6 min for this benchmark on a quiet 2-core machine since the trials share
+# their preprocessing (5.9 min before, 2026-12-03); --rows 200000 for a quicker look.
 FULL = {"rows": 1_000_000, "trials": 10, "workers": 2}
 QUICK = {"rows": 12_000, "trials": 2, "workers": 2}
 SPACE = {

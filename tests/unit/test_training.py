@@ -204,6 +204,50 @@ def test_shallow_tree_baseline_uses_every_feature_through_the_pipeline_preproces
 # ----------------------------------------------------------------------------------------- search
 
 
+@pytest.mark.parametrize("family,params", [("logistic_regression", {"C": 0.3}),
+                                           ("hist_gradient_boosting", {"max_iter": 20, "max_depth": 3})])
+def test_a_trial_scores_what_fitting_the_whole_pipeline_scores(family, params, split, dataset) -> None:
+    """Trials share one preprocessing (`trial_inputs`); the scores are those of fitting `build_pipeline`'s
+    pipeline, preprocessing included, on train."""
+    imputation = ImputationConfig(numeric="mean", categorical="most_frequent")
+    trial = training.evaluate_trial(split, dataset, imputation, 5, "log_loss", family, params)
+    pipe = training.fit(training.build_pipeline(family, params, dataset, imputation, 5), split.train, dataset)
+    for part, value in (("validation", trial.validation_metric), ("train", trial.train_metric)):
+        frame = getattr(split, part)
+        expected = training.metric_value("log_loss", training.labels(frame, dataset),
+                                         training.predict_scores(pipe, frame, dataset))
+        assert value == pytest.approx(expected, rel=1e-12), part
+
+
+def test_trial_inputs_are_computed_once_per_split_and_kind_and_leave_with_the_split(frame, dataset) -> None:
+    import gc
+
+    split = training.split_by_time(frame, dataset)
+    first = training.trial_inputs(split, dataset, ImputationConfig(), scale=True)
+    assert training.trial_inputs(split, dataset, ImputationConfig(), scale=True) is first
+    assert training.trial_inputs(split, dataset, ImputationConfig(), scale=False) is not first
+    assert training.trial_inputs(split, dataset, ImputationConfig(numeric="mean"), scale=True) is not first
+    assert first.x_train.shape[0] == len(split.train) and first.x_validation.shape[0] == len(split.validation)
+    assert np.allclose(first.x_train.mean(axis=0)[: len(dataset.numeric_features)], 0.0, atol=1e-9), "scaled"
+    other = training.split_by_time(frame, dataset)  # equal data, another split: its own entry
+    assert training.trial_inputs(other, dataset, ImputationConfig(), scale=True) is not first
+    ids = {id(split.train), id(other.train)}
+    before = sum(1 for k in training._TRIAL_INPUTS if k[0] in ids)
+    del split, other
+    gc.collect()
+    assert before == 4 and not any(k[0] in ids for k in training._TRIAL_INPUTS), "entries leave with the split"
+
+
+def test_the_search_part_of_a_split_holds_what_trials_read(split, dataset) -> None:
+    part = training.search_part(split, dataset)
+    assert list(part.train.columns) == [*dataset.feature_names, dataset.label]
+    assert len(part.train) == len(split.train) and len(part.validation) == len(split.validation)
+    assert part.holdout.empty and part.validation_start == split.validation_start
+    trial = ("hist_gradient_boosting", {"max_iter": 10})
+    a, b = (training.evaluate_trial(s, dataset, ImputationConfig(), 1, "roc_auc", *trial) for s in (part, split))
+    assert (a.validation_metric, a.train_metric) == (b.validation_metric, b.train_metric)
+
+
 @pytest.mark.parametrize("method", ["grid", "random", "bayesian"])
 def test_search_is_deterministic_and_respects_budget(method, split, dataset) -> None:
     c = cfg(
