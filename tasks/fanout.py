@@ -135,10 +135,12 @@ class TrialFanout:
         """One task per trial on its family's preprocessing, longest expected first (`longest_first`); returned in
         plan order, so the results do not depend on which worker ran what or when."""
         self._prepare([training.scaled(family) for family, _ in configs])
-        futures = {i: self.runner.submit(fit_trial, {"number": i, "inputs": self.prepared[training.scaled(family)],
-                                                     "seed": self.seed, "metric": self.metric, "family": family,
-                                                     "params": params})
-                   for i in longest_first(configs) for family, params in [configs[i]]}
+        futures = {}
+        for i in longest_first(configs):
+            family, params = configs[i]
+            futures[i] = self.runner.submit(fit_trial, {
+                "number": i, "inputs": self.prepared[training.scaled(family)], "seed": self.seed,
+                "metric": self.metric, "family": family, "params": params})
         return [futures[i].result() for i in range(len(configs))]
 
     def worker_peak_mb(self) -> dict[str, float]:
@@ -161,8 +163,6 @@ def task_runner(cfg: ParallelismConfig) -> Any:
 
 
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
-
-
 TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
@@ -178,17 +178,14 @@ def running(cfg: ParallelismConfig) -> Iterator[Any]:
     import distributed  # noqa: F401  (loads distributed's configuration defaults)
 
     environ = {k: v for k, v in dask.config.get(PRE_SPAWN_ENVIRON).items() if k != TRIM}
-    inherited = None if cfg.address else os.environ.pop(TRIM, None)
-    try:
-        with dask.config.set({PRE_SPAWN_ENVIRON: environ}), task_runner(cfg) as runner:
+    with dask.config.set({PRE_SPAWN_ENVIRON: environ}), task_runner(cfg) as runner:
+        inherited = None if cfg.address else os.environ.pop(TRIM, None)
+        try:
             runner.client  # noqa: B018  (the runner starts its cluster on the client's first use: here)
+        finally:
             if inherited is not None:
                 os.environ[TRIM] = inherited
-                inherited = None
-            yield runner
-    finally:
-        if inherited is not None:
-            os.environ[TRIM] = inherited
+        yield runner
 
 
 @contextmanager
