@@ -98,6 +98,7 @@ def test_bayesian_search_in_parallel_is_seeded_per_batch(split, dataset, cluster
             assert fanout is not None and fanout.workers == 2
             runs.append(training.search_candidates(split, dataset, c, map_trials=fanout.map, batch=fanout.workers))
             assert all(mb > 0 for mb in fanout.worker_peak_mb().values())
+            assert list(fanout.prepared) == [False], "one preprocessing (unscaled, for trees) for every batch"
     assert len(runs[0].trials) == 4
     assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
     assert [t.validation_metric for t in runs[0].trials] == [t.validation_metric for t in runs[1].trials]
