@@ -452,9 +452,9 @@ class TrialInputs:
 
 
 # Per process: a serial search's trials share their preprocessing (it does not depend on the trial's parameters),
-# fitted once per split and kind (scaled for linear models, or not) instead of once per trial. Entries leave with
-# the split's frames (weakref.finalize), so nothing outlives the search; the lock keeps threads from computing one
-# entry twice.
+# fitted once per split and kind (scaled for linear models, or not) instead of once per trial. The search drops
+# its entries when it ends (`forget_trial_inputs`); entries of a split that is gone leave with its frames
+# (weakref.finalize), so a reused id never finds a stale entry; the lock keeps threads from computing one twice.
 _TRIAL_INPUTS: dict[tuple[Any, ...], TrialInputs] = {}
 _TRIAL_INPUTS_LOCK = threading.Lock()
 
@@ -492,6 +492,13 @@ def trial_inputs(
             for frame in (split.train, split.validation):  # an id is reused only after its frame is gone
                 weakref.finalize(frame, _TRIAL_INPUTS.pop, key, None)
         return hit
+
+
+def forget_trial_inputs(split: Split) -> None:
+    """Drop this process's `trial_inputs` of the split (every kind, every imputation)."""
+    with _TRIAL_INPUTS_LOCK:
+        for key in [k for k in _TRIAL_INPUTS if k[:2] == (id(split.train), id(split.validation))]:
+            del _TRIAL_INPUTS[key]
 
 
 def evaluate_trial(
@@ -575,19 +582,22 @@ def search_candidates(
         return out
 
     budget: dict[str, int] = {}
-    if all(plan is not None for plan in plans.values()):  # grid / random: the whole plan in one map
-        run_many([(family, params) for family, plan in plans.items() for params in plan or []])
-        budget = {family: len(plan or []) for family, plan in plans.items()}
-    else:
-        for family, plan in plans.items():
-            before = len(results)
-            if plan is not None:
-                run_many([(family, params) for params in plan])
-            else:
-                sampler = tpe_sampler(_family_seed(cfg.seed, family), cfg.search.n_startup_trials,
-                                      constant_liar=batch > 1)
-                _optuna_search(family, search_space(cfg, family), trials, sampler, higher, run_many, batch)
-            budget[family] = len(results) - before
+    try:
+        if all(plan is not None for plan in plans.values()):  # grid / random: the whole plan in one map
+            run_many([(family, params) for family, plan in plans.items() for params in plan or []])
+            budget = {family: len(plan or []) for family, plan in plans.items()}
+        else:
+            for family, plan in plans.items():
+                before = len(results)
+                if plan is not None:
+                    run_many([(family, params) for params in plan])
+                else:
+                    sampler = tpe_sampler(_family_seed(cfg.seed, family), cfg.search.n_startup_trials,
+                                          constant_liar=batch > 1)
+                    _optuna_search(family, search_space(cfg, family), trials, sampler, higher, run_many, batch)
+                budget[family] = len(results) - before
+    finally:
+        forget_trial_inputs(split)  # the preprocessed matrices serve this search only: freed now, not with the split
 
     if not results:
         raise FlywheelError("the search ran no trials: train.families is empty")

@@ -238,6 +238,18 @@ def test_trial_inputs_are_computed_once_per_split_and_kind_and_leave_with_the_sp
     assert before == 4 and not any(k[0] in ids for k in training._TRIAL_INPUTS), "entries leave with the split"
 
 
+def test_a_search_frees_its_preprocessed_inputs_when_it_ends(split, dataset) -> None:
+    mine = (id(split.train), id(split.validation))
+    seen: list[int] = []
+
+    def count(i: int, n: int, trial: training.Trial) -> None:
+        seen.append(sum(1 for k in training._TRIAL_INPUTS if k[:2] == mine))
+
+    training.search_candidates(split, dataset, cfg("grid", 2, families=["logistic_regression"]), on_trial=count)
+    assert seen == [1, 1], "one preprocessing shared by the trials while the search runs"
+    assert not any(k[:2] == mine for k in training._TRIAL_INPUTS), "and none left after it"
+
+
 def test_the_search_part_of_a_split_holds_what_trials_read(split, dataset) -> None:
     part = training.search_part(split, dataset)
     assert list(part.train.columns) == [*dataset.feature_names, dataset.label]
