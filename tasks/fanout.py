@@ -124,9 +124,10 @@ class TrialFanout:
         are enough (loose: a lost worker leaves it to another), so they run side by side."""
         import dask
 
-        workers = sorted(self.runner.client.scheduler_info()["workers"])
+        workers = sorted(self.runner.client.scheduler_info()["workers"])  # none yet on a cluster scaling from 0
         for n, scale in enumerate(k for k in dict.fromkeys(kinds) if k not in self.prepared):
-            with dask.annotate(workers=[workers[n % len(workers)]], allow_other_workers=True):
+            where = {"workers": [workers[n % len(workers)]], "allow_other_workers": True} if workers else {}
+            with dask.annotate(**where):
                 self.prepared[scale] = self.runner.submit(prepare_inputs, {
                     "kind": "scaled" if scale else "unscaled", "split": self.staged, "dataset": self.dataset,
                     "imputation": self.imputation, "scale": scale})
