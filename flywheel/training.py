@@ -247,7 +247,7 @@ def build_pipeline(
     """Preprocessing (imputation, scaling for linear models, one-hot) + the family's estimator,
     taking the raw feature columns `dataset.feature_names`."""
     est = _estimator(family, params, seed)
-    features = _features(dataset, imputation, scale=family == "logistic_regression")
+    features = _features(dataset, imputation, scale=scaled(family))
     return Pipeline([("features", features), ("model", est)])
 
 
@@ -444,7 +444,6 @@ TrialMapper = Callable[[list[tuple[str, dict[str, Any]]]], list[Trial]]  # confi
 class TrialInputs:
     """One preprocessing of a split for the search: fitted on train, applied to train and validation."""
 
-    features: ColumnTransformer
     x_train: np.ndarray
     x_validation: np.ndarray
     y_train: np.ndarray
@@ -476,15 +475,20 @@ def prepare_inputs(
     with threadpool_limits(limits=FIT_THREADS):
         x_train = features.fit_transform(split.train[dataset.feature_names], y_train)
         x_validation = features.transform(split.validation[dataset.feature_names])
-    return TrialInputs(features=features, x_train=x_train, x_validation=x_validation, y_train=y_train,
+    return TrialInputs(x_train=x_train, x_validation=x_validation, y_train=y_train,
                        y_validation=labels(split.validation, dataset).to_numpy())
+
+
+def _frames_id(split: Split) -> tuple[int, int]:
+    """The split's train and validation frames by identity: what `trial_inputs` keys its entries by."""
+    return id(split.train), id(split.validation)
 
 
 def trial_inputs(
     split: Split, dataset: DatasetDefinition, imputation: ImputationConfig, scale: bool,
 ) -> TrialInputs:
     """`prepare_inputs`, once per split and kind in this process (the serial search's trials share it)."""
-    key = (id(split.train), id(split.validation), dataset.model_dump_json(), imputation.model_dump_json(), scale)
+    key = (*_frames_id(split), dataset.model_dump_json(), imputation.model_dump_json(), scale)
     with _TRIAL_INPUTS_LOCK:
         hit = _TRIAL_INPUTS.get(key)
         if hit is None:
@@ -497,7 +501,7 @@ def trial_inputs(
 def forget_trial_inputs(split: Split) -> None:
     """Drop this process's `trial_inputs` of the split (every kind, every imputation)."""
     with _TRIAL_INPUTS_LOCK:
-        for key in [k for k in _TRIAL_INPUTS if k[:2] == (id(split.train), id(split.validation))]:
+        for key in [k for k in _TRIAL_INPUTS if k[:2] == _frames_id(split)]:
             del _TRIAL_INPUTS[key]
 
 
